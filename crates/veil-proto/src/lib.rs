@@ -1,0 +1,104 @@
+//! Wire types and the multiplexed channel shared by the node and the agent.
+//!
+//! The agent's only link to the outside is one byte stream (a unix socket for namespace
+//! sandboxes; vsock or a virtio-serial port for VMs). [`mux`] splits that stream into many
+//! substreams with yamux; each substream starts with one [`StreamKind`] byte and then carries one
+//! HTTP/1.1 exchange. This crate holds no server logic of either side.
+#![forbid(unsafe_code)]
+
+pub mod mux;
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// What a substream carries; the opener writes this byte first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum StreamKind {
+    /// Node → agent: control API (`/assign`, `/health`).
+    Control = b'C',
+    /// Node → agent: one function invocation (any method and path).
+    Invoke = b'I',
+    /// Agent → node: the OCI distribution API subset (manifests and blobs by digest).
+    Registry = b'R',
+}
+
+impl StreamKind {
+    /// Decode the first byte of a substream.
+    pub fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            b'C' => Some(Self::Control),
+            b'I' => Some(Self::Invoke),
+            b'R' => Some(Self::Registry),
+            _ => None,
+        }
+    }
+}
+
+/// Path of the control endpoint that binds a sandbox to a function.
+pub const ASSIGN_PATH: &str = "/assign";
+/// Path of the control endpoint that reports agent liveness.
+pub const HEALTH_PATH: &str = "/health";
+
+/// Sent by the node to bind an idle sandbox to one tenant's function.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Assignment {
+    /// Tenant that owns the function; a sandbox never serves another tenant.
+    pub tenant: String,
+    /// Function name (for logs and errors).
+    pub function: String,
+    /// The image reference as the user wrote it (for messages only).
+    pub image: String,
+    /// Repository the image lives in, as the node's registry endpoint names it.
+    pub repository: String,
+    /// Manifest digest the deployment resolved the reference to; the agent checks every byte
+    /// it receives against this.
+    pub manifest_digest: String,
+    /// Extra environment for the function (on top of the image's and `PORT`).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Port the function must listen on inside the sandbox (`PORT`).
+    pub port: u16,
+    /// Maximum concurrent invocations the agent lets through.
+    pub concurrency: u32,
+    /// How long the function may take to accept connections on `port`.
+    pub ready_timeout_ms: u64,
+}
+
+/// Timings of the phases of an assignment, in milliseconds, measured inside the sandbox.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PhaseTimings {
+    /// Manifest and config fetched and verified.
+    pub manifest_ms: f64,
+    /// All layers fetched, verified and unpacked (streamed together).
+    pub layers_ms: f64,
+    /// Function process spawned.
+    pub spawn_ms: f64,
+    /// From spawn until the function accepted a connection on its port.
+    pub ready_ms: f64,
+    /// Bytes of layer blobs received.
+    pub layer_bytes: u64,
+}
+
+/// Reply to a successful assignment.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AssignReply {
+    /// Host-visible pid of nothing: the pid of the function inside the sandbox's pid namespace.
+    pub function_pid: u32,
+    /// Phase timings measured by the agent.
+    pub timings: PhaseTimings,
+}
+
+/// Error body returned by the agent's control API and by the node's registry endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ErrorBody {
+    /// Short machine-readable code, e.g. `IMAGE_PULL`, `FUNCTION_EXITED`.
+    pub code: String,
+    /// Human-readable message naming what failed and why.
+    pub message: String,
+}
+
+/// Header the agent sets on invocation replies it generated itself (not the function), so that
+/// callers can tell a platform error from a function's own response.
+pub const AGENT_ERROR_HEADER: &str = "x-veil-agent-error";

@@ -1,0 +1,270 @@
+//! One byte stream split into many substreams (yamux), plus HTTP/1.1 over a substream.
+
+use crate::StreamKind;
+use futures::future::poll_fn;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Incoming};
+use hyper_util::rt::TokioIo;
+use std::io;
+use std::task::Poll;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
+
+/// A substream usable with tokio I/O.
+pub type Substream = Compat<yamux::Stream>;
+
+/// Which end of the channel this is; the node is the client, the agent the server.
+#[derive(Debug, Clone, Copy)]
+pub enum Side {
+    /// The node's end.
+    Node,
+    /// The agent's end.
+    Agent,
+}
+
+type OpenReply = oneshot::Sender<Result<yamux::Stream, yamux::ConnectionError>>;
+
+/// Handle to a running multiplexed channel: opens substreams; cheap to clone.
+#[derive(Clone)]
+pub struct MuxHandle {
+    open_tx: mpsc::Sender<OpenReply>,
+    closed_rx: watch::Receiver<bool>,
+}
+
+/// Start multiplexing `io`. Returns the handle and the receiver of substreams the peer opens.
+/// The driver runs on a tokio task until the stream ends or fails.
+pub fn start<T>(io: T, side: Side) -> (MuxHandle, mpsc::UnboundedReceiver<Substream>)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mode = match side {
+        Side::Node => yamux::Mode::Client,
+        Side::Agent => yamux::Mode::Server,
+    };
+    let mut cfg = yamux::Config::default();
+    cfg.set_max_num_streams(4096);
+    let conn = yamux::Connection::new(io.compat(), cfg, mode);
+    let (open_tx, open_rx) = mpsc::channel::<OpenReply>(64);
+    let (in_tx, in_rx) = mpsc::unbounded_channel();
+    let (closed_tx, closed_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        drive(conn, open_rx, in_tx).await;
+        let _ = closed_tx.send(true);
+    });
+    (MuxHandle { open_tx, closed_rx }, in_rx)
+}
+
+async fn drive<T>(
+    mut conn: yamux::Connection<T>,
+    mut open_rx: mpsc::Receiver<OpenReply>,
+    in_tx: mpsc::UnboundedSender<Substream>,
+) where
+    T: futures::AsyncRead + futures::AsyncWrite + Unpin,
+{
+    let mut pending: Option<OpenReply> = None;
+    let mut opens_done = false;
+    poll_fn(|cx| loop {
+        if pending.is_none() && !opens_done {
+            match open_rx.poll_recv(cx) {
+                Poll::Ready(Some(reply)) => pending = Some(reply),
+                Poll::Ready(None) => opens_done = true,
+                Poll::Pending => {}
+            }
+        }
+        if let Some(reply) = pending.take() {
+            match conn.poll_new_outbound(cx) {
+                Poll::Ready(Ok(s)) => {
+                    let _ = reply.send(Ok(s));
+                    continue;
+                }
+                Poll::Ready(Err(e)) => {
+                    tracing::debug!(error = %e, "channel failed while opening a substream");
+                    let _ = reply.send(Err(e));
+                    return Poll::Ready(());
+                }
+                Poll::Pending => pending = Some(reply),
+            }
+        }
+        match conn.poll_next_inbound(cx) {
+            Poll::Ready(Some(Ok(s))) => {
+                // The receiver may be gone if the owner is shutting down; drop the stream then.
+                let _ = in_tx.send(s.compat());
+                continue;
+            }
+            Poll::Ready(Some(Err(e))) => {
+                tracing::debug!(error = %e, "channel failed");
+                return Poll::Ready(());
+            }
+            Poll::Ready(None) => return Poll::Ready(()),
+            Poll::Pending => return Poll::Pending,
+        }
+    })
+    .await
+}
+
+fn closed_err() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "sandbox channel is closed")
+}
+
+impl MuxHandle {
+    /// Open a substream and announce what it carries.
+    pub async fn open(&self, kind: StreamKind) -> io::Result<Substream> {
+        let (tx, rx) = oneshot::channel();
+        self.open_tx.send(tx).await.map_err(|_| closed_err())?;
+        let stream = rx
+            .await
+            .map_err(|_| closed_err())?
+            .map_err(|e| io::Error::new(io::ErrorKind::BrokenPipe, e))?;
+        let mut s = stream.compat();
+        s.write_all(&[kind as u8]).await?;
+        Ok(s)
+    }
+
+    /// True once the channel has ended.
+    pub fn is_closed(&self) -> bool {
+        *self.closed_rx.borrow()
+    }
+
+    /// Resolves when the channel ends.
+    pub async fn closed(&self) {
+        let mut rx = self.closed_rx.clone();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    /// Send one HTTP/1.1 request on a fresh substream of `kind` and return the response head
+    /// with its streaming body.
+    pub async fn request<B>(
+        &self,
+        kind: StreamKind,
+        req: hyper::Request<B>,
+    ) -> io::Result<hyper::Response<Incoming>>
+    where
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let s = self.open(kind).await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+            .await
+            .map_err(io::Error::other)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "substream connection ended with an error");
+            }
+        });
+        sender.send_request(req).await.map_err(io::Error::other)
+    }
+}
+
+/// Read the kind byte of a substream the peer opened.
+pub async fn accept_kind(s: &mut Substream) -> io::Result<StreamKind> {
+    let b = s.read_u8().await?;
+    StreamKind::from_byte(b).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unknown substream kind byte {b:#04x}"),
+        )
+    })
+}
+
+/// Collect a response body, refusing more than `limit` bytes.
+pub async fn read_body_limited(body: Incoming, limit: usize) -> io::Result<bytes::Bytes> {
+    let limited = http_body_util::Limited::new(body, limit);
+    limited
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::Full;
+
+    #[tokio::test]
+    async fn substreams_both_ways() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let (node, mut node_in) = start(a, Side::Node);
+        let (agent, mut agent_in) = start(b, Side::Agent);
+        // Agent side echoes kind byte + payload.
+        tokio::spawn(async move {
+            while let Some(mut s) = agent_in.recv().await {
+                tokio::spawn(async move {
+                    let k = accept_kind(&mut s).await.unwrap();
+                    let mut buf = Vec::new();
+                    s.read_to_end(&mut buf).await.unwrap();
+                    s.write_all(&[k as u8]).await.unwrap();
+                    s.write_all(&buf).await.unwrap();
+                    s.shutdown().await.unwrap();
+                });
+            }
+        });
+        let mut s = node.open(StreamKind::Invoke).await.unwrap();
+        s.write_all(b"hello").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        assert_eq!(out, b"Ihello");
+
+        // And the other direction.
+        let mut s2 = agent.open(StreamKind::Registry).await.unwrap();
+        s2.shutdown().await.unwrap();
+        let mut got = node_in.recv().await.unwrap();
+        assert_eq!(accept_kind(&mut got).await.unwrap(), StreamKind::Registry);
+    }
+
+    #[tokio::test]
+    async fn http_over_substream() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let (node, _node_in) = start(a, Side::Node);
+        let (_agent, mut agent_in) = start(b, Side::Agent);
+        tokio::spawn(async move {
+            while let Some(mut s) = agent_in.recv().await {
+                tokio::spawn(async move {
+                    let _ = accept_kind(&mut s).await.unwrap();
+                    let svc =
+                        hyper::service::service_fn(|req: hyper::Request<Incoming>| async move {
+                            let body = read_body_limited(req.into_body(), 1024).await?;
+                            Ok::<_, io::Error>(hyper::Response::new(Full::new(body)))
+                        });
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await
+                        .unwrap();
+                });
+            }
+        });
+        for i in 0..20 {
+            let req = hyper::Request::post("/x")
+                .body(Full::new(bytes::Bytes::from(format!("n{i}"))))
+                .unwrap();
+            let resp = node.request(StreamKind::Invoke, req).await.unwrap();
+            let body = read_body_limited(resp.into_body(), 1024).await.unwrap();
+            assert_eq!(body, format!("n{i}").as_bytes());
+        }
+    }
+
+    #[tokio::test]
+    async fn closed_channel_is_an_error() {
+        let (a, b) = tokio::io::duplex(1024);
+        let (node, _in) = start(a, Side::Node);
+        drop(b);
+        node.closed().await;
+        assert!(node.is_closed());
+        assert!(node.open(StreamKind::Control).await.is_err());
+    }
+
+    #[test]
+    fn kind_bytes_round_trip() {
+        for k in [
+            StreamKind::Control,
+            StreamKind::Invoke,
+            StreamKind::Registry,
+        ] {
+            assert_eq!(StreamKind::from_byte(k as u8), Some(k));
+        }
+        assert_eq!(StreamKind::from_byte(0), None);
+    }
+}
