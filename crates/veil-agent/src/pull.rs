@@ -1,0 +1,224 @@
+//! Pulling the assigned image over the channel: manifest, config and layers, each checked
+//! against its digest, layers streamed straight into the unpacker.
+//!
+//! The node is untrusted. The agent asks it for the manifest *by digest* (the digest comes with
+//! the assignment and, for confidential functions, is part of what the sandbox attests to),
+//! then for the config and every layer by the digests that manifest lists. Each blob is hashed
+//! as it streams; a mismatch fails the whole assignment, and the half-unpacked root is never
+//! used (the node destroys the sandbox).
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use http_body_util::{BodyDataStream, Empty};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tokio_util::io::{StreamReader, SyncIoBridge};
+use veil_image::digest::VerifyingReader;
+use veil_image::manifest::{self, Manifest, RunConfig};
+use veil_image::unpack::{self, UnpackOptions};
+use veil_image::Digest;
+use veil_proto::mux::{read_body_limited, MuxHandle};
+use veil_proto::{Assignment, ErrorBody, PhaseTimings, StreamKind};
+
+/// Largest manifest or config blob accepted.
+const MAX_JSON_BLOB: usize = 4 << 20;
+
+/// A failed pull, naming the image, the blob and the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    /// The node could not be asked or did not answer.
+    #[error("image {image}: fetching {what} {digest} over the sandbox channel failed: {reason}")]
+    Channel {
+        /// Image reference.
+        image: String,
+        /// manifest / config / layer.
+        what: &'static str,
+        /// Blob digest.
+        digest: String,
+        /// Why.
+        reason: String,
+    },
+    /// The node answered with an error.
+    #[error("image {image}: the node refused {what} {digest}: {reason}")]
+    Refused {
+        /// Image reference.
+        image: String,
+        /// manifest / config / layer.
+        what: &'static str,
+        /// Blob digest.
+        digest: String,
+        /// The node's message.
+        reason: String,
+    },
+    /// A blob did not match its digest, or was malformed, or could not be unpacked.
+    #[error("image {image}: {what} {digest}: {reason}")]
+    Invalid {
+        /// Image reference.
+        image: String,
+        /// manifest / config / layer.
+        what: &'static str,
+        /// Blob digest.
+        digest: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The result of a pull.
+pub struct Pulled {
+    /// What to run.
+    pub config: RunConfig,
+    /// Phase timings (manifest, layers).
+    pub timings: PhaseTimings,
+}
+
+async fn get(
+    mux: &MuxHandle,
+    a: &Assignment,
+    what: &'static str,
+    kind: &str,
+    digest: &str,
+) -> Result<hyper::Response<hyper::body::Incoming>, PullError> {
+    let path = format!("/v2/{}/{}/{}", a.repository, kind, digest);
+    let req = hyper::Request::get(path)
+        .header(http::header::HOST, "node")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| PullError::Channel {
+            image: a.image.clone(),
+            what,
+            digest: digest.into(),
+            reason: e.to_string(),
+        })?;
+    let resp = mux
+        .request(StreamKind::Registry, req)
+        .await
+        .map_err(|e| PullError::Channel {
+            image: a.image.clone(),
+            what,
+            digest: digest.into(),
+            reason: e.to_string(),
+        })?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let body = read_body_limited(resp.into_body(), 64 << 10)
+            .await
+            .unwrap_or_default();
+        let reason = serde_json::from_slice::<ErrorBody>(&body)
+            .map(|e| format!("{} ({})", e.message, e.code))
+            .unwrap_or_else(|_| format!("HTTP {status}"));
+        return Err(PullError::Refused {
+            image: a.image.clone(),
+            what,
+            digest: digest.into(),
+            reason,
+        });
+    }
+    Ok(resp)
+}
+
+async fn get_json_blob(
+    mux: &MuxHandle,
+    a: &Assignment,
+    what: &'static str,
+    kind: &str,
+    digest: &Digest,
+) -> Result<Bytes, PullError> {
+    let resp = get(mux, a, what, kind, digest.as_str()).await?;
+    let invalid = |reason: String| PullError::Invalid {
+        image: a.image.clone(),
+        what,
+        digest: digest.to_string(),
+        reason,
+    };
+    let body = read_body_limited(resp.into_body(), MAX_JSON_BLOB)
+        .await
+        .map_err(|e| {
+            invalid(format!(
+                "reading it failed or it exceeds {MAX_JSON_BLOB} bytes: {e}"
+            ))
+        })?;
+    let actual = Digest::sha256(&body);
+    if &actual != digest {
+        return Err(invalid(format!(
+            "digest mismatch: received bytes hash to {actual}"
+        )));
+    }
+    Ok(body)
+}
+
+/// Pull the assigned image into `rootfs`.
+pub async fn pull(mux: &MuxHandle, a: &Assignment, rootfs: &Path) -> Result<Pulled, PullError> {
+    let mut timings = PhaseTimings::default();
+    let t0 = Instant::now();
+    let invalid = |what: &'static str, digest: &str, reason: String| PullError::Invalid {
+        image: a.image.clone(),
+        what,
+        digest: digest.to_string(),
+        reason,
+    };
+    let manifest_digest: Digest = a
+        .manifest_digest
+        .parse()
+        .map_err(|e: veil_image::Error| invalid("manifest", &a.manifest_digest, e.to_string()))?;
+    let mbytes = get_json_blob(mux, a, "manifest", "manifests", &manifest_digest).await?;
+    let image = match manifest::parse_manifest(&mbytes, None)
+        .map_err(|e| invalid("manifest", manifest_digest.as_str(), e.to_string()))?
+    {
+        Manifest::Image(m) => m,
+        Manifest::Index(_) => {
+            return Err(invalid(
+                "manifest",
+                manifest_digest.as_str(),
+                "is an index; the node must assign a platform manifest".into(),
+            ))
+        }
+    };
+    let cbytes = get_json_blob(mux, a, "config", "blobs", &image.config.digest).await?;
+    let config = manifest::parse_config(&cbytes)
+        .map_err(|e| invalid("config", image.config.digest.as_str(), e.to_string()))?;
+    timings.manifest_ms = ms(t0);
+
+    let t1 = Instant::now();
+    for layer in &image.layers {
+        let digest = layer.digest.clone();
+        let compression = manifest::layer_compression(&layer.media_type)
+            .map_err(|e| invalid("layer", digest.as_str(), e.to_string()))?;
+        let resp = get(mux, a, "layer", "blobs", digest.as_str()).await?;
+        let stream = BodyDataStream::new(resp.into_body()).map_err(std::io::Error::other);
+        let bridge = SyncIoBridge::new(StreamReader::new(stream));
+        let root: PathBuf = rootfs.to_path_buf();
+        let size = layer.size;
+        let d2 = digest.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let mut vr = VerifyingReader::new(bridge);
+            let opts = UnpackOptions {
+                preserve_owner: true,
+                ..UnpackOptions::default()
+            };
+            let unpacked = unpack::unpack_layer(&mut vr, compression, &root, &opts);
+            // The digest verdict comes first: a tampered blob is reported as tampered even if
+            // the tampering also broke the tar stream.
+            let verified = if unpacked.is_ok() {
+                vr.verify(&d2, Some(size))
+            } else {
+                // Drain what is left so the digest covers the whole blob.
+                let _ = std::io::copy(&mut vr, &mut std::io::sink());
+                vr.verify(&d2, Some(size))
+            };
+            let n = vr.bytes_read();
+            (unpacked, verified, n)
+        })
+        .await
+        .map_err(|e| invalid("layer", digest.as_str(), format!("unpack task failed: {e}")))?;
+        let (unpacked, verified, n) = res;
+        verified.map_err(|e| invalid("layer", digest.as_str(), e.to_string()))?;
+        unpacked.map_err(|e| invalid("layer", digest.as_str(), e.to_string()))?;
+        timings.layer_bytes += n;
+    }
+    timings.layers_ms = ms(t1);
+    Ok(Pulled { config, timings })
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}

@@ -1,0 +1,350 @@
+//! The agent's side of the channel: the control API (assign, health) and the invocation proxy.
+
+use crate::function::{self, FnExit, Launch, Reaper};
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+use veil_proto::mux::{self, MuxHandle, Side, Substream};
+use veil_proto::{AssignReply, Assignment, ErrorBody, StreamKind, AGENT_ERROR_HEADER};
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Where the function's root lives inside the agent's private root.
+pub const ROOTFS: &str = "/rootfs";
+
+enum State {
+    Idle,
+    Assigning,
+    Running(Arc<Running>),
+    Failed(String),
+}
+
+struct Running {
+    port: u16,
+    permits: Arc<Semaphore>,
+    function: String,
+}
+
+struct Agent {
+    mux: MuxHandle,
+    state: Mutex<State>,
+    reaper: Reaper,
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Incoming>,
+    rootfs: PathBuf,
+}
+
+/// Serve the channel found on file descriptor `fd` until the node closes it.
+pub async fn run_on_fd(fd: i32) -> Result<()> {
+    // SAFETY: fd 3 was set up by the node as our end of the channel; nothing else in this
+    // process owns it, and it is wrapped exactly once.
+    let std_stream =
+        unsafe { <std::os::unix::net::UnixStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // The function must not inherit the channel.
+    // SAFETY: setting FD_CLOEXEC on a descriptor we own.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("set FD_CLOEXEC on the channel");
+    }
+    std_stream.set_nonblocking(true)?;
+    let stream = tokio::net::UnixStream::from_std(std_stream).context("channel fd")?;
+    serve(stream, Path::new(ROOTFS)).await
+}
+
+/// Serve one channel (the node's end is on the other side of `io`).
+pub async fn serve<T>(io: T, rootfs: &Path) -> Result<()>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mux, mut incoming) = mux::start(io, Side::Agent);
+    let agent = Arc::new(Agent {
+        mux,
+        state: Mutex::new(State::Idle),
+        reaper: Reaper::start()?,
+        client: Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build_http(),
+        rootfs: rootfs.to_path_buf(),
+    });
+    tracing::info!("agent waiting for an assignment");
+    while let Some(s) = incoming.recv().await {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle_substream(agent, s).await {
+                tracing::debug!(error = %e, "substream ended with an error");
+            }
+        });
+    }
+    tracing::info!("node closed the channel; agent exiting");
+    Ok(())
+}
+
+async fn handle_substream(agent: Arc<Agent>, mut s: Substream) -> Result<()> {
+    let kind = mux::accept_kind(&mut s).await?;
+    let svc = hyper::service::service_fn(move |req| {
+        let agent = agent.clone();
+        async move {
+            let resp = match kind {
+                StreamKind::Control => control(agent, req).await,
+                StreamKind::Invoke => invoke(agent, req).await,
+                StreamKind::Registry => error(
+                    StatusCode::BAD_REQUEST,
+                    "BAD_STREAM",
+                    "the agent serves no registry",
+                ),
+            };
+            Ok::<_, std::convert::Infallible>(resp)
+        }
+    });
+    hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(s), svc)
+        .await?;
+    Ok(())
+}
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> hyper::Response<Body> {
+    let body = serde_json::to_vec(&ErrorBody {
+        code: code.into(),
+        message: message.into(),
+    })
+    .unwrap_or_default();
+    let mut r = hyper::Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(AGENT_ERROR_HEADER, HeaderValue::from_static("1"));
+    r
+}
+
+fn json<T: serde::Serialize>(v: &T) -> hyper::Response<Body> {
+    let mut r = hyper::Response::new(full(serde_json::to_vec(v).unwrap_or_default()));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+async fn control(agent: Arc<Agent>, req: hyper::Request<Incoming>) -> hyper::Response<Body> {
+    match (req.method().as_str(), req.uri().path()) {
+        ("GET", veil_proto::HEALTH_PATH) => {
+            let state = match &*agent.state.lock().unwrap_or_else(|p| p.into_inner()) {
+                State::Idle => "idle".to_string(),
+                State::Assigning => "assigning".to_string(),
+                State::Running(r) => format!("running {}", r.function),
+                State::Failed(e) => format!("failed: {e}"),
+            };
+            json(&serde_json::json!({ "state": state }))
+        }
+        ("POST", veil_proto::ASSIGN_PATH) => {
+            let body = match mux::read_body_limited(req.into_body(), 256 << 10).await {
+                Ok(b) => b,
+                Err(e) => return error(StatusCode::BAD_REQUEST, "BAD_REQUEST", &e.to_string()),
+            };
+            let a: Assignment = match serde_json::from_slice(&body) {
+                Ok(a) => a,
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "BAD_REQUEST",
+                        &format!("malformed assignment: {e}"),
+                    )
+                }
+            };
+            {
+                let mut st = agent.state.lock().unwrap_or_else(|p| p.into_inner());
+                if !matches!(*st, State::Idle) {
+                    return error(
+                        StatusCode::CONFLICT,
+                        "ALREADY_ASSIGNED",
+                        "this sandbox was already assigned; sandboxes are never re-assigned",
+                    );
+                }
+                *st = State::Assigning;
+            }
+            match assign(&agent, &a).await {
+                Ok(reply) => json(&reply),
+                Err((code, msg)) => {
+                    tracing::error!(function = %a.function, "assignment failed: {msg}");
+                    *agent.state.lock().unwrap_or_else(|p| p.into_inner()) =
+                        State::Failed(msg.clone());
+                    error(StatusCode::UNPROCESSABLE_ENTITY, code, &msg)
+                }
+            }
+        }
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            "unknown control endpoint",
+        ),
+    }
+}
+
+async fn assign(agent: &Agent, a: &Assignment) -> Result<AssignReply, (&'static str, String)> {
+    tracing::info!(function = %a.function, image = %a.image, digest = %a.manifest_digest, "assigned");
+    let pulled = crate::pull::pull(&agent.mux, a, &agent.rootfs)
+        .await
+        .map_err(|e| ("IMAGE_PULL", e.to_string()))?;
+    let mut timings = pulled.timings;
+    let cfg = pulled.config;
+    let setup = |e: anyhow::Error| ("SANDBOX_SETUP", format!("{e:#}"));
+    crate::nsinit::prepare_function_root(&agent.rootfs).map_err(setup)?;
+    let (uid, gid) = function::resolve_user(&agent.rootfs, cfg.user.as_deref())
+        .map_err(|e| ("IMAGE_CONFIG", format!("{e:#}")))?;
+    let argv = cfg.argv().map_err(|e| ("IMAGE_CONFIG", e.to_string()))?;
+    let mut env: Vec<String> = cfg
+        .env
+        .iter()
+        .filter(|e| !e.starts_with("PORT="))
+        .cloned()
+        .collect();
+    for (k, v) in &a.env {
+        env.retain(|e| !e.starts_with(&format!("{k}=")));
+        env.push(format!("{k}={v}"));
+    }
+    env.push(format!("PORT={}", a.port));
+    let launch = Launch {
+        argv,
+        env,
+        cwd: cfg
+            .working_dir
+            .clone()
+            .filter(|w| !w.is_empty())
+            .unwrap_or_else(|| "/".into()),
+        uid,
+        gid,
+    };
+    let t = Instant::now();
+    let pid = function::spawn(&agent.rootfs, &launch)
+        .map_err(|e| ("FUNCTION_START", format!("{e:#}")))?;
+    timings.spawn_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let exit = agent.reaper.function_exit();
+    let ready = function::wait_ready(
+        a.port,
+        Duration::from_millis(a.ready_timeout_ms),
+        exit.clone(),
+    )
+    .await;
+    let ready = match ready {
+        Ok(d) => d,
+        Err(e) => {
+            // SAFETY: kill(2) on the function's pid; it is our child and not yet reaped unless
+            // it already exited, in which case the pid is unused or a zombie we reap.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+            let code = match e {
+                function::NotReady::Exited(..) => "FUNCTION_EXITED",
+                function::NotReady::Timeout(..) => "FUNCTION_NOT_READY",
+            };
+            return Err((code, format!("function {}: {e}", a.function)));
+        }
+    };
+    timings.ready_ms = ready.as_secs_f64() * 1000.0;
+    let running = Arc::new(Running {
+        port: a.port,
+        permits: Arc::new(Semaphore::new(a.concurrency.max(1) as usize)),
+        function: a.function.clone(),
+    });
+    *agent.state.lock().unwrap_or_else(|p| p.into_inner()) = State::Running(running);
+    watch_function(exit, a.function.clone());
+    tracing::info!(function = %a.function, pid, ?timings, "function ready");
+    Ok(AssignReply {
+        function_pid: pid,
+        timings,
+    })
+}
+
+/// Once the function runs, its exit ends the sandbox: PID 1 exits, the kernel kills the rest,
+/// and the node sees the sandbox end.
+fn watch_function(mut exit: tokio::sync::watch::Receiver<Option<FnExit>>, function: String) {
+    tokio::spawn(async move {
+        if let Ok(v) = exit.wait_for(|e| e.is_some()).await {
+            let status = (*v).map(|e| e.to_string()).unwrap_or_default();
+            tracing::error!(function = %function, "function exited ({status}); ending the sandbox");
+            std::process::exit(3);
+        }
+    });
+}
+
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+async fn invoke(agent: Arc<Agent>, req: hyper::Request<Incoming>) -> hyper::Response<Body> {
+    let running = match &*agent.state.lock().unwrap_or_else(|p| p.into_inner()) {
+        State::Running(r) => r.clone(),
+        _ => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "NOT_READY",
+                "the sandbox has no ready function",
+            )
+        }
+    };
+    let Ok(permit) = running.permits.clone().try_acquire_owned() else {
+        return error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "OVERLOADED",
+            "the function's concurrency limit is reached",
+        );
+    };
+    let (mut parts, body) = req.into_parts();
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    parts.uri = match format!("http://127.0.0.1:{}{}", running.port, pq).parse() {
+        Ok(u) => u,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "BAD_REQUEST", &e.to_string()),
+    };
+    for h in HOP_BY_HOP {
+        parts.headers.remove(*h);
+    }
+    match agent
+        .client
+        .request(hyper::Request::from_parts(parts, body))
+        .await
+    {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            for h in HOP_BY_HOP {
+                parts.headers.remove(*h);
+            }
+            // The permit is released when the response body is done or dropped.
+            let body = body
+                .map_err(move |e| {
+                    let _held = &permit;
+                    e
+                })
+                .boxed();
+            hyper::Response::from_parts(parts, body)
+        }
+        Err(e) => error(
+            StatusCode::BAD_GATEWAY,
+            "FUNCTION_UNREACHABLE",
+            &format!("function {}: {e}", running.function),
+        ),
+    }
+}

@@ -1,0 +1,317 @@
+//! The namespace sandbox: the agent runs as PID 1 in new mount, PID, network, UTS, IPC and
+//! cgroup namespaces, inside its own cgroup, with only loopback networking. Its one channel to the
+//! node is an inherited unix socket (fd 3).
+//!
+//! The host side (this module) creates the cgroup, a socket pair and an empty state directory,
+//! then spawns `veil-agent sandbox`. Between fork and exec the child joins the cgroup and
+//! unshares the namespaces; the agent then forks once so that its child is PID 1 of the new PID
+//! namespace, and that child builds the private root (see the agent's `nsinit`).
+
+use crate::cgroup::{self, Cgroup, Layout, Limits};
+use crate::{Backend, Error, Exit, Sandbox, SandboxHandle, SandboxSpec};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Mutex;
+use tokio::sync::watch;
+
+/// File descriptor number the agent finds its channel on.
+pub const CHANNEL_FD: i32 = 3;
+
+/// Configuration of the namespace backend.
+#[derive(Debug, Clone)]
+pub struct ProcessConfig {
+    /// Path of the veil-agent binary.
+    pub agent: PathBuf,
+    /// Directory holding one (empty, host-side) mount point per sandbox.
+    pub state_dir: PathBuf,
+    /// cgroup mount point, normally `/sys/fs/cgroup`.
+    pub cgroup_root: PathBuf,
+    /// Name of veil's parent cgroup.
+    pub cgroup_parent: String,
+    /// `RUST_LOG`-style filter passed to the agent.
+    pub agent_log: String,
+}
+
+/// Runs sandboxes as namespaced processes on this host.
+pub struct ProcessBackend {
+    config: ProcessConfig,
+    layout: Layout,
+}
+
+impl ProcessBackend {
+    /// Check the agent binary and the cgroup layout.
+    pub fn new(config: ProcessConfig) -> Result<Self, Error> {
+        if !config.agent.is_file() {
+            return Err(Error::AgentMissing(config.agent.clone()));
+        }
+        let layout = cgroup::detect(&config.cgroup_root)?;
+        std::fs::create_dir_all(&config.state_dir).map_err(|source| Error::Io {
+            id: "-".into(),
+            source,
+        })?;
+        tracing::info!(?layout, agent = %config.agent.display(), "namespace sandbox backend ready");
+        Ok(Self { config, layout })
+    }
+
+    /// The detected cgroup layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    fn spawn(&self, spec: SandboxSpec) -> Result<Sandbox, Error> {
+        let id = spec.id.clone();
+        let io_err = |source: std::io::Error| Error::Spawn {
+            id: id.clone(),
+            source,
+        };
+        let cg = Cgroup::create(
+            &self.layout,
+            &self.config.cgroup_parent,
+            &spec.id,
+            Limits {
+                memory_bytes: spec.memory_bytes,
+                cpu_millis: spec.cpu_millis,
+                pids_max: spec.pids_max,
+            },
+        )?;
+        let cg = CgroupGuard(Some(cg));
+        let mount_dir = self.config.state_dir.join(&spec.id);
+        std::fs::create_dir_all(&mount_dir).map_err(io_err)?;
+
+        let (node_end, agent_end) = std::os::unix::net::UnixStream::pair().map_err(io_err)?;
+        let procs: Vec<File> = cg
+            .get()
+            .procs_files()
+            .iter()
+            .map(|p| OpenOptions::new().write(true).open(p))
+            .collect::<Result<_, _>>()
+            .map_err(io_err)?;
+        let proc_fds: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
+        let agent_fd = OwnedFd::from(agent_end);
+        let agent_raw = agent_fd.as_raw_fd();
+
+        let mut cmd = tokio::process::Command::new(&self.config.agent);
+        cmd.arg("sandbox")
+            .arg("--id")
+            .arg(&spec.id)
+            .arg("--root-dir")
+            .arg(&mount_dir)
+            .arg("--root-size")
+            .arg(spec.rootfs_bytes.to_string())
+            .env_clear()
+            .env("VEIL_LOG", &self.config.agent_log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        // SAFETY: the closure runs in the forked child before exec and only makes raw,
+        // async-signal-safe syscalls (write, dup2, fcntl, setsid, unshare) on values prepared
+        // before the fork; it allocates nothing and takes no locks.
+        unsafe {
+            cmd.pre_exec(move || child_setup(&proc_fds, agent_raw));
+        }
+        let mut child = cmd.spawn().map_err(io_err)?;
+        drop(agent_fd);
+        drop(procs);
+        node_end.set_nonblocking(true).map_err(io_err)?;
+        let channel = tokio::net::UnixStream::from_std(node_end).map_err(io_err)?;
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let pid = child.id();
+        tracing::debug!(sandbox = %spec.id, ?pid, "sandbox started");
+
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let wid = spec.id.clone();
+        tokio::spawn(async move {
+            let exit = match child.wait().await {
+                Ok(status) => match status.code() {
+                    Some(code) => Exit::Code(code),
+                    None => Exit::Signal(status.signal().unwrap_or(0)),
+                },
+                Err(e) => {
+                    tracing::warn!(sandbox = %wid, error = %e, "waiting for sandbox failed");
+                    Exit::Code(-1)
+                }
+            };
+            tracing::debug!(sandbox = %wid, %exit, "sandbox agent exited");
+            let _ = exit_tx.send(Some(exit));
+        });
+
+        Ok(Sandbox {
+            id: spec.id.clone(),
+            channel,
+            stdout,
+            stderr,
+            handle: Box::new(ProcessSandbox {
+                id: spec.id,
+                cgroup: Mutex::new(cg),
+                mount_dir,
+                pid,
+                exit_rx,
+            }),
+        })
+    }
+}
+
+/// Runs between fork and exec in the child. Only async-signal-safe calls.
+fn child_setup(proc_fds: &[i32], agent_fd: i32) -> std::io::Result<()> {
+    for &fd in proc_fds {
+        // SAFETY: fd is an open cgroup.procs file of the parent, inherited across fork; the
+        // buffer is a static byte string.
+        let n = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
+        if n != 1 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    if agent_fd == CHANNEL_FD {
+        // SAFETY: clearing FD_CLOEXEC on an fd we own in this child.
+        if unsafe { libc::fcntl(CHANNEL_FD, libc::F_SETFD, 0) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    } else {
+        // SAFETY: dup2 onto fd 3; the new descriptor does not inherit FD_CLOEXEC.
+        if unsafe { libc::dup2(agent_fd, CHANNEL_FD) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    // SAFETY: setsid has no memory effects; failure only means we already lead a session.
+    unsafe {
+        libc::setsid();
+    }
+    let flags = libc::CLONE_NEWNS
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWNET
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWCGROUP;
+    // SAFETY: unshare with constant flags; affects only this (single-threaded) child.
+    if unsafe { libc::unshare(flags) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+struct CgroupGuard(Option<Cgroup>);
+
+impl CgroupGuard {
+    fn get(&self) -> &Cgroup {
+        // The guard is only emptied by `take` in destroy, after which `get` is not called.
+        self.0
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("cgroup taken"))
+    }
+}
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        if let Some(cg) = self.0.take() {
+            cg.kill_all();
+            let _ = cg.remove();
+        }
+    }
+}
+
+struct ProcessSandbox {
+    id: String,
+    cgroup: Mutex<CgroupGuard>,
+    mount_dir: PathBuf,
+    pid: Option<u32>,
+    exit_rx: watch::Receiver<Option<Exit>>,
+}
+
+impl ProcessSandbox {
+    fn cgroup_pids(&self) -> Vec<u32> {
+        match self.cgroup.lock() {
+            Ok(g) => g.0.as_ref().map(|c| c.pids()).unwrap_or_default(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    async fn do_destroy(&self) -> Result<(), Error> {
+        if self.exit_rx.borrow().is_none() {
+            if let Some(pid) = self.pid.and_then(|p| i32::try_from(p).ok()) {
+                // SAFETY: kill(2) on our own child, which has not been reaped yet (the waiter
+                // task reports the exit only after reaping), so the pid cannot be reused.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+        let _ = self.exited().await;
+        // PID 1 of the sandbox dies with its parent (parent-death signal), and the kernel
+        // kills the rest of its PID namespace. Kill stragglers through the cgroup anyway.
+        let mut left = Vec::new();
+        for _ in 0..100 {
+            left = self.cgroup_pids();
+            if left.is_empty() {
+                break;
+            }
+            if let Ok(g) = self.cgroup.lock() {
+                if let Some(c) = g.0.as_ref() {
+                    c.kill_all();
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        if !left.is_empty() {
+            return Err(Error::Lingering {
+                id: self.id.clone(),
+                pids: left,
+            });
+        }
+        let cg = match self.cgroup.lock() {
+            Ok(mut g) => g.0.take(),
+            Err(_) => None,
+        };
+        if let Some(cg) = cg {
+            cg.remove()?;
+        }
+        remove_mount_dir(&self.mount_dir);
+        Ok(())
+    }
+}
+
+fn remove_mount_dir(dir: &Path) {
+    // The tmpfs lived only in the sandbox's mount namespace; on the host the directory is empty.
+    if let Err(e) = std::fs::remove_dir(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(dir = %dir.display(), error = %e, "could not remove sandbox directory");
+        }
+    }
+}
+
+impl SandboxHandle for ProcessSandbox {
+    fn destroy(&self) -> BoxFuture<'_, Result<(), Error>> {
+        self.do_destroy().boxed()
+    }
+
+    fn exited(&self) -> BoxFuture<'_, Exit> {
+        let mut rx = self.exit_rx.clone();
+        async move {
+            match rx.wait_for(|e| e.is_some()).await {
+                Ok(v) => v.clone().unwrap_or(Exit::Code(-1)),
+                Err(_) => Exit::Code(-1),
+            }
+        }
+        .boxed()
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.cgroup_pids()
+    }
+}
+
+impl Backend for ProcessBackend {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+
+    fn create(&self, spec: SandboxSpec) -> BoxFuture<'_, Result<Sandbox, Error>> {
+        async move { self.spawn(spec) }.boxed()
+    }
+}
