@@ -1,1 +1,745 @@
+//! The node: owns the sandboxes on one machine. It boots them through a backend (keeping a
+//! small pool of generic, unassigned sandboxes booted ahead of time), assigns them to functions,
+//! serves each sandbox the blobs of the image it was assigned (from the blob cache, which
+//! holds registry bytes only), carries invocations over the sandbox channel, and destroys
+//! sandboxes. A sandbox is assigned once and never handed to another function or tenant.
+#![forbid(unsafe_code)]
 
+pub mod cache;
+pub mod logs;
+pub mod store;
+
+use bytes::Bytes;
+use cache::{BlobCache, ResolvedImage};
+use futures::future::BoxFuture;
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full, StreamBody};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use store::BlobStore;
+use tokio::io::AsyncBufReadExt;
+use veil_image::Digest;
+use veil_proto::mux::{self, MuxHandle, Side, Substream};
+use veil_proto::{AssignReply, Assignment, ErrorBody, PhaseTimings, StreamKind};
+use veil_sandbox::{Backend, SandboxHandle, SandboxSpec};
+
+/// Errors of the node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// Bad image reference.
+    #[error("invalid image reference {0}")]
+    BadReference(String),
+    /// Image or tag not found.
+    #[error("image not found: {0}")]
+    ImageNotFound(String),
+    /// Malformed image data.
+    #[error("invalid image: {0}")]
+    Image(String),
+    /// Upstream registry failure.
+    #[error("registry error: {0}")]
+    Upstream(String),
+    /// A blob from upstream did not match its digest.
+    #[error("tampered blob: {0}")]
+    Tampered(String),
+    /// Data did not match the expected digest.
+    #[error("digest mismatch: expected {expected}, got {actual}")]
+    DigestMismatch {
+        /// Expected digest.
+        expected: String,
+        /// Actual digest.
+        actual: String,
+    },
+    /// Local storage failure.
+    #[error("storage: {0}")]
+    Storage(String),
+    /// An error shared by several waiters of one fetch.
+    #[error("{0}")]
+    Shared(String),
+    /// Sandbox backend failure.
+    #[error("sandbox: {0}")]
+    Sandbox(#[from] veil_sandbox::Error),
+    /// The sandbox channel failed.
+    #[error("sandbox {id}: channel: {reason}")]
+    Channel {
+        /// Sandbox id.
+        id: String,
+        /// Why.
+        reason: String,
+    },
+    /// The agent refused or failed the assignment.
+    #[error("function {function}: {code}: {message}")]
+    Assign {
+        /// Function name.
+        function: String,
+        /// Agent error code.
+        code: String,
+        /// Agent message.
+        message: String,
+    },
+}
+
+/// Node configuration.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// State directory (blob store, sandbox mount points).
+    pub state_dir: PathBuf,
+    /// veil-agent binary.
+    pub agent: PathBuf,
+    /// Upstream registry settings.
+    pub registry: veil_registry::RegistryConfig,
+    /// Per-sandbox memory limit.
+    pub memory_bytes: u64,
+    /// Per-sandbox CPU limit (thousandths of a core).
+    pub cpu_millis: u32,
+    /// Per-sandbox task limit.
+    pub pids_max: u32,
+    /// Per-sandbox private root size.
+    pub rootfs_bytes: u64,
+    /// Generic sandboxes kept booted ahead of demand.
+    pub pool_size: usize,
+    /// Log filter for agents.
+    pub agent_log: String,
+    /// cgroup mount point.
+    pub cgroup_root: PathBuf,
+    /// Name of veil's parent cgroup.
+    pub cgroup_parent: String,
+}
+
+impl NodeConfig {
+    /// Defaults rooted at `state_dir`, with the agent found by [`find_agent`].
+    pub fn with_state_dir(state_dir: PathBuf) -> Self {
+        Self {
+            state_dir,
+            agent: find_agent(),
+            registry: veil_registry::RegistryConfig::default(),
+            memory_bytes: 512 << 20,
+            cpu_millis: 1000,
+            pids_max: 256,
+            rootfs_bytes: 256 << 20,
+            pool_size: 2,
+            agent_log: "info".into(),
+            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            cgroup_parent: "veil".into(),
+        }
+    }
+}
+
+/// Locate the veil-agent binary: `$VEIL_AGENT`, else next to the running executable, else in
+/// the directory above it (where cargo puts binaries relative to test executables).
+pub fn find_agent() -> PathBuf {
+    if let Some(p) = std::env::var_os("VEIL_AGENT") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut dir = exe.parent().map(PathBuf::from);
+    while let Some(d) = dir {
+        let cand = d.join("veil-agent");
+        if cand.is_file() {
+            return cand;
+        }
+        dir = d.parent().map(PathBuf::from);
+        if dir.as_ref().is_some_and(|p| p.join("Cargo.toml").is_file()) {
+            break;
+        }
+    }
+    PathBuf::from("veil-agent")
+}
+
+/// Everything needed to start one instance of a function.
+#[derive(Debug, Clone)]
+pub struct InstanceSpec {
+    /// Owner of the function.
+    pub tenant: String,
+    /// Function name.
+    pub function: String,
+    /// The deployment's pinned image.
+    pub image: ResolvedImage,
+    /// Extra environment.
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Port the function listens on.
+    pub port: u16,
+    /// Concurrency limit per instance.
+    pub concurrency: u32,
+    /// How long the function may take to listen.
+    pub ready_timeout: Duration,
+}
+
+/// Timings of one cold start, in milliseconds.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct StartTimings {
+    /// Sandbox boot (0 when taken from the pool).
+    pub boot_ms: f64,
+    /// Whether the sandbox came from the pre-booted pool.
+    pub pooled: bool,
+    /// Blobs made present in the node cache.
+    pub cache_ms: f64,
+    /// Phases inside the sandbox.
+    pub agent: PhaseTimings,
+    /// Total from request to ready.
+    pub total_ms: f64,
+}
+
+struct SandboxEntry {
+    id: String,
+    handle: Box<dyn SandboxHandle>,
+    mux: MuxHandle,
+    /// Image this sandbox may fetch, set once at assignment.
+    grant: Mutex<Option<Grant>>,
+    dead: AtomicBool,
+    destroyed: tokio::sync::OnceCell<()>,
+    function: Mutex<Option<String>>,
+}
+
+#[derive(Clone)]
+struct Grant {
+    image: ResolvedImage,
+    digests: HashSet<Digest>,
+}
+
+/// A running instance of a function: one assigned sandbox.
+pub struct Instance {
+    sandbox: Arc<SandboxEntry>,
+    /// Function name.
+    pub function: String,
+    /// Cold start timings.
+    pub timings: StartTimings,
+}
+
+impl Instance {
+    /// Sandbox id.
+    pub fn id(&self) -> &str {
+        &self.sandbox.id
+    }
+
+    /// False once the sandbox has ended (the function exited) or was destroyed.
+    pub fn is_alive(&self) -> bool {
+        !self.sandbox.dead.load(Ordering::SeqCst) && !self.sandbox.mux.is_closed()
+    }
+
+    /// Carry one HTTP request to the function.
+    pub async fn invoke<B>(
+        &self,
+        req: hyper::Request<B>,
+    ) -> Result<hyper::Response<Incoming>, NodeError>
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        self.sandbox
+            .mux
+            .request(StreamKind::Invoke, req)
+            .await
+            .map_err(|e| NodeError::Channel {
+                id: self.sandbox.id.clone(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Host pids still in this instance's sandbox.
+    pub fn pids(&self) -> Vec<u32> {
+        self.sandbox.handle.pids()
+    }
+}
+
+/// A summary of one sandbox for listings.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SandboxInfo {
+    /// Sandbox id.
+    pub id: String,
+    /// Function it is assigned to, if any.
+    pub function: Option<String>,
+    /// Host pids in it.
+    pub pids: Vec<u32>,
+}
+
+/// The node.
+pub struct Node {
+    config: NodeConfig,
+    backend: Arc<dyn Backend>,
+    cache: Arc<BlobCache>,
+    sandboxes: Mutex<HashMap<String, Arc<SandboxEntry>>>,
+    pool: tokio::sync::Mutex<Vec<Arc<SandboxEntry>>>,
+    logs: Arc<logs::LogBook>,
+    shutting_down: AtomicBool,
+}
+
+type RespBody = BoxBody<Bytes, std::io::Error>;
+
+impl Node {
+    /// Start a node with the namespace sandbox backend.
+    pub fn new(config: NodeConfig) -> Result<Arc<Self>, NodeError> {
+        let backend =
+            veil_sandbox::process::ProcessBackend::new(veil_sandbox::process::ProcessConfig {
+                agent: config.agent.clone(),
+                state_dir: config.state_dir.join("sandboxes"),
+                cgroup_root: config.cgroup_root.clone(),
+                cgroup_parent: config.cgroup_parent.clone(),
+                agent_log: config.agent_log.clone(),
+            })?;
+        Self::with_backend(config, Arc::new(backend))
+    }
+
+    /// Start a node with a given backend.
+    pub fn with_backend(
+        config: NodeConfig,
+        backend: Arc<dyn Backend>,
+    ) -> Result<Arc<Self>, NodeError> {
+        let store = Arc::new(BlobStore::open(&config.state_dir.join("store"))?);
+        let client = veil_registry::RegistryClient::new(config.registry.clone())
+            .map_err(|e| NodeError::Upstream(e.to_string()))?;
+        let node = Arc::new(Self {
+            cache: Arc::new(BlobCache::new(store, client)),
+            config,
+            backend,
+            sandboxes: Mutex::new(HashMap::new()),
+            pool: tokio::sync::Mutex::new(Vec::new()),
+            logs: Arc::new(logs::LogBook::default()),
+            shutting_down: AtomicBool::new(false),
+        });
+        Ok(node)
+    }
+
+    /// The blob cache (and through it the local image store).
+    pub fn cache(&self) -> &Arc<BlobCache> {
+        &self.cache
+    }
+
+    /// Function logs.
+    pub fn logs(&self) -> &Arc<logs::LogBook> {
+        &self.logs
+    }
+
+    /// Resolve an image reference for a deployment.
+    pub async fn resolve(&self, image: &str) -> Result<ResolvedImage, NodeError> {
+        self.cache.resolve(image).await
+    }
+
+    /// Boot sandboxes until the generic pool holds `pool_size` of them.
+    pub async fn fill_pool(self: &Arc<Self>) {
+        loop {
+            if self.shutting_down.load(Ordering::SeqCst) {
+                return;
+            }
+            let have = self.pool.lock().await.len();
+            if have >= self.config.pool_size {
+                return;
+            }
+            match self.boot().await {
+                Ok(sb) => self.pool.lock().await.push(sb),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not boot a pooled sandbox");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn boot(self: &Arc<Self>) -> Result<Arc<SandboxEntry>, NodeError> {
+        let id = format!("{:016x}", rand::random::<u64>());
+        let spec = SandboxSpec {
+            id: id.clone(),
+            memory_bytes: self.config.memory_bytes,
+            cpu_millis: self.config.cpu_millis,
+            pids_max: self.config.pids_max,
+            rootfs_bytes: self.config.rootfs_bytes,
+        };
+        let mut sb = self.backend.create(spec).await?;
+        let (mux, incoming) = mux::start(sb.channel, Side::Node);
+        let entry = Arc::new(SandboxEntry {
+            id: id.clone(),
+            handle: sb.handle,
+            mux,
+            grant: Mutex::new(None),
+            dead: AtomicBool::new(false),
+            destroyed: tokio::sync::OnceCell::new(),
+            function: Mutex::new(None),
+        });
+        self.sandboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), entry.clone());
+        // Function output and agent logs.
+        if let Some(out) = sb.stdout.take() {
+            let logs = self.logs.clone();
+            let e = entry.clone();
+            tokio::spawn(async move {
+                let mut lines = tokio::io::BufReader::new(out).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let f = e.function.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    logs.push(f.as_deref().unwrap_or("-"), &e.id, &line);
+                }
+            });
+        }
+        if let Some(err) = sb.stderr.take() {
+            let logs = self.logs.clone();
+            let e = entry.clone();
+            tokio::spawn(async move {
+                let mut lines = tokio::io::BufReader::new(err).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    tracing::debug!(sandbox = %e.id, "agent: {line}");
+                    let f = e.function.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    if let Some(f) = f {
+                        logs.push(&f, &e.id, &format!("[agent] {line}"));
+                    }
+                }
+            });
+        }
+        // Requests the agent makes (image blobs).
+        tokio::spawn(serve_agent(self.cache.clone(), entry.clone(), incoming));
+        // Notice when the sandbox ends on its own.
+        let me = Arc::downgrade(self);
+        let e = entry.clone();
+        tokio::spawn(async move {
+            let exit = e.handle.exited().await;
+            e.dead.store(true, Ordering::SeqCst);
+            if let Some(node) = me.upgrade() {
+                if e.destroyed.get().is_none() {
+                    tracing::warn!(sandbox = %e.id, %exit, "sandbox ended");
+                    node.destroy_entry(&e).await;
+                }
+            }
+        });
+        // Wait until the agent answers.
+        let t = Instant::now();
+        let deadline = Duration::from_secs(10);
+        loop {
+            let req = hyper::Request::get(veil_proto::HEALTH_PATH)
+                .header(http::header::HOST, "agent")
+                .body(Empty::<Bytes>::new())
+                .map_err(|e| NodeError::Channel {
+                    id: id.clone(),
+                    reason: e.to_string(),
+                })?;
+            match entry.mux.request(StreamKind::Control, req).await {
+                Ok(r) if r.status().is_success() => break,
+                Ok(r) => {
+                    self.destroy_entry(&entry).await;
+                    return Err(NodeError::Channel {
+                        id,
+                        reason: format!("agent health check answered {}", r.status()),
+                    });
+                }
+                Err(e) => {
+                    if entry.dead.load(Ordering::SeqCst) || t.elapsed() > deadline {
+                        let logs = self.logs.tail_sandbox(&id, 5).join(" | ");
+                        self.destroy_entry(&entry).await;
+                        return Err(NodeError::Channel {
+                            id,
+                            reason: format!("agent did not come up: {e} {logs}"),
+                        });
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+        Ok(entry)
+    }
+
+    /// Cold-start an instance: take a pooled sandbox (or boot one), make the image's blobs
+    /// present in the cache, and assign the sandbox to the function.
+    pub async fn start_instance(
+        self: &Arc<Self>,
+        spec: &InstanceSpec,
+    ) -> Result<Instance, NodeError> {
+        let t0 = Instant::now();
+        let mut timings = StartTimings::default();
+        let blobs = self.cache.manifest_blobs(&spec.image)?;
+        // Fetch blobs into the cache in parallel with booting the sandbox.
+        let cache = self.cache.clone();
+        let image = spec.image.clone();
+        let fetch_blobs = blobs.clone();
+        let fetch = tokio::spawn(async move {
+            let t = Instant::now();
+            let all =
+                futures::future::join_all(fetch_blobs.iter().map(|(d, _)| cache.ensure(&image, d)))
+                    .await;
+            all.into_iter()
+                .collect::<Result<Vec<()>, _>>()
+                .map(|_| t.elapsed())
+        });
+        let pooled = {
+            let mut pool = self.pool.lock().await;
+            loop {
+                match pool.pop() {
+                    Some(sb) if sb.dead.load(Ordering::SeqCst) => continue,
+                    other => break other,
+                }
+            }
+        };
+        let sandbox = match pooled {
+            Some(sb) => {
+                timings.pooled = true;
+                sb
+            }
+            None => {
+                let t = Instant::now();
+                let sb = self.boot().await?;
+                timings.boot_ms = t.elapsed().as_secs_f64() * 1000.0;
+                sb
+            }
+        };
+        let refill = self.clone();
+        tokio::spawn(async move { refill.fill_pool().await });
+        let cache_res = fetch
+            .await
+            .map_err(|e| NodeError::Storage(format!("blob fetch task: {e}")))
+            .and_then(|r| r);
+        match cache_res {
+            Ok(d) => timings.cache_ms = d.as_secs_f64() * 1000.0,
+            Err(e) => {
+                self.destroy_entry(&sandbox).await;
+                return Err(e);
+            }
+        }
+        let md: Digest = spec
+            .image
+            .manifest_digest
+            .parse()
+            .map_err(|e: veil_image::Error| NodeError::Image(e.to_string()))?;
+        let mut digests: HashSet<Digest> = blobs.into_iter().map(|(d, _)| d).collect();
+        digests.insert(md);
+        *sandbox.grant.lock().unwrap_or_else(|p| p.into_inner()) = Some(Grant {
+            image: spec.image.clone(),
+            digests,
+        });
+        *sandbox.function.lock().unwrap_or_else(|p| p.into_inner()) = Some(spec.function.clone());
+        let assignment = Assignment {
+            tenant: spec.tenant.clone(),
+            function: spec.function.clone(),
+            image: spec.image.reference.clone(),
+            repository: spec.image.repository.clone(),
+            manifest_digest: spec.image.manifest_digest.clone(),
+            env: spec.env.clone(),
+            port: spec.port,
+            concurrency: spec.concurrency,
+            ready_timeout_ms: spec.ready_timeout.as_millis() as u64,
+        };
+        match self.assign(&sandbox, &assignment).await {
+            Ok(reply) => {
+                timings.agent = reply.timings;
+                timings.total_ms = t0.elapsed().as_secs_f64() * 1000.0;
+                tracing::info!(function = %spec.function, sandbox = %sandbox.id, ?timings, "instance ready");
+                Ok(Instance {
+                    sandbox,
+                    function: spec.function.clone(),
+                    timings,
+                })
+            }
+            Err(e) => {
+                tracing::error!(function = %spec.function, sandbox = %sandbox.id, error = %e, "cold start failed");
+                self.destroy_entry(&sandbox).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn assign(&self, sb: &SandboxEntry, a: &Assignment) -> Result<AssignReply, NodeError> {
+        let chan = |reason: String| NodeError::Channel {
+            id: sb.id.clone(),
+            reason,
+        };
+        let body = serde_json::to_vec(a).map_err(|e| chan(e.to_string()))?;
+        let req = hyper::Request::post(veil_proto::ASSIGN_PATH)
+            .header(http::header::HOST, "agent")
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| chan(e.to_string()))?;
+        let resp = sb
+            .mux
+            .request(StreamKind::Control, req)
+            .await
+            .map_err(|e| chan(format!("assignment not delivered: {e}")))?;
+        let status = resp.status();
+        let body = mux::read_body_limited(resp.into_body(), 1 << 20)
+            .await
+            .map_err(|e| chan(format!("reading the assignment reply: {e}")))?;
+        if status.is_success() {
+            serde_json::from_slice(&body).map_err(|e| chan(format!("bad assignment reply: {e}")))
+        } else {
+            let err: ErrorBody = serde_json::from_slice(&body).unwrap_or(ErrorBody {
+                code: status.to_string(),
+                message: String::from_utf8_lossy(&body).into_owned(),
+            });
+            Err(NodeError::Assign {
+                function: a.function.clone(),
+                code: err.code,
+                message: err.message,
+            })
+        }
+    }
+
+    /// Destroy an instance's sandbox.
+    pub async fn destroy(&self, inst: &Instance) {
+        self.destroy_entry(&inst.sandbox).await;
+    }
+
+    async fn destroy_entry(&self, e: &SandboxEntry) {
+        e.destroyed
+            .get_or_init(|| async {
+                e.dead.store(true, Ordering::SeqCst);
+                if let Err(err) = e.handle.destroy().await {
+                    tracing::error!(sandbox = %e.id, error = %err, "destroying sandbox failed");
+                }
+                self.sandboxes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&e.id);
+                tracing::debug!(sandbox = %e.id, "sandbox destroyed");
+            })
+            .await;
+    }
+
+    /// All live sandboxes.
+    pub fn sandboxes(&self) -> Vec<SandboxInfo> {
+        let map = self.sandboxes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<SandboxInfo> = map
+            .values()
+            .map(|e| SandboxInfo {
+                id: e.id.clone(),
+                function: e.function.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                pids: e.handle.pids(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    /// Destroy every sandbox (pooled ones too) and stop refilling the pool.
+    pub async fn shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        self.pool.lock().await.clear();
+        let all: Vec<Arc<SandboxEntry>> = self
+            .sandboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        futures::future::join_all(all.iter().map(|e| self.destroy_entry(e))).await;
+    }
+}
+
+/// Serve the registry subset to one sandbox: only the blobs of the image it was assigned.
+async fn serve_agent(
+    cache: Arc<BlobCache>,
+    entry: Arc<SandboxEntry>,
+    mut incoming: tokio::sync::mpsc::UnboundedReceiver<Substream>,
+) {
+    while let Some(mut s) = incoming.recv().await {
+        let cache = cache.clone();
+        let entry = entry.clone();
+        tokio::spawn(async move {
+            match mux::accept_kind(&mut s).await {
+                Ok(StreamKind::Registry) => {}
+                Ok(other) => {
+                    tracing::warn!(sandbox = %entry.id, ?other, "agent opened an unexpected substream");
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(sandbox = %entry.id, error = %e, "bad substream from agent");
+                    return;
+                }
+            }
+            let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+                let cache = cache.clone();
+                let entry = entry.clone();
+                async move {
+                    Ok::<_, std::convert::Infallible>(registry_request(&cache, &entry, req).await)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(s), svc)
+                .await;
+        });
+    }
+}
+
+fn err_resp(status: http::StatusCode, code: &str, message: String) -> hyper::Response<RespBody> {
+    let body = serde_json::to_vec(&ErrorBody {
+        code: code.into(),
+        message,
+    })
+    .unwrap_or_default();
+    let mut r = hyper::Response::new(Full::new(Bytes::from(body)).map_err(|n| match n {}).boxed());
+    *r.status_mut() = status;
+    r
+}
+
+async fn registry_request(
+    cache: &BlobCache,
+    entry: &SandboxEntry,
+    req: hyper::Request<Incoming>,
+) -> hyper::Response<RespBody> {
+    use http::StatusCode;
+    let path = req.uri().path().to_string();
+    let grant = entry
+        .grant
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let Some(grant) = grant else {
+        return err_resp(
+            StatusCode::FORBIDDEN,
+            "DENIED",
+            "this sandbox has no assignment".into(),
+        );
+    };
+    // /v2/<repository>/{manifests,blobs}/<digest>
+    let parsed = path
+        .strip_prefix("/v2/")
+        .and_then(|rest| rest.rsplit_once('/'))
+        .and_then(|(head, digest)| {
+            let (repo, kind) = head.rsplit_once('/')?;
+            Some((repo.to_string(), kind.to_string(), digest.to_string()))
+        });
+    let Some((repo, kind, digest)) = parsed else {
+        return err_resp(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            format!("no such endpoint {path}"),
+        );
+    };
+    let Ok(d) = digest.parse::<Digest>() else {
+        return err_resp(
+            StatusCode::BAD_REQUEST,
+            "DIGEST_INVALID",
+            format!("{digest} is not a digest; blobs are served by digest only"),
+        );
+    };
+    if repo != grant.image.repository
+        || !grant.digests.contains(&d)
+        || !(kind == "blobs" || kind == "manifests")
+    {
+        tracing::warn!(sandbox = %entry.id, %path, "agent asked for a blob outside its image");
+        return err_resp(
+            StatusCode::FORBIDDEN,
+            "DENIED",
+            format!("{d} is not part of the image assigned to this sandbox"),
+        );
+    }
+    if let Err(e) = cache.ensure(&grant.image, &d).await {
+        return err_resp(StatusCode::BAD_GATEWAY, "BLOB_UNAVAILABLE", e.to_string());
+    }
+    let path = cache.store().path(&d);
+    let file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) => return err_resp(StatusCode::INTERNAL_SERVER_ERROR, "STORAGE", e.to_string()),
+    };
+    let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 << 10);
+    let body = StreamBody::new(futures::StreamExt::map(stream, |r| {
+        r.map(hyper::body::Frame::data)
+    }));
+    let mut r = hyper::Response::new(BodyExt::boxed(body));
+    r.headers_mut()
+        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+    r
+}
+
+/// A boxed future, for trait objects elsewhere.
+pub type NodeFuture<'a, T> = BoxFuture<'a, T>;

@@ -82,7 +82,10 @@ impl Cursor<'_> {
     /// that unquoted URLs survive.
     fn bare_value(&mut self) -> String {
         let start = self.i;
-        while self.peek().is_some_and(|c| !matches!(c, b',' | b' ' | b'\t')) {
+        while self
+            .peek()
+            .is_some_and(|c| !matches!(c, b',' | b' ' | b'\t'))
+        {
             self.i += 1;
         }
         String::from_utf8_lossy(&self.s[start..self.i]).into_owned()
@@ -149,10 +152,8 @@ pub fn parse_challenges(header: &str) -> Vec<Challenge> {
                 // Not a parameter: either the next challenge's scheme or
                 // (right after the scheme) a token68 without padding.
                 if first && matches!(c.peek(), None | Some(b',')) && is_token68(&name) {
-                    // `Scheme token68` — but `Scheme1, Scheme2` is ambiguous;
-                    // prefer reading it as a token68 only when it cannot be a
-                    // scheme followed by params, which we cannot tell. Treat a
-                    // lone word after a scheme as token68.
+                    // `Scheme token68`: a lone word directly after the
+                    // scheme (separated by whitespace, not a comma).
                     ch.token68 = Some(name);
                     break;
                 }
@@ -201,8 +202,7 @@ pub fn parse_challenges(header: &str) -> Vec<Challenge> {
 
 fn is_token68(s: &str) -> bool {
     !s.is_empty()
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b))
 }
 

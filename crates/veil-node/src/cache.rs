@@ -1,0 +1,249 @@
+//! The node's blob cache: blobs as the registry serves them (ciphertext for encrypted layers),
+//! fetched from upstream on a miss, verified before they become visible, and fetched once no
+//! matter how many sandboxes ask at the same time.
+
+use crate::store::BlobStore;
+use crate::NodeError;
+use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use veil_image::manifest::{self, Manifest};
+use veil_image::{Digest, Reference};
+use veil_registry::RegistryClient;
+
+type Flight = Shared<BoxFuture<'static, Result<(), Arc<NodeError>>>>;
+
+/// What a deployment pins: the image as written, where it lives and the manifest digest.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ResolvedImage {
+    /// The reference as the user gave it.
+    pub reference: String,
+    /// Registry host, or `local` for the node's own store.
+    pub registry: String,
+    /// Repository within the registry.
+    pub repository: String,
+    /// Digest of the (platform) image manifest.
+    pub manifest_digest: String,
+}
+
+impl ResolvedImage {
+    fn origin(&self) -> Result<Reference, NodeError> {
+        let d: Digest = self
+            .manifest_digest
+            .parse()
+            .map_err(|e: veil_image::Error| NodeError::Image(e.to_string()))?;
+        Ok(Reference {
+            registry: self.registry.clone(),
+            repository: self.repository.clone(),
+            tag: None,
+            digest: Some(d),
+        })
+    }
+}
+
+/// Upstream-backed, single-flight blob cache over a [`BlobStore`].
+pub struct BlobCache {
+    store: Arc<BlobStore>,
+    client: RegistryClient,
+    inflight: Mutex<HashMap<Digest, Flight>>,
+    upstream_fetches: std::sync::atomic::AtomicU64,
+}
+
+impl BlobCache {
+    /// A cache over `store` that fetches misses with `client`.
+    pub fn new(store: Arc<BlobStore>, client: RegistryClient) -> Self {
+        Self {
+            store,
+            client,
+            inflight: Mutex::new(HashMap::new()),
+            upstream_fetches: Default::default(),
+        }
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &Arc<BlobStore> {
+        &self.store
+    }
+
+    /// How many blobs were fetched from upstream registries so far.
+    pub fn upstream_fetches(&self) -> u64 {
+        self.upstream_fetches
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Resolve an image reference to a platform manifest digest and cache the manifest.
+    pub async fn resolve(&self, image: &str) -> Result<ResolvedImage, NodeError> {
+        let r: Reference = image
+            .parse()
+            .map_err(|e: veil_image::Error| NodeError::BadReference(format!("{image}: {e}")))?;
+        let digest = if r.is_local() {
+            let top = match &r.digest {
+                Some(d) => d.clone(),
+                None => {
+                    let tag = r.tag.clone().unwrap_or_else(|| "latest".into());
+                    self.store.get_tag(&r.repository, &tag)?.ok_or_else(|| {
+                        NodeError::ImageNotFound(format!(
+                            "{image}: no tag {tag:?} for {} in the local image store",
+                            r.repository
+                        ))
+                    })?
+                }
+            };
+            if !self.store.contains(&top) {
+                return Err(NodeError::ImageNotFound(format!(
+                    "{image}: manifest {top} is not in the local image store"
+                )));
+            }
+            let bytes = self.store.read(&top)?;
+            match manifest::parse_manifest(&bytes, None)
+                .map_err(|e| NodeError::Image(format!("{image}: {e}")))?
+            {
+                Manifest::Image(_) => top,
+                Manifest::Index(entries) => {
+                    let d = manifest::select_platform(&entries, "linux", "amd64")
+                        .map_err(|e| NodeError::Image(format!("{image}: {e}")))?;
+                    d.digest
+                }
+            }
+        } else {
+            let resolved = self.client.resolve_image(&r).await.map_err(|e| match e {
+                veil_registry::Error::NotFound { .. } => {
+                    NodeError::ImageNotFound(format!("{image}: {e}"))
+                }
+                other => NodeError::Upstream(format!("{image}: {other}")),
+            })?;
+            self.store.put(&resolved.bytes, Some(&resolved.digest))?;
+            resolved.digest
+        };
+        Ok(ResolvedImage {
+            reference: image.to_string(),
+            registry: r.registry.clone(),
+            repository: r.repository.clone(),
+            manifest_digest: digest.to_string(),
+        })
+    }
+
+    /// The blobs (config and layers) a cached image manifest refers to.
+    pub fn manifest_blobs(&self, img: &ResolvedImage) -> Result<Vec<(Digest, u64)>, NodeError> {
+        let origin = img.origin()?;
+        let md = origin
+            .digest
+            .clone()
+            .ok_or_else(|| NodeError::Image("no digest".into()))?;
+        let bytes = self.store.read(&md)?;
+        match manifest::parse_manifest(&bytes, None)
+            .map_err(|e| NodeError::Image(format!("{}: {e}", img.reference)))?
+        {
+            Manifest::Image(m) => {
+                let mut out = vec![(m.config.digest.clone(), m.config.size)];
+                out.extend(m.layers.iter().map(|l| (l.digest.clone(), l.size)));
+                Ok(out)
+            }
+            Manifest::Index(_) => Err(NodeError::Image(format!(
+                "{}: {md} is an index, not an image manifest",
+                img.reference
+            ))),
+        }
+    }
+
+    /// Make sure blob `d` of `img` is in the store, fetching it from upstream once.
+    pub async fn ensure(&self, img: &ResolvedImage, d: &Digest) -> Result<(), NodeError> {
+        if self.store.contains(d) {
+            return Ok(());
+        }
+        if img.registry == "local" {
+            return Err(NodeError::ImageNotFound(format!(
+                "{}: blob {d} is missing from the local image store",
+                img.reference
+            )));
+        }
+        let flight = {
+            let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            if self.store.contains(d) {
+                return Ok(());
+            }
+            map.entry(d.clone())
+                .or_insert_with(|| {
+                    let store = self.store.clone();
+                    let client = self.client.clone();
+                    let origin = img.origin();
+                    let reference = img.reference.clone();
+                    let d = d.clone();
+                    self.upstream_fetches
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    async move {
+                        fetch(store, client, origin?, &reference, &d)
+                            .await
+                            .map_err(Arc::new)
+                    }
+                    .boxed()
+                    .shared()
+                })
+                .clone()
+        };
+        let res = flight.await;
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(d);
+        res.map_err(|e| NodeError::Shared(e.to_string()))
+    }
+}
+
+async fn fetch(
+    store: Arc<BlobStore>,
+    client: RegistryClient,
+    origin: Reference,
+    reference: &str,
+    d: &Digest,
+) -> Result<(), NodeError> {
+    let mut blob = client
+        .get_blob(&origin, d)
+        .await
+        .map_err(|e| NodeError::Upstream(format!("{reference}: blob {d}: {e}")))?;
+    // Write on a blocking thread through a channel so disk I/O never stalls the runtime.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
+    let d2 = d.clone();
+    let writer = tokio::task::spawn_blocking(move || -> Result<Digest, NodeError> {
+        let mut w = store.writer()?;
+        while let Some(chunk) = rx.blocking_recv() {
+            w.write(&chunk)?;
+        }
+        w.commit(Some(&d2))
+    });
+    let mut stream_err = None;
+    while let Some(chunk) = blob.stream.next().await {
+        match chunk {
+            Ok(c) => {
+                if tx.send(c).await.is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                stream_err = Some(e);
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let written = writer
+        .await
+        .map_err(|e| NodeError::Storage(format!("blob writer task: {e}")))?;
+    if let Some(e) = stream_err {
+        return Err(NodeError::Upstream(format!(
+            "{reference}: blob {d}: download failed: {e}"
+        )));
+    }
+    match written {
+        Ok(_) => {
+            tracing::debug!(blob = %d, "cached blob from upstream");
+            Ok(())
+        }
+        Err(NodeError::DigestMismatch { expected, actual }) => Err(NodeError::Tampered(format!(
+            "{reference}: blob {expected} from {} hashes to {actual}; it was not cached",
+            origin.registry
+        ))),
+        Err(e) => Err(e),
+    }
+}

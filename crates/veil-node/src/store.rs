@@ -1,0 +1,184 @@
+//! The node's content-addressed blob store: blobs by digest, plus tags of the local image store.
+//!
+//! Layout under the store directory: `blobs/sha256/<hex>` (complete, verified blobs only),
+//! `tmp/` (downloads in progress; renamed into place only after the digest checks out) and
+//! `tags/<repository>/<tag>` (the local store's tags, each file holding a manifest digest).
+//! A crash mid-write leaves at most a stray file in `tmp/`, which is cleared on open.
+
+use crate::NodeError;
+use sha2::{Digest as _, Sha256};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use veil_image::Digest;
+
+/// Content-addressed blob storage on local disk.
+#[derive(Debug)]
+pub struct BlobStore {
+    root: PathBuf,
+}
+
+fn io(path: &Path, e: std::io::Error) -> NodeError {
+    NodeError::Storage(format!("{}: {e}", path.display()))
+}
+
+impl BlobStore {
+    /// Open (creating if needed) a store rooted at `root`.
+    pub fn open(root: &Path) -> Result<Self, NodeError> {
+        for d in ["blobs/sha256", "tags"] {
+            std::fs::create_dir_all(root.join(d)).map_err(|e| io(&root.join(d), e))?;
+        }
+        let tmp = root.join("tmp");
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// Where the blob `d` lives (whether or not it is present).
+    pub fn path(&self, d: &Digest) -> PathBuf {
+        self.root.join("blobs/sha256").join(d.hex())
+    }
+
+    /// Whether the blob is present.
+    pub fn contains(&self, d: &Digest) -> bool {
+        self.path(d).is_file()
+    }
+
+    /// Read a whole (small) blob.
+    pub fn read(&self, d: &Digest) -> Result<Vec<u8>, NodeError> {
+        let p = self.path(d);
+        std::fs::read(&p).map_err(|e| io(&p, e))
+    }
+
+    /// Store `data`; if `expected` is given, refuse data that does not hash to it.
+    pub fn put(&self, data: &[u8], expected: Option<&Digest>) -> Result<Digest, NodeError> {
+        let mut w = self.writer()?;
+        w.write(data)?;
+        w.commit(expected)
+    }
+
+    /// Begin a streaming write.
+    pub fn writer(&self) -> Result<BlobWriter<'_>, NodeError> {
+        let name = format!("{:016x}", rand::random::<u64>());
+        let path = self.root.join("tmp").join(name);
+        let file = std::fs::File::create(&path).map_err(|e| io(&path, e))?;
+        Ok(BlobWriter {
+            store: self,
+            file: Some(file),
+            path,
+            hasher: Sha256::new(),
+            size: 0,
+        })
+    }
+
+    /// Point `repository:tag` of the local store at a manifest digest.
+    pub fn set_tag(&self, repository: &str, tag: &str, d: &Digest) -> Result<(), NodeError> {
+        let dir = self.root.join("tags").join(repository);
+        std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+        let tmp = dir.join(format!(".{tag}.tmp"));
+        std::fs::write(&tmp, d.as_str()).map_err(|e| io(&tmp, e))?;
+        std::fs::rename(&tmp, dir.join(tag)).map_err(|e| io(&dir, e))
+    }
+
+    /// The manifest digest `repository:tag` points at in the local store.
+    pub fn get_tag(&self, repository: &str, tag: &str) -> Result<Option<Digest>, NodeError> {
+        let p = self.root.join("tags").join(repository).join(tag);
+        match std::fs::read_to_string(&p) {
+            Ok(s) => {
+                s.trim().parse().map(Some).map_err(|e| {
+                    NodeError::Storage(format!("{}: corrupt tag file: {e}", p.display()))
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&p, e)),
+        }
+    }
+}
+
+/// A blob being written; it becomes visible only through [`BlobWriter::commit`].
+pub struct BlobWriter<'a> {
+    store: &'a BlobStore,
+    file: Option<std::fs::File>,
+    path: PathBuf,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl BlobWriter<'_> {
+    /// Append bytes.
+    pub fn write(&mut self, data: &[u8]) -> Result<(), NodeError> {
+        self.hasher.update(data);
+        self.size += data.len() as u64;
+        match self.file.as_mut() {
+            Some(f) => f.write_all(data).map_err(|e| io(&self.path, e)),
+            None => Err(NodeError::Storage("write after commit".into())),
+        }
+    }
+
+    /// Bytes written so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Verify and publish the blob. On a digest mismatch nothing is published.
+    pub fn commit(mut self, expected: Option<&Digest>) -> Result<Digest, NodeError> {
+        let hasher = std::mem::take(&mut self.hasher);
+        let actual: Digest = format!("sha256:{}", hex::encode(hasher.finalize()))
+            .parse()
+            .map_err(|e| NodeError::Storage(format!("digest: {e}")))?;
+        if let Some(exp) = expected {
+            if exp != &actual {
+                return Err(NodeError::DigestMismatch {
+                    expected: exp.to_string(),
+                    actual: actual.to_string(),
+                });
+            }
+        }
+        let file = self.file.take();
+        if let Some(f) = file {
+            f.sync_all().map_err(|e| io(&self.path, e))?;
+        }
+        let dest = self.store.path(&actual);
+        std::fs::rename(&self.path, &dest).map_err(|e| io(&dest, e))?;
+        Ok(actual)
+    }
+}
+
+impl Drop for BlobWriter<'_> {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_get_and_mismatch() {
+        let t = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(t.path()).unwrap();
+        let d = s.put(b"hello", None).unwrap();
+        assert_eq!(d, Digest::sha256(b"hello"));
+        assert!(s.contains(&d));
+        assert_eq!(s.read(&d).unwrap(), b"hello");
+        let wrong = Digest::sha256(b"other");
+        let e = s.put(b"tampered", Some(&wrong)).unwrap_err();
+        assert!(matches!(e, NodeError::DigestMismatch { .. }), "{e}");
+        assert!(!s.contains(&Digest::sha256(b"tampered")));
+        assert_eq!(std::fs::read_dir(t.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn tags() {
+        let t = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(t.path()).unwrap();
+        assert_eq!(s.get_tag("hello", "v1").unwrap(), None);
+        let d = Digest::sha256(b"m");
+        s.set_tag("hello", "v1", &d).unwrap();
+        assert_eq!(s.get_tag("hello", "v1").unwrap(), Some(d));
+    }
+}
