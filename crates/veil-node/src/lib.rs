@@ -203,6 +203,7 @@ struct Grant {
 /// A running instance of a function: one assigned sandbox.
 pub struct Instance {
     sandbox: Arc<SandboxEntry>,
+    node: std::sync::Weak<Node>,
     /// Function name.
     pub function: String,
     /// Cold start timings.
@@ -238,6 +239,16 @@ impl Instance {
                 id: self.sandbox.id.clone(),
                 reason: e.to_string(),
             })
+    }
+
+    /// Destroy this instance's sandbox.
+    pub async fn destroy(&self) {
+        match self.node.upgrade() {
+            Some(node) => node.destroy_entry(&self.sandbox).await,
+            None => {
+                let _ = self.sandbox.handle.destroy().await;
+            }
+        }
     }
 
     /// Host pids still in this instance's sandbox.
@@ -526,6 +537,7 @@ impl Node {
                 tracing::info!(function = %spec.function, sandbox = %sandbox.id, ?timings, "instance ready");
                 Ok(Instance {
                     sandbox,
+                    node: Arc::downgrade(self),
                     function: spec.function.clone(),
                     timings,
                 })

@@ -72,6 +72,35 @@ impl BlobStore {
         })
     }
 
+    /// A fresh path under the store's temporary directory (for uploads in progress).
+    pub fn temp_path(&self) -> PathBuf {
+        self.root
+            .join("tmp")
+            .join(format!("up-{:016x}", rand::random::<u64>()))
+    }
+
+    /// Publish a complete file written at `path` (under [`BlobStore::temp_path`]) if it hashes
+    /// to `expected`; the file is removed either way.
+    pub fn import_file(&self, path: &Path, expected: &Digest) -> Result<Digest, NodeError> {
+        let res = (|| {
+            let mut f = std::fs::File::open(path).map_err(|e| io(path, e))?;
+            let mut h = Sha256::new();
+            std::io::copy(&mut f, &mut h).map_err(|e| io(path, e))?;
+            let actual = format!("sha256:{}", hex::encode(h.finalize()));
+            if actual != expected.as_str() {
+                return Err(NodeError::DigestMismatch {
+                    expected: expected.to_string(),
+                    actual,
+                });
+            }
+            let dest = self.path(expected);
+            std::fs::rename(path, &dest).map_err(|e| io(&dest, e))?;
+            Ok(expected.clone())
+        })();
+        let _ = std::fs::remove_file(path);
+        res
+    }
+
     /// Point `repository:tag` of the local store at a manifest digest.
     pub fn set_tag(&self, repository: &str, tag: &str, d: &Digest) -> Result<(), NodeError> {
         let dir = self.root.join("tags").join(repository);

@@ -1,0 +1,574 @@
+//! Deployments, instances, request routing with cold-start holding, and autoscaling.
+
+use crate::{api_error, not_deployed, Gateway};
+use axum::body::Body;
+use axum::http::{HeaderValue, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use veil_node::cache::ResolvedImage;
+use veil_node::{Instance, InstanceSpec, NodeError};
+
+/// Body of `PUT /v1/functions/<name>`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployRequest {
+    /// Image reference (`local/<repo>:<tag>` for the node's store, or any registry).
+    pub image: String,
+    /// Owning tenant (default `default`).
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// Extra environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Concurrent requests per instance (default 100).
+    #[serde(default)]
+    pub concurrency: Option<u32>,
+    /// Instances kept even when idle (default 0: scale to zero).
+    #[serde(default)]
+    pub min_scale: Option<u32>,
+    /// Most instances (default 10).
+    #[serde(default)]
+    pub max_scale: Option<u32>,
+    /// Port the function listens on (default 8080).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Seconds the function may take to listen (default 30).
+    #[serde(default)]
+    pub ready_timeout_s: Option<u64>,
+    /// Seconds an instance may stay idle before it is removed (default 60).
+    #[serde(default)]
+    pub idle_timeout_s: Option<u64>,
+}
+
+/// A deployed function.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct FunctionRecord {
+    /// Name.
+    pub name: String,
+    /// Owning tenant.
+    pub tenant: String,
+    /// The image, pinned to a manifest digest at deploy time.
+    pub image: ResolvedImage,
+    /// Extra environment.
+    pub env: BTreeMap<String, String>,
+    /// Concurrent requests per instance.
+    pub concurrency: u32,
+    /// Minimum instances.
+    pub min_scale: u32,
+    /// Maximum instances.
+    pub max_scale: u32,
+    /// Function port.
+    pub port: u16,
+    /// Readiness timeout in seconds.
+    pub ready_timeout_s: u64,
+    /// Idle timeout in seconds.
+    pub idle_timeout_s: u64,
+    /// Increases with every deploy of this name.
+    pub revision: u64,
+}
+
+/// What `GET /v1/functions[/<name>]` reports.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct FunctionStatus {
+    /// The deployment.
+    #[serde(flatten)]
+    pub record: FunctionRecord,
+    /// Ready instances (sandbox ids).
+    pub instances: Vec<String>,
+    /// Instances starting.
+    pub starting: usize,
+    /// Requests waiting for capacity.
+    pub waiting: usize,
+    /// The last cold-start failure, if any.
+    pub last_error: Option<String>,
+}
+
+struct Slot {
+    inst: Instance,
+    inflight: AtomicU32,
+    last_used: Mutex<Instant>,
+    first_served: AtomicBool,
+}
+
+struct Runtime {
+    record: FunctionRecord,
+    instances: Vec<Arc<Slot>>,
+    starting: usize,
+    waiting: usize,
+    failures: u64,
+    last_error: Option<String>,
+    changes: watch::Sender<u64>,
+}
+
+impl Runtime {
+    fn new(record: FunctionRecord) -> Self {
+        Self {
+            record,
+            instances: Vec::new(),
+            starting: 0,
+            waiting: 0,
+            failures: 0,
+            last_error: None,
+            changes: watch::channel(0).0,
+        }
+    }
+
+    fn bump(&self) {
+        self.changes.send_modify(|v| *v += 1);
+    }
+}
+
+/// All deployments of this gateway.
+pub struct Functions {
+    map: Mutex<HashMap<String, Runtime>>,
+    file: PathBuf,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Functions {
+    /// Load persisted deployments from `state_dir/functions.json`.
+    pub fn load(state_dir: &Path) -> Self {
+        let file = state_dir.join("functions.json");
+        let mut map = HashMap::new();
+        match std::fs::read(&file) {
+            Ok(bytes) => match serde_json::from_slice::<Vec<FunctionRecord>>(&bytes) {
+                Ok(records) => {
+                    for r in records {
+                        map.insert(r.name.clone(), Runtime::new(r));
+                    }
+                }
+                Err(e) => tracing::error!(file = %file.display(), error = %e, "ignoring unreadable deployments file"),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::error!(file = %file.display(), error = %e, "cannot read deployments"),
+        }
+        Self {
+            map: Mutex::new(map),
+            file,
+        }
+    }
+
+    fn persist(&self, map: &HashMap<String, Runtime>) {
+        let mut records: Vec<&FunctionRecord> = map.values().map(|r| &r.record).collect();
+        records.sort_by(|a, b| a.name.cmp(&b.name));
+        let tmp = self.file.with_extension("json.tmp");
+        let res = serde_json::to_vec_pretty(&records)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(&tmp, b))
+            .and_then(|()| std::fs::rename(&tmp, &self.file));
+        if let Err(e) = res {
+            tracing::error!(file = %self.file.display(), error = %e, "cannot persist deployments");
+        }
+    }
+
+    fn status_of(rt: &Runtime) -> FunctionStatus {
+        FunctionStatus {
+            record: rt.record.clone(),
+            instances: rt
+                .instances
+                .iter()
+                .filter(|s| s.inst.is_alive())
+                .map(|s| s.inst.id().to_string())
+                .collect(),
+            starting: rt.starting,
+            waiting: rt.waiting,
+            last_error: rt.last_error.clone(),
+        }
+    }
+
+    /// Status of one function.
+    pub fn status(&self, name: &str) -> Option<FunctionStatus> {
+        lock(&self.map).get(name).map(Self::status_of)
+    }
+
+    /// Status of all functions.
+    pub fn list(&self) -> Vec<FunctionStatus> {
+        let map = lock(&self.map);
+        let mut v: Vec<FunctionStatus> = map.values().map(Self::status_of).collect();
+        v.sort_by(|a, b| a.record.name.cmp(&b.record.name));
+        v
+    }
+
+    /// Remove a function; returns its instances for destruction.
+    fn remove(&self, name: &str) -> Option<Vec<Arc<Slot>>> {
+        let mut map = lock(&self.map);
+        let rt = map.remove(name)?;
+        rt.bump();
+        self.persist(&map);
+        Some(rt.instances)
+    }
+
+    /// Delete a function and destroy its instances. False if it was not deployed.
+    pub async fn delete(&self, name: &str) -> bool {
+        match self.remove(name) {
+            Some(slots) => {
+                for s in slots {
+                    destroy_slot(&s).await;
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Destroy every instance (deployments stay persisted).
+    pub async fn clear(&self) {
+        let slots: Vec<Arc<Slot>> = {
+            let mut map = lock(&self.map);
+            map.values_mut()
+                .flat_map(|rt| {
+                    rt.bump();
+                    std::mem::take(&mut rt.instances)
+                })
+                .collect()
+        };
+        for s in slots {
+            destroy_slot(&s).await;
+        }
+    }
+}
+
+async fn destroy_slot(s: &Slot) {
+    // The node handle lives in the instance; destruction goes through it.
+    s.inst.destroy().await;
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+/// Handle `PUT /v1/functions/<name>`.
+pub async fn deploy(gw: &Arc<Gateway>, name: &str, req: DeployRequest) -> Response {
+    if !valid_name(name) {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "BAD_NAME",
+            format!("function name {name:?} must be 1-63 lowercase letters, digits or '-', not starting or ending with '-'"),
+        );
+    }
+    let concurrency = req.concurrency.unwrap_or(100);
+    let min_scale = req.min_scale.unwrap_or(0);
+    let max_scale = req.max_scale.unwrap_or(10);
+    let port = req.port.unwrap_or(8080);
+    let ready_timeout_s = req.ready_timeout_s.unwrap_or(30);
+    let idle_timeout_s = req.idle_timeout_s.unwrap_or(60);
+    let tenant = req.tenant.clone().unwrap_or_else(|| "default".into());
+    let problems: Vec<String> = [
+        (concurrency == 0 || concurrency > 10_000).then(|| "concurrency must be 1..=10000".to_string()),
+        (max_scale == 0 || max_scale > 1000).then(|| "max_scale must be 1..=1000".to_string()),
+        (min_scale > max_scale).then(|| format!("min_scale {min_scale} exceeds max_scale {max_scale}")),
+        (port == 0).then(|| "port must be 1..=65535".to_string()),
+        (ready_timeout_s == 0 || ready_timeout_s > 600).then(|| "ready_timeout_s must be 1..=600".to_string()),
+        (idle_timeout_s == 0).then(|| "idle_timeout_s must be at least 1".to_string()),
+        (!valid_name(&tenant)).then(|| format!("tenant {tenant:?} must be lowercase letters, digits or '-'")),
+        req.env
+            .keys()
+            .find(|k| k.is_empty() || k.contains('=') || k.contains('\0') || k.as_str() == "PORT")
+            .map(|k| format!("environment variable name {k:?} is not allowed")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if !problems.is_empty() {
+        return api_error(StatusCode::BAD_REQUEST, "BAD_REQUEST", problems.join("; "));
+    }
+    let image = match gw.node.resolve(&req.image).await {
+        Ok(i) => i,
+        Err(e) => {
+            let (status, code) = match &e {
+                NodeError::BadReference(_) => (StatusCode::BAD_REQUEST, "BAD_IMAGE_REFERENCE"),
+                NodeError::ImageNotFound(_) => (StatusCode::NOT_FOUND, "IMAGE_NOT_FOUND"),
+                NodeError::Image(_) => (StatusCode::UNPROCESSABLE_ENTITY, "BAD_IMAGE"),
+                _ => (StatusCode::BAD_GATEWAY, "REGISTRY_ERROR"),
+            };
+            tracing::warn!(function = name, image = %req.image, error = %e, "deploy failed");
+            return api_error(status, code, e.to_string());
+        }
+    };
+    let (old, status, created) = {
+        let mut map = lock(&gw.functions.map);
+        let revision = map.get(name).map(|r| r.record.revision + 1).unwrap_or(1);
+        let record = FunctionRecord {
+            name: name.to_string(),
+            tenant,
+            image,
+            env: req.env,
+            concurrency,
+            min_scale,
+            max_scale,
+            port,
+            ready_timeout_s,
+            idle_timeout_s,
+            revision,
+        };
+        let created = !map.contains_key(name);
+        let old = map.insert(name.to_string(), Runtime::new(record));
+        let old = old.map(|o| {
+            o.bump();
+            o.instances
+        });
+        let status = map.get(name).map(Functions::status_of);
+        gw.functions.persist(&map);
+        (old, status, created)
+    };
+    for s in old.unwrap_or_default() {
+        destroy_slot(&s).await;
+    }
+    tracing::info!(function = name, "deployed");
+    let code = if created { StatusCode::CREATED } else { StatusCode::OK };
+    (code, Json(status)).into_response()
+}
+
+fn start_instance(gw: &Arc<Gateway>, rt: &mut Runtime) {
+    rt.starting += 1;
+    let rec = rt.record.clone();
+    let gw = gw.clone();
+    tokio::spawn(async move {
+        let spec = InstanceSpec {
+            tenant: rec.tenant.clone(),
+            function: rec.name.clone(),
+            image: rec.image.clone(),
+            env: rec.env.clone(),
+            port: rec.port,
+            concurrency: rec.concurrency,
+            ready_timeout: Duration::from_secs(rec.ready_timeout_s),
+        };
+        let res = gw.node.start_instance(&spec).await;
+        let mut stale = None;
+        {
+            let mut map = lock(&gw.functions.map);
+            match map.get_mut(&rec.name) {
+                Some(rt) if rt.record.revision == rec.revision => {
+                    rt.starting = rt.starting.saturating_sub(1);
+                    match res {
+                        Ok(inst) => rt.instances.push(Arc::new(Slot {
+                            inst,
+                            inflight: AtomicU32::new(0),
+                            last_used: Mutex::new(Instant::now()),
+                            first_served: AtomicBool::new(false),
+                        })),
+                        Err(e) => {
+                            rt.failures += 1;
+                            rt.last_error = Some(e.to_string());
+                        }
+                    }
+                    rt.bump();
+                }
+                // Deleted or redeployed meanwhile: the instance belongs to nobody.
+                _ => stale = res.ok(),
+            }
+        }
+        if let Some(inst) = stale {
+            inst.destroy().await;
+        }
+    });
+}
+
+enum Pick {
+    Slot(Arc<Slot>),
+    Wait(watch::Receiver<u64>),
+    Respond(Response),
+}
+
+/// Route one invocation of `name` with the function-relative `path_and_query`.
+pub async fn invoke(gw: &Arc<Gateway>, name: &str, path_and_query: String, req: Request<Body>) -> Response {
+    let deadline = tokio::time::Instant::now() + gw.config.cold_start_timeout;
+    let mut seen_failures: Option<u64> = None;
+    let mut waited = false;
+    let slot = loop {
+        let pick = {
+            let mut map = lock(&gw.functions.map);
+            let Some(rt) = map.get_mut(name) else {
+                return not_deployed(name);
+            };
+            let before = rt.instances.len();
+            rt.instances.retain(|s| s.inst.is_alive());
+            if rt.instances.len() != before {
+                tracing::info!(function = name, "dropped {} ended instance(s)", before - rt.instances.len());
+            }
+            let seen = *seen_failures.get_or_insert(rt.failures);
+            let limit = rt.record.concurrency;
+            let best = rt
+                .instances
+                .iter()
+                .filter(|s| s.inflight.load(Ordering::SeqCst) < limit)
+                .min_by_key(|s| s.inflight.load(Ordering::SeqCst))
+                .cloned();
+            if let Some(s) = best {
+                s.inflight.fetch_add(1, Ordering::SeqCst);
+                Pick::Slot(s)
+            } else if rt.failures > seen && rt.instances.is_empty() && rt.starting == 0 {
+                Pick::Respond(api_error(
+                    StatusCode::BAD_GATEWAY,
+                    "COLD_START_FAILED",
+                    format!(
+                        "function {name:?} could not be started: {}",
+                        rt.last_error.clone().unwrap_or_default()
+                    ),
+                ))
+            } else if rt.waiting >= gw.config.max_queue {
+                let mut r = api_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "QUEUE_FULL",
+                    format!("function {name:?} has {} requests waiting for capacity; try again", rt.waiting),
+                );
+                r.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+                Pick::Respond(r)
+            } else {
+                if rt.instances.len() + rt.starting < rt.record.max_scale as usize
+                    && (rt.starting == 0 || rt.waiting >= rt.starting * rt.record.concurrency as usize)
+                {
+                    start_instance(gw, rt);
+                }
+                rt.waiting += 1;
+                Pick::Wait(rt.changes.subscribe())
+            }
+        };
+        match pick {
+            Pick::Slot(s) => break s,
+            Pick::Respond(r) => return r,
+            Pick::Wait(mut rx) => {
+                waited = true;
+                let res = tokio::time::timeout_at(deadline, rx.changed()).await;
+                if let Some(rt) = lock(&gw.functions.map).get_mut(name) {
+                    rt.waiting = rt.waiting.saturating_sub(1);
+                }
+                if res.is_err() {
+                    let mut r = api_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "COLD_START_TIMEOUT",
+                        format!(
+                            "function {name:?} had no ready instance within {:?}; try again",
+                            gw.config.cold_start_timeout
+                        ),
+                    );
+                    r.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+                    return r;
+                }
+            }
+        }
+    };
+    let resp = proxy(&slot, name, path_and_query, req, waited).await;
+    slot.inflight.fetch_sub(1, Ordering::SeqCst);
+    *lock(&slot.last_used) = Instant::now();
+    if let Some(rt) = lock(&gw.functions.map).get(name) {
+        rt.bump();
+    }
+    resp
+}
+
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+async fn proxy(slot: &Slot, name: &str, path_and_query: String, req: Request<Body>, waited: bool) -> Response {
+    let (mut parts, body) = req.into_parts();
+    parts.uri = match path_and_query.parse() {
+        Ok(u) => u,
+        Err(e) => return api_error(StatusCode::BAD_REQUEST, "BAD_REQUEST", format!("bad path: {e}")),
+    };
+    for h in HOP_BY_HOP {
+        parts.headers.remove(*h);
+    }
+    let resp = match slot.inst.invoke(Request::from_parts(parts, body)).await {
+        Ok(r) => r,
+        Err(e) => {
+            return api_error(
+                StatusCode::BAD_GATEWAY,
+                "INSTANCE_FAILED",
+                format!("function {name:?}, instance {}: {e}", slot.inst.id()),
+            )
+        }
+    };
+    let (mut parts, body) = resp.into_parts();
+    for h in HOP_BY_HOP {
+        parts.headers.remove(*h);
+    }
+    if let Ok(v) = HeaderValue::from_str(slot.inst.id()) {
+        parts.headers.insert("x-veil-instance", v);
+    }
+    if waited && !slot.first_served.swap(true, Ordering::SeqCst) {
+        let t = &slot.inst.timings;
+        let v = format!(
+            "total={:.1};boot={:.1};pooled={};cache={:.1};manifest={:.1};layers={:.1};spawn={:.1};ready={:.1}",
+            t.total_ms, t.boot_ms, t.pooled, t.cache_ms, t.agent.manifest_ms, t.agent.layers_ms, t.agent.spawn_ms, t.agent.ready_ms
+        );
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            parts.headers.insert("x-veil-cold-start", v);
+        }
+    }
+    Response::from_parts(parts, Body::new(body))
+}
+
+/// Every second: remove ended instances, scale idle functions down (to zero unless
+/// `min_scale` says otherwise), and keep `min_scale` instances up.
+pub fn spawn_autoscaler(gw: Weak<Gateway>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let Some(gw) = gw.upgrade() else { return };
+            let mut doomed = Vec::new();
+            {
+                let mut map = lock(&gw.functions.map);
+                for rt in map.values_mut() {
+                    rt.instances.retain(|s| s.inst.is_alive());
+                    let idle = Duration::from_secs(rt.record.idle_timeout_s);
+                    while rt.instances.len() > rt.record.min_scale as usize {
+                        let pos = rt.instances.iter().position(|s| {
+                            s.inflight.load(Ordering::SeqCst) == 0 && lock(&s.last_used).elapsed() >= idle
+                        });
+                        match pos {
+                            Some(p) => doomed.push(rt.instances.remove(p)),
+                            None => break,
+                        }
+                    }
+                    while rt.instances.len() + rt.starting < rt.record.min_scale as usize {
+                        start_instance(&gw, rt);
+                    }
+                }
+            }
+            for s in doomed {
+                tracing::info!(function = %s.inst.function, instance = %s.inst.id(), "scaling down idle instance");
+                destroy_slot(&s).await;
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["hello", "a", "fn-1", "x9"] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in ["", "-a", "a-", "Hello", "a_b", "a/b", "..", &"a".repeat(64)] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+}
