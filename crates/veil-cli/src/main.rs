@@ -1,1 +1,337 @@
-fn main() {}
+//! `veil`: run the platform, deploy and invoke functions, build and push images.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use veil_cli::client::AdminClient;
+use veil_cli::{images, Platform, UpOptions};
+use veil_gateway::DeployRequest;
+use veil_image::Reference;
+
+#[derive(Parser)]
+#[command(name = "veil", version, about = "Serverless confidential functions")]
+struct Cli {
+    /// Address of a running veil (`veil up`).
+    #[arg(long, global = true, env = "VEIL_SERVER", default_value = "http://127.0.0.1:8080")]
+    server: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run gateway and node (namespace sandboxes, local image store) until interrupted.
+    Up(UpArgs),
+    /// Build the example function, deploy it, invoke it cold and warm, print latencies, stop.
+    Demo {
+        /// State directory (default: a fresh temporary one).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Deploy (or update) a function.
+    Deploy(DeployArgs),
+    /// Invoke a function and print its response body.
+    Invoke {
+        /// Function name.
+        name: String,
+        /// Request body, or @file to read it from a file.
+        #[arg(short, long)]
+        data: Option<String>,
+        /// Path within the function.
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// HTTP method (default POST with --data, else GET).
+        #[arg(short = 'X', long)]
+        method: Option<String>,
+        /// Print status and headers too.
+        #[arg(short, long)]
+        verbose: bool,
+    },
+    /// List deployed functions.
+    Ls,
+    /// Show a function's recent log lines.
+    Logs {
+        /// Function name.
+        name: String,
+        /// Number of lines.
+        #[arg(long, default_value_t = 100)]
+        tail: usize,
+    },
+    /// Delete a function and its instances.
+    Delete {
+        /// Function name.
+        name: String,
+    },
+    /// Build, push and inspect images.
+    #[command(subcommand)]
+    Image(ImageCmd),
+}
+
+#[derive(Args)]
+struct UpArgs {
+    /// Listen address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: std::net::SocketAddr,
+    /// State directory.
+    #[arg(long, env = "VEIL_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Generic sandboxes kept booted ahead of demand.
+    #[arg(long, default_value_t = 2)]
+    pool_size: usize,
+    /// Registries (host:port) to reach over plain HTTP besides loopback.
+    #[arg(long = "insecure-registry")]
+    insecure_registries: Vec<String>,
+}
+
+#[derive(Args)]
+struct DeployArgs {
+    /// Function name.
+    name: String,
+    /// Image reference (`local/<name>:<tag>` for images pushed to veil itself).
+    #[arg(long)]
+    image: String,
+    /// Environment variable KEY=VALUE (repeatable).
+    #[arg(long = "env", short = 'e')]
+    env: Vec<String>,
+    /// Concurrent requests per instance.
+    #[arg(long)]
+    concurrency: Option<u32>,
+    /// Instances kept when idle.
+    #[arg(long)]
+    min_scale: Option<u32>,
+    /// Most instances.
+    #[arg(long)]
+    max_scale: Option<u32>,
+    /// Port the function listens on.
+    #[arg(long)]
+    port: Option<u16>,
+    /// Owning tenant.
+    #[arg(long)]
+    tenant: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Build an OCI image from a directory (one layer) and push it, or write an OCI layout.
+    Build {
+        /// Directory whose contents become the image's root.
+        dir: PathBuf,
+        /// Image reference to push to (`local/<name>:<tag>` = the running veil).
+        #[arg(short, long)]
+        tag: String,
+        /// Entrypoint, e.g. --entrypoint /hello (repeat for arguments).
+        #[arg(long, num_args = 1.., allow_hyphen_values = true)]
+        entrypoint: Vec<String>,
+        /// Default arguments.
+        #[arg(long, num_args = 1.., allow_hyphen_values = true)]
+        cmd: Vec<String>,
+        /// Environment KEY=VALUE (repeatable).
+        #[arg(long)]
+        env: Vec<String>,
+        /// Working directory.
+        #[arg(long)]
+        workdir: Option<String>,
+        /// User to run as (uid[:gid] or name).
+        #[arg(long)]
+        user: Option<String>,
+        /// Write an OCI image layout here instead of pushing.
+        #[arg(long)]
+        oci_layout: Option<PathBuf>,
+    },
+    /// Push an image from an OCI layout (`<dir>:<tag>`) to a reference.
+    Push {
+        /// Source layout and tag, e.g. ./out:latest.
+        source: String,
+        /// Destination reference.
+        reference: String,
+    },
+    /// Show an image's manifest and layers.
+    Inspect {
+        /// Image reference.
+        reference: String,
+    },
+    /// Write the example function's binary into a directory (build it with --entrypoint /hello).
+    Example {
+        /// Target directory.
+        dir: PathBuf,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VEIL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,veil_gateway=info,veil_node=info,veil_cli=info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn parse_env(kvs: &[String]) -> Result<BTreeMap<String, String>> {
+    kvs.iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("--env {kv:?}: expected KEY=VALUE"))
+        })
+        .collect()
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    let admin = || AdminClient::new(&cli.server);
+    match cli.cmd {
+        Cmd::Up(a) => {
+            let mut opts = UpOptions::defaults(a.state_dir.unwrap_or_else(veil_cli::default_state_dir));
+            opts.listen = a.listen;
+            opts.pool_size = a.pool_size;
+            opts.insecure_registries = a.insecure_registries;
+            if !a.listen.ip().is_loopback() {
+                tracing::warn!("the admin API has no authentication yet; listening on a non-loopback address exposes it");
+            }
+            let p = Platform::start(opts).await?;
+            println!("veil is up at {} (Ctrl-C to stop)", p.url());
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            println!("stopping: destroying sandboxes");
+            p.stop().await?;
+        }
+        Cmd::Demo { state_dir } => veil_cli::demo::run(state_dir).await?,
+        Cmd::Deploy(a) => {
+            let st = admin()?
+                .deploy(
+                    &a.name,
+                    &DeployRequest {
+                        image: a.image,
+                        tenant: a.tenant,
+                        env: parse_env(&a.env)?,
+                        concurrency: a.concurrency,
+                        min_scale: a.min_scale,
+                        max_scale: a.max_scale,
+                        port: a.port,
+                        ready_timeout_s: None,
+                        idle_timeout_s: None,
+                    },
+                )
+                .await?;
+            println!("deployed {} (revision {}) -> {}", st.record.name, st.record.revision, st.record.image.manifest_digest);
+        }
+        Cmd::Invoke { name, data, path, method, verbose } => {
+            let body = match &data {
+                Some(d) if d.starts_with('@') => std::fs::read(&d[1..]).with_context(|| format!("read {}", &d[1..]))?,
+                Some(d) => d.clone().into_bytes(),
+                None => Vec::new(),
+            };
+            let method = method.unwrap_or_else(|| if data.is_some() { "POST".into() } else { "GET".into() });
+            let r = admin()?.invoke(&name, &method, &path, body, &BTreeMap::new()).await?;
+            if verbose {
+                eprintln!("HTTP {}", r.status);
+                for (k, v) in &r.headers {
+                    eprintln!("{k}: {}", v.to_str().unwrap_or("?"));
+                }
+            }
+            use std::io::Write;
+            std::io::stdout().write_all(&r.body)?;
+            if r.status >= 400 {
+                eprintln!("invoke failed: HTTP {}", r.status);
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Cmd::Ls => {
+            let fns = admin()?.list().await?;
+            println!("{:<20} {:<10} {:>9} {:>8}  IMAGE", "NAME", "TENANT", "INSTANCES", "REV");
+            for f in fns {
+                println!(
+                    "{:<20} {:<10} {:>9} {:>8}  {} ({})",
+                    f.record.name,
+                    f.record.tenant,
+                    f.instances.len(),
+                    f.record.revision,
+                    f.record.image.reference,
+                    f.record.image.manifest_digest
+                );
+            }
+        }
+        Cmd::Logs { name, tail } => {
+            for l in admin()?.logs(&name, tail).await? {
+                println!("{} {}", l["sandbox"].as_str().unwrap_or("-"), l["text"].as_str().unwrap_or(""));
+            }
+        }
+        Cmd::Delete { name } => {
+            admin()?.delete(&name).await?;
+            println!("deleted {name}");
+        }
+        Cmd::Image(ic) => image_cmd(ic, &cli.server).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn image_cmd(ic: ImageCmd, server: &str) -> Result<()> {
+    match ic {
+        ImageCmd::Build { dir, tag, entrypoint, cmd, env, workdir, user, oci_layout } => {
+            if !dir.is_dir() {
+                bail!("{} is not a directory", dir.display());
+            }
+            let spec = veil_image::build::BuildSpec {
+                context: dir.clone(),
+                entrypoint,
+                cmd,
+                env,
+                working_dir: workdir,
+                user,
+            };
+            let image = veil_image::build::build_image(&spec)?;
+            let reference: Reference = tag.parse()?;
+            match oci_layout {
+                Some(out) => {
+                    let layout = veil_image::layout::OciLayout::create(&out)?;
+                    let t = reference.tag.clone().unwrap_or_else(|| "latest".into());
+                    layout.write_image(&image, &t)?;
+                    println!("wrote {}:{t} ({})", out.display(), image.manifest.digest);
+                }
+                None => {
+                    let client = images::registry_client(&[])?;
+                    let target = images::push_target(&reference, server)?;
+                    let d = images::push(&client, &image, &target).await?;
+                    println!("pushed {reference} ({d})");
+                }
+            }
+        }
+        ImageCmd::Push { source, reference } => {
+            let (dir, tag) = source.rsplit_once(':').unwrap_or((source.as_str(), "latest"));
+            let image = images::read_layout(std::path::Path::new(dir), tag)?;
+            let reference: Reference = reference.parse()?;
+            let client = images::registry_client(&[])?;
+            let target = images::push_target(&reference, server)?;
+            let d = images::push(&client, &image, &target).await?;
+            println!("pushed {reference} ({d})");
+        }
+        ImageCmd::Inspect { reference } => {
+            let reference: Reference = reference.parse()?;
+            let client = images::registry_client(&[])?;
+            let target = images::push_target(&reference, server)?;
+            print!("{}", images::inspect(&client, &target).await?);
+        }
+        ImageCmd::Example { dir } => {
+            images::write_example(&dir)?;
+            println!("wrote {}/hello; build it with: veil image build {} -t local/hello:latest --entrypoint /hello", dir.display(), dir.display());
+        }
+    }
+    Ok(())
+}

@@ -103,6 +103,7 @@ impl Gateway {
             .route("/v2/", get(registry::base))
             .route("/v2/{*rest}", any(registry::dispatch))
             .route("/f/{name}", any(invoke_root))
+            .route("/f/{name}/", any(invoke_root))
             .route("/f/{name}/{*rest}", any(invoke_path))
             .fallback(host_routed)
             .with_state(self.clone())

@@ -190,6 +190,7 @@ struct SandboxEntry {
     /// Image this sandbox may fetch, set once at assignment.
     grant: Mutex<Option<Grant>>,
     dead: AtomicBool,
+    destroying: AtomicBool,
     destroyed: tokio::sync::OnceCell<()>,
     function: Mutex<Option<String>>,
 }
@@ -367,6 +368,7 @@ impl Node {
             mux,
             grant: Mutex::new(None),
             dead: AtomicBool::new(false),
+            destroying: AtomicBool::new(false),
             destroyed: tokio::sync::OnceCell::new(),
             function: Mutex::new(None),
         });
@@ -409,7 +411,7 @@ impl Node {
             let exit = e.handle.exited().await;
             e.dead.store(true, Ordering::SeqCst);
             if let Some(node) = me.upgrade() {
-                if e.destroyed.get().is_none() {
+                if !e.destroying.load(Ordering::SeqCst) {
                     tracing::warn!(sandbox = %e.id, %exit, "sandbox ended");
                     node.destroy_entry(&e).await;
                 }
@@ -593,6 +595,7 @@ impl Node {
     async fn destroy_entry(&self, e: &SandboxEntry) {
         e.destroyed
             .get_or_init(|| async {
+                e.destroying.store(true, Ordering::SeqCst);
                 e.dead.store(true, Ordering::SeqCst);
                 if let Err(err) = e.handle.destroy().await {
                     tracing::error!(sandbox = %e.id, error = %err, "destroying sandbox failed");

@@ -1,0 +1,79 @@
+//! `veil demo`: the whole platform in one process on embedded defaults. Builds the example
+//! function image, pushes it to the local store over the registry API, deploys it, invokes it
+//! twice (a cold start and a warm start), prints the answers and latencies, and shuts down.
+
+use crate::client::AdminClient;
+use crate::{images, Platform, UpOptions};
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+use std::time::Instant;
+use veil_gateway::DeployRequest;
+use veil_image::Reference;
+
+/// Run the demo. `state_dir` defaults to a fresh temporary directory.
+pub async fn run(state_dir: Option<std::path::PathBuf>) -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let state = state_dir.unwrap_or_else(|| tmp.path().join("state"));
+    let mut opts = UpOptions::defaults(state);
+    opts.listen = "127.0.0.1:0".parse()?;
+    opts.pool_size = 1;
+    let platform = Platform::start(opts).await?;
+    let res = steps(&platform, tmp.path()).await;
+    let stop = platform.stop().await;
+    res?;
+    stop?;
+    Ok(())
+}
+
+async fn steps(p: &Platform, tmp: &std::path::Path) -> Result<()> {
+    println!("veil demo: gateway, node and namespace sandboxes on {}", p.url());
+    let ctx = tmp.join("hello");
+    images::write_example(&ctx)?;
+    let image = veil_image::build::build_image(&images::example_spec(&ctx))?;
+    let reference: Reference = "local/hello:latest".parse()?;
+    let client = images::registry_client(&[])?;
+    let target = images::push_target(&reference, &p.url())?;
+    let digest = images::push(&client, &image, &target).await?;
+    let size: usize = image.layers.iter().map(|l| l.data.len()).sum();
+    println!("built and pushed {reference} ({digest}, {} layer, {} KiB)", image.layers.len(), size / 1024);
+
+    let admin = AdminClient::new(&p.url())?;
+    let st = admin
+        .deploy(
+            "hello",
+            &DeployRequest {
+                image: reference.to_string(),
+                tenant: None,
+                env: BTreeMap::new(),
+                concurrency: None,
+                min_scale: None,
+                max_scale: None,
+                port: None,
+                ready_timeout_s: None,
+                idle_timeout_s: None,
+            },
+        )
+        .await
+        .context("deploy")?;
+    println!("deployed function hello -> {}", st.record.image.manifest_digest);
+
+    for (label, data) in [("cold", "hello, veil"), ("warm", "hello again")] {
+        let t = Instant::now();
+        let r = admin
+            .invoke("hello", "POST", "/", data.as_bytes().to_vec(), &BTreeMap::new())
+            .await?;
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        if r.status != 200 {
+            bail!("{label} invoke failed: HTTP {}: {}", r.status, String::from_utf8_lossy(&r.body));
+        }
+        println!("{label} start: {ms:8.1} ms  {}", String::from_utf8_lossy(&r.body).trim_end());
+        if let Some(b) = r.headers.get("x-veil-cold-start").and_then(|v| v.to_str().ok()) {
+            println!("    cold-start phases (ms): {}", b.replace(';', ", "));
+        }
+    }
+    admin.delete("hello").await?;
+    let left = admin.sandboxes().await?;
+    let assigned = left.iter().filter(|s| !s["function"].is_null()).count();
+    println!("deleted hello; {assigned} assigned sandboxes left, {} pre-booted idle", left.len() - assigned);
+    Ok(())
+}
