@@ -36,6 +36,38 @@ fn main() {
     }
 }
 
+/// What the sandbox looks like from inside: identity, capabilities, seccomp, hostname,
+/// network interfaces and whether host paths are visible. Used by isolation tests.
+fn whoami() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let mut out = String::new();
+    for key in ["Uid", "Gid", "CapEff", "CapPrm", "CapBnd", "NoNewPrivs", "Seccomp"] {
+        if let Some(l) = status.lines().find(|l| l.starts_with(&format!("{key}:"))) {
+            let v = l.split_whitespace().nth(1).unwrap_or("");
+            out.push_str(&format!("{key}={v}\n"));
+        }
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    out.push_str(&format!("hostname={}\n", host.trim()));
+    let net = std::fs::read_to_string("/proc/net/dev").unwrap_or_default();
+    let ifs: Vec<&str> = net.lines().skip(2).filter_map(|l| l.split(':').next()).map(str::trim).collect();
+    out.push_str(&format!("interfaces={}\n", ifs.join(",")));
+    out.push_str(&format!("pid={}\n", std::process::id()));
+    let procs = std::fs::read_dir("/proc")
+        .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok()).count())
+        .unwrap_or(0);
+    out.push_str(&format!("visible_processes={procs}\n"));
+    let write_sys = std::fs::write("/proc/sys/kernel/hostname", "pwned").is_ok();
+    out.push_str(&format!("can_write_proc_sys={write_sys}\n"));
+    let root: Vec<String> = std::fs::read_dir("/")
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    let mut root = root;
+    root.sort();
+    out.push_str(&format!("root={}\n", root.join(",")));
+    out
+}
+
 fn serve(conn: TcpStream) {
     let mut reader = BufReader::new(match conn.try_clone() {
         Ok(c) => c,
@@ -75,12 +107,16 @@ fn serve(conn: TcpStream) {
         if reader.read_exact(&mut body).is_err() {
             return;
         }
-        let text = format!(
+        let text = if path == "/whoami" {
+            whoami()
+        } else {
+            format!(
             "Hello from veil! {method} {path} ({} bytes){}{}\n",
             body.len(),
             if body.is_empty() { "" } else { ": " },
             String::from_utf8_lossy(&body)
-        );
+            )
+        };
         let resp = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{}",
             text.len(),

@@ -207,14 +207,16 @@ pub fn spawn(rootfs: &Path, launch: &Launch) -> Result<u32> {
             if libc::chroot(root_c.as_ptr()) != 0 || libc::chdir(cwd_c.as_ptr()) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            // The bounding set can only be cleared while CAP_SETPCAP is still held, so
+            // before switching to the function's user.
+            for cap in 0..64 {
+                libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0);
+            }
             if libc::setgroups(0, std::ptr::null()) != 0
                 || libc::setgid(gid) != 0
                 || libc::setuid(uid) != 0
             {
                 return Err(std::io::Error::last_os_error());
-            }
-            for cap in 0..64 {
-                libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0);
             }
             drop_all_caps()?;
             seccompiler::apply_filter(&filter)

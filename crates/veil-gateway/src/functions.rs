@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use veil_node::cache::ResolvedImage;
-use veil_node::{Instance, InstanceSpec, NodeError};
+use veil_node::{CancellationToken, Instance, InstanceSpec, NodeError};
 
 /// Body of `PUT /v1/functions/<name>`.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -104,6 +104,8 @@ struct Runtime {
     failures: u64,
     last_error: Option<String>,
     changes: watch::Sender<u64>,
+    /// Fires when this revision is deleted or replaced; in-flight cold starts stop.
+    cancel: CancellationToken,
 }
 
 impl Runtime {
@@ -116,6 +118,7 @@ impl Runtime {
             failures: 0,
             last_error: None,
             changes: watch::channel(0).0,
+            cancel: CancellationToken::new(),
         }
     }
 
@@ -202,6 +205,7 @@ impl Functions {
     fn remove(&self, name: &str) -> Option<Vec<Arc<Slot>>> {
         let mut map = lock(&self.map);
         let rt = map.remove(name)?;
+        rt.cancel.cancel();
         rt.bump();
         self.persist(&map);
         Some(rt.instances)
@@ -226,6 +230,8 @@ impl Functions {
             let mut map = lock(&self.map);
             map.values_mut()
                 .flat_map(|rt| {
+                    rt.cancel.cancel();
+                    rt.cancel = CancellationToken::new();
                     rt.bump();
                     std::mem::take(&mut rt.instances)
                 })
@@ -319,6 +325,7 @@ pub async fn deploy(gw: &Arc<Gateway>, name: &str, req: DeployRequest) -> Respon
         let created = !map.contains_key(name);
         let old = map.insert(name.to_string(), Runtime::new(record));
         let old = old.map(|o| {
+            o.cancel.cancel();
             o.bump();
             o.instances
         });
@@ -338,6 +345,7 @@ fn start_instance(gw: &Arc<Gateway>, rt: &mut Runtime) {
     rt.starting += 1;
     let rec = rt.record.clone();
     let gw = gw.clone();
+    let cancel = rt.cancel.clone();
     tokio::spawn(async move {
         let spec = InstanceSpec {
             tenant: rec.tenant.clone(),
@@ -348,7 +356,7 @@ fn start_instance(gw: &Arc<Gateway>, rt: &mut Runtime) {
             concurrency: rec.concurrency,
             ready_timeout: Duration::from_secs(rec.ready_timeout_s),
         };
-        let res = gw.node.start_instance(&spec).await;
+        let res = gw.node.start_instance(&spec, &cancel).await;
         let mut stale = None;
         {
             let mut map = lock(&gw.functions.map);

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use store::BlobStore;
+pub use tokio_util::sync::CancellationToken;
 use tokio::io::AsyncBufReadExt;
 use veil_image::Digest;
 use veil_proto::mux::{self, MuxHandle, Side, Substream};
@@ -70,6 +71,9 @@ pub enum NodeError {
         /// Why.
         reason: String,
     },
+    /// The start was cancelled because the function went away.
+    #[error("start of function {0} cancelled: the function was deleted or redeployed")]
+    Cancelled(String),
     /// The agent refused or failed the assignment.
     #[error("function {function}: {code}: {message}")]
     Assign {
@@ -455,9 +459,13 @@ impl Node {
 
     /// Cold-start an instance: take a pooled sandbox (or boot one), make the image's blobs
     /// present in the cache, and assign the sandbox to the function.
+    ///
+    /// If `cancel` fires first (the function was deleted or redeployed), the sandbox is
+    /// destroyed and [`NodeError::Cancelled`] returned.
     pub async fn start_instance(
         self: &Arc<Self>,
         spec: &InstanceSpec,
+        cancel: &CancellationToken,
     ) -> Result<Instance, NodeError> {
         let t0 = Instant::now();
         let mut timings = StartTimings::default();
@@ -509,6 +517,10 @@ impl Node {
                 return Err(e);
             }
         }
+        if cancel.is_cancelled() {
+            self.destroy_entry(&sandbox).await;
+            return Err(NodeError::Cancelled(spec.function.clone()));
+        }
         let md: Digest = spec
             .image
             .manifest_digest
@@ -532,7 +544,11 @@ impl Node {
             concurrency: spec.concurrency,
             ready_timeout_ms: spec.ready_timeout.as_millis() as u64,
         };
-        match self.assign(&sandbox, &assignment).await {
+        let assigned = tokio::select! {
+            r = self.assign(&sandbox, &assignment) => r,
+            _ = cancel.cancelled() => Err(NodeError::Cancelled(spec.function.clone())),
+        };
+        match assigned {
             Ok(reply) => {
                 timings.agent = reply.timings;
                 timings.total_ms = t0.elapsed().as_secs_f64() * 1000.0;

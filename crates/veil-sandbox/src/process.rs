@@ -234,11 +234,28 @@ impl ProcessSandbox {
 
     async fn do_destroy(&self) -> Result<(), Error> {
         if self.exit_rx.borrow().is_none() {
-            if let Some(pid) = self.pid.and_then(|p| i32::try_from(p).ok()) {
-                // SAFETY: kill(2) on our own child, which has not been reaped yet (the waiter
-                // task reports the exit only after reaping), so the pid cannot be reused.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
+            // Kill PID 1 of the sandbox (and everything else inside) but not the outer process:
+            // it reaps PID 1 and exits, so no zombie is left to the host's init.
+            let outer = self.pid;
+            for pid in self.cgroup_pids() {
+                if Some(pid) == outer {
+                    continue;
+                }
+                if let Ok(pid) = i32::try_from(pid) {
+                    // SAFETY: kill(2) on a pid listed in the sandbox's own cgroup.
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                }
+            }
+            let ended = tokio::time::timeout(std::time::Duration::from_secs(2), self.exited()).await;
+            if ended.is_err() {
+                if let Some(pid) = outer.and_then(|p| i32::try_from(p).ok()) {
+                    // SAFETY: kill(2) on our own child, which has not been reaped yet (the
+                    // waiter task reports the exit only after reaping), so the pid is ours.
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
                 }
             }
         }

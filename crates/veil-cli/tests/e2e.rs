@@ -1,0 +1,440 @@
+//! End-to-end tests on real components: Debian's docker-registry (the CNCF distribution
+//! server), skopeo, namespace sandboxes with real cgroups, the real agent binary and the
+//! example function. They need root, docker-registry and skopeo (`make test` installs them).
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+use veil_cli::client::{AdminClient, Invocation};
+use veil_cli::{images, Platform, UpOptions};
+use veil_gateway::DeployRequest;
+use veil_image::build::{assemble_image, build_image, Blob, BuildSpec, BuiltImage};
+use veil_image::manifest::{RunConfig, OCI_LAYER_TAR_GZIP};
+use veil_image::Reference;
+use veil_testkit::{skopeo, TestRegistry};
+
+struct Env {
+    platform: Platform,
+    admin: AdminClient,
+    _state: tempfile::TempDir,
+}
+
+async fn up() -> Env {
+    up_with(|_| {}).await
+}
+
+async fn up_with(f: impl FnOnce(&mut UpOptions)) -> Env {
+    let state = tempfile::tempdir().unwrap();
+    let mut opts = UpOptions::defaults(state.path().join("state"));
+    opts.listen = "127.0.0.1:0".parse().unwrap();
+    opts.pool_size = 1;
+    opts.agent_log = "debug".into();
+    f(&mut opts);
+    let platform = Platform::start(opts).await.unwrap();
+    let admin = AdminClient::new(&platform.url()).unwrap();
+    Env {
+        platform,
+        admin,
+        _state: state,
+    }
+}
+
+fn deploy_req(image: &str) -> DeployRequest {
+    DeployRequest {
+        image: image.into(),
+        tenant: None,
+        env: BTreeMap::new(),
+        concurrency: None,
+        min_scale: None,
+        max_scale: None,
+        port: None,
+        ready_timeout_s: None,
+        idle_timeout_s: None,
+    }
+}
+
+fn hello_image(dir: &Path, entrypoint: &[&str]) -> BuiltImage {
+    images::write_example(dir).unwrap();
+    let mut spec: BuildSpec = images::example_spec(dir);
+    spec.entrypoint = entrypoint.iter().map(|s| s.to_string()).collect();
+    build_image(&spec).unwrap()
+}
+
+async fn invoke(env: &Env, name: &str, path: &str, body: &str) -> Invocation {
+    env.admin
+        .invoke(name, "POST", path, body.as_bytes().to_vec(), &BTreeMap::new())
+        .await
+        .unwrap()
+}
+
+fn text(r: &Invocation) -> String {
+    String::from_utf8_lossy(&r.body).into_owned()
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Every sandbox the node still has must be an unassigned pool member.
+async fn assert_no_assigned_sandboxes(env: &Env) {
+    for _ in 0..100 {
+        let sbs = env.admin.sandboxes().await.unwrap();
+        if sbs.iter().all(|s| s["function"].is_null()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("assigned sandboxes remain: {:?}", env.admin.sandboxes().await.unwrap());
+}
+
+async fn stop_and_check_clean(env: Env) {
+    let sbs = env.admin.sandboxes().await.unwrap();
+    let pids: Vec<u32> = sbs
+        .iter()
+        .flat_map(|s| s["pids"].as_array().cloned().unwrap_or_default())
+        .filter_map(|p| p.as_u64().map(|p| p as u32))
+        .collect();
+    let ids: Vec<String> = sbs.iter().map(|s| s["id"].as_str().unwrap().to_string()).collect();
+    env.platform.stop().await.unwrap();
+    for p in pids {
+        assert!(!pid_alive(p), "sandbox process {p} survived shutdown");
+    }
+    for id in ids {
+        assert!(
+            !Path::new(&format!("/sys/fs/cgroup/memory/veil/{id}")).exists()
+                && !Path::new(&format!("/sys/fs/cgroup/veil/{id}")).exists(),
+            "cgroup of sandbox {id} survived shutdown"
+        );
+    }
+}
+
+/// Build the example image, copy it into a real registry with skopeo, deploy, invoke cold and
+/// warm, delete, and check that nothing is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_image_pushed_by_skopeo_runs_cold_and_warm() {
+    let reg = TestRegistry::start().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let image = hello_image(&tmp.path().join("ctx"), &["/hello"]);
+    let layout_dir = tmp.path().join("layout");
+    let layout = veil_image::layout::OciLayout::create(&layout_dir).unwrap();
+    layout.write_image(&image, "v1").unwrap();
+    let dest = format!("docker://{}/e2e/hello:v1", reg.host());
+    skopeo(&["copy", "--dest-tls-verify=false", &format!("oci:{}:v1", layout_dir.display()), &dest]).unwrap();
+
+    let env = up().await;
+    let st = env
+        .admin
+        .deploy("hello", &deploy_req(&format!("{}/e2e/hello:v1", reg.host())))
+        .await
+        .unwrap();
+    assert_eq!(st.record.image.manifest_digest, image.manifest.digest.to_string());
+
+    let cold = invoke(&env, "hello", "/greet?x=1", "cold body").await;
+    assert_eq!(cold.status, 200, "{}", text(&cold));
+    assert_eq!(text(&cold), "Hello from veil! POST /greet?x=1 (9 bytes): cold body\n");
+    assert!(cold.headers.contains_key("x-veil-cold-start"), "{:?}", cold.headers);
+    let instance = cold.headers["x-veil-instance"].to_str().unwrap().to_string();
+
+    let warm = invoke(&env, "hello", "/", "warm").await;
+    assert_eq!(warm.status, 200);
+    assert_eq!(text(&warm), "Hello from veil! POST / (4 bytes): warm\n");
+    assert!(!warm.headers.contains_key("x-veil-cold-start"));
+    assert_eq!(warm.headers["x-veil-instance"].to_str().unwrap(), instance);
+
+    // Host-header routing reaches the same function.
+    let via_host = reqwest::Client::new()
+        .get(format!("{}/anything", env.platform.url()))
+        .header("host", "hello.veil.localhost")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(via_host.status(), 200);
+    assert!(via_host.text().await.unwrap().starts_with("Hello from veil! GET /anything"));
+
+    // The function's output reached the node's log.
+    let logs = env.admin.logs("hello", 50).await.unwrap();
+    assert!(logs.iter().any(|l| l["text"].as_str().unwrap_or("").contains("hello: listening")), "{logs:?}");
+
+    let before: Vec<u32> = env
+        .admin
+        .sandboxes()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|s| s["id"] == instance.as_str())
+        .flat_map(|s| s["pids"].as_array().cloned().unwrap_or_default())
+        .filter_map(|p| p.as_u64().map(|p| p as u32))
+        .collect();
+    assert!(before.len() >= 2, "expected agent and function processes, got {before:?}");
+    env.admin.delete("hello").await.unwrap();
+    assert_no_assigned_sandboxes(&env).await;
+    for p in before {
+        assert!(!pid_alive(p), "process {p} of the deleted function is still alive");
+    }
+    let gone = invoke(&env, "hello", "/", "").await;
+    assert_eq!(gone.status, 404);
+    stop_and_check_clean(env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_function_is_404_with_a_clear_message() {
+    let env = up().await;
+    let r = invoke(&env, "nope", "/", "").await;
+    assert_eq!(r.status, 404);
+    assert!(text(&r).contains("function \\\"nope\\\" is not deployed"), "{}", text(&r));
+    stop_and_check_clean(env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_references_that_do_not_resolve_are_refused_at_deploy() {
+    let reg = TestRegistry::start().unwrap();
+    let env = up().await;
+    let cases = [
+        (format!("{}/missing/image:v1", reg.host()), "MANIFEST_UNKNOWN"),
+        ("local/never-pushed:v1".to_string(), "in the local image store"),
+        ("Not A Reference".to_string(), "invalid image reference"),
+        ("127.0.0.1:1/refused:v1".to_string(), "registry error"),
+    ];
+    for (image, expect) in cases {
+        let e = env.admin.deploy("bad", &deploy_req(&image)).await.unwrap_err().to_string();
+        assert!(e.contains(expect), "deploying {image}: {e}");
+    }
+    assert!(env.admin.list().await.unwrap().is_empty(), "a failed deploy left a function behind");
+    stop_and_check_clean(env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_deploy_requests_are_400() {
+    let env = up().await;
+    let http = reqwest::Client::new();
+    for (name, body, expect) in [
+        ("Bad_Name", r#"{"image":"local/x:v1"}"#, "BAD_NAME"),
+        ("ok", r#"{"image":"local/x:v1","concurrency":0}"#, "concurrency"),
+        ("ok", r#"{"image":"local/x:v1","min_scale":5,"max_scale":2}"#, "min_scale"),
+        ("ok", r#"{"image":"local/x:v1","env":{"PORT":"1"}}"#, "PORT"),
+        ("ok", r#"{"image":"local/x:v1","surprise":true}"#, "unknown field"),
+        ("ok", r#"not json"#, "malformed"),
+    ] {
+        let r = http
+            .put(format!("{}/v1/functions/{name}", env.platform.url()))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{body}");
+        let t = r.text().await.unwrap();
+        assert!(t.contains(expect), "{body}: {t}");
+    }
+    stop_and_check_clean(env).await;
+}
+
+/// A registry that serves a layer whose bytes do not match its digest: the node refuses to
+/// cache it, the caller gets a clear error, and no sandbox remains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_blob_is_refused() {
+    let reg = TestRegistry::start().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let image = hello_image(&tmp.path().join("ctx"), &["/hello"]);
+    let client = images::registry_client(&[]).unwrap();
+    let target: Reference = format!("{}/e2e/tampered:v1", reg.host()).parse().unwrap();
+    images::push(&client, &image, &target).await.unwrap();
+    let layer = &image.layers[0];
+    let data_path = reg.blob_data_path(layer.digest.as_str());
+    let mut bytes = std::fs::read(&data_path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&data_path, bytes).unwrap();
+
+    let env = up().await;
+    env.admin.deploy("tampered", &deploy_req(&target.to_string())).await.unwrap();
+    let r = invoke(&env, "tampered", "/", "").await;
+    assert_eq!(r.status, 502, "{}", text(&r));
+    let t = text(&r);
+    assert!(t.contains("COLD_START_FAILED") && t.contains("tampered") && t.contains(layer.digest.as_str()), "{t}");
+    assert!(!env.platform.gateway.node().cache().store().contains(&layer.digest));
+    assert_no_assigned_sandboxes(&env).await;
+    stop_and_check_clean(env).await;
+}
+
+fn hostile_layer(name: &[u8]) -> Blob {
+    let mut data = Vec::new();
+    {
+        let gz = flate2::write::GzEncoder::new(&mut data, flate2::Compression::fast());
+        let mut b = tar::Builder::new(gz);
+        let mut h = tar::Header::new_old();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name);
+        h.set_size(5);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        b.append(&h, &b"owned"[..]).unwrap();
+        b.into_inner().unwrap().finish().unwrap();
+    }
+    Blob::new(OCI_LAYER_TAR_GZIP, data)
+}
+
+/// A layer with an entry that would escape the root is refused inside the sandbox; the error
+/// names the image, the layer digest and the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tar_entry_escaping_the_root_is_refused() {
+    let reg = TestRegistry::start().unwrap();
+    let layer = hostile_layer(b"../../escaped");
+    let digest = layer.digest.clone();
+    let run = RunConfig {
+        entrypoint: vec!["/hello".into()],
+        ..RunConfig::default()
+    };
+    let image = assemble_image(vec![layer], &run).unwrap();
+    let client = images::registry_client(&[]).unwrap();
+    let target: Reference = format!("{}/e2e/hostile:v1", reg.host()).parse().unwrap();
+    images::push(&client, &image, &target).await.unwrap();
+
+    let env = up().await;
+    env.admin.deploy("hostile", &deploy_req(&target.to_string())).await.unwrap();
+    let r = invoke(&env, "hostile", "/", "").await;
+    assert_eq!(r.status, 502, "{}", text(&r));
+    let t = text(&r);
+    assert!(t.contains("IMAGE_PULL") && t.contains(digest.as_str()) && t.contains(".."), "{t}");
+    assert!(t.contains("e2e/hostile:v1"), "{t}");
+    assert_no_assigned_sandboxes(&env).await;
+    stop_and_check_clean(env).await;
+}
+
+/// Push to veil's own local store (no external registry), as the demo does.
+async fn push_local(env: &Env, repo_tag: &str, entrypoint: &[&str]) -> String {
+    let tmp = tempfile::tempdir().unwrap();
+    let image = hello_image(&tmp.path().join("ctx"), entrypoint);
+    let reference: Reference = format!("local/{repo_tag}").parse().unwrap();
+    let client = images::registry_client(&[]).unwrap();
+    let target = images::push_target(&reference, &env.platform.url()).unwrap();
+    images::push(&client, &image, &target).await.unwrap();
+    reference.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn function_that_crashes_on_start_gives_a_clear_error() {
+    let env = up().await;
+    let image = push_local(&env, "crash:v1", &["/hello", "--exit", "3"]).await;
+    env.admin.deploy("crash", &deploy_req(&image)).await.unwrap();
+    let r = invoke(&env, "crash", "/", "").await;
+    assert_eq!(r.status, 502, "{}", text(&r));
+    assert!(text(&r).contains("FUNCTION_EXITED") && text(&r).contains("exit code 3"), "{}", text(&r));
+    let st = env.admin.list().await.unwrap();
+    assert!(st[0].last_error.as_deref().unwrap_or("").contains("exit code 3"));
+    assert_no_assigned_sandboxes(&env).await;
+    stop_and_check_clean(env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn function_that_never_listens_times_out_clearly() {
+    let env = up().await;
+    let image = push_local(&env, "mute:v1", &["/hello", "--never-listen"]).await;
+    let mut req = deploy_req(&image);
+    req.ready_timeout_s = Some(1);
+    env.admin.deploy("mute", &req).await.unwrap();
+    let r = invoke(&env, "mute", "/", "").await;
+    assert_eq!(r.status, 502, "{}", text(&r));
+    assert!(text(&r).contains("FUNCTION_NOT_READY") && text(&r).contains("did not listen on port 8080"), "{}", text(&r));
+    assert_no_assigned_sandboxes(&env).await;
+    stop_and_check_clean(env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_waits_too_long_for_a_cold_start_gets_503() {
+    let env = up_with(|o| o.cold_start_timeout = Duration::from_millis(500)).await;
+    let image = push_local(&env, "slow:v1", &["/hello", "--never-listen"]).await;
+    env.admin.deploy("slow", &deploy_req(&image)).await.unwrap();
+    let r = invoke(&env, "slow", "/", "").await;
+    assert_eq!(r.status, 503, "{}", text(&r));
+    assert!(text(&r).contains("COLD_START_TIMEOUT"), "{}", text(&r));
+    assert_eq!(r.headers["retry-after"], "1");
+    env.admin.delete("slow").await.unwrap();
+    assert_no_assigned_sandboxes(&env).await;
+    stop_and_check_clean(env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_is_refused_with_503_instead_of_hanging() {
+    let env = up_with(|o| {
+        o.max_queue = 2;
+        o.cold_start_timeout = Duration::from_secs(3);
+    })
+    .await;
+    let image = push_local(&env, "q:v1", &["/hello", "--never-listen"]).await;
+    env.admin.deploy("q", &deploy_req(&image)).await.unwrap();
+    let calls = (0..6).map(|_| {
+        let admin = env.admin.clone();
+        async move { admin.invoke("q", "GET", "/", Vec::new(), &BTreeMap::new()).await.unwrap() }
+    });
+    let results = futures::future::join_all(calls).await;
+    let full = results.iter().filter(|r| r.status == 503 && text(r).contains("QUEUE_FULL")).count();
+    let timed_out = results.iter().filter(|r| r.status == 503 && text(r).contains("COLD_START_TIMEOUT")).count();
+    assert_eq!(full + timed_out, 6, "{:?}", results.iter().map(text).collect::<Vec<_>>());
+    assert!(full >= 1 && timed_out <= 2, "full={full} timed_out={timed_out}");
+    env.admin.delete("q").await.unwrap();
+    stop_and_check_clean(env).await;
+}
+
+/// When a running function exits, the node notices, the instance is dropped, and the next
+/// request cold-starts a fresh sandbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_that_dies_is_replaced() {
+    let env = up().await;
+    let image = push_local(&env, "mortal:v1", &["/hello"]).await;
+    env.admin.deploy("mortal", &deploy_req(&image)).await.unwrap();
+    let first = invoke(&env, "mortal", "/crash", "").await;
+    assert_eq!(first.status, 200);
+    let id1 = first.headers["x-veil-instance"].to_str().unwrap().to_string();
+    for _ in 0..100 {
+        if env.admin.list().await.unwrap()[0].instances.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(env.admin.list().await.unwrap()[0].instances.is_empty(), "dead instance still listed");
+    let second = invoke(&env, "mortal", "/", "").await;
+    assert_eq!(second.status, 200, "{}", text(&second));
+    assert_ne!(second.headers["x-veil-instance"].to_str().unwrap(), id1);
+    let logs = env.admin.logs("mortal", 100).await.unwrap();
+    assert!(logs.iter().any(|l| l["text"].as_str().unwrap_or("").contains("crashing as asked")), "{logs:?}");
+    env.admin.delete("mortal").await.unwrap();
+    stop_and_check_clean(env).await;
+}
+
+/// What the function sees from inside: no capabilities, no new privileges, seccomp on, its own
+/// hostname, only loopback, only the sandbox's processes, no host files, read-only /proc/sys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_function_runs_isolated() {
+    let env = up().await;
+    let image = push_local(&env, "probe:v1", &["/hello"]).await;
+    env.admin.deploy("probe", &deploy_req(&image)).await.unwrap();
+    let r = invoke(&env, "probe", "/whoami", "").await;
+    assert_eq!(r.status, 200);
+    let facts: BTreeMap<String, String> = text(&r)
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect();
+    let get = |k: &str| facts.get(k).cloned().unwrap_or_default();
+    assert_eq!(get("Uid"), "65534", "{facts:?}");
+    assert_eq!(get("Gid"), "65534");
+    assert_eq!(get("CapEff"), "0000000000000000");
+    assert_eq!(get("CapPrm"), "0000000000000000");
+    assert_eq!(get("CapBnd"), "0000000000000000");
+    assert_eq!(get("NoNewPrivs"), "1");
+    assert_eq!(get("Seccomp"), "2");
+    assert!(get("hostname").starts_with("veil-"), "{facts:?}");
+    assert_eq!(get("interfaces"), "lo");
+    assert_eq!(get("can_write_proc_sys"), "false");
+    // Agent (PID 1) and the function only.
+    assert_eq!(get("visible_processes"), "2", "{facts:?}");
+    assert_eq!(get("root"), "dev,hello,proc,tmp");
+    let id = r.headers["x-veil-instance"].to_str().unwrap().to_string();
+    // The host side: the sandbox has its own cgroup with the configured memory limit.
+    let v1 = format!("/sys/fs/cgroup/memory/veil/{id}/memory.limit_in_bytes");
+    let v2 = format!("/sys/fs/cgroup/veil/{id}/memory.max");
+    let limit = std::fs::read_to_string(&v1).or_else(|_| std::fs::read_to_string(&v2)).unwrap();
+    assert_eq!(limit.trim(), (512u64 << 20).to_string());
+    env.admin.delete("probe").await.unwrap();
+    stop_and_check_clean(env).await;
+}
