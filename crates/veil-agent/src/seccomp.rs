@@ -69,7 +69,7 @@ fn compile(deny: &[&[libc::c_long]]) -> Result<BpfProgram, seccompiler::Error> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for list in deny {
         for &nr in *list {
-            rules.insert(i64::from(nr), Vec::new());
+            rules.insert(nr, Vec::new());
         }
     }
     let filter = SeccompFilter::new(

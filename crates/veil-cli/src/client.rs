@@ -51,7 +51,10 @@ impl AdminClient {
     }
 
     fn unreachable(&self, e: reqwest::Error) -> anyhow::Error {
-        anyhow::anyhow!("cannot reach veil at {} (is `veil up` running?): {e}", self.base)
+        anyhow::anyhow!(
+            "cannot reach veil at {} (is `veil up` running?): {e}",
+            self.base
+        )
     }
 
     /// Deploy (create or update) a function.
@@ -68,7 +71,12 @@ impl AdminClient {
 
     /// List functions.
     pub async fn list(&self) -> Result<Vec<FunctionStatus>> {
-        let r = self.http.get(self.url("/v1/functions")).send().await.map_err(|e| self.unreachable(e))?;
+        let r = self
+            .http
+            .get(self.url("/v1/functions"))
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
         Ok(check(r).await?.json().await?)
     }
 
@@ -97,7 +105,12 @@ impl AdminClient {
 
     /// Sandboxes on the node.
     pub async fn sandboxes(&self) -> Result<Vec<serde_json::Value>> {
-        let r = self.http.get(self.url("/v1/sandboxes")).send().await.map_err(|e| self.unreachable(e))?;
+        let r = self
+            .http
+            .get(self.url("/v1/sandboxes"))
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
         Ok(check(r).await?.json().await?)
     }
 
@@ -112,7 +125,10 @@ impl AdminClient {
     ) -> Result<Invocation> {
         let method = reqwest::Method::from_bytes(method.as_bytes()).context("HTTP method")?;
         let path = path.trim_start_matches('/');
-        let mut rb = self.http.request(method, self.url(&format!("/f/{name}/{path}"))).body(body);
+        let mut rb = self
+            .http
+            .request(method, self.url(&format!("/f/{name}/{path}")))
+            .body(body);
         for (k, v) in headers {
             rb = rb.header(k, v);
         }

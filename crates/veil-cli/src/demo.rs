@@ -26,7 +26,10 @@ pub async fn run(state_dir: Option<std::path::PathBuf>) -> Result<()> {
 }
 
 async fn steps(p: &Platform, tmp: &std::path::Path) -> Result<()> {
-    println!("veil demo: gateway, node and namespace sandboxes on {}", p.url());
+    println!(
+        "veil demo: gateway, node and namespace sandboxes on {}",
+        p.url()
+    );
     let ctx = tmp.join("hello");
     images::write_example(&ctx)?;
     let image = veil_image::build::build_image(&images::example_spec(&ctx))?;
@@ -35,7 +38,11 @@ async fn steps(p: &Platform, tmp: &std::path::Path) -> Result<()> {
     let target = images::push_target(&reference, &p.url())?;
     let digest = images::push(&client, &image, &target).await?;
     let size: usize = image.layers.iter().map(|l| l.data.len()).sum();
-    println!("built and pushed {reference} ({digest}, {} layer, {} KiB)", image.layers.len(), size / 1024);
+    println!(
+        "built and pushed {reference} ({digest}, {} layer, {} KiB)",
+        image.layers.len(),
+        size / 1024
+    );
 
     let admin = AdminClient::new(&p.url())?;
     let st = admin
@@ -55,25 +62,48 @@ async fn steps(p: &Platform, tmp: &std::path::Path) -> Result<()> {
         )
         .await
         .context("deploy")?;
-    println!("deployed function hello -> {}", st.record.image.manifest_digest);
+    println!(
+        "deployed function hello -> {}",
+        st.record.image.manifest_digest
+    );
 
     for (label, data) in [("cold", "hello, veil"), ("warm", "hello again")] {
         let t = Instant::now();
         let r = admin
-            .invoke("hello", "POST", "/", data.as_bytes().to_vec(), &BTreeMap::new())
+            .invoke(
+                "hello",
+                "POST",
+                "/",
+                data.as_bytes().to_vec(),
+                &BTreeMap::new(),
+            )
             .await?;
         let ms = t.elapsed().as_secs_f64() * 1000.0;
         if r.status != 200 {
-            bail!("{label} invoke failed: HTTP {}: {}", r.status, String::from_utf8_lossy(&r.body));
+            bail!(
+                "{label} invoke failed: HTTP {}: {}",
+                r.status,
+                String::from_utf8_lossy(&r.body)
+            );
         }
-        println!("{label} start: {ms:8.1} ms  {}", String::from_utf8_lossy(&r.body).trim_end());
-        if let Some(b) = r.headers.get("x-veil-cold-start").and_then(|v| v.to_str().ok()) {
+        println!(
+            "{label} start: {ms:8.1} ms  {}",
+            String::from_utf8_lossy(&r.body).trim_end()
+        );
+        if let Some(b) = r
+            .headers
+            .get("x-veil-cold-start")
+            .and_then(|v| v.to_str().ok())
+        {
             println!("    cold-start phases (ms): {}", b.replace(';', ", "));
         }
     }
     admin.delete("hello").await?;
     let left = admin.sandboxes().await?;
     let assigned = left.iter().filter(|s| !s["function"].is_null()).count();
-    println!("deleted hello; {assigned} assigned sandboxes left, {} pre-booted idle", left.len() - assigned);
+    println!(
+        "deleted hello; {assigned} assigned sandboxes left, {} pre-booted idle",
+        left.len() - assigned
+    );
     Ok(())
 }

@@ -58,7 +58,11 @@ pub fn registry_client(extra_insecure: &[String]) -> Result<RegistryClient> {
 }
 
 /// Push a built image to `target` (already mapped by [`push_target`]).
-pub async fn push(client: &RegistryClient, image: &BuiltImage, target: &Reference) -> Result<Digest> {
+pub async fn push(
+    client: &RegistryClient,
+    image: &BuiltImage,
+    target: &Reference,
+) -> Result<Digest> {
     for blob in image.layers.iter().chain(std::iter::once(&image.config)) {
         client
             .push_blob(target, &blob.digest, Bytes::from(blob.data.clone()))
@@ -66,7 +70,11 @@ pub async fn push(client: &RegistryClient, image: &BuiltImage, target: &Referenc
             .with_context(|| format!("push blob {} to {target}", blob.digest))?;
     }
     let d = client
-        .push_manifest(target, &image.manifest.media_type, Bytes::from(image.manifest.data.clone()))
+        .push_manifest(
+            target,
+            &image.manifest.media_type,
+            Bytes::from(image.manifest.data.clone()),
+        )
         .await
         .with_context(|| format!("push manifest to {target}"))?;
     Ok(d)
@@ -79,7 +87,10 @@ pub fn read_layout(dir: &Path, tag: &str) -> Result<BuiltImage> {
     let mbytes = layout.read_blob(&desc.digest)?;
     let m = match manifest::parse_manifest(&mbytes, Some(&desc.media_type))? {
         Manifest::Image(m) => m,
-        Manifest::Index(_) => bail!("{}:{tag} is an index; push a single-platform image", dir.display()),
+        Manifest::Index(_) => bail!(
+            "{}:{tag} is an index; push a single-platform image",
+            dir.display()
+        ),
     };
     let blob = |d: &veil_image::manifest::Descriptor| -> Result<veil_image::build::Blob> {
         Ok(veil_image::build::Blob {
@@ -106,12 +117,31 @@ pub async fn inspect(client: &RegistryClient, target: &Reference) -> Result<Stri
     use std::fmt::Write;
     let _ = writeln!(out, "image:     {target}");
     let _ = writeln!(out, "resolved:  {}", resolved.top_digest);
-    let _ = writeln!(out, "manifest:  {} ({})", resolved.manifest.digest, resolved.manifest.media_type);
-    if let Manifest::Image(m) = manifest::parse_manifest(&resolved.manifest.bytes, Some(&resolved.manifest.media_type))? {
-        let _ = writeln!(out, "config:    {} ({} bytes)", m.config.digest, m.config.size);
+    let _ = writeln!(
+        out,
+        "manifest:  {} ({})",
+        resolved.manifest.digest, resolved.manifest.media_type
+    );
+    if let Manifest::Image(m) = manifest::parse_manifest(
+        &resolved.manifest.bytes,
+        Some(&resolved.manifest.media_type),
+    )? {
+        let _ = writeln!(
+            out,
+            "config:    {} ({} bytes)",
+            m.config.digest, m.config.size
+        );
         for (i, l) in m.layers.iter().enumerate() {
-            let enc = if l.media_type.ends_with("+encrypted") { "encrypted" } else { "plain" };
-            let _ = writeln!(out, "layer {i}:   {} {} bytes {} [{enc}]", l.digest, l.size, l.media_type);
+            let enc = if l.media_type.ends_with("+encrypted") {
+                "encrypted"
+            } else {
+                "plain"
+            };
+            let _ = writeln!(
+                out,
+                "layer {i}:   {} {} bytes {} [{enc}]",
+                l.digest, l.size, l.media_type
+            );
         }
     }
     Ok(out)

@@ -14,7 +14,12 @@ use veil_image::Reference;
 #[command(name = "veil", version, about = "Serverless confidential functions")]
 struct Cli {
     /// Address of a running veil (`veil up`).
-    #[arg(long, global = true, env = "VEIL_SERVER", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "VEIL_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
     server: String,
     #[command(subcommand)]
     cmd: Cmd,
@@ -160,8 +165,9 @@ enum ImageCmd {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("VEIL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,veil_gateway=info,veil_node=info,veil_cli=info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VEIL_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("warn,veil_gateway=info,veil_node=info,veil_cli=info")
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -195,7 +201,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     let admin = || AdminClient::new(&cli.server);
     match cli.cmd {
         Cmd::Up(a) => {
-            let mut opts = UpOptions::defaults(a.state_dir.unwrap_or_else(veil_cli::default_state_dir));
+            let mut opts =
+                UpOptions::defaults(a.state_dir.unwrap_or_else(veil_cli::default_state_dir));
             opts.listen = a.listen;
             opts.pool_size = a.pool_size;
             opts.insecure_registries = a.insecure_registries;
@@ -204,7 +211,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
             let p = Platform::start(opts).await?;
             println!("veil is up at {} (Ctrl-C to stop)", p.url());
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
@@ -230,16 +238,35 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     },
                 )
                 .await?;
-            println!("deployed {} (revision {}) -> {}", st.record.name, st.record.revision, st.record.image.manifest_digest);
+            println!(
+                "deployed {} (revision {}) -> {}",
+                st.record.name, st.record.revision, st.record.image.manifest_digest
+            );
         }
-        Cmd::Invoke { name, data, path, method, verbose } => {
+        Cmd::Invoke {
+            name,
+            data,
+            path,
+            method,
+            verbose,
+        } => {
             let body = match &data {
-                Some(d) if d.starts_with('@') => std::fs::read(&d[1..]).with_context(|| format!("read {}", &d[1..]))?,
+                Some(d) if d.starts_with('@') => {
+                    std::fs::read(&d[1..]).with_context(|| format!("read {}", &d[1..]))?
+                }
                 Some(d) => d.clone().into_bytes(),
                 None => Vec::new(),
             };
-            let method = method.unwrap_or_else(|| if data.is_some() { "POST".into() } else { "GET".into() });
-            let r = admin()?.invoke(&name, &method, &path, body, &BTreeMap::new()).await?;
+            let method = method.unwrap_or_else(|| {
+                if data.is_some() {
+                    "POST".into()
+                } else {
+                    "GET".into()
+                }
+            });
+            let r = admin()?
+                .invoke(&name, &method, &path, body, &BTreeMap::new())
+                .await?;
             if verbose {
                 eprintln!("HTTP {}", r.status);
                 for (k, v) in &r.headers {
@@ -255,7 +282,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Ls => {
             let fns = admin()?.list().await?;
-            println!("{:<20} {:<10} {:>9} {:>8}  IMAGE", "NAME", "TENANT", "INSTANCES", "REV");
+            println!(
+                "{:<20} {:<10} {:>9} {:>8}  IMAGE",
+                "NAME", "TENANT", "INSTANCES", "REV"
+            );
             for f in fns {
                 println!(
                     "{:<20} {:<10} {:>9} {:>8}  {} ({})",
@@ -270,7 +300,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Logs { name, tail } => {
             for l in admin()?.logs(&name, tail).await? {
-                println!("{} {}", l["sandbox"].as_str().unwrap_or("-"), l["text"].as_str().unwrap_or(""));
+                println!(
+                    "{} {}",
+                    l["sandbox"].as_str().unwrap_or("-"),
+                    l["text"].as_str().unwrap_or("")
+                );
             }
         }
         Cmd::Delete { name } => {
@@ -284,7 +318,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 
 async fn image_cmd(ic: ImageCmd, server: &str) -> Result<()> {
     match ic {
-        ImageCmd::Build { dir, tag, entrypoint, cmd, env, workdir, user, oci_layout } => {
+        ImageCmd::Build {
+            dir,
+            tag,
+            entrypoint,
+            cmd,
+            env,
+            workdir,
+            user,
+            oci_layout,
+        } => {
             if !dir.is_dir() {
                 bail!("{} is not a directory", dir.display());
             }
@@ -314,7 +357,9 @@ async fn image_cmd(ic: ImageCmd, server: &str) -> Result<()> {
             }
         }
         ImageCmd::Push { source, reference } => {
-            let (dir, tag) = source.rsplit_once(':').unwrap_or((source.as_str(), "latest"));
+            let (dir, tag) = source
+                .rsplit_once(':')
+                .unwrap_or((source.as_str(), "latest"));
             let image = images::read_layout(std::path::Path::new(dir), tag)?;
             let reference: Reference = reference.parse()?;
             let client = images::registry_client(&[])?;

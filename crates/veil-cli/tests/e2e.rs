@@ -63,7 +63,13 @@ fn hello_image(dir: &Path, entrypoint: &[&str]) -> BuiltImage {
 
 async fn invoke(env: &Env, name: &str, path: &str, body: &str) -> Invocation {
     env.admin
-        .invoke(name, "POST", path, body.as_bytes().to_vec(), &BTreeMap::new())
+        .invoke(
+            name,
+            "POST",
+            path,
+            body.as_bytes().to_vec(),
+            &BTreeMap::new(),
+        )
         .await
         .unwrap()
 }
@@ -85,7 +91,10 @@ async fn assert_no_assigned_sandboxes(env: &Env) {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("assigned sandboxes remain: {:?}", env.admin.sandboxes().await.unwrap());
+    panic!(
+        "assigned sandboxes remain: {:?}",
+        env.admin.sandboxes().await.unwrap()
+    );
 }
 
 async fn stop_and_check_clean(env: Env) {
@@ -95,7 +104,10 @@ async fn stop_and_check_clean(env: Env) {
         .flat_map(|s| s["pids"].as_array().cloned().unwrap_or_default())
         .filter_map(|p| p.as_u64().map(|p| p as u32))
         .collect();
-    let ids: Vec<String> = sbs.iter().map(|s| s["id"].as_str().unwrap().to_string()).collect();
+    let ids: Vec<String> = sbs
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
     env.platform.stop().await.unwrap();
     for p in pids {
         assert!(!pid_alive(p), "sandbox process {p} survived shutdown");
@@ -120,21 +132,43 @@ async fn registry_image_pushed_by_skopeo_runs_cold_and_warm() {
     let layout = veil_image::layout::OciLayout::create(&layout_dir).unwrap();
     layout.write_image(&image, "v1").unwrap();
     let dest = format!("docker://{}/e2e/hello:v1", reg.host());
-    skopeo(&["copy", "--dest-tls-verify=false", &format!("oci:{}:v1", layout_dir.display()), &dest]).unwrap();
+    skopeo(&[
+        "copy",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:v1", layout_dir.display()),
+        &dest,
+    ])
+    .unwrap();
 
     let env = up().await;
     let st = env
         .admin
-        .deploy("hello", &deploy_req(&format!("{}/e2e/hello:v1", reg.host())))
+        .deploy(
+            "hello",
+            &deploy_req(&format!("{}/e2e/hello:v1", reg.host())),
+        )
         .await
         .unwrap();
-    assert_eq!(st.record.image.manifest_digest, image.manifest.digest.to_string());
+    assert_eq!(
+        st.record.image.manifest_digest,
+        image.manifest.digest.to_string()
+    );
 
     let cold = invoke(&env, "hello", "/greet?x=1", "cold body").await;
     assert_eq!(cold.status, 200, "{}", text(&cold));
-    assert_eq!(text(&cold), "Hello from veil! POST /greet?x=1 (9 bytes): cold body\n");
-    assert!(cold.headers.contains_key("x-veil-cold-start"), "{:?}", cold.headers);
-    let instance = cold.headers["x-veil-instance"].to_str().unwrap().to_string();
+    assert_eq!(
+        text(&cold),
+        "Hello from veil! POST /greet?x=1 (9 bytes): cold body\n"
+    );
+    assert!(
+        cold.headers.contains_key("x-veil-cold-start"),
+        "{:?}",
+        cold.headers
+    );
+    let instance = cold.headers["x-veil-instance"]
+        .to_str()
+        .unwrap()
+        .to_string();
 
     let warm = invoke(&env, "hello", "/", "warm").await;
     assert_eq!(warm.status, 200);
@@ -150,11 +184,21 @@ async fn registry_image_pushed_by_skopeo_runs_cold_and_warm() {
         .await
         .unwrap();
     assert_eq!(via_host.status(), 200);
-    assert!(via_host.text().await.unwrap().starts_with("Hello from veil! GET /anything"));
+    assert!(via_host
+        .text()
+        .await
+        .unwrap()
+        .starts_with("Hello from veil! GET /anything"));
 
     // The function's output reached the node's log.
     let logs = env.admin.logs("hello", 50).await.unwrap();
-    assert!(logs.iter().any(|l| l["text"].as_str().unwrap_or("").contains("hello: listening")), "{logs:?}");
+    assert!(
+        logs.iter().any(|l| l["text"]
+            .as_str()
+            .unwrap_or("")
+            .contains("hello: listening")),
+        "{logs:?}"
+    );
 
     let before: Vec<u32> = env
         .admin
@@ -166,11 +210,17 @@ async fn registry_image_pushed_by_skopeo_runs_cold_and_warm() {
         .flat_map(|s| s["pids"].as_array().cloned().unwrap_or_default())
         .filter_map(|p| p.as_u64().map(|p| p as u32))
         .collect();
-    assert!(before.len() >= 2, "expected agent and function processes, got {before:?}");
+    assert!(
+        before.len() >= 2,
+        "expected agent and function processes, got {before:?}"
+    );
     env.admin.delete("hello").await.unwrap();
     assert_no_assigned_sandboxes(&env).await;
     for p in before {
-        assert!(!pid_alive(p), "process {p} of the deleted function is still alive");
+        assert!(
+            !pid_alive(p),
+            "process {p} of the deleted function is still alive"
+        );
     }
     let gone = invoke(&env, "hello", "/", "").await;
     assert_eq!(gone.status, 404);
@@ -182,7 +232,11 @@ async fn unknown_function_is_404_with_a_clear_message() {
     let env = up().await;
     let r = invoke(&env, "nope", "/", "").await;
     assert_eq!(r.status, 404);
-    assert!(text(&r).contains("function \\\"nope\\\" is not deployed"), "{}", text(&r));
+    assert!(
+        text(&r).contains("function \\\"nope\\\" is not deployed"),
+        "{}",
+        text(&r)
+    );
     stop_and_check_clean(env).await;
 }
 
@@ -191,16 +245,30 @@ async fn image_references_that_do_not_resolve_are_refused_at_deploy() {
     let reg = TestRegistry::start().unwrap();
     let env = up().await;
     let cases = [
-        (format!("{}/missing/image:v1", reg.host()), "MANIFEST_UNKNOWN"),
-        ("local/never-pushed:v1".to_string(), "in the local image store"),
+        (
+            format!("{}/missing/image:v1", reg.host()),
+            "MANIFEST_UNKNOWN",
+        ),
+        (
+            "local/never-pushed:v1".to_string(),
+            "in the local image store",
+        ),
         ("Not A Reference".to_string(), "invalid image reference"),
         ("127.0.0.1:1/refused:v1".to_string(), "registry error"),
     ];
     for (image, expect) in cases {
-        let e = env.admin.deploy("bad", &deploy_req(&image)).await.unwrap_err().to_string();
+        let e = env
+            .admin
+            .deploy("bad", &deploy_req(&image))
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(expect), "deploying {image}: {e}");
     }
-    assert!(env.admin.list().await.unwrap().is_empty(), "a failed deploy left a function behind");
+    assert!(
+        env.admin.list().await.unwrap().is_empty(),
+        "a failed deploy left a function behind"
+    );
     stop_and_check_clean(env).await;
 }
 
@@ -210,10 +278,22 @@ async fn bad_deploy_requests_are_400() {
     let http = reqwest::Client::new();
     for (name, body, expect) in [
         ("Bad_Name", r#"{"image":"local/x:v1"}"#, "BAD_NAME"),
-        ("ok", r#"{"image":"local/x:v1","concurrency":0}"#, "concurrency"),
-        ("ok", r#"{"image":"local/x:v1","min_scale":5,"max_scale":2}"#, "min_scale"),
+        (
+            "ok",
+            r#"{"image":"local/x:v1","concurrency":0}"#,
+            "concurrency",
+        ),
+        (
+            "ok",
+            r#"{"image":"local/x:v1","min_scale":5,"max_scale":2}"#,
+            "min_scale",
+        ),
         ("ok", r#"{"image":"local/x:v1","env":{"PORT":"1"}}"#, "PORT"),
-        ("ok", r#"{"image":"local/x:v1","surprise":true}"#, "unknown field"),
+        (
+            "ok",
+            r#"{"image":"local/x:v1","surprise":true}"#,
+            "unknown field",
+        ),
         ("ok", r#"not json"#, "malformed"),
     ] {
         let r = http
@@ -247,12 +327,26 @@ async fn tampered_blob_is_refused() {
     std::fs::write(&data_path, bytes).unwrap();
 
     let env = up().await;
-    env.admin.deploy("tampered", &deploy_req(&target.to_string())).await.unwrap();
+    env.admin
+        .deploy("tampered", &deploy_req(&target.to_string()))
+        .await
+        .unwrap();
     let r = invoke(&env, "tampered", "/", "").await;
     assert_eq!(r.status, 502, "{}", text(&r));
     let t = text(&r);
-    assert!(t.contains("COLD_START_FAILED") && t.contains("tampered") && t.contains(layer.digest.as_str()), "{t}");
-    assert!(!env.platform.gateway.node().cache().store().contains(&layer.digest));
+    assert!(
+        t.contains("COLD_START_FAILED")
+            && t.contains("tampered")
+            && t.contains(layer.digest.as_str()),
+        "{t}"
+    );
+    assert!(!env
+        .platform
+        .gateway
+        .node()
+        .cache()
+        .store()
+        .contains(&layer.digest));
     assert_no_assigned_sandboxes(&env).await;
     stop_and_check_clean(env).await;
 }
@@ -291,11 +385,17 @@ async fn tar_entry_escaping_the_root_is_refused() {
     images::push(&client, &image, &target).await.unwrap();
 
     let env = up().await;
-    env.admin.deploy("hostile", &deploy_req(&target.to_string())).await.unwrap();
+    env.admin
+        .deploy("hostile", &deploy_req(&target.to_string()))
+        .await
+        .unwrap();
     let r = invoke(&env, "hostile", "/", "").await;
     assert_eq!(r.status, 502, "{}", text(&r));
     let t = text(&r);
-    assert!(t.contains("IMAGE_PULL") && t.contains(digest.as_str()) && t.contains(".."), "{t}");
+    assert!(
+        t.contains("IMAGE_PULL") && t.contains(digest.as_str()) && t.contains(".."),
+        "{t}"
+    );
     assert!(t.contains("e2e/hostile:v1"), "{t}");
     assert_no_assigned_sandboxes(&env).await;
     stop_and_check_clean(env).await;
@@ -316,12 +416,23 @@ async fn push_local(env: &Env, repo_tag: &str, entrypoint: &[&str]) -> String {
 async fn function_that_crashes_on_start_gives_a_clear_error() {
     let env = up().await;
     let image = push_local(&env, "crash:v1", &["/hello", "--exit", "3"]).await;
-    env.admin.deploy("crash", &deploy_req(&image)).await.unwrap();
+    env.admin
+        .deploy("crash", &deploy_req(&image))
+        .await
+        .unwrap();
     let r = invoke(&env, "crash", "/", "").await;
     assert_eq!(r.status, 502, "{}", text(&r));
-    assert!(text(&r).contains("FUNCTION_EXITED") && text(&r).contains("exit code 3"), "{}", text(&r));
+    assert!(
+        text(&r).contains("FUNCTION_EXITED") && text(&r).contains("exit code 3"),
+        "{}",
+        text(&r)
+    );
     let st = env.admin.list().await.unwrap();
-    assert!(st[0].last_error.as_deref().unwrap_or("").contains("exit code 3"));
+    assert!(st[0]
+        .last_error
+        .as_deref()
+        .unwrap_or("")
+        .contains("exit code 3"));
     assert_no_assigned_sandboxes(&env).await;
     stop_and_check_clean(env).await;
 }
@@ -335,7 +446,11 @@ async fn function_that_never_listens_times_out_clearly() {
     env.admin.deploy("mute", &req).await.unwrap();
     let r = invoke(&env, "mute", "/", "").await;
     assert_eq!(r.status, 502, "{}", text(&r));
-    assert!(text(&r).contains("FUNCTION_NOT_READY") && text(&r).contains("did not listen on port 8080"), "{}", text(&r));
+    assert!(
+        text(&r).contains("FUNCTION_NOT_READY") && text(&r).contains("did not listen on port 8080"),
+        "{}",
+        text(&r)
+    );
     assert_no_assigned_sandboxes(&env).await;
     stop_and_check_clean(env).await;
 }
@@ -365,13 +480,32 @@ async fn a_full_queue_is_refused_with_503_instead_of_hanging() {
     env.admin.deploy("q", &deploy_req(&image)).await.unwrap();
     let calls = (0..6).map(|_| {
         let admin = env.admin.clone();
-        async move { admin.invoke("q", "GET", "/", Vec::new(), &BTreeMap::new()).await.unwrap() }
+        async move {
+            admin
+                .invoke("q", "GET", "/", Vec::new(), &BTreeMap::new())
+                .await
+                .unwrap()
+        }
     });
     let results = futures::future::join_all(calls).await;
-    let full = results.iter().filter(|r| r.status == 503 && text(r).contains("QUEUE_FULL")).count();
-    let timed_out = results.iter().filter(|r| r.status == 503 && text(r).contains("COLD_START_TIMEOUT")).count();
-    assert_eq!(full + timed_out, 6, "{:?}", results.iter().map(text).collect::<Vec<_>>());
-    assert!(full >= 1 && timed_out <= 2, "full={full} timed_out={timed_out}");
+    let full = results
+        .iter()
+        .filter(|r| r.status == 503 && text(r).contains("QUEUE_FULL"))
+        .count();
+    let timed_out = results
+        .iter()
+        .filter(|r| r.status == 503 && text(r).contains("COLD_START_TIMEOUT"))
+        .count();
+    assert_eq!(
+        full + timed_out,
+        6,
+        "{:?}",
+        results.iter().map(text).collect::<Vec<_>>()
+    );
+    assert!(
+        full >= 1 && timed_out <= 2,
+        "full={full} timed_out={timed_out}"
+    );
     env.admin.delete("q").await.unwrap();
     stop_and_check_clean(env).await;
 }
@@ -382,22 +516,37 @@ async fn a_full_queue_is_refused_with_503_instead_of_hanging() {
 async fn a_function_that_dies_is_replaced() {
     let env = up().await;
     let image = push_local(&env, "mortal:v1", &["/hello"]).await;
-    env.admin.deploy("mortal", &deploy_req(&image)).await.unwrap();
+    env.admin
+        .deploy("mortal", &deploy_req(&image))
+        .await
+        .unwrap();
     let first = invoke(&env, "mortal", "/crash", "").await;
     assert_eq!(first.status, 200);
-    let id1 = first.headers["x-veil-instance"].to_str().unwrap().to_string();
+    let id1 = first.headers["x-veil-instance"]
+        .to_str()
+        .unwrap()
+        .to_string();
     for _ in 0..100 {
         if env.admin.list().await.unwrap()[0].instances.is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(env.admin.list().await.unwrap()[0].instances.is_empty(), "dead instance still listed");
+    assert!(
+        env.admin.list().await.unwrap()[0].instances.is_empty(),
+        "dead instance still listed"
+    );
     let second = invoke(&env, "mortal", "/", "").await;
     assert_eq!(second.status, 200, "{}", text(&second));
     assert_ne!(second.headers["x-veil-instance"].to_str().unwrap(), id1);
     let logs = env.admin.logs("mortal", 100).await.unwrap();
-    assert!(logs.iter().any(|l| l["text"].as_str().unwrap_or("").contains("crashing as asked")), "{logs:?}");
+    assert!(
+        logs.iter().any(|l| l["text"]
+            .as_str()
+            .unwrap_or("")
+            .contains("crashing as asked")),
+        "{logs:?}"
+    );
     env.admin.delete("mortal").await.unwrap();
     stop_and_check_clean(env).await;
 }
@@ -408,12 +557,18 @@ async fn a_function_that_dies_is_replaced() {
 async fn the_function_runs_isolated() {
     let env = up().await;
     let image = push_local(&env, "probe:v1", &["/hello"]).await;
-    env.admin.deploy("probe", &deploy_req(&image)).await.unwrap();
+    env.admin
+        .deploy("probe", &deploy_req(&image))
+        .await
+        .unwrap();
     let r = invoke(&env, "probe", "/whoami", "").await;
     assert_eq!(r.status, 200);
     let facts: BTreeMap<String, String> = text(&r)
         .lines()
-        .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .filter_map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
         .collect();
     let get = |k: &str| facts.get(k).cloned().unwrap_or_default();
     assert_eq!(get("Uid"), "65534", "{facts:?}");
@@ -433,7 +588,9 @@ async fn the_function_runs_isolated() {
     // The host side: the sandbox has its own cgroup with the configured memory limit.
     let v1 = format!("/sys/fs/cgroup/memory/veil/{id}/memory.limit_in_bytes");
     let v2 = format!("/sys/fs/cgroup/veil/{id}/memory.max");
-    let limit = std::fs::read_to_string(&v1).or_else(|_| std::fs::read_to_string(&v2)).unwrap();
+    let limit = std::fs::read_to_string(&v1)
+        .or_else(|_| std::fs::read_to_string(&v2))
+        .unwrap();
     assert_eq!(limit.trim(), (512u64 << 20).to_string());
     env.admin.delete("probe").await.unwrap();
     stop_and_check_clean(env).await;

@@ -149,10 +149,14 @@ impl Functions {
                         map.insert(r.name.clone(), Runtime::new(r));
                     }
                 }
-                Err(e) => tracing::error!(file = %file.display(), error = %e, "ignoring unreadable deployments file"),
+                Err(e) => {
+                    tracing::error!(file = %file.display(), error = %e, "ignoring unreadable deployments file")
+                }
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => tracing::error!(file = %file.display(), error = %e, "cannot read deployments"),
+            Err(e) => {
+                tracing::error!(file = %file.display(), error = %e, "cannot read deployments")
+            }
         }
         Self {
             map: Mutex::new(map),
@@ -275,13 +279,17 @@ pub async fn deploy(gw: &Arc<Gateway>, name: &str, req: DeployRequest) -> Respon
     let idle_timeout_s = req.idle_timeout_s.unwrap_or(60);
     let tenant = req.tenant.clone().unwrap_or_else(|| "default".into());
     let problems: Vec<String> = [
-        (concurrency == 0 || concurrency > 10_000).then(|| "concurrency must be 1..=10000".to_string()),
+        (concurrency == 0 || concurrency > 10_000)
+            .then(|| "concurrency must be 1..=10000".to_string()),
         (max_scale == 0 || max_scale > 1000).then(|| "max_scale must be 1..=1000".to_string()),
-        (min_scale > max_scale).then(|| format!("min_scale {min_scale} exceeds max_scale {max_scale}")),
+        (min_scale > max_scale)
+            .then(|| format!("min_scale {min_scale} exceeds max_scale {max_scale}")),
         (port == 0).then(|| "port must be 1..=65535".to_string()),
-        (ready_timeout_s == 0 || ready_timeout_s > 600).then(|| "ready_timeout_s must be 1..=600".to_string()),
+        (ready_timeout_s == 0 || ready_timeout_s > 600)
+            .then(|| "ready_timeout_s must be 1..=600".to_string()),
         (idle_timeout_s == 0).then(|| "idle_timeout_s must be at least 1".to_string()),
-        (!valid_name(&tenant)).then(|| format!("tenant {tenant:?} must be lowercase letters, digits or '-'")),
+        (!valid_name(&tenant))
+            .then(|| format!("tenant {tenant:?} must be lowercase letters, digits or '-'")),
         req.env
             .keys()
             .find(|k| k.is_empty() || k.contains('=') || k.contains('\0') || k.as_str() == "PORT")
@@ -337,7 +345,11 @@ pub async fn deploy(gw: &Arc<Gateway>, name: &str, req: DeployRequest) -> Respon
         destroy_slot(&s).await;
     }
     tracing::info!(function = name, "deployed");
-    let code = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let code = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     (code, Json(status)).into_response()
 }
 
@@ -394,7 +406,12 @@ enum Pick {
 }
 
 /// Route one invocation of `name` with the function-relative `path_and_query`.
-pub async fn invoke(gw: &Arc<Gateway>, name: &str, path_and_query: String, req: Request<Body>) -> Response {
+pub async fn invoke(
+    gw: &Arc<Gateway>,
+    name: &str,
+    path_and_query: String,
+    req: Request<Body>,
+) -> Response {
     let deadline = tokio::time::Instant::now() + gw.config.cold_start_timeout;
     let mut seen_failures: Option<u64> = None;
     let mut waited = false;
@@ -407,7 +424,11 @@ pub async fn invoke(gw: &Arc<Gateway>, name: &str, path_and_query: String, req: 
             let before = rt.instances.len();
             rt.instances.retain(|s| s.inst.is_alive());
             if rt.instances.len() != before {
-                tracing::info!(function = name, "dropped {} ended instance(s)", before - rt.instances.len());
+                tracing::info!(
+                    function = name,
+                    "dropped {} ended instance(s)",
+                    before - rt.instances.len()
+                );
             }
             let seen = *seen_failures.get_or_insert(rt.failures);
             let limit = rt.record.concurrency;
@@ -433,13 +454,18 @@ pub async fn invoke(gw: &Arc<Gateway>, name: &str, path_and_query: String, req: 
                 let mut r = api_error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "QUEUE_FULL",
-                    format!("function {name:?} has {} requests waiting for capacity; try again", rt.waiting),
+                    format!(
+                        "function {name:?} has {} requests waiting for capacity; try again",
+                        rt.waiting
+                    ),
                 );
-                r.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+                r.headers_mut()
+                    .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
                 Pick::Respond(r)
             } else {
                 if rt.instances.len() + rt.starting < rt.record.max_scale as usize
-                    && (rt.starting == 0 || rt.waiting >= rt.starting * rt.record.concurrency as usize)
+                    && (rt.starting == 0
+                        || rt.waiting >= rt.starting * rt.record.concurrency as usize)
                 {
                     start_instance(gw, rt);
                 }
@@ -465,7 +491,8 @@ pub async fn invoke(gw: &Arc<Gateway>, name: &str, path_and_query: String, req: 
                             gw.config.cold_start_timeout
                         ),
                     );
-                    r.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+                    r.headers_mut()
+                        .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
                     return r;
                 }
             }
@@ -491,11 +518,23 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
-async fn proxy(slot: &Slot, name: &str, path_and_query: String, req: Request<Body>, waited: bool) -> Response {
+async fn proxy(
+    slot: &Slot,
+    name: &str,
+    path_and_query: String,
+    req: Request<Body>,
+    waited: bool,
+) -> Response {
     let (mut parts, body) = req.into_parts();
     parts.uri = match path_and_query.parse() {
         Ok(u) => u,
-        Err(e) => return api_error(StatusCode::BAD_REQUEST, "BAD_REQUEST", format!("bad path: {e}")),
+        Err(e) => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "BAD_REQUEST",
+                format!("bad path: {e}"),
+            )
+        }
     };
     for h in HOP_BY_HOP {
         parts.headers.remove(*h);
@@ -546,7 +585,8 @@ pub fn spawn_autoscaler(gw: Weak<Gateway>) {
                     let idle = Duration::from_secs(rt.record.idle_timeout_s);
                     while rt.instances.len() > rt.record.min_scale as usize {
                         let pos = rt.instances.iter().position(|s| {
-                            s.inflight.load(Ordering::SeqCst) == 0 && lock(&s.last_used).elapsed() >= idle
+                            s.inflight.load(Ordering::SeqCst) == 0
+                                && lock(&s.last_used).elapsed() >= idle
                         });
                         match pos {
                             Some(p) => doomed.push(rt.instances.remove(p)),

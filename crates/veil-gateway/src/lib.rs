@@ -189,7 +189,11 @@ async fn sandboxes(State(gw): GwState) -> Response {
 }
 
 async fn invoke_root(State(gw): GwState, Path(name): Path<String>, req: Request<Body>) -> Response {
-    let query = req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+    let query = req
+        .uri()
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
     functions::invoke(&gw, &name, format!("/{query}"), req).await
 }
 
@@ -198,7 +202,11 @@ async fn invoke_path(
     Path((name, rest)): Path<(String, String)>,
     req: Request<Body>,
 ) -> Response {
-    let query = req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+    let query = req
+        .uri()
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
     functions::invoke(&gw, &name, format!("/{rest}{query}"), req).await
 }
 

@@ -248,7 +248,8 @@ impl ProcessSandbox {
                     }
                 }
             }
-            let ended = tokio::time::timeout(std::time::Duration::from_secs(2), self.exited()).await;
+            let ended =
+                tokio::time::timeout(std::time::Duration::from_secs(2), self.exited()).await;
             if ended.is_err() {
                 if let Some(pid) = outer.and_then(|p| i32::try_from(p).ok()) {
                     // SAFETY: kill(2) on our own child, which has not been reaped yet (the

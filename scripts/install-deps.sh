@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Install the system packages veil's tests use, if they are missing:
+#   docker-registry  the CNCF distribution server, as a real OCI registry on loopback
+#   skopeo           copies images into it (an image tool no one here wrote)
+# The Rust toolchain (with cargo-nextest) is expected to be present already.
+set -euo pipefail
+need=()
+command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
+command -v skopeo >/dev/null 2>&1 || need+=(skopeo)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+# The registry package starts a system service on :5000 on some hosts; tests start their own.
+exit 0
