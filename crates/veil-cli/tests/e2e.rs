@@ -595,3 +595,83 @@ async fn the_function_runs_isolated() {
     env.admin.delete("probe").await.unwrap();
     stop_and_check_clean(env).await;
 }
+
+/// A burst against a cold function with concurrency 1 starts several instances at once; the
+/// node fetches each blob from the registry once however many sandboxes need it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_scales_out_and_fetches_each_blob_once() {
+    let reg = TestRegistry::start().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let image = hello_image(&tmp.path().join("ctx"), &["/hello"]);
+    let client = images::registry_client(&[]).unwrap();
+    let target: Reference = format!("{}/e2e/burst:v1", reg.host()).parse().unwrap();
+    images::push(&client, &image, &target).await.unwrap();
+
+    let env = up().await;
+    let mut req = deploy_req(&target.to_string());
+    req.concurrency = Some(1);
+    req.max_scale = Some(3);
+    env.admin.deploy("burst", &req).await.unwrap();
+    let calls = (0..8).map(|i| {
+        let admin = env.admin.clone();
+        async move {
+            admin
+                .invoke(
+                    "burst",
+                    "POST",
+                    "/",
+                    format!("n{i}").into_bytes(),
+                    &BTreeMap::new(),
+                )
+                .await
+                .unwrap()
+        }
+    });
+    let results = futures::future::join_all(calls).await;
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r.status, 200, "{}", text(r));
+        assert!(text(r).ends_with(&format!(": n{i}\n")), "{}", text(r));
+    }
+    let instances: std::collections::BTreeSet<String> = results
+        .iter()
+        .map(|r| r.headers["x-veil-instance"].to_str().unwrap().to_string())
+        .collect();
+    assert!(
+        instances.len() >= 2,
+        "expected a scale-out, got {instances:?}"
+    );
+    assert!(instances.len() <= 3, "max_scale exceeded: {instances:?}");
+    // Config and one layer: two upstream fetches in total.
+    assert_eq!(env.platform.gateway.node().cache().upstream_fetches(), 2);
+    env.admin.delete("burst").await.unwrap();
+    assert_no_assigned_sandboxes(&env).await;
+    stop_and_check_clean(env).await;
+}
+
+/// Instances idle longer than the function's idle timeout are removed (scale to zero), and
+/// the next request cold-starts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_instances_scale_to_zero() {
+    let env = up().await;
+    let image = push_local(&env, "idle:v1", &["/hello"]).await;
+    let mut req = deploy_req(&image);
+    req.idle_timeout_s = Some(1);
+    env.admin.deploy("idle", &req).await.unwrap();
+    let first = invoke(&env, "idle", "/", "").await;
+    assert_eq!(first.status, 200);
+    let mut scaled = false;
+    for _ in 0..100 {
+        if env.admin.list().await.unwrap()[0].instances.is_empty() {
+            scaled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(scaled, "idle instance was not removed");
+    assert_no_assigned_sandboxes(&env).await;
+    let again = invoke(&env, "idle", "/", "").await;
+    assert_eq!(again.status, 200);
+    assert!(again.headers.contains_key("x-veil-cold-start"));
+    env.admin.delete("idle").await.unwrap();
+    stop_and_check_clean(env).await;
+}

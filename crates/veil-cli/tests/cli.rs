@@ -1,0 +1,182 @@
+//! The `veil` command as a user runs it: `veil up` in one process, the other commands from
+//! another, exactly as the README shows. Needs root (namespace sandboxes).
+#![allow(clippy::unwrap_used)]
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const VEIL: &str = env!("CARGO_BIN_EXE_veil");
+
+fn veil(server: &str, args: &[&str]) -> Output {
+    Command::new(VEIL)
+        .args(args)
+        .env("VEIL_SERVER", server)
+        .env("VEIL_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn ok(server: &str, args: &[&str]) -> String {
+    let out = veil(server, args);
+    assert!(
+        out.status.success(),
+        "veil {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+struct Up(std::process::Child);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn readme_workflow_with_the_veil_command() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = veil_testkit::free_port();
+    let server = format!("http://127.0.0.1:{port}");
+    let child = Command::new(VEIL)
+        .args([
+            "up",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--pool-size",
+            "1",
+            "--state-dir",
+        ])
+        .arg(tmp.path().join("state"))
+        .env("VEIL_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut up = Up(child);
+    let start = Instant::now();
+    while reqwest::blocking_get(&format!("{server}/healthz")).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "veil up did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let ctx = tmp.path().join("hello");
+    ok(&server, &["image", "example", ctx.to_str().unwrap()]);
+    let built = ok(
+        &server,
+        &[
+            "image",
+            "build",
+            ctx.to_str().unwrap(),
+            "-t",
+            "local/hello:v1",
+            "--entrypoint",
+            "/hello",
+        ],
+    );
+    assert!(built.contains("pushed local/hello:v1 (sha256:"), "{built}");
+    let inspected = ok(&server, &["image", "inspect", "local/hello:v1"]);
+    assert!(
+        inspected.contains("layer 0:") && inspected.contains("[plain]"),
+        "{inspected}"
+    );
+
+    let deployed = ok(
+        &server,
+        &[
+            "deploy",
+            "hello",
+            "--image",
+            "local/hello:v1",
+            "--env",
+            "GREETING=hi",
+        ],
+    );
+    assert!(
+        deployed.contains("deployed hello (revision 1)"),
+        "{deployed}"
+    );
+    let said = ok(&server, &["invoke", "hello", "--data", "hi"]);
+    assert_eq!(said, "Hello from veil! POST / (2 bytes): hi\n");
+    let listed = ok(&server, &["ls"]);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("hello ") && l.contains("local/hello:v1")),
+        "{listed}"
+    );
+    let logs = ok(&server, &["logs", "hello"]);
+    assert!(logs.contains("hello: listening on port 8080"), "{logs}");
+
+    // Bad input through the CLI: clear errors and a failing exit status.
+    let missing = veil(&server, &["invoke", "nope"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stdout).contains("is not deployed"));
+    let bad_env = veil(
+        &server,
+        &[
+            "deploy",
+            "x",
+            "--image",
+            "local/hello:v1",
+            "--env",
+            "NOEQUALS",
+        ],
+    );
+    assert!(!bad_env.status.success());
+    assert!(String::from_utf8_lossy(&bad_env.stderr).contains("expected KEY=VALUE"));
+    let bad_image = veil(&server, &["deploy", "x", "--image", "local/absent:v1"]);
+    assert!(!bad_image.status.success());
+    assert!(String::from_utf8_lossy(&bad_image.stderr).contains("IMAGE_NOT_FOUND"));
+
+    let sandboxes: Vec<serde_json::Value> =
+        serde_json::from_str(&reqwest::blocking_get(&format!("{server}/v1/sandboxes")).unwrap())
+            .unwrap();
+    assert!(!sandboxes.is_empty());
+    ok(&server, &["delete", "hello"]);
+    let gone = veil(&server, &["invoke", "hello"]);
+    assert!(!gone.status.success());
+
+    // SIGTERM stops veil cleanly and takes every sandbox with it.
+    let pid = up.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = up.0.wait().unwrap();
+    assert!(status.success(), "veil up exited with {status}");
+    for s in sandboxes {
+        let id = s["id"].as_str().unwrap();
+        assert!(!std::path::Path::new(&format!("/sys/fs/cgroup/memory/veil/{id}")).exists());
+        assert!(!std::path::Path::new(&format!("/sys/fs/cgroup/veil/{id}")).exists());
+        for p in s["pids"].as_array().unwrap() {
+            assert!(!std::path::Path::new(&format!("/proc/{}", p.as_u64().unwrap())).exists());
+        }
+    }
+    let unreachable = veil(&server, &["ls"]);
+    assert!(String::from_utf8_lossy(&unreachable.stderr).contains("is `veil up` running?"));
+}
+
+mod reqwest {
+    /// A tiny blocking GET (the workspace's reqwest is built without its blocking client).
+    pub fn blocking_get(url: &str) -> Result<String, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async {
+            let r = ::reqwest::get(url).await.map_err(|e| e.to_string())?;
+            if !r.status().is_success() {
+                return Err(format!("HTTP {}", r.status()));
+            }
+            r.text().await.map_err(|e| e.to_string())
+        })
+    }
+}
