@@ -4,7 +4,7 @@
 //! It listens on 0.0.0.0:$PORT and answers every request with a greeting that echoes the
 //! request's method, path and body. Test switches: `--exit <code>` exits at once (a function
 //! that crashes on start), `--never-listen` sleeps forever without listening, and a request to
-//! `/crash` makes it exit with status 42 after replying.
+//! `/crash` makes it exit with status 42 after replying, and `/sleep/<ms>` answers after a pause.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -106,6 +106,9 @@ fn serve(conn: TcpStream) {
         let mut body = vec![0u8; length.min(1 << 20)];
         if reader.read_exact(&mut body).is_err() {
             return;
+        }
+        if let Some(ms) = path.strip_prefix("/sleep/").and_then(|m| m.parse::<u64>().ok()) {
+            std::thread::sleep(std::time::Duration::from_millis(ms.min(60_000)));
         }
         let text = if path == "/whoami" {
             whoami()

@@ -193,7 +193,7 @@ async fn control(agent: Arc<Agent>, req: hyper::Request<Incoming>) -> hyper::Res
     }
 }
 
-async fn assign(agent: &Agent, a: &Assignment) -> Result<AssignReply, (&'static str, String)> {
+async fn assign(agent: &Arc<Agent>, a: &Assignment) -> Result<AssignReply, (&'static str, String)> {
     tracing::info!(function = %a.function, image = %a.image, digest = %a.manifest_digest, "assigned");
     let pulled = crate::pull::pull(&agent.mux, a, &agent.rootfs)
         .await
@@ -259,8 +259,8 @@ async fn assign(agent: &Agent, a: &Assignment) -> Result<AssignReply, (&'static 
         permits: Arc::new(Semaphore::new(a.concurrency.max(1) as usize)),
         function: a.function.clone(),
     });
-    *agent.state.lock().unwrap_or_else(|p| p.into_inner()) = State::Running(running);
-    watch_function(exit, a.function.clone());
+    *agent.state.lock().unwrap_or_else(|p| p.into_inner()) = State::Running(running.clone());
+    watch_function(agent.clone(), exit, running, a.concurrency);
     tracing::info!(function = %a.function, pid, ?timings, "function ready");
     Ok(AssignReply {
         function_pid: pid,
@@ -268,13 +268,31 @@ async fn assign(agent: &Agent, a: &Assignment) -> Result<AssignReply, (&'static 
     })
 }
 
-/// Once the function runs, its exit ends the sandbox: PID 1 exits, the kernel kills the rest,
-/// and the node sees the sandbox end.
-fn watch_function(mut exit: tokio::sync::watch::Receiver<Option<FnExit>>, function: String) {
+/// Once the function runs, its exit ends the sandbox: the agent stops taking invocations, lets
+/// responses already under way reach the node (up to two seconds), then PID 1 exits, the kernel
+/// kills the rest, and the node sees the sandbox end.
+fn watch_function(
+    agent: Arc<Agent>,
+    mut exit: tokio::sync::watch::Receiver<Option<FnExit>>,
+    running: Arc<Running>,
+    concurrency: u32,
+) {
     tokio::spawn(async move {
-        if let Ok(v) = exit.wait_for(|e| e.is_some()).await {
-            let status = (*v).map(|e| e.to_string()).unwrap_or_default();
-            tracing::error!(function = %function, "function exited ({status}); ending the sandbox");
+        let status = exit
+            .wait_for(|e| e.is_some())
+            .await
+            .map(|v| (*v).map(|e| e.to_string()).unwrap_or_default());
+        if let Ok(status) = status {
+            tracing::error!(function = %running.function, "function exited ({status}); ending the sandbox");
+            *agent.state.lock().unwrap_or_else(|p| p.into_inner()) =
+                State::Failed(format!("function exited ({status})"));
+            let all = concurrency.max(1) as usize;
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while running.permits.available_permits() < all && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            // Responses are written; flush the channel before PID 1 goes away.
+            let _ = tokio::time::timeout(Duration::from_secs(1), agent.mux.close()).await;
             std::process::exit(3);
         }
     });

@@ -521,7 +521,7 @@ async fn a_function_that_dies_is_replaced() {
         .await
         .unwrap();
     let first = invoke(&env, "mortal", "/crash", "").await;
-    assert_eq!(first.status, 200);
+    assert_eq!(first.status, 200, "{}", text(&first));
     let id1 = first.headers["x-veil-instance"]
         .to_str()
         .unwrap()
@@ -619,7 +619,7 @@ async fn a_burst_scales_out_and_fetches_each_blob_once() {
                 .invoke(
                     "burst",
                     "POST",
-                    "/",
+                    "/sleep/300",
                     format!("n{i}").into_bytes(),
                     &BTreeMap::new(),
                 )
@@ -627,7 +627,9 @@ async fn a_burst_scales_out_and_fetches_each_blob_once() {
                 .unwrap()
         }
     });
+    let t = std::time::Instant::now();
     let results = futures::future::join_all(calls).await;
+    let took = t.elapsed();
     for (i, r) in results.iter().enumerate() {
         assert_eq!(r.status, 200, "{}", text(r));
         assert!(text(r).ends_with(&format!(": n{i}\n")), "{}", text(r));
@@ -638,7 +640,11 @@ async fn a_burst_scales_out_and_fetches_each_blob_once() {
         .collect();
     assert!(
         instances.len() >= 2,
-        "expected a scale-out, got {instances:?}"
+        "expected a scale-out, got {instances:?} in {took:?}: {:?}",
+        results
+            .iter()
+            .map(|r| (text(r), r.headers.clone()))
+            .collect::<Vec<_>>()
     );
     assert!(instances.len() <= 3, "max_scale exceeded: {instances:?}");
     // Config and one layer: two upstream fetches in total.

@@ -25,10 +25,15 @@ pub enum Side {
 
 type OpenReply = oneshot::Sender<Result<yamux::Stream, yamux::ConnectionError>>;
 
+enum Cmd {
+    Open(OpenReply),
+    Close(oneshot::Sender<()>),
+}
+
 /// Handle to a running multiplexed channel: opens substreams; cheap to clone.
 #[derive(Clone)]
 pub struct MuxHandle {
-    open_tx: mpsc::Sender<OpenReply>,
+    open_tx: mpsc::Sender<Cmd>,
     closed_rx: watch::Receiver<bool>,
 }
 
@@ -45,7 +50,7 @@ where
     let mut cfg = yamux::Config::default();
     cfg.set_max_num_streams(4096);
     let conn = yamux::Connection::new(io.compat(), cfg, mode);
-    let (open_tx, open_rx) = mpsc::channel::<OpenReply>(64);
+    let (open_tx, open_rx) = mpsc::channel::<Cmd>(64);
     let (in_tx, in_rx) = mpsc::unbounded_channel();
     let (closed_tx, closed_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -57,17 +62,34 @@ where
 
 async fn drive<T>(
     mut conn: yamux::Connection<T>,
-    mut open_rx: mpsc::Receiver<OpenReply>,
+    mut open_rx: mpsc::Receiver<Cmd>,
     in_tx: mpsc::UnboundedSender<Substream>,
 ) where
     T: futures::AsyncRead + futures::AsyncWrite + Unpin,
 {
     let mut pending: Option<OpenReply> = None;
     let mut opens_done = false;
+    let mut closing: Option<oneshot::Sender<()>> = None;
     poll_fn(|cx| loop {
+        if let Some(done) = closing.take() {
+            match conn.poll_close(cx) {
+                Poll::Ready(_) => {
+                    let _ = done.send(());
+                    return Poll::Ready(());
+                }
+                Poll::Pending => {
+                    closing = Some(done);
+                    return Poll::Pending;
+                }
+            }
+        }
         if pending.is_none() && !opens_done {
             match open_rx.poll_recv(cx) {
-                Poll::Ready(Some(reply)) => pending = Some(reply),
+                Poll::Ready(Some(Cmd::Open(reply))) => pending = Some(reply),
+                Poll::Ready(Some(Cmd::Close(done))) => {
+                    closing = Some(done);
+                    continue;
+                }
                 Poll::Ready(None) => opens_done = true,
                 Poll::Pending => {}
             }
@@ -111,7 +133,10 @@ impl MuxHandle {
     /// Open a substream and announce what it carries.
     pub async fn open(&self, kind: StreamKind) -> io::Result<Substream> {
         let (tx, rx) = oneshot::channel();
-        self.open_tx.send(tx).await.map_err(|_| closed_err())?;
+        self.open_tx
+            .send(Cmd::Open(tx))
+            .await
+            .map_err(|_| closed_err())?;
         let stream = rx
             .await
             .map_err(|_| closed_err())?
@@ -119,6 +144,14 @@ impl MuxHandle {
         let mut s = stream.compat();
         s.write_all(&[kind as u8]).await?;
         Ok(s)
+    }
+
+    /// Flush everything written so far and close the channel (yamux GoAway).
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.open_tx.send(Cmd::Close(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
     }
 
     /// True once the channel has ended.
