@@ -298,17 +298,6 @@ fn watch_function(
     });
 }
 
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
 async fn invoke(agent: Arc<Agent>, req: hyper::Request<Incoming>) -> hyper::Response<Body> {
     let running = match &*agent.state.lock().unwrap_or_else(|p| p.into_inner()) {
         State::Running(r) => r.clone(),
@@ -337,7 +326,7 @@ async fn invoke(agent: Arc<Agent>, req: hyper::Request<Incoming>) -> hyper::Resp
         Ok(u) => u,
         Err(e) => return error(StatusCode::BAD_REQUEST, "BAD_REQUEST", &e.to_string()),
     };
-    for h in HOP_BY_HOP {
+    for h in veil_proto::HOP_BY_HOP {
         parts.headers.remove(*h);
     }
     match agent
@@ -347,7 +336,7 @@ async fn invoke(agent: Arc<Agent>, req: hyper::Request<Incoming>) -> hyper::Resp
     {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
-            for h in HOP_BY_HOP {
+            for h in veil_proto::HOP_BY_HOP {
                 parts.headers.remove(*h);
             }
             // The permit is released when the response body is done or dropped.

@@ -46,20 +46,7 @@ async fn steps(p: &Platform, tmp: &std::path::Path) -> Result<()> {
 
     let admin = AdminClient::new(&p.url())?;
     let st = admin
-        .deploy(
-            "hello",
-            &DeployRequest {
-                image: reference.to_string(),
-                tenant: None,
-                env: BTreeMap::new(),
-                concurrency: None,
-                min_scale: None,
-                max_scale: None,
-                port: None,
-                ready_timeout_s: None,
-                idle_timeout_s: None,
-            },
-        )
+        .deploy("hello", &DeployRequest::new(&reference.to_string()))
         .await
         .context("deploy")?;
     println!(

@@ -41,17 +41,7 @@ async fn up_with(f: impl FnOnce(&mut UpOptions)) -> Env {
 }
 
 fn deploy_req(image: &str) -> DeployRequest {
-    DeployRequest {
-        image: image.into(),
-        tenant: None,
-        env: BTreeMap::new(),
-        concurrency: None,
-        min_scale: None,
-        max_scale: None,
-        port: None,
-        ready_timeout_s: None,
-        idle_timeout_s: None,
-    }
+    DeployRequest::new(image)
 }
 
 fn hello_image(dir: &Path, entrypoint: &[&str]) -> BuiltImage {
@@ -189,6 +179,23 @@ async fn registry_image_pushed_by_skopeo_runs_cold_and_warm() {
         .await
         .unwrap()
         .starts_with("Hello from veil! GET /anything"));
+
+    // Metrics count what happened (a metric that never moves would fail here).
+    let metrics = reqwest::get(format!("{}/metrics", env.platform.url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for want in [
+        "veil_requests_total{function=\"hello\",code=\"200\"} 3",
+        "veil_cold_starts_total{function=\"hello\",outcome=\"ok\"} 1",
+        "veil_cold_start_seconds_count{function=\"hello\"} 1",
+        "veil_instances{function=\"hello\"} 1",
+        "veil_blob_upstream_fetches 2",
+    ] {
+        assert!(metrics.contains(want), "missing {want} in:\n{metrics}");
+    }
 
     // The function's output reached the node's log.
     let logs = env.admin.logs("hello", 50).await.unwrap();

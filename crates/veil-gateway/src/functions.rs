@@ -46,6 +46,23 @@ pub struct DeployRequest {
     pub idle_timeout_s: Option<u64>,
 }
 
+impl DeployRequest {
+    /// A request for `image` with every setting at its default.
+    pub fn new(image: &str) -> Self {
+        Self {
+            image: image.to_string(),
+            tenant: None,
+            env: BTreeMap::new(),
+            concurrency: None,
+            min_scale: None,
+            max_scale: None,
+            port: None,
+            ready_timeout_s: None,
+            idle_timeout_s: None,
+        }
+    }
+}
+
 /// A deployed function.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct FunctionRecord {
@@ -368,7 +385,10 @@ fn start_instance(gw: &Arc<Gateway>, rt: &mut Runtime) {
             concurrency: rec.concurrency,
             ready_timeout: Duration::from_secs(rec.ready_timeout_s),
         };
+        let t = Instant::now();
         let res = gw.node.start_instance(&spec, &cancel).await;
+        gw.metrics
+            .cold_start(&rec.name, res.is_ok(), t.elapsed().as_secs_f64() * 1000.0);
         let mut stale = None;
         {
             let mut map = lock(&gw.functions.map);
@@ -407,6 +427,19 @@ enum Pick {
 
 /// Route one invocation of `name` with the function-relative `path_and_query`.
 pub async fn invoke(
+    gw: &Arc<Gateway>,
+    name: &str,
+    path_and_query: String,
+    req: Request<Body>,
+) -> Response {
+    let resp = route(gw, name, path_and_query, req).await;
+    if resp.status() != StatusCode::NOT_FOUND || lock(&gw.functions.map).contains_key(name) {
+        gw.metrics.request(name, resp.status().as_u16());
+    }
+    resp
+}
+
+async fn route(
     gw: &Arc<Gateway>,
     name: &str,
     path_and_query: String,
@@ -507,17 +540,6 @@ pub async fn invoke(
     resp
 }
 
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
 async fn proxy(
     slot: &Slot,
     name: &str,
@@ -536,7 +558,7 @@ async fn proxy(
             )
         }
     };
-    for h in HOP_BY_HOP {
+    for h in veil_proto::HOP_BY_HOP {
         parts.headers.remove(*h);
     }
     let resp = match slot.inst.invoke(Request::from_parts(parts, body)).await {
@@ -550,7 +572,7 @@ async fn proxy(
         }
     };
     let (mut parts, body) = resp.into_parts();
-    for h in HOP_BY_HOP {
+    for h in veil_proto::HOP_BY_HOP {
         parts.headers.remove(*h);
     }
     if let Ok(v) = HeaderValue::from_str(slot.inst.id()) {

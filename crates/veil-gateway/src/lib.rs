@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod functions;
+pub mod metrics;
 mod registry;
 
 pub use functions::{DeployRequest, FunctionRecord, FunctionStatus};
@@ -68,6 +69,7 @@ pub struct Gateway {
     pub(crate) config: GatewayConfig,
     pub(crate) functions: functions::Functions,
     pub(crate) uploads: registry::Uploads,
+    pub(crate) metrics: metrics::Metrics,
 }
 
 impl Gateway {
@@ -79,6 +81,7 @@ impl Gateway {
             config,
             functions,
             uploads: registry::Uploads::default(),
+            metrics: metrics::Metrics::default(),
         });
         functions::spawn_autoscaler(Arc::downgrade(&gw));
         gw
@@ -93,6 +96,7 @@ impl Gateway {
     pub fn router(self: &Arc<Self>) -> Router {
         Router::new()
             .route("/healthz", get(|| async { "ok\n" }))
+            .route("/metrics", get(render_metrics))
             .route("/v1/functions", get(list_functions))
             .route(
                 "/v1/functions/{name}",
@@ -129,6 +133,44 @@ pub async fn serve(
 }
 
 type GwState = State<Arc<Gateway>>;
+
+async fn render_metrics(State(gw): GwState) -> Response {
+    let fns = gw.functions.list();
+    let node = &gw.node;
+    let sandboxes = node.sandboxes();
+    let gauges = [
+        (
+            "veil_instances",
+            "Ready instances per function.",
+            fns.iter()
+                .map(|f| (metrics::fn_label(&f.record.name), f.instances.len() as f64))
+                .collect::<Vec<_>>(),
+        ),
+        (
+            "veil_requests_waiting",
+            "Requests waiting for capacity per function.",
+            fns.iter()
+                .map(|f| (metrics::fn_label(&f.record.name), f.waiting as f64))
+                .collect(),
+        ),
+        (
+            "veil_sandboxes",
+            "Sandboxes on the node (assigned and pooled).",
+            vec![(String::new(), sandboxes.len() as f64)],
+        ),
+        (
+            "veil_blob_upstream_fetches",
+            "Blobs fetched from upstream registries since start.",
+            vec![(String::new(), node.cache().upstream_fetches() as f64)],
+        ),
+    ];
+    let mut r = gw.metrics.render(&gauges).into_response();
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    r
+}
 
 async fn list_functions(State(gw): GwState) -> Response {
     Json(gw.functions.list()).into_response()

@@ -99,6 +99,18 @@ pub struct ErrorBody {
     pub message: String,
 }
 
+/// Hop-by-hop headers (RFC 9110 §7.6.1) that proxies on the invocation path drop.
+pub const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
 /// Header the agent sets on invocation replies it generated itself (not the function), so that
 /// callers can tell a platform error from a function's own response.
 pub const AGENT_ERROR_HEADER: &str = "x-veil-agent-error";

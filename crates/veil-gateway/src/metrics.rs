@@ -1,0 +1,128 @@
+//! Prometheus metrics in the text exposition format, served at `GET /metrics`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+
+/// Counters kept by the gateway; gauges are computed at scrape time.
+#[derive(Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(String, u16), u64>>,
+    cold_starts: Mutex<BTreeMap<(String, &'static str), u64>>,
+    cold_start_ms: Mutex<BTreeMap<String, (f64, u64)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Escape a label value.
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+impl Metrics {
+    /// Count one routed request by function and status.
+    pub fn request(&self, function: &str, status: u16) {
+        *lock(&self.requests)
+            .entry((function.to_string(), status))
+            .or_default() += 1;
+    }
+
+    /// Count one cold start and its duration.
+    pub fn cold_start(&self, function: &str, ok: bool, ms: f64) {
+        let outcome = if ok { "ok" } else { "failed" };
+        *lock(&self.cold_starts)
+            .entry((function.to_string(), outcome))
+            .or_default() += 1;
+        if ok {
+            let mut m = lock(&self.cold_start_ms);
+            let e = m.entry(function.to_string()).or_default();
+            e.0 += ms / 1000.0;
+            e.1 += 1;
+        }
+    }
+
+    /// Render everything; `gauges` are (name, help, [(labels, value)]).
+    pub fn render(&self, gauges: &[(&str, &str, Vec<(String, f64)>)]) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP veil_requests_total Invocations routed by the gateway."
+        );
+        let _ = writeln!(out, "# TYPE veil_requests_total counter");
+        for ((f, code), n) in lock(&self.requests).iter() {
+            let _ = writeln!(
+                out,
+                "veil_requests_total{{function=\"{}\",code=\"{code}\"}} {n}",
+                esc(f)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP veil_cold_starts_total Instance cold starts by outcome."
+        );
+        let _ = writeln!(out, "# TYPE veil_cold_starts_total counter");
+        for ((f, o), n) in lock(&self.cold_starts).iter() {
+            let _ = writeln!(
+                out,
+                "veil_cold_starts_total{{function=\"{}\",outcome=\"{o}\"}} {n}",
+                esc(f)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP veil_cold_start_seconds Time from start request to ready instance."
+        );
+        let _ = writeln!(out, "# TYPE veil_cold_start_seconds summary");
+        for (f, (sum, count)) in lock(&self.cold_start_ms).iter() {
+            let _ = writeln!(
+                out,
+                "veil_cold_start_seconds_sum{{function=\"{}\"}} {sum}",
+                esc(f)
+            );
+            let _ = writeln!(
+                out,
+                "veil_cold_start_seconds_count{{function=\"{}\"}} {count}",
+                esc(f)
+            );
+        }
+        for (name, help, values) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} gauge");
+            for (labels, v) in values {
+                let _ = writeln!(out, "{name}{labels} {v}");
+            }
+        }
+        out
+    }
+}
+
+/// `{function="<name>"}`.
+pub fn fn_label(name: &str) -> String {
+    format!("{{function=\"{}\"}}", esc(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_gauges() {
+        let m = Metrics::default();
+        m.request("a\"b", 200);
+        m.request("a\"b", 200);
+        m.cold_start("a\"b", true, 1500.0);
+        m.cold_start("a\"b", false, 0.0);
+        let t = m.render(&[("veil_sandboxes", "Sandboxes.", vec![(String::new(), 3.0)])]);
+        assert!(
+            t.contains("veil_requests_total{function=\"a\\\"b\",code=\"200\"} 2"),
+            "{t}"
+        );
+        assert!(t.contains("veil_cold_starts_total{function=\"a\\\"b\",outcome=\"failed\"} 1"));
+        assert!(t.contains("veil_cold_start_seconds_sum{function=\"a\\\"b\"} 1.5"));
+        assert!(t.contains("veil_sandboxes 3"));
+    }
+}
