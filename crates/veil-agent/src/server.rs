@@ -93,7 +93,7 @@ async fn handle_substream(agent: Arc<Agent>, mut s: Substream) -> Result<()> {
             let resp = match kind {
                 StreamKind::Control => control(agent, req).await,
                 StreamKind::Invoke => invoke(agent, req).await,
-                StreamKind::Registry => error(
+                StreamKind::Registry | StreamKind::Kbs => error(
                     StatusCode::BAD_REQUEST,
                     "BAD_STREAM",
                     "the agent serves no registry",

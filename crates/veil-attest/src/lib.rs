@@ -6,12 +6,21 @@
 //! the relying party expects (the hash binding the KBS nonce and the sandbox's ephemeral public
 //! key) and returns [`Claims`] for policy evaluation.
 //!
+//! Hardware TEEs: [`snp`] (AMD SEV-SNP, checked against AMD's embedded roots with the `sev`
+//! crate) and [`tdx`] (Intel TDX, DCAP quotes checked offline with collateral by `dcap-qvl`).
+//! [`detect`] finds the attester of the machine; [`report`] verifies evidence files for the
+//! operator command `veil attest verify`.
+//!
 //! The [`software`] TEE exists for development and tests on machines without SEV-SNP or TDX.
 //! It proves nothing: anyone can produce its evidence. It is called *insecure* in every message,
 //! its claims carry `insecure: true`, and a key broker refuses it unless its policy says so.
 #![forbid(unsafe_code)]
 
+pub mod report;
+pub mod snp;
 pub mod software;
+pub mod tdx;
+mod tsm;
 
 use serde::{Deserialize, Serialize};
 use std::time::SystemTime;
@@ -134,4 +143,43 @@ pub fn check_report_data(
         });
     }
     Ok(())
+}
+
+/// The hardware attester of this machine: SNP when `/dev/sev-guest` exists, TDX when
+/// `/dev/tdx_guest` exists, else `None`. Never the software TEE (callers opt into that).
+pub fn detect() -> Option<Box<dyn Attester>> {
+    detect_at(
+        std::path::Path::new(snp::SEV_GUEST_DEVICE),
+        std::path::Path::new(tdx::TDX_GUEST_DEVICE),
+    )
+}
+
+fn detect_at(
+    sev_guest: &std::path::Path,
+    tdx_guest: &std::path::Path,
+) -> Option<Box<dyn Attester>> {
+    if sev_guest.exists() {
+        return Some(Box::new(snp::SnpAttester::new()));
+    }
+    if tdx_guest.exists() {
+        return Some(Box::new(tdx::TdxAttester::new()));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detect_none_without_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(detect_at(&dir.path().join("sev-guest"), &dir.path().join("tdx_guest")).is_none());
+        std::fs::write(dir.path().join("tdx_guest"), b"").unwrap();
+        let a = detect_at(&dir.path().join("sev-guest"), &dir.path().join("tdx_guest")).unwrap();
+        assert_eq!(a.tee(), TeeKind::Tdx);
+        std::fs::write(dir.path().join("sev-guest"), b"").unwrap();
+        let a = detect_at(&dir.path().join("sev-guest"), &dir.path().join("tdx_guest")).unwrap();
+        assert_eq!(a.tee(), TeeKind::Snp);
+    }
 }

@@ -41,9 +41,13 @@ impl SoftwareAttester {
     /// Declare the SHA-384 of the running executable as the measurement.
     pub fn measuring_self(init_data: &str) -> Result<Self, Error> {
         let exe = std::env::current_exe().map_err(|e| Error::Io(e.to_string()))?;
-        let bytes = std::fs::read(&exe).map_err(|e| Error::Io(format!("{}: {e}", exe.display())))?;
+        let bytes =
+            std::fs::read(&exe).map_err(|e| Error::Io(format!("{}: {e}", exe.display())))?;
         use sha2::Digest;
-        Ok(Self::new(&hex::encode(sha2::Sha384::digest(&bytes)), init_data))
+        Ok(Self::new(
+            &hex::encode(sha2::Sha384::digest(&bytes)),
+            init_data,
+        ))
     }
 }
 
@@ -123,11 +127,15 @@ mod tests {
         let a = SoftwareAttester::new("ab", "cd");
         let rd = [7u8; 64];
         let ev = a.evidence(&rd).unwrap();
-        let c = SoftwareVerifier.verify(&ev, &rd, SystemTime::now()).unwrap();
+        let c = SoftwareVerifier
+            .verify(&ev, &rd, SystemTime::now())
+            .unwrap();
         assert!(c.insecure);
         assert_eq!(c.measurement, "ab");
         assert_eq!(c.init_data, "cd");
-        let e = SoftwareVerifier.verify(&ev, &[8u8; 64], SystemTime::now()).unwrap_err();
+        let e = SoftwareVerifier
+            .verify(&ev, &[8u8; 64], SystemTime::now())
+            .unwrap_err();
         assert!(matches!(e, Error::ReportDataMismatch { .. }), "{e}");
         assert!(e.to_string().contains("INSECURE"), "{e}");
     }

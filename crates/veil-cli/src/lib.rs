@@ -102,6 +102,7 @@ impl Platform {
                 max_queue: opts.max_queue,
                 cold_start_timeout: opts.cold_start_timeout,
                 state_dir: opts.state_dir.clone(),
+                default_kbs_url: None,
             },
         );
         let listener = tokio::net::TcpListener::bind(opts.listen)

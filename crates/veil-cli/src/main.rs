@@ -115,6 +115,15 @@ struct DeployArgs {
     /// Owning tenant.
     #[arg(long)]
     tenant: Option<String>,
+    /// Secret from the tenant's key broker: ENV=kbs:///<tenant>/<type>/<tag> (repeatable).
+    #[arg(long = "secret")]
+    secrets: Vec<String>,
+    /// The tenant's key broker URL (default: the one embedded in `veil up`).
+    #[arg(long)]
+    kbs_url: Option<String>,
+    /// Where no SEV-SNP/TDX exists, attest with the INSECURE software TEE (development only).
+    #[arg(long)]
+    allow_insecure_software_tee: bool,
 }
 
 #[derive(Subcommand)]
@@ -235,6 +244,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         port: a.port,
                         ready_timeout_s: None,
                         idle_timeout_s: None,
+                        secrets: parse_env(&a.secrets)?,
+                        kbs_url: a.kbs_url,
+                        allow_insecure_software_tee: a.allow_insecure_software_tee,
                     },
                 )
                 .await?;

@@ -44,6 +44,18 @@ pub struct DeployRequest {
     /// Seconds an instance may stay idle before it is removed (default 60).
     #[serde(default)]
     pub idle_timeout_s: Option<u64>,
+    /// Secrets released by the tenant's key broker to the sandbox after attestation, as
+    /// environment variable → resource (`kbs:///<tenant>/<type>/<tag>`). The host never sees
+    /// their values.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, String>,
+    /// The tenant's key broker (default: the one embedded in `veil up`).
+    #[serde(default)]
+    pub kbs_url: Option<String>,
+    /// Let sandboxes without SEV-SNP/TDX attest with the INSECURE software TEE (development
+    /// only; the broker's policy must allow it too).
+    #[serde(default)]
+    pub allow_insecure_software_tee: bool,
 }
 
 impl DeployRequest {
@@ -59,6 +71,9 @@ impl DeployRequest {
             port: None,
             ready_timeout_s: None,
             idle_timeout_s: None,
+            secrets: BTreeMap::new(),
+            kbs_url: None,
+            allow_insecure_software_tee: false,
         }
     }
 }
@@ -88,6 +103,15 @@ pub struct FunctionRecord {
     pub idle_timeout_s: u64,
     /// Increases with every deploy of this name.
     pub revision: u64,
+    /// Environment variable → key-broker resource path (`<tenant>/<type>/<tag>`).
+    #[serde(default)]
+    pub secrets: BTreeMap<String, String>,
+    /// The tenant's key broker, when the function has secrets.
+    #[serde(default)]
+    pub kbs_url: Option<String>,
+    /// Whether the INSECURE software TEE may be used where no hardware TEE exists.
+    #[serde(default)]
+    pub allow_insecure_software_tee: bool,
 }
 
 /// What `GET /v1/functions[/<name>]` reports.
@@ -269,6 +293,21 @@ async fn destroy_slot(s: &Slot) {
     s.inst.destroy().await;
 }
 
+/// `kbs:///<repo>/<type>/<tag>` or `<repo>/<type>/<tag>` → (repo, "repo/type/tag").
+fn parse_resource(uri: &str) -> Option<(String, String)> {
+    let path = uri.strip_prefix("kbs:///").unwrap_or(uri);
+    let parts: Vec<&str> = path.split('/').collect();
+    let ok = parts.len() == 3
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && *p != "."
+                && *p != ".."
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        });
+    ok.then(|| (parts[0].to_string(), path.to_string()))
+}
+
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 63
@@ -315,6 +354,40 @@ pub async fn deploy(gw: &Arc<Gateway>, name: &str, req: DeployRequest) -> Respon
     .into_iter()
     .flatten()
     .collect();
+    let mut problems = problems;
+    let mut secrets = BTreeMap::new();
+    for (env, uri) in &req.secrets {
+        if env.is_empty() || env.contains('=') || env.contains('\0') || env == "PORT" {
+            problems.push(format!("secret variable name {env:?} is not allowed"));
+            continue;
+        }
+        if req.env.contains_key(env) {
+            problems.push(format!("{env} is both a plain variable and a secret"));
+        }
+        match parse_resource(uri) {
+            Some((repo, path)) if repo == tenant => {
+                secrets.insert(env.clone(), path);
+            }
+            Some((repo, _)) => problems.push(format!(
+                "secret {env} refers to {uri}, a resource of tenant {repo:?}, not of {tenant:?}"
+            )),
+            None => problems.push(format!(
+                "secret {env}: {uri:?} is not a key-broker resource (kbs:///<tenant>/<type>/<tag>)"
+            )),
+        }
+    }
+    let kbs_url = req
+        .kbs_url
+        .clone()
+        .or_else(|| gw.config.default_kbs_url.clone());
+    if !secrets.is_empty() && kbs_url.is_none() {
+        problems.push("the function has secrets but no key broker is configured (kbs_url)".into());
+    }
+    if let Some(u) = &kbs_url {
+        if !(u.starts_with("http://") || u.starts_with("https://")) {
+            problems.push(format!("kbs_url {u:?} must be an http(s) URL"));
+        }
+    }
     if !problems.is_empty() {
         return api_error(StatusCode::BAD_REQUEST, "BAD_REQUEST", problems.join("; "));
     }
@@ -346,6 +419,9 @@ pub async fn deploy(gw: &Arc<Gateway>, name: &str, req: DeployRequest) -> Respon
             ready_timeout_s,
             idle_timeout_s,
             revision,
+            secrets,
+            kbs_url,
+            allow_insecure_software_tee: req.allow_insecure_software_tee,
         };
         let created = !map.contains_key(name);
         let old = map.insert(name.to_string(), Runtime::new(record));
@@ -384,6 +460,11 @@ fn start_instance(gw: &Arc<Gateway>, rt: &mut Runtime) {
             port: rec.port,
             concurrency: rec.concurrency,
             ready_timeout: Duration::from_secs(rec.ready_timeout_s),
+            attestation: (!rec.secrets.is_empty()).then(|| veil_proto::AttestationPlan {
+                secrets: rec.secrets.clone(),
+                allow_software_tee: rec.allow_insecure_software_tee,
+            }),
+            kbs_url: rec.kbs_url.clone(),
         };
         let t = Instant::now();
         let res = gw.node.start_instance(&spec, &cancel).await;
@@ -631,6 +712,27 @@ pub fn spawn_autoscaler(gw: Weak<Gateway>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resources() {
+        assert_eq!(
+            parse_resource("kbs:///acme/key/db"),
+            Some(("acme".into(), "acme/key/db".into()))
+        );
+        assert_eq!(
+            parse_resource("acme/key/db").map(|r| r.0),
+            Some("acme".into())
+        );
+        for bad in [
+            "kbs:///acme/key",
+            "acme/../db",
+            "a/b/c/d",
+            "kbs:///a//c",
+            "a/b/c d",
+        ] {
+            assert_eq!(parse_resource(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn names() {

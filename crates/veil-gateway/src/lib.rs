@@ -40,6 +40,8 @@ pub struct GatewayConfig {
     pub cold_start_timeout: Duration,
     /// Where deployments are persisted.
     pub state_dir: PathBuf,
+    /// Key broker used by functions that name none (the embedded one in `veil up`).
+    pub default_kbs_url: Option<String>,
 }
 
 /// JSON error body of every gateway error.

@@ -170,6 +170,10 @@ pub struct InstanceSpec {
     pub concurrency: u32,
     /// How long the function may take to listen.
     pub ready_timeout: Duration,
+    /// Attestation and secrets, if the function needs any.
+    pub attestation: Option<veil_proto::AttestationPlan>,
+    /// Base URL of the tenant's key broker (required with `attestation`).
+    pub kbs_url: Option<String>,
 }
 
 /// Timings of one cold start, in milliseconds.
@@ -197,6 +201,8 @@ struct SandboxEntry {
     destroying: AtomicBool,
     destroyed: tokio::sync::OnceCell<()>,
     function: Mutex<Option<String>>,
+    /// The tenant's key broker this sandbox may reach through the node, set at assignment.
+    kbs_url: Mutex<Option<String>>,
 }
 
 #[derive(Clone)]
@@ -375,6 +381,7 @@ impl Node {
             destroying: AtomicBool::new(false),
             destroyed: tokio::sync::OnceCell::new(),
             function: Mutex::new(None),
+            kbs_url: Mutex::new(None),
         });
         self.sandboxes
             .lock()
@@ -533,6 +540,7 @@ impl Node {
             digests,
         });
         *sandbox.function.lock().unwrap_or_else(|p| p.into_inner()) = Some(spec.function.clone());
+        *sandbox.kbs_url.lock().unwrap_or_else(|p| p.into_inner()) = spec.kbs_url.clone();
         let assignment = Assignment {
             tenant: spec.tenant.clone(),
             function: spec.function.clone(),
@@ -543,6 +551,7 @@ impl Node {
             port: spec.port,
             concurrency: spec.concurrency,
             ready_timeout_ms: spec.ready_timeout.as_millis() as u64,
+            attestation: spec.attestation.clone(),
         };
         let assigned = tokio::select! {
             r = self.assign(&sandbox, &assignment) => r,
@@ -665,8 +674,8 @@ async fn serve_agent(
         let cache = cache.clone();
         let entry = entry.clone();
         tokio::spawn(async move {
-            match mux::accept_kind(&mut s).await {
-                Ok(StreamKind::Registry) => {}
+            let kind = match mux::accept_kind(&mut s).await {
+                Ok(k @ (StreamKind::Registry | StreamKind::Kbs)) => k,
                 Ok(other) => {
                     tracing::warn!(sandbox = %entry.id, ?other, "agent opened an unexpected substream");
                     return;
@@ -675,12 +684,16 @@ async fn serve_agent(
                     tracing::debug!(sandbox = %entry.id, error = %e, "bad substream from agent");
                     return;
                 }
-            }
+            };
             let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
                 let cache = cache.clone();
                 let entry = entry.clone();
                 async move {
-                    Ok::<_, std::convert::Infallible>(registry_request(&cache, &entry, req).await)
+                    let resp = match kind {
+                        StreamKind::Kbs => kbs_relay(&entry, req).await,
+                        _ => registry_request(&cache, &entry, req).await,
+                    };
+                    Ok::<_, std::convert::Infallible>(resp)
                 }
             });
             let _ = hyper::server::conn::http1::Builder::new()
@@ -699,6 +712,105 @@ fn err_resp(status: http::StatusCode, code: &str, message: String) -> hyper::Res
     let mut r = hyper::Response::new(Full::new(Bytes::from(body)).map_err(|n| match n {}).boxed());
     *r.status_mut() = status;
     r
+}
+
+/// Largest key-broker request or response the node relays.
+const KBS_RELAY_LIMIT: usize = 1 << 20;
+
+fn relay_client() -> &'static reqwest::Client {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(|| {
+        reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new())
+    })
+}
+
+/// Relay one request of the agent to the tenant's key broker. The node is untrusted and sees
+/// only what the protocol exposes (evidence, tokens, JWE ciphertext); it forwards without
+/// looking and logs no bodies.
+async fn kbs_relay(
+    entry: &SandboxEntry,
+    req: hyper::Request<Incoming>,
+) -> hyper::Response<RespBody> {
+    use http::StatusCode;
+    let base = entry
+        .kbs_url
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let Some(base) = base else {
+        return err_resp(
+            StatusCode::FORBIDDEN,
+            "DENIED",
+            "no key broker is configured for this sandbox".into(),
+        );
+    };
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    if !pq.starts_with("/kbs/v0/") {
+        return err_resp(
+            StatusCode::FORBIDDEN,
+            "DENIED",
+            format!("{pq} is not a key-broker path"),
+        );
+    }
+    let method = req.method().clone();
+    let headers = req.headers().clone();
+    let body = match mux::read_body_limited(req.into_body(), KBS_RELAY_LIMIT).await {
+        Ok(b) => b,
+        Err(e) => return err_resp(StatusCode::PAYLOAD_TOO_LARGE, "TOO_LARGE", e.to_string()),
+    };
+    let mut rb = relay_client()
+        .request(method, format!("{}{pq}", base.trim_end_matches('/')))
+        .body(body);
+    for h in [
+        http::header::CONTENT_TYPE,
+        http::header::COOKIE,
+        http::header::AUTHORIZATION,
+        http::header::ACCEPT,
+    ] {
+        if let Some(v) = headers.get(&h) {
+            rb = rb.header(h, v);
+        }
+    }
+    let resp = match rb.send().await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(sandbox = %entry.id, error = %e, "key broker unreachable");
+            return err_resp(
+                StatusCode::BAD_GATEWAY,
+                "KBS_UNREACHABLE",
+                format!("key broker at {base} is unreachable: {e}"),
+            );
+        }
+    };
+    let status = resp.status();
+    let rheaders = resp.headers().clone();
+    let bytes = match resp.bytes().await {
+        Ok(b) if b.len() <= KBS_RELAY_LIMIT => b,
+        Ok(_) => {
+            return err_resp(
+                StatusCode::BAD_GATEWAY,
+                "TOO_LARGE",
+                "key broker reply too large".into(),
+            )
+        }
+        Err(e) => return err_resp(StatusCode::BAD_GATEWAY, "KBS_UNREACHABLE", e.to_string()),
+    };
+    let mut out = hyper::Response::new(Full::new(bytes).map_err(|n| match n {}).boxed());
+    *out.status_mut() = status;
+    for h in [http::header::CONTENT_TYPE, http::header::SET_COOKIE] {
+        for v in rheaders.get_all(&h) {
+            out.headers_mut().append(h.clone(), v.clone());
+        }
+    }
+    out
 }
 
 async fn registry_request(

@@ -21,6 +21,8 @@ pub enum StreamKind {
     Invoke = b'I',
     /// Agent → node: the OCI distribution API subset (manifests and blobs by digest).
     Registry = b'R',
+    /// Agent → node: HTTP requests the node relays, unread, to the tenant's key broker.
+    Kbs = b'K',
 }
 
 impl StreamKind {
@@ -30,6 +32,7 @@ impl StreamKind {
             b'C' => Some(Self::Control),
             b'I' => Some(Self::Invoke),
             b'R' => Some(Self::Registry),
+            b'K' => Some(Self::Kbs),
             _ => None,
         }
     }
@@ -64,6 +67,21 @@ pub struct Assignment {
     pub concurrency: u32,
     /// How long the function may take to accept connections on `port`.
     pub ready_timeout_ms: u64,
+    /// Attestation to the tenant's key broker, if the function needs secrets.
+    #[serde(default)]
+    pub attestation: Option<AttestationPlan>,
+}
+
+/// What the agent does with the tenant's key broker before starting the function.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AttestationPlan {
+    /// Environment variable → broker resource path (`<repo>/<type>/<tag>`). The values are
+    /// released to the sandbox only, wrapped to its ephemeral key; the node never sees them.
+    pub secrets: BTreeMap<String, String>,
+    /// Use the insecure software TEE when no SEV-SNP or TDX device exists (development only;
+    /// the broker still refuses it unless its own policy allows it).
+    pub allow_software_tee: bool,
 }
 
 /// Timings of the phases of an assignment, in milliseconds, measured inside the sandbox.

@@ -295,6 +295,7 @@ mod tests {
             StreamKind::Control,
             StreamKind::Invoke,
             StreamKind::Registry,
+            StreamKind::Kbs,
         ] {
             assert_eq!(StreamKind::from_byte(k as u8), Some(k));
         }
