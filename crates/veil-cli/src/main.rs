@@ -72,6 +72,37 @@ enum Cmd {
     /// Build, push and inspect images.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Attestation tools.
+    #[command(subcommand)]
+    Attest(AttestCmd),
+}
+
+#[derive(Subcommand)]
+enum AttestCmd {
+    /// Check an SEV-SNP report, a TDX quote or an evidence JSON file offline and print whether
+    /// it verifies, the measurement, TCB and report data.
+    Verify {
+        /// The report, quote or evidence file.
+        file: PathBuf,
+        /// VCEK certificate (DER) for an SNP report.
+        #[arg(long)]
+        vcek: Option<PathBuf>,
+        /// VLEK certificate (DER) for an SNP report.
+        #[arg(long)]
+        vlek: Option<PathBuf>,
+        /// Extra AMD intermediate certificates (PEM).
+        #[arg(long)]
+        ca_chain: Option<PathBuf>,
+        /// TDX collateral (JSON file or directory).
+        #[arg(long)]
+        collateral: Option<PathBuf>,
+        /// Expected report data (128 hex digits); without it the binding is not checked.
+        #[arg(long)]
+        report_data: Option<String>,
+        /// Verify as of this Unix time instead of now (collateral and certificates expire).
+        #[arg(long)]
+        at: Option<u64>,
+    },
 }
 
 #[derive(Args)]
@@ -181,6 +212,17 @@ fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+}
+
+fn hex_decode(s: &str) -> Result<Vec<u8>> {
+    let s = s.trim();
+    if s.len() % 2 != 0 || !s.chars().all(|c| c.is_ascii_hexdigit()) {
+        bail!("not a hex string");
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).context("hex"))
+        .collect()
 }
 
 fn parse_env(kvs: &[String]) -> Result<BTreeMap<String, String>> {
@@ -324,6 +366,41 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             println!("deleted {name}");
         }
         Cmd::Image(ic) => image_cmd(ic, &cli.server).await?,
+        Cmd::Attest(AttestCmd::Verify {
+            file,
+            vcek,
+            vlek,
+            ca_chain,
+            collateral,
+            report_data,
+            at,
+        }) => {
+            let report_data = match report_data {
+                Some(h) => {
+                    let b = hex_decode(&h).context("--report-data must be hex")?;
+                    Some(<[u8; 64]>::try_from(b.as_slice()).map_err(|_| {
+                        anyhow::anyhow!("--report-data must be 64 bytes (128 hex digits)")
+                    })?)
+                }
+                None => None,
+            };
+            let now = match at {
+                Some(t) => std::time::UNIX_EPOCH + std::time::Duration::from_secs(t),
+                None => std::time::SystemTime::now(),
+            };
+            let opts = veil_attest::report::VerifyOptions {
+                vcek,
+                vlek,
+                ca_chain,
+                collateral,
+                report_data,
+            };
+            let report = veil_attest::report::verify_file(&file, &opts, now)?;
+            print!("{report}");
+            if !report.verified {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -180,3 +180,104 @@ mod reqwest {
         })
     }
 }
+
+/// `veil attest verify` on the real vectors in ../shared/testdata: they verify at a time when
+/// their certificates and collateral were valid, fail today (collateral expired), and fail
+/// when a byte of the report is flipped.
+#[test]
+fn attest_verify_real_vectors() {
+    let td = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/testdata");
+    let snp = format!("{td}/snp/virtee-sev/report_milan.hex");
+    let vcek = format!("{td}/snp/virtee-sev/vcek_milan.der");
+    let out = veil(
+        "-",
+        &[
+            "attest",
+            "verify",
+            &snp,
+            "--vcek",
+            &vcek,
+            "--at",
+            "1751328000",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("VERIFIED") && text.contains("7a1e5c266c0108db"),
+        "{text}"
+    );
+
+    let quote = format!("{td}/tdx/dcap-qvl/tdx_quote");
+    let coll = format!("{td}/tdx/dcap-qvl/tdx_quote_collateral.json");
+    let ok = veil(
+        "-",
+        &[
+            "attest",
+            "verify",
+            &quote,
+            "--collateral",
+            &coll,
+            "--at",
+            "1752919234",
+        ],
+    );
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+    let expired = veil("-", &["attest", "verify", &quote, "--collateral", &coll]);
+    assert!(!expired.status.success());
+    assert!(String::from_utf8_lossy(&expired.stdout).contains("DOES NOT VERIFY"));
+
+    // Change one hex digit inside the measurement (report bytes 0x90..0xc0).
+    let tmp = tempfile::tempdir().unwrap();
+    let hex = std::fs::read_to_string(&snp).unwrap();
+    let mut digits = 0;
+    let hex: String = hex
+        .chars()
+        .map(|c| {
+            if !c.is_ascii_hexdigit() {
+                return c;
+            }
+            digits += 1;
+            if digits == 2 * 0x90 + 1 {
+                if c == '0' {
+                    '1'
+                } else {
+                    '0'
+                }
+            } else {
+                c
+            }
+        })
+        .collect();
+    let bad = tmp.path().join("tampered.hex");
+    std::fs::write(&bad, hex).unwrap();
+    let out = veil(
+        "-",
+        &[
+            "attest",
+            "verify",
+            bad.to_str().unwrap(),
+            "--vcek",
+            &vcek,
+            "--at",
+            "1751328000",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("DOES NOT VERIFY"));
+
+    // Bad input: a missing file and a bad --report-data are clear errors.
+    let missing = veil("-", &["attest", "verify", "/nonexistent/report.bin"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/report.bin"));
+    let short = veil("-", &["attest", "verify", &snp, "--report-data", "abcd"]);
+    assert!(String::from_utf8_lossy(&short.stderr).contains("64 bytes"));
+}
