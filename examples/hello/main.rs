@@ -4,7 +4,7 @@
 //! It listens on 0.0.0.0:$PORT and answers every request with a greeting that echoes the
 //! request's method, path and body. Test switches: `--exit <code>` exits at once (a function
 //! that crashes on start), `--never-listen` sleeps forever without listening, and a request to
-//! `/crash` makes it exit with status 42 after replying, and `/sleep/<ms>` answers after a pause.
+//! `/crash` makes it exit with status 42 after replying, `/sleep/<ms>` answers after a pause, and `/env/<NAME>` shows one environment variable.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -112,6 +112,8 @@ fn serve(conn: TcpStream) {
         }
         let text = if path == "/whoami" {
             whoami()
+        } else if let Some(name) = path.strip_prefix("/env/") {
+            format!("{name}={}\n", std::env::var(name).unwrap_or_default())
         } else {
             format!(
             "Hello from veil! {method} {path} ({} bytes){}{}\n",

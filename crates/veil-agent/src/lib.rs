@@ -8,6 +8,7 @@
 //! function ([`server`]). A sandbox is assigned at most once, and the agent exits (ending the
 //! sandbox) when its function exits.
 
+pub mod attest;
 pub mod function;
 pub mod nsinit;
 pub mod pull;

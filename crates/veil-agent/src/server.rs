@@ -195,10 +195,19 @@ async fn control(agent: Arc<Agent>, req: hyper::Request<Incoming>) -> hyper::Res
 
 async fn assign(agent: &Arc<Agent>, a: &Assignment) -> Result<AssignReply, (&'static str, String)> {
     tracing::info!(function = %a.function, image = %a.image, digest = %a.manifest_digest, "assigned");
+    let t_attest = Instant::now();
+    let secrets = match &a.attestation {
+        Some(plan) => crate::attest::attest_and_fetch(&agent.mux, a, plan)
+            .await
+            .map_err(|e| ("ATTESTATION", e))?,
+        None => crate::attest::Secrets::new(),
+    };
+    let attest_ms = t_attest.elapsed().as_secs_f64() * 1000.0;
     let pulled = crate::pull::pull(&agent.mux, a, &agent.rootfs)
         .await
         .map_err(|e| ("IMAGE_PULL", e.to_string()))?;
     let mut timings = pulled.timings;
+    timings.attest_ms = attest_ms;
     let cfg = pulled.config;
     let setup = |e: anyhow::Error| ("SANDBOX_SETUP", format!("{e:#}"));
     crate::nsinit::prepare_function_root(&agent.rootfs).map_err(setup)?;
@@ -214,6 +223,10 @@ async fn assign(agent: &Arc<Agent>, a: &Assignment) -> Result<AssignReply, (&'st
     for (k, v) in &a.env {
         env.retain(|e| !e.starts_with(&format!("{k}=")));
         env.push(format!("{k}={v}"));
+    }
+    for (k, v) in &secrets {
+        env.retain(|e| !e.starts_with(&format!("{k}=")));
+        env.push(format!("{k}={}", v.as_str()));
     }
     env.push(format!("PORT={}", a.port));
     let launch = Launch {

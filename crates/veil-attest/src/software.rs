@@ -38,11 +38,11 @@ impl SoftwareAttester {
         }
     }
 
-    /// Declare the SHA-384 of the running executable as the measurement.
+    /// Declare the SHA-384 of the running executable as the measurement. Reads
+    /// `/proc/self/exe`, which works even after the process pivoted away from the file's path.
     pub fn measuring_self(init_data: &str) -> Result<Self, Error> {
-        let exe = std::env::current_exe().map_err(|e| Error::Io(e.to_string()))?;
-        let bytes =
-            std::fs::read(&exe).map_err(|e| Error::Io(format!("{}: {e}", exe.display())))?;
+        let bytes = std::fs::read("/proc/self/exe")
+            .map_err(|e| Error::Io(format!("/proc/self/exe: {e}")))?;
         use sha2::Digest;
         Ok(Self::new(
             &hex::encode(sha2::Sha384::digest(&bytes)),

@@ -36,6 +36,8 @@ pub struct UpOptions {
     pub insecure_registries: Vec<String>,
     /// Log filter for agents.
     pub agent_log: String,
+    /// Run a key broker in-process at `/kbs/v0/` (the default for `veil up`).
+    pub embedded_kbs: bool,
 }
 
 impl UpOptions {
@@ -50,6 +52,7 @@ impl UpOptions {
             cold_start_timeout: Duration::from_secs(60),
             insecure_registries: Vec::new(),
             agent_log: "info".into(),
+            embedded_kbs: true,
         }
     }
 }
@@ -60,6 +63,8 @@ pub struct Platform {
     pub gateway: Arc<Gateway>,
     /// Where it listens.
     pub addr: SocketAddr,
+    /// The embedded key broker, if any.
+    pub kbs: Option<Arc<veil_kbs::Kbs>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
@@ -94,31 +99,55 @@ impl Platform {
         ncfg.agent_log = opts.agent_log.clone();
         ncfg.registry.insecure = opts.insecure_registries.clone();
         let node = Node::new(ncfg).context("start the node")?;
-        let gateway = Gateway::new(
-            node.clone(),
-            GatewayConfig {
-                listen: opts.listen,
-                host_suffix: opts.host_suffix.clone(),
-                max_queue: opts.max_queue,
-                cold_start_timeout: opts.cold_start_timeout,
-                state_dir: opts.state_dir.clone(),
-                default_kbs_url: None,
-            },
-        );
         let listener = tokio::net::TcpListener::bind(opts.listen)
             .await
             .with_context(|| format!("listen on {}", opts.listen))?;
         let addr = listener.local_addr()?;
+        let kbs = if opts.embedded_kbs {
+            let mut kcfg = veil_kbs::KbsConfig::new(opts.state_dir.join("kbs"));
+            // No SEV-SNP or TDX here: the embedded development broker accepts the insecure
+            // software TEE. A tenant's production broker (`veil kbs serve`) refuses it.
+            kcfg.allow_insecure_software_tee = true;
+            let kbs = veil_kbs::Kbs::open(kcfg).context("start the embedded key broker")?;
+            tracing::warn!(
+                "embedded key broker at http://{addr}/kbs/v0 accepts the INSECURE software TEE \
+                 (development default); admin key: {}",
+                kbs.admin_key_path().display()
+            );
+            Some(kbs)
+        } else {
+            None
+        };
+        let gateway = Gateway::new(
+            node.clone(),
+            GatewayConfig {
+                listen: addr,
+                host_suffix: opts.host_suffix.clone(),
+                max_queue: opts.max_queue,
+                cold_start_timeout: opts.cold_start_timeout,
+                state_dir: opts.state_dir.clone(),
+                default_kbs_url: kbs.as_ref().map(|_| format!("http://{addr}")),
+            },
+        );
+        let mut app = gateway.router();
+        if let Some(k) = &kbs {
+            app = app.merge(k.embeddable_router());
+        }
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(veil_gateway::serve(gateway.clone(), listener, async move {
-            let _ = rx.await;
-        }));
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.await;
+                })
+                .await
+        });
         let n = node.clone();
         tokio::spawn(async move { n.fill_pool().await });
         tracing::info!(%addr, "veil is up");
         Ok(Self {
             gateway,
             addr,
+            kbs,
             stop: Some(tx),
             task: Some(task),
         })

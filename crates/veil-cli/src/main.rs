@@ -75,6 +75,72 @@ enum Cmd {
     /// Attestation tools.
     #[command(subcommand)]
     Attest(AttestCmd),
+    /// Run or administer a key broker (KBS).
+    #[command(subcommand)]
+    Kbs(KbsCmd),
+}
+
+#[derive(Args)]
+struct KbsAdmin {
+    /// The broker (default: the one embedded in the running `veil up`).
+    #[arg(long, env = "VEIL_KBS_URL")]
+    kbs_url: Option<String>,
+    /// The broker's admin private key (default: <state dir>/kbs/admin.key).
+    #[arg(long, env = "VEIL_KBS_ADMIN_KEY")]
+    admin_key: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum KbsCmd {
+    /// Run a standalone key broker with SQLite storage.
+    Serve {
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: std::net::SocketAddr,
+        /// State directory (database and keys).
+        #[arg(long, default_value = "/var/lib/veil-kbs")]
+        state_dir: PathBuf,
+        /// Accept the INSECURE software TEE (development only).
+        #[arg(long)]
+        allow_insecure_software_tee: bool,
+    },
+    /// Store a resource (`<tenant>/<type>/<tag>`).
+    SetResource {
+        /// Resource path.
+        path: String,
+        /// Value (prefer --file for anything secret: arguments show up in process lists).
+        #[arg(long, conflicts_with = "file")]
+        value: Option<String>,
+        /// Read the value from a file.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        admin: KbsAdmin,
+    },
+    /// Set the accepted values of a reference value (e.g. `measurement`).
+    SetReferenceValues {
+        /// Name.
+        name: String,
+        /// Accepted values (hex).
+        values: Vec<String>,
+        #[command(flatten)]
+        admin: KbsAdmin,
+    },
+    /// Replace the attestation or resource policy (Rego).
+    SetPolicy {
+        /// Which policy.
+        #[arg(value_parser = ["attestation", "resource"])]
+        which: String,
+        /// Rego file.
+        file: PathBuf,
+        #[command(flatten)]
+        admin: KbsAdmin,
+    },
+    /// List resource paths (never values).
+    Ls {
+        #[command(flatten)]
+        admin: KbsAdmin,
+    },
 }
 
 #[derive(Subcommand)]
@@ -212,6 +278,132 @@ fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+}
+
+async fn kbs_cmd(kc: KbsCmd, server: &str) -> Result<()> {
+    let admin_request = |admin: &KbsAdmin,
+                         method: reqwest::Method,
+                         path: &str|
+     -> Result<reqwest::RequestBuilder> {
+        let base = admin.kbs_url.clone().unwrap_or_else(|| server.to_string());
+        let key = admin
+            .admin_key
+            .clone()
+            .unwrap_or_else(|| veil_cli::default_state_dir().join("kbs").join("admin.key"));
+        let token =
+            veil_kbs::admin_token(&key).with_context(|| format!("admin key {}", key.display()))?;
+        Ok(reqwest::Client::new()
+            .request(method, format!("{}{path}", base.trim_end_matches('/')))
+            .bearer_auth(token))
+    };
+    async fn done(rb: reqwest::RequestBuilder) -> Result<String> {
+        let r = rb.send().await.context("cannot reach the key broker")?;
+        let status = r.status();
+        let body = r.text().await.unwrap_or_default();
+        if !status.is_success() {
+            let detail = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["detail"].as_str().map(String::from))
+                .unwrap_or(body);
+            bail!("key broker refused (HTTP {}): {detail}", status.as_u16());
+        }
+        Ok(body)
+    }
+    match kc {
+        KbsCmd::Serve {
+            listen,
+            state_dir,
+            allow_insecure_software_tee,
+        } => {
+            let mut cfg = veil_kbs::KbsConfig::new(state_dir);
+            cfg.allow_insecure_software_tee = allow_insecure_software_tee;
+            if allow_insecure_software_tee {
+                tracing::warn!(
+                    "this key broker accepts the INSECURE software TEE: development only"
+                );
+            }
+            let kbs = veil_kbs::Kbs::open(cfg)?;
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            println!(
+                "key broker at http://{} (admin key {})",
+                listener.local_addr()?,
+                kbs.admin_key_path().display()
+            );
+            axum::serve(listener, kbs.router())
+                .with_graceful_shutdown(async {
+                    let _ = tokio::signal::ctrl_c().await;
+                })
+                .await?;
+        }
+        KbsCmd::SetResource {
+            path,
+            value,
+            file,
+            admin,
+        } => {
+            let bytes = match (value, file) {
+                (Some(v), None) => v.into_bytes(),
+                (None, Some(f)) => {
+                    std::fs::read(&f).with_context(|| format!("read {}", f.display()))?
+                }
+                _ => bail!("give the value with --value or --file"),
+            };
+            done(
+                admin_request(
+                    &admin,
+                    reqwest::Method::PUT,
+                    &format!("/kbs/v0/resource/{path}"),
+                )?
+                .body(bytes),
+            )
+            .await?;
+            println!("stored {path}");
+        }
+        KbsCmd::SetReferenceValues {
+            name,
+            values,
+            admin,
+        } => {
+            let body = serde_json::to_vec(&values)?;
+            done(
+                admin_request(
+                    &admin,
+                    reqwest::Method::PUT,
+                    &format!("/kbs/v0/reference-value/{name}"),
+                )?
+                .header("content-type", "application/json")
+                .body(body),
+            )
+            .await?;
+            println!("reference value {name}: {} accepted value(s)", values.len());
+        }
+        KbsCmd::SetPolicy { which, file, admin } => {
+            let rego = std::fs::read(&file).with_context(|| format!("read {}", file.display()))?;
+            done(
+                admin_request(
+                    &admin,
+                    reqwest::Method::PUT,
+                    &format!("/kbs/v0/{which}-policy"),
+                )?
+                .body(rego),
+            )
+            .await?;
+            println!("{which} policy replaced");
+        }
+        KbsCmd::Ls { admin } => {
+            print!(
+                "{}",
+                done(admin_request(
+                    &admin,
+                    reqwest::Method::GET,
+                    "/kbs/v0/resource"
+                )?)
+                .await?
+            );
+            println!();
+        }
+    }
+    Ok(())
 }
 
 fn hex_decode(s: &str) -> Result<Vec<u8>> {
@@ -366,6 +558,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             println!("deleted {name}");
         }
         Cmd::Image(ic) => image_cmd(ic, &cli.server).await?,
+        Cmd::Kbs(kc) => kbs_cmd(kc, &cli.server).await?,
         Cmd::Attest(AttestCmd::Verify {
             file,
             vcek,

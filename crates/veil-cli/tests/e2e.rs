@@ -688,3 +688,113 @@ async fn idle_instances_scale_to_zero() {
     env.admin.delete("idle").await.unwrap();
     stop_and_check_clean(env).await;
 }
+
+async fn standalone_kbs(
+    allow_software_tee: bool,
+) -> (std::sync::Arc<veil_kbs::Kbs>, String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = veil_kbs::KbsConfig::new(dir.path().join("kbs"));
+    cfg.allow_insecure_software_tee = allow_software_tee;
+    let kbs = veil_kbs::Kbs::open(cfg).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let router = kbs.router();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    (kbs, url, dir)
+}
+
+/// Secrets from the tenant's key broker reach the function inside the sandbox after
+/// attestation — here with the insecure software TEE, since this machine has no SEV-SNP or
+/// TDX — and never appear on the host side (logs); every refusal is a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_are_released_to_the_attested_sandbox_only() {
+    let env = up().await;
+    let kbs = env.platform.kbs.clone().unwrap();
+    kbs.set_resource("default/app/greeting", b"s3cr3t-value")
+        .unwrap();
+    let image = push_local(&env, "sec:v1", &["/hello"]).await;
+    let with_secret = |uri: &str, allow: bool| {
+        let mut req = deploy_req(&image);
+        req.secrets.insert("GREETING".into(), uri.into());
+        req.allow_insecure_software_tee = allow;
+        req
+    };
+
+    env.admin
+        .deploy("sec", &with_secret("kbs:///default/app/greeting", true))
+        .await
+        .unwrap();
+    let r = invoke(&env, "sec", "/env/GREETING", "").await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(text(&r), "GREETING=s3cr3t-value\n");
+    let phases = r.headers["x-veil-cold-start"].to_str().unwrap().to_string();
+    assert!(phases.contains("attest="), "{phases}");
+    let logs = env.admin.logs("sec", 500).await.unwrap();
+    let all = format!("{logs:?}");
+    assert!(
+        all.contains("INSECURE software TEE"),
+        "the insecure TEE must be named: {all}"
+    );
+    assert!(
+        !all.contains("s3cr3t-value"),
+        "secret leaked into host-side logs"
+    );
+
+    // The deployment does not allow the software TEE: nothing is released, nothing runs.
+    env.admin
+        .deploy("strict", &with_secret("kbs:///default/app/greeting", false))
+        .await
+        .unwrap();
+    let r = invoke(&env, "strict", "/", "").await;
+    assert_eq!(r.status, 502, "{}", text(&r));
+    assert!(
+        text(&r).contains("ATTESTATION")
+            && text(&r).contains("does not allow the insecure software TEE"),
+        "{}",
+        text(&r)
+    );
+
+    // A resource that does not exist.
+    env.admin
+        .deploy("missing", &with_secret("kbs:///default/app/nope", true))
+        .await
+        .unwrap();
+    let r = invoke(&env, "missing", "/", "").await;
+    assert_eq!(r.status, 502, "{}", text(&r));
+    assert!(
+        text(&r).contains("404") && text(&r).contains("default/app/nope"),
+        "{}",
+        text(&r)
+    );
+
+    // Another tenant's resource is refused at deploy time.
+    let e = env
+        .admin
+        .deploy("other", &with_secret("kbs:///acme/app/greeting", true))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("a resource of tenant \"acme\""), "{e}");
+
+    // A tenant's own broker with the default policy refuses the software TEE.
+    let (strict_kbs, url, _dir) = standalone_kbs(false).await;
+    strict_kbs
+        .set_resource("default/app/greeting", b"other-value")
+        .unwrap();
+    let mut req = with_secret("kbs:///default/app/greeting", true);
+    req.kbs_url = Some(url);
+    env.admin.deploy("refused", &req).await.unwrap();
+    let r = invoke(&env, "refused", "/", "").await;
+    assert_eq!(r.status, 502, "{}", text(&r));
+    assert!(
+        text(&r).contains("403") && text(&r).contains("software TEE is insecure"),
+        "{}",
+        text(&r)
+    );
+
+    for f in ["sec", "strict", "missing", "refused"] {
+        env.admin.delete(f).await.unwrap();
+    }
+    assert_no_assigned_sandboxes(&env).await;
+    stop_and_check_clean(env).await;
+}

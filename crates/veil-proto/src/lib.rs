@@ -97,6 +97,9 @@ pub struct PhaseTimings {
     pub ready_ms: f64,
     /// Bytes of layer blobs received.
     pub layer_bytes: u64,
+    /// Attestation to the key broker and secret release (0 when the function has no secrets).
+    #[serde(default)]
+    pub attest_ms: f64,
 }
 
 /// Reply to a successful assignment.

@@ -1,0 +1,111 @@
+//! Attestation to the tenant's key broker at assignment time, and release of the function's
+//! secrets into the sandbox.
+//!
+//! The agent reaches the broker through its channel: the node relays the HTTP exchange without
+//! being able to read what matters (the released values are JWE-encrypted to an ephemeral key
+//! that never leaves this process, and the evidence binds that key, the broker's nonce and the
+//! assignment — tenant, function and image digest — so neither can be swapped by the host).
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use http_body_util::Full;
+use std::collections::BTreeMap;
+use veil_attest::Attester;
+use veil_kbs::client::{ClientError, KbsClient, Transport};
+use veil_proto::mux::{read_body_limited, MuxHandle};
+use veil_proto::{Assignment, AttestationPlan, StreamKind};
+use zeroize::Zeroizing;
+
+/// Largest broker reply the agent reads.
+const MAX_REPLY: usize = 1 << 20;
+
+/// HTTP to the key broker over a `K` substream of the channel.
+pub struct MuxTransport {
+    mux: MuxHandle,
+}
+
+impl Transport for MuxTransport {
+    fn send(
+        &self,
+        req: http::Request<Bytes>,
+    ) -> BoxFuture<'_, Result<http::Response<Bytes>, ClientError>> {
+        Box::pin(async move {
+            let (mut parts, body) = req.into_parts();
+            parts
+                .headers
+                .insert(http::header::HOST, http::HeaderValue::from_static("kbs"));
+            let req = hyper::Request::from_parts(parts, Full::new(body));
+            let resp =
+                self.mux.request(StreamKind::Kbs, req).await.map_err(|e| {
+                    ClientError::Transport(format!("over the sandbox channel: {e}"))
+                })?;
+            let (parts, body) = resp.into_parts();
+            let bytes = read_body_limited(body, MAX_REPLY)
+                .await
+                .map_err(|e| ClientError::Transport(e.to_string()))?;
+            Ok(http::Response::from_parts(parts, bytes))
+        })
+    }
+}
+
+/// Secrets released to this sandbox: environment variable → value (wiped on drop).
+pub type Secrets = BTreeMap<String, Zeroizing<String>>;
+
+/// Pick the attester: SEV-SNP or TDX when the device exists; otherwise the INSECURE software TEE
+/// only if the deployment allows it.
+fn attester(plan: &AttestationPlan, init_hash: &str) -> Result<Box<dyn Attester>, String> {
+    if let Some(a) = veil_attest::detect() {
+        return Ok(a);
+    }
+    if !plan.allow_software_tee {
+        return Err(
+            "no SEV-SNP or TDX device in this sandbox, and the deployment does not allow \
+                    the insecure software TEE"
+                .into(),
+        );
+    }
+    tracing::warn!(
+        "attesting with the INSECURE software TEE (development only): no hardware TEE here"
+    );
+    veil_attest::software::SoftwareAttester::measuring_self(init_hash)
+        .map(|a| Box::new(a) as Box<dyn Attester>)
+        .map_err(|e| e.to_string())
+}
+
+/// Attest and fetch every secret of `plan`. Errors name the step and never a secret value.
+pub async fn attest_and_fetch(
+    mux: &MuxHandle,
+    a: &Assignment,
+    plan: &AttestationPlan,
+) -> Result<Secrets, String> {
+    let init_data = serde_json::json!({
+        "tenant": a.tenant,
+        "function": a.function,
+        "image_digest": a.manifest_digest,
+    });
+    let init_hash = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(init_data.to_string().as_bytes()))
+    };
+    let attester = attester(plan, &init_hash)?;
+    let mut client = KbsClient::new(MuxTransport { mux: mux.clone() });
+    client
+        .attest(attester.as_ref(), &init_data)
+        .await
+        .map_err(|e| format!("attestation to the key broker failed: {e}"))?;
+    let mut out = Secrets::new();
+    for (env, path) in &plan.secrets {
+        let value = client
+            .get_resource(path)
+            .await
+            .map_err(|e| format!("secret {env} ({path}): {e}"))?;
+        let text = String::from_utf8(value.to_vec())
+            .map_err(|_| format!("secret {env} ({path}) is not UTF-8 text"))?;
+        if text.contains('\0') {
+            return Err(format!("secret {env} ({path}) contains a NUL byte"));
+        }
+        out.insert(env.clone(), Zeroizing::new(text));
+    }
+    tracing::info!(function = %a.function, secrets = out.len(), "attested; secrets released to the sandbox");
+    Ok(out)
+}

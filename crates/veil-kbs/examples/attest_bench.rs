@@ -1,0 +1,57 @@
+//! Runs N full attest + resource round trips against a broker on loopback and prints latency.
+//!
+//! `cargo run --release -p veil-kbs --example attest_bench -- [N]` (default 200). Uses the
+//! INSECURE software TEE, so the numbers cover the protocol, policy, token and JWE costs, not
+//! hardware evidence verification.
+
+use std::time::{Duration, Instant};
+use veil_attest::software::SoftwareAttester;
+use veil_kbs::{Kbs, KbsClient, KbsConfig, ReqwestTransport};
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let n: usize = std::env::args()
+        .nth(1)
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(200)
+        .clamp(1, 100_000);
+    let dir = tempfile::tempdir()?;
+    let mut cfg = KbsConfig::new(dir.path());
+    cfg.allow_insecure_software_tee = true;
+    let kbs = Kbs::open(cfg)?;
+    kbs.set_resource("bench/key/image", &[7u8; 32])?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let router = kbs.router();
+    let server = tokio::spawn(async move { axum::serve(listener, router).await });
+
+    let attester = SoftwareAttester::new(&"ab".repeat(48), "");
+    let init = serde_json::json!({
+        "tenant": "bench", "function": "f", "image_digest": format!("sha256:{}", "0".repeat(64)),
+    });
+    let mut lat: Vec<Duration> = Vec::with_capacity(n);
+    let all = Instant::now();
+    for _ in 0..n {
+        let t = Instant::now();
+        let mut c = KbsClient::new(ReqwestTransport::new(base.clone()));
+        c.attest(&attester, &init).await?;
+        let v = c.get_resource("bench/key/image").await?;
+        if v.len() != 32 {
+            return Err("wrong resource length".into());
+        }
+        lat.push(t.elapsed());
+    }
+    let total = all.elapsed();
+    server.abort();
+    lat.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "{n} rounds (auth + attest + resource): min {:.2} ms, median {:.2} ms, max {:.2} ms, {:.1} rounds/s",
+        ms(lat[0]),
+        ms(lat[n / 2]),
+        ms(lat[n - 1]),
+        n as f64 / total.as_secs_f64()
+    );
+    Ok(())
+}

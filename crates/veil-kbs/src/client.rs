@@ -1,0 +1,258 @@
+//! The attesting side: a KBS client for the agent (over its channel) and the CLI (over HTTP).
+
+use crate::jwe::TeeKeyPair;
+use crate::parse::{self, PROTOCOL_VERSION};
+use crate::SESSION_COOKIE;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use veil_attest::Attester;
+use zeroize::Zeroizing;
+
+/// Client errors. None carries a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The request could not be sent or the reply not received.
+    #[error("key broker unreachable: {0}")]
+    Transport(String),
+    /// The broker answered with an error.
+    #[error("key broker refused ({status}): {detail}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// The `type` of the error body.
+        kind: String,
+        /// The `detail` of the error body (or the raw body).
+        detail: String,
+    },
+    /// The broker's answer does not follow the protocol.
+    #[error("key broker protocol error: {0}")]
+    Protocol(String),
+    /// Producing evidence failed.
+    #[error("attestation evidence: {0}")]
+    Evidence(#[from] veil_attest::Error),
+    /// The released resource does not decrypt.
+    #[error("{0}")]
+    Jwe(#[from] crate::jwe::JweError),
+    /// `get_resource` before a successful `attest`.
+    #[error("not attested: call attest first")]
+    NotAttested,
+}
+
+/// How the client reaches the broker: the agent tunnels HTTP through its channel to the node,
+/// the CLI and tests use plain HTTP. Request URIs are origin-form (`/kbs/v0/...`).
+pub trait Transport: Send + Sync {
+    /// Send one request and return the full response.
+    fn send(
+        &self,
+        req: http::Request<Bytes>,
+    ) -> BoxFuture<'_, Result<http::Response<Bytes>, ClientError>>;
+}
+
+/// HTTP(S) with reqwest to `base_url` (e.g. `http://127.0.0.1:8080`).
+#[cfg(feature = "reqwest")]
+#[derive(Debug, Clone)]
+pub struct ReqwestTransport {
+    base_url: String,
+    client: reqwest::Client,
+}
+
+#[cfg(feature = "reqwest")]
+impl ReqwestTransport {
+    /// A transport to `base_url` (no trailing slash needed).
+    pub fn new(base_url: impl Into<String>) -> Self {
+        Self {
+            base_url: base_url.into().trim_end_matches('/').to_string(),
+            client: reqwest::Client::new(),
+        }
+    }
+}
+
+#[cfg(feature = "reqwest")]
+impl Transport for ReqwestTransport {
+    fn send(
+        &self,
+        req: http::Request<Bytes>,
+    ) -> BoxFuture<'_, Result<http::Response<Bytes>, ClientError>> {
+        Box::pin(async move {
+            let (parts, body) = req.into_parts();
+            let url = format!("{}{}", self.base_url, parts.uri);
+            let resp = self
+                .client
+                .request(parts.method, url)
+                .headers(parts.headers)
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| ClientError::Transport(e.to_string()))?;
+            let mut b = http::Response::builder().status(resp.status());
+            for (k, v) in resp.headers() {
+                b = b.header(k, v);
+            }
+            let body = resp
+                .bytes()
+                .await
+                .map_err(|e| ClientError::Transport(e.to_string()))?;
+            b.body(body)
+                .map_err(|e| ClientError::Transport(e.to_string()))
+        })
+    }
+}
+
+/// A KBS client holding one session, one ephemeral key and one token.
+pub struct KbsClient<T: Transport> {
+    transport: T,
+    cookie: Option<String>,
+    token: Option<String>,
+    key: Option<TeeKeyPair>,
+}
+
+fn refused(resp: &http::Response<Bytes>) -> ClientError {
+    let status = resp.status().as_u16();
+    match serde_json::from_slice::<kbs_types::ErrorInformation>(resp.body()) {
+        Ok(e) => ClientError::Refused {
+            status,
+            kind: e.error_type,
+            detail: e.detail,
+        },
+        Err(_) => ClientError::Refused {
+            status,
+            kind: String::new(),
+            detail: String::from_utf8_lossy(resp.body())
+                .chars()
+                .take(500)
+                .collect(),
+        },
+    }
+}
+
+impl<T: Transport> KbsClient<T> {
+    /// A client over `transport`.
+    pub fn new(transport: T) -> Self {
+        Self {
+            transport,
+            cookie: None,
+            token: None,
+            key: None,
+        }
+    }
+
+    /// The token of the last successful attestation.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    async fn send(
+        &mut self,
+        method: http::Method,
+        uri: &str,
+        body: Vec<u8>,
+        bearer: bool,
+    ) -> Result<http::Response<Bytes>, ClientError> {
+        let mut b = http::Request::builder().method(method).uri(uri);
+        if !body.is_empty() {
+            b = b.header(http::header::CONTENT_TYPE, "application/json");
+        }
+        if let Some(c) = &self.cookie {
+            b = b.header(http::header::COOKIE, format!("{SESSION_COOKIE}={c}"));
+        }
+        if bearer {
+            if let Some(t) = &self.token {
+                b = b.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+            }
+        }
+        let req = b
+            .body(Bytes::from(body))
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let resp = self.transport.send(req).await?;
+        for v in resp.headers().get_all(http::header::SET_COOKIE) {
+            if let Some(c) = v.to_str().ok().and_then(|s| s.split(';').next()) {
+                if let Some(id) = parse::session_cookie(c) {
+                    self.cookie = Some(id.to_string());
+                }
+            }
+        }
+        if !resp.status().is_success() {
+            return Err(refused(&resp));
+        }
+        Ok(resp)
+    }
+
+    /// The full 0.4.0 round trip (`/auth`, then `/attest`): generates the ephemeral P-256 key,
+    /// binds it, the nonce and `init_data` into the evidence, and returns the token.
+    pub async fn attest(
+        &mut self,
+        attester: &dyn Attester,
+        init_data: &serde_json::Value,
+    ) -> Result<String, ClientError> {
+        let req = kbs_types::Request {
+            version: PROTOCOL_VERSION.into(),
+            tee: parse::kbs_tee(attester.tee()),
+            extra_params: serde_json::json!({}),
+        };
+        let body = serde_json::to_vec(&req).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.cookie = None;
+        self.token = None;
+        let resp = self
+            .send(http::Method::POST, "/kbs/v0/auth", body, false)
+            .await?;
+        let challenge: kbs_types::Challenge = serde_json::from_slice(resp.body())
+            .map_err(|e| ClientError::Protocol(format!("challenge: {e}")))?;
+        if self.cookie.is_none() {
+            return Err(ClientError::Protocol(
+                "no session cookie in the challenge".into(),
+            ));
+        }
+        let key = TeeKeyPair::generate();
+        let tee_pubkey = key.public_key();
+        let init_body =
+            serde_json::to_string(init_data).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let rd = parse::binding(&challenge.nonce, &tee_pubkey, init_body.as_bytes());
+        let evidence = attester.evidence(&rd)?;
+        let att = kbs_types::Attestation {
+            init_data: Some(kbs_types::InitData {
+                format: "json".into(),
+                body: init_body,
+            }),
+            runtime_data: kbs_types::RuntimeData {
+                nonce: challenge.nonce,
+                tee_pubkey,
+            },
+            tee_evidence: kbs_types::CompositeEvidence {
+                primary_evidence: evidence,
+                additional_evidence: String::new(),
+            },
+        };
+        let body = serde_json::to_vec(&att).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let resp = self
+            .send(http::Method::POST, "/kbs/v0/attest", body, false)
+            .await?;
+        let v: serde_json::Value = serde_json::from_slice(resp.body())
+            .map_err(|e| ClientError::Protocol(format!("attest reply: {e}")))?;
+        let token = v
+            .get("token")
+            .and_then(|t| t.as_str())
+            .ok_or_else(|| ClientError::Protocol("attest reply without a token".into()))?
+            .to_string();
+        self.key = Some(key);
+        self.token = Some(token.clone());
+        Ok(token)
+    }
+
+    /// Fetch `repo/type/tag` and decrypt it with the ephemeral key.
+    pub async fn get_resource(&mut self, path: &str) -> Result<Zeroizing<Vec<u8>>, ClientError> {
+        if self.key.is_none() {
+            return Err(ClientError::NotAttested);
+        }
+        let p = parse::parse_resource_path(path).map_err(|e| ClientError::Protocol(e.detail))?;
+        let resp = self
+            .send(
+                http::Method::GET,
+                &format!("/kbs/v0/resource/{p}"),
+                Vec::new(),
+                true,
+            )
+            .await?;
+        let key = self.key.as_ref().ok_or(ClientError::NotAttested)?;
+        Ok(key.decrypt(resp.body())?)
+    }
+}

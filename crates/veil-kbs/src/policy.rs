@@ -1,0 +1,205 @@
+//! Rego policies (evaluated with regorus).
+//!
+//! A policy is one Rego module in `package policy`. The broker reads two rules:
+//! `allow` (must be `true` to allow; undefined counts as deny) and, optionally, `deny`: a set of
+//! strings whose members are the reasons given to the client when access is denied.
+
+use crate::error::{KbsError, Result};
+
+/// The default attestation policy. Input: `{"claims", "init_data", "reference_values",
+/// "config": {"allow_insecure"}}`.
+pub const DEFAULT_ATTESTATION_POLICY: &str = r#"package policy
+
+import rego.v1
+
+default allow := false
+
+allow if count(deny) == 0
+
+deny contains "software TEE is insecure and not allowed by this broker's policy" if {
+	input.claims.insecure
+	not input.config.allow_insecure
+}
+
+deny contains "the guest was launched with debugging allowed: the host can read its memory" if {
+	input.claims.debug
+}
+
+# Hardware TEEs must match a registered measurement.
+deny contains "no reference measurement is registered for this hardware TEE" if {
+	not input.claims.insecure
+	count(object.get(input.reference_values, "measurement", [])) == 0
+}
+
+deny contains sprintf("measurement %s is not among the reference values", [input.claims.measurement]) if {
+	count(object.get(input.reference_values, "measurement", [])) > 0
+	not input.claims.measurement in input.reference_values.measurement
+}
+
+deny contains sprintf("init data %s is not among the reference values", [input.claims.init_data]) if {
+	count(object.get(input.reference_values, "init_data", [])) > 0
+	not input.claims.init_data in input.reference_values.init_data
+}
+
+deny contains sprintf("image digest %s is not among the reference values", [input.init_data.image_digest]) if {
+	count(object.get(input.reference_values, "image_digest", [])) > 0
+	not input.init_data.image_digest in input.reference_values.image_digest
+}
+"#;
+
+/// The default resource policy: an attested sandbox (whose tenant the broker already matched
+/// against the repository) may read. Input: `{"token": <token claims>, "resource":
+/// {"repository", "type", "tag"}}`.
+pub const DEFAULT_RESOURCE_POLICY: &str = r#"package policy
+
+import rego.v1
+
+default allow := false
+
+allow if {
+	input.token.tenant == input.resource.repository
+}
+"#;
+
+/// A policy decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Allowed?
+    pub allow: bool,
+    /// Reasons the policy gave (its `deny` set), sorted.
+    pub reasons: Vec<String>,
+}
+
+/// A compiled policy.
+#[derive(Clone)]
+pub(crate) struct Policy {
+    engine: regorus::Engine,
+    pub(crate) source: String,
+}
+
+fn query(engine: &mut regorus::Engine, q: &str) -> Result<serde_json::Value, String> {
+    let r = engine
+        .eval_query(q.to_string(), false)
+        .map_err(|e| format!("{e}"))?;
+    let Some(v) = r.result.first().and_then(|r| r.expressions.first()) else {
+        return Ok(serde_json::Value::Null);
+    };
+    let s = v.value.to_json_str().map_err(|e| format!("{e}"))?;
+    serde_json::from_str(&s).map_err(|e| e.to_string())
+}
+
+impl Policy {
+    /// Parse `rego`, require `package policy` with an `allow` rule, and check that it evaluates.
+    pub(crate) fn compile(rego: &str, sample_input: serde_json::Value) -> Result<Self> {
+        let mut engine = regorus::Engine::new();
+        let package = engine
+            .add_policy("policy.rego".into(), rego.to_string())
+            .map_err(|e| KbsError::Policy(format!("{e}").trim().to_string()))?;
+        if package != "data.policy" {
+            return Err(KbsError::Policy(format!(
+                "the policy must be in `package policy`, not {package:?}"
+            )));
+        }
+        let p = Self {
+            engine,
+            source: rego.to_string(),
+        };
+        p.evaluate(sample_input).map_err(KbsError::Policy)?;
+        Ok(p)
+    }
+
+    /// Evaluate with `input`.
+    pub(crate) fn evaluate(&self, input: serde_json::Value) -> Result<Decision, String> {
+        let mut engine = self.engine.clone();
+        engine.set_input(regorus::Value::from(input));
+        let allow = query(&mut engine, "data.policy.allow")?;
+        let allow = match allow {
+            serde_json::Value::Bool(b) => b,
+            serde_json::Value::Null => false,
+            other => return Err(format!("`allow` must be a boolean, not {other}")),
+        };
+        let mut reasons: Vec<String> = match query(&mut engine, "data.policy.deny") {
+            Ok(serde_json::Value::Array(a)) => a
+                .into_iter()
+                .map(|v| match v {
+                    serde_json::Value::String(s) => s,
+                    other => other.to_string(),
+                })
+                .collect(),
+            Ok(serde_json::Value::String(s)) => vec![s],
+            _ => Vec::new(),
+        };
+        reasons.sort();
+        Ok(Decision { allow, reasons })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn att_input(
+        insecure: bool,
+        allow_insecure: bool,
+        m: &str,
+        refs: serde_json::Value,
+    ) -> serde_json::Value {
+        json!({
+            "claims": {"tee": "software", "insecure": insecure, "debug": false, "measurement": m, "init_data": "", "report_data": "", "details": {}},
+            "init_data": {"tenant": "t", "function": "f", "image_digest": "sha256:00"},
+            "reference_values": refs,
+            "config": {"allow_insecure": allow_insecure},
+        })
+    }
+
+    #[test]
+    fn default_attestation_policy() {
+        let p = Policy::compile(DEFAULT_ATTESTATION_POLICY, json!({})).unwrap();
+        let d = p.evaluate(att_input(true, false, "aa", json!({}))).unwrap();
+        assert!(!d.allow);
+        assert_eq!(
+            d.reasons,
+            vec!["software TEE is insecure and not allowed by this broker's policy"]
+        );
+        assert!(
+            p.evaluate(att_input(true, true, "aa", json!({})))
+                .unwrap()
+                .allow
+        );
+        let d = p
+            .evaluate(att_input(true, true, "aa", json!({"measurement": ["bb"]})))
+            .unwrap();
+        assert!(!d.allow);
+        assert!(d.reasons[0].contains("measurement aa"), "{d:?}");
+        assert!(
+            p.evaluate(att_input(
+                true,
+                true,
+                "aa",
+                json!({"measurement": ["bb", "aa"]})
+            ))
+            .unwrap()
+            .allow
+        );
+        // Hardware without reference measurement.
+        let d = p
+            .evaluate(att_input(false, false, "aa", json!({})))
+            .unwrap();
+        assert!(!d.allow);
+        assert!(d.reasons[0].contains("no reference measurement"));
+    }
+
+    #[test]
+    fn bad_policies() {
+        for bad in [
+            "package policy\nallow if {",
+            "package other\nallow := true",
+            "package policy\nallow := 1",
+        ] {
+            assert!(Policy::compile(bad, json!({})).is_err(), "{bad}");
+        }
+        let p = Policy::compile("package policy\nallow := true", json!({})).unwrap();
+        assert!(p.evaluate(json!({})).unwrap().allow);
+    }
+}

@@ -1,0 +1,424 @@
+//! The HTTP API (axum).
+
+use crate::error::ProtocolError;
+use crate::parse::{self, MAX_BODY};
+use crate::token::{self, TokenClaims};
+use crate::{Kbs, SESSION_COOKIE};
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use bytes::Bytes;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+type Shared = State<Arc<Kbs>>;
+type ApiResult<T = Response> = Result<T, ProtocolError>;
+
+impl IntoResponse for ProtocolError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        tracing::warn!(status = self.status, kind = self.kind, detail = %self.detail, "kbs request refused");
+        (status, axum::Json(self.body())).into_response()
+    }
+}
+
+pub(crate) fn router(kbs: Arc<Kbs>) -> Router {
+    routes()
+        .fallback(|| async { ProtocolError::not_found("NotFound", "no such endpoint") })
+        .with_state(kbs)
+}
+
+/// The broker's routes without a fallback, for mounting next to another service's routes.
+pub(crate) fn embeddable(kbs: Arc<Kbs>) -> Router {
+    routes().with_state(kbs)
+}
+
+fn routes() -> Router<Arc<Kbs>> {
+    Router::new()
+        .route("/kbs/v0/auth", post(auth))
+        .route("/kbs/v0/attest", post(attest))
+        .route(
+            "/kbs/v0/resource/{repo}/{kind}/{tag}",
+            get(get_resource).put(put_resource).delete(delete_resource),
+        )
+        .route("/kbs/v0/resource", get(list_resources))
+        .route("/kbs/v0/reference-value", get(list_reference_values))
+        .route(
+            "/kbs/v0/reference-value/{name}",
+            get(get_reference_value).put(put_reference_value),
+        )
+        .route(
+            "/kbs/v0/attestation-policy",
+            get(get_attestation_policy).put(put_attestation_policy),
+        )
+        .route(
+            "/kbs/v0/resource-policy",
+            get(get_resource_policy).put(put_resource_policy),
+        )
+}
+
+/// Read a body of at most [`MAX_BODY`] bytes; larger ones are 413.
+async fn read_body(headers: &HeaderMap, body: Body) -> ApiResult<Bytes> {
+    let too_large = || {
+        ProtocolError::new(
+            413,
+            "PayloadTooLarge",
+            format!("request body exceeds {MAX_BODY} bytes"),
+        )
+    };
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > MAX_BODY as u64 {
+            return Err(too_large());
+        }
+    }
+    match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(b) => Ok(b),
+        Err(e) => {
+            let inner = e.into_inner();
+            if inner
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                Err(too_large())
+            } else {
+                Err(ProtocolError::bad_request(
+                    "MalformedRequest",
+                    format!("could not read the request body: {inner}"),
+                ))
+            }
+        }
+    }
+}
+
+fn json_response<T: serde::Serialize>(v: &T) -> Response {
+    axum::Json(v).into_response()
+}
+
+fn cookie(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|v| parse::session_cookie(v).map(str::to_string))
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attestation protocol.
+
+async fn auth(State(kbs): Shared, headers: HeaderMap, body: Body) -> ApiResult {
+    let body = read_body(&headers, body).await?;
+    let (req, tee) = parse::parse_request(&body)?;
+    if !kbs.verifiers.contains_key(&tee) {
+        return Err(ProtocolError::bad_request(
+            "UnsupportedTee",
+            format!(
+                "this broker has no verifier for TEE {} (available: {})",
+                req.tee,
+                kbs.supported_tees()
+                    .iter()
+                    .map(|t| crate::parse::kbs_tee(*t).to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
+    use base64::Engine;
+    let nonce = base64::engine::general_purpose::STANDARD.encode(crate::jwe::random_bytes::<32>());
+    let id = kbs
+        .sessions
+        .create(tee, nonce.clone(), kbs.cfg.session_ttl)?;
+    let challenge = kbs_types::Challenge {
+        nonce,
+        extra_params: serde_json::json!({}),
+    };
+    let mut resp = json_response(&challenge);
+    let set_cookie = format!(
+        "{SESSION_COOKIE}={id}; Path=/kbs; HttpOnly; SameSite=Strict; Max-Age={}",
+        kbs.cfg.session_ttl.as_secs()
+    );
+    let v =
+        HeaderValue::from_str(&set_cookie).map_err(|e| ProtocolError::internal(e.to_string()))?;
+    resp.headers_mut().insert(header::SET_COOKIE, v);
+    tracing::info!(tee = %tee, "kbs challenge issued");
+    Ok(resp)
+}
+
+async fn attest(State(kbs): Shared, headers: HeaderMap, body: Body) -> ApiResult {
+    let body = read_body(&headers, body).await?;
+    let id = cookie(&headers).ok_or_else(|| {
+        ProtocolError::unauthorized(
+            "MissingCookie",
+            "no kbs-session-id cookie: call /auth first",
+        )
+    })?;
+    let parsed = parse::parse_attestation(&body)?;
+    let rd = &parsed.attestation.runtime_data;
+    let tee = kbs.sessions.take_nonce(&id, &rd.nonce, kbs.cfg.nonce_ttl)?;
+    let verifier = kbs.verifiers.get(&tee).ok_or_else(|| {
+        ProtocolError::bad_request("UnsupportedTee", format!("no verifier for TEE {tee}"))
+    })?;
+    let expected = parse::binding(&rd.nonce, &rd.tee_pubkey, &parsed.init_data_body);
+    let evidence = &parsed.attestation.tee_evidence.primary_evidence;
+    let claims = verifier
+        .verify(evidence, &expected, SystemTime::now())
+        .map_err(|e| match e {
+            veil_attest::Error::Malformed { .. } => {
+                ProtocolError::bad_request("MalformedEvidence", e.to_string())
+            }
+            veil_attest::Error::ReportDataMismatch { .. } => ProtocolError::unauthorized(
+                "BindingMismatch",
+                format!("evidence does not bind this session's nonce, key and init data: {e}"),
+            ),
+            veil_attest::Error::Invalid { .. } => {
+                ProtocolError::unauthorized("InvalidEvidence", e.to_string())
+            }
+            other => ProtocolError::internal(other.to_string()),
+        })?;
+    if claims.tee != tee {
+        return Err(ProtocolError::unauthorized(
+            "InvalidEvidence",
+            format!(
+                "evidence is from TEE {} but the session is for {tee}",
+                claims.tee
+            ),
+        ));
+    }
+    let refs = kbs.store.reference_values().map_err(ProtocolError::from)?;
+    let input = serde_json::json!({
+        "claims": claims,
+        "init_data": parsed.init_data,
+        "reference_values": refs,
+        "config": {"allow_insecure": kbs.cfg.allow_insecure_software_tee},
+    });
+    let policy = kbs
+        .attestation_policy
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let decision = policy
+        .evaluate(input)
+        .map_err(|e| ProtocolError::internal(format!("attestation policy failed: {e}")))?;
+    if !decision.allow {
+        let detail = if decision.reasons.is_empty() {
+            "the attestation policy denied this TEE".to_string()
+        } else {
+            format!("attestation policy denied: {}", decision.reasons.join("; "))
+        };
+        return Err(ProtocolError::forbidden("PolicyDeny", detail));
+    }
+    let now = token::now_secs();
+    let a = &parsed.assignment;
+    let tc = TokenClaims {
+        iss: token::ISSUER.into(),
+        iat: now,
+        exp: now + kbs.cfg.token_ttl.as_secs().max(1),
+        jti: hex::encode(crate::jwe::random_bytes::<16>()),
+        tee,
+        insecure: claims.insecure,
+        measurement: claims.measurement.clone(),
+        tenant: a.tenant.clone(),
+        function: a.function.clone(),
+        image_digest: a.image_digest.clone(),
+        tee_pubkey: rd.tee_pubkey.clone(),
+    };
+    let tok = token::sign(&kbs.token_key, &tc).map_err(ProtocolError::from)?;
+    kbs.sessions.set_attested(&id, tc);
+    tracing::info!(tee = %tee, tenant = %a.tenant, function = %a.function, "kbs attestation accepted");
+    Ok(json_response(&serde_json::json!({ "token": tok })))
+}
+
+async fn get_resource(
+    State(kbs): Shared,
+    Path((repo, kind, tag)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> ApiResult {
+    let claims: TokenClaims = if let Some(t) = bearer(&headers) {
+        kbs.verify_token(t)
+            .map_err(|e| ProtocolError::unauthorized("TokenInvalid", e))?
+    } else if let Some(id) = cookie(&headers) {
+        kbs.sessions.attested(&id)?
+    } else {
+        return Err(ProtocolError::unauthorized(
+            "MissingCookie",
+            "an attested session cookie or a bearer token is required",
+        ));
+    };
+    let path = parse::parse_resource_path(&format!("{repo}/{kind}/{tag}"))?;
+    if path.repository != claims.tenant {
+        return Err(ProtocolError::forbidden(
+            "PolicyDeny",
+            format!(
+                "resource of another tenant: {path} is not in the attested tenant's repository {:?}",
+                claims.tenant
+            ),
+        ));
+    }
+    let policy = kbs
+        .resource_policy
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let input = serde_json::json!({ "token": claims, "resource": path });
+    let decision = policy
+        .evaluate(input)
+        .map_err(|e| ProtocolError::internal(format!("resource policy failed: {e}")))?;
+    if !decision.allow {
+        let detail = if decision.reasons.is_empty() {
+            format!("the resource policy denied access to {path}")
+        } else {
+            format!("resource policy denied: {}", decision.reasons.join("; "))
+        };
+        return Err(ProtocolError::forbidden("PolicyDeny", detail));
+    }
+    let value = kbs
+        .store
+        .get_resource(&path.to_string())
+        .map_err(ProtocolError::from)?
+        .ok_or_else(|| {
+            ProtocolError::not_found("ResourceNotFound", format!("no resource {path}"))
+        })?;
+    let jwe = crate::jwe::encrypt(&claims.tee_pubkey, &value)
+        .map_err(|e| ProtocolError::bad_request("InvalidTeePubKey", e.to_string()))?;
+    tracing::info!(tenant = %claims.tenant, resource = %path, "kbs resource released");
+    Ok(json_response(&jwe))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admin API.
+
+fn require_admin(kbs: &Kbs, headers: &HeaderMap) -> ApiResult<()> {
+    let t = bearer(headers).ok_or_else(|| {
+        ProtocolError::unauthorized("AdminAuth", "admin endpoints need an admin bearer token")
+    })?;
+    token::verify_admin_token(&kbs.admin_key, t)
+        .map_err(|e| ProtocolError::unauthorized("AdminAuth", format!("admin token refused: {e}")))
+}
+
+async fn put_resource(
+    State(kbs): Shared,
+    Path((repo, kind, tag)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    require_admin(&kbs, &headers)?;
+    let body = read_body(&headers, body).await?;
+    let path = parse::parse_resource_path(&format!("{repo}/{kind}/{tag}"))?;
+    kbs.store
+        .set_resource(&path.to_string(), &body)
+        .map_err(ProtocolError::from)?;
+    tracing::info!(resource = %path, "kbs resource stored");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn delete_resource(
+    State(kbs): Shared,
+    Path((repo, kind, tag)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> ApiResult {
+    require_admin(&kbs, &headers)?;
+    let path = parse::parse_resource_path(&format!("{repo}/{kind}/{tag}"))?;
+    if !kbs
+        .store
+        .delete_resource(&path.to_string())
+        .map_err(ProtocolError::from)?
+    {
+        return Err(ProtocolError::not_found(
+            "ResourceNotFound",
+            format!("no resource {path}"),
+        ));
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn list_resources(State(kbs): Shared, headers: HeaderMap) -> ApiResult {
+    require_admin(&kbs, &headers)?;
+    Ok(json_response(
+        &kbs.list_resources().map_err(ProtocolError::from)?,
+    ))
+}
+
+async fn put_reference_value(
+    State(kbs): Shared,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    require_admin(&kbs, &headers)?;
+    let body = read_body(&headers, body).await?;
+    let values = parse::parse_reference_values(&body)?;
+    kbs.set_reference_values(&name, &values)
+        .map_err(ProtocolError::from)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn get_reference_value(
+    State(kbs): Shared,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    require_admin(&kbs, &headers)?;
+    let all = kbs.reference_values().map_err(ProtocolError::from)?;
+    let v = all.get(&name).ok_or_else(|| {
+        ProtocolError::not_found("NotFound", format!("no reference value {name:?}"))
+    })?;
+    Ok(json_response(v))
+}
+
+async fn list_reference_values(State(kbs): Shared, headers: HeaderMap) -> ApiResult {
+    require_admin(&kbs, &headers)?;
+    Ok(json_response(
+        &kbs.reference_values().map_err(ProtocolError::from)?,
+    ))
+}
+
+fn rego_text(body: &Bytes) -> ApiResult<&str> {
+    std::str::from_utf8(body)
+        .map_err(|_| ProtocolError::bad_request("PolicyInvalid", "the policy is not UTF-8 text"))
+}
+
+async fn put_attestation_policy(State(kbs): Shared, headers: HeaderMap, body: Body) -> ApiResult {
+    require_admin(&kbs, &headers)?;
+    let body = read_body(&headers, body).await?;
+    kbs.set_attestation_policy(rego_text(&body)?)
+        .map_err(ProtocolError::from)?;
+    tracing::info!("kbs attestation policy replaced");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn put_resource_policy(State(kbs): Shared, headers: HeaderMap, body: Body) -> ApiResult {
+    require_admin(&kbs, &headers)?;
+    let body = read_body(&headers, body).await?;
+    kbs.set_resource_policy(rego_text(&body)?)
+        .map_err(ProtocolError::from)?;
+    tracing::info!("kbs resource policy replaced");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+fn text(s: String) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], s).into_response()
+}
+
+async fn get_attestation_policy(State(kbs): Shared, headers: HeaderMap) -> ApiResult {
+    require_admin(&kbs, &headers)?;
+    Ok(text(kbs.attestation_policy()))
+}
+
+async fn get_resource_policy(State(kbs): Shared, headers: HeaderMap) -> ApiResult {
+    require_admin(&kbs, &headers)?;
+    Ok(text(kbs.resource_policy()))
+}
