@@ -406,17 +406,6 @@ async fn kbs_cmd(kc: KbsCmd, server: &str) -> Result<()> {
     Ok(())
 }
 
-fn hex_decode(s: &str) -> Result<Vec<u8>> {
-    let s = s.trim();
-    if s.len() % 2 != 0 || !s.chars().all(|c| c.is_ascii_hexdigit()) {
-        bail!("not a hex string");
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).context("hex"))
-        .collect()
-}
-
 fn parse_env(kvs: &[String]) -> Result<BTreeMap<String, String>> {
     kvs.iter()
         .map(|kv| {
@@ -570,7 +559,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }) => {
             let report_data = match report_data {
                 Some(h) => {
-                    let b = hex_decode(&h).context("--report-data must be hex")?;
+                    let b = hex::decode(h.trim()).context("--report-data must be hex")?;
                     Some(<[u8; 64]>::try_from(b.as_slice()).map_err(|_| {
                         anyhow::anyhow!("--report-data must be 64 bytes (128 hex digits)")
                     })?)

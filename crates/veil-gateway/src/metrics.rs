@@ -4,6 +4,9 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Mutex;
 
+/// A gauge computed at scrape time: name, help text, and (label set, value) samples.
+pub type Gauge<'a> = (&'a str, &'a str, Vec<(String, f64)>);
+
 /// Counters kept by the gateway; gauges are computed at scrape time.
 #[derive(Default)]
 pub struct Metrics {
@@ -45,8 +48,8 @@ impl Metrics {
         }
     }
 
-    /// Render everything; `gauges` are (name, help, [(labels, value)]).
-    pub fn render(&self, gauges: &[(&str, &str, Vec<(String, f64)>)]) -> String {
+    /// Render everything with the given gauges.
+    pub fn render(&self, gauges: &[Gauge<'_>]) -> String {
         let mut out = String::new();
         let _ = writeln!(
             out,
