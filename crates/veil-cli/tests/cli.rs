@@ -114,6 +114,52 @@ fn readme_workflow_with_the_veil_command() {
     let logs = ok(&server, &["logs", "hello"]);
     assert!(logs.contains("hello: listening on port 8080"), "{logs}");
 
+    // Secrets through the embedded key broker, administered with `veil kbs`.
+    let admin_key = tmp.path().join("state/kbs/admin.key");
+    let key = admin_key.to_str().unwrap();
+    ok(
+        &server,
+        &[
+            "kbs",
+            "set-resource",
+            "default/app/token",
+            "--value",
+            "tok123",
+            "--admin-key",
+            key,
+        ],
+    );
+    let listed = ok(&server, &["kbs", "ls", "--admin-key", key]);
+    assert!(
+        listed.contains("default/app/token") && !listed.contains("tok123"),
+        "{listed}"
+    );
+    ok(
+        &server,
+        &[
+            "deploy",
+            "sec",
+            "--image",
+            "local/hello:v1",
+            "--secret",
+            "TOKEN=kbs:///default/app/token",
+            "--allow-insecure-software-tee",
+        ],
+    );
+    assert_eq!(
+        ok(&server, &["invoke", "sec", "--path", "/env/TOKEN"]),
+        "TOKEN=tok123\n"
+    );
+    ok(&server, &["delete", "sec"]);
+    let stranger = tmp.path().join("stranger.key");
+    std::fs::write(&stranger, "not a key").unwrap();
+    let refused = veil(
+        &server,
+        &["kbs", "ls", "--admin-key", stranger.to_str().unwrap()],
+    );
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("stranger.key"));
+
     // Bad input through the CLI: clear errors and a failing exit status.
     let missing = veil(&server, &["invoke", "nope"]);
     assert!(!missing.status.success());
