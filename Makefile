@@ -5,7 +5,7 @@
 
 CARGO ?= cargo
 
-.PHONY: demo test deps build lint bench
+.PHONY: demo test deps build lint fuzz
 
 demo:
 	$(CARGO) build --release --bins
@@ -28,3 +28,13 @@ test: deps build
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Bounded fuzzing of every parser of untrusted input (cargo-fuzz needs nightly features;
+# RUSTC_BOOTSTRAP lets the stable toolchain provide them).
+FUZZ_SECONDS ?= 30
+fuzz:
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	@for t in kbs_request manifest_parse layer_unpack; do \
+	  echo "fuzzing $$t for $(FUZZ_SECONDS)s"; \
+	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	done

@@ -1,6 +1,8 @@
 //! Runs N full attest + resource round trips against a broker on loopback and prints latency.
 //!
-//! `cargo run --release -p veil-kbs --example attest_bench -- [N]` (default 200). Uses the
+//! `cargo run --release -p veil-kbs --example attest_bench -- [N] [CONCURRENCY]` (defaults 200
+//! and 1). With CONCURRENCY > 1 that many clients run at once, which measures the broker's
+//! throughput rather than one client's latency. Uses the
 //! INSECURE software TEE, so the numbers cover the protocol, policy, token and JWE costs, not
 //! hardware evidence verification.
 
@@ -16,6 +18,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .transpose()?
         .unwrap_or(200)
         .clamp(1, 100_000);
+    let conc: usize = std::env::args()
+        .nth(2)
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(1)
+        .clamp(1, 256);
     let dir = tempfile::tempdir()?;
     let mut cfg = KbsConfig::new(dir.path());
     cfg.allow_insecure_software_tee = true;
@@ -26,28 +34,46 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let router = kbs.router();
     let server = tokio::spawn(async move { axum::serve(listener, router).await });
 
-    let attester = SoftwareAttester::new(&"ab".repeat(48), "");
     let init = serde_json::json!({
         "tenant": "bench", "function": "f", "image_digest": format!("sha256:{}", "0".repeat(64)),
     });
-    let mut lat: Vec<Duration> = Vec::with_capacity(n);
     let all = Instant::now();
-    for _ in 0..n {
-        let t = Instant::now();
-        let mut c = KbsClient::new(ReqwestTransport::new(base.clone()));
-        c.attest(&attester, &init).await?;
-        let v = c.get_resource("bench/key/image").await?;
-        if v.len() != 32 {
-            return Err("wrong resource length".into());
-        }
-        lat.push(t.elapsed());
+    let mut tasks = Vec::new();
+    for w in 0..conc {
+        let rounds = n / conc + usize::from(w < n % conc);
+        let base = base.clone();
+        let init = init.clone();
+        tasks.push(tokio::spawn(async move {
+            let attester = SoftwareAttester::new(&"ab".repeat(48), "");
+            let mut lat = Vec::with_capacity(rounds);
+            for _ in 0..rounds {
+                let t = Instant::now();
+                let mut c = KbsClient::new(ReqwestTransport::new(base.clone()));
+                c.attest(&attester, &init)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let v = c
+                    .get_resource("bench/key/image")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if v.len() != 32 {
+                    return Err("wrong resource length".to_string());
+                }
+                lat.push(t.elapsed());
+            }
+            Ok::<_, String>(lat)
+        }));
+    }
+    let mut lat: Vec<Duration> = Vec::with_capacity(n);
+    for t in tasks {
+        lat.extend(t.await??);
     }
     let total = all.elapsed();
     server.abort();
     lat.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
-        "{n} rounds (auth + attest + resource): min {:.2} ms, median {:.2} ms, max {:.2} ms, {:.1} rounds/s",
+        "{n} rounds (auth + attest + resource), {conc} at a time: min {:.2} ms, median {:.2} ms, max {:.2} ms, {:.1} rounds/s",
         ms(lat[0]),
         ms(lat[n / 2]),
         ms(lat[n - 1]),

@@ -77,17 +77,6 @@ pub(crate) struct Policy {
     pub(crate) source: String,
 }
 
-fn query(engine: &mut regorus::Engine, q: &str) -> Result<serde_json::Value, String> {
-    let r = engine
-        .eval_query(q.to_string(), false)
-        .map_err(|e| format!("{e}"))?;
-    let Some(v) = r.result.first().and_then(|r| r.expressions.first()) else {
-        return Ok(serde_json::Value::Null);
-    };
-    let s = v.value.to_json_str().map_err(|e| format!("{e}"))?;
-    serde_json::from_str(&s).map_err(|e| e.to_string())
-}
-
 impl Policy {
     /// Parse `rego`, require `package policy` with an `allow` rule, and check that it evaluates.
     pub(crate) fn compile(rego: &str, sample_input: serde_json::Value) -> Result<Self> {
@@ -112,23 +101,28 @@ impl Policy {
     pub(crate) fn evaluate(&self, input: serde_json::Value) -> Result<Decision, String> {
         let mut engine = self.engine.clone();
         engine.set_input(regorus::Value::from(input));
-        let allow = query(&mut engine, "data.policy.allow")?;
-        let allow = match allow {
-            serde_json::Value::Bool(b) => b,
-            serde_json::Value::Null => false,
-            other => return Err(format!("`allow` must be a boolean, not {other}")),
+        // Rules are evaluated directly (no query parsing); reasons only when denied.
+        let allow = match engine.eval_rule("data.policy.allow".into()) {
+            Ok(regorus::Value::Bool(b)) => b,
+            Ok(regorus::Value::Undefined) | Ok(regorus::Value::Null) => false,
+            Ok(other) => return Err(format!("`allow` must be a boolean, not {other}")),
+            Err(e) => return Err(format!("{e}")),
         };
-        let mut reasons: Vec<String> = match query(&mut engine, "data.policy.deny") {
-            Ok(serde_json::Value::Array(a)) => a
-                .into_iter()
-                .map(|v| match v {
-                    serde_json::Value::String(s) => s,
-                    other => other.to_string(),
-                })
-                .collect(),
-            Ok(serde_json::Value::String(s)) => vec![s],
-            _ => Vec::new(),
-        };
+        let mut reasons = Vec::new();
+        if !allow {
+            if let Ok(v) = engine.eval_rule("data.policy.deny".into()) {
+                if let Ok(set) = v.as_set() {
+                    for r in set.iter() {
+                        reasons.push(match r {
+                            regorus::Value::String(s) => s.to_string(),
+                            other => other.to_string(),
+                        });
+                    }
+                } else if let regorus::Value::String(s) = v {
+                    reasons.push(s.to_string());
+                }
+            }
+        }
         reasons.sort();
         Ok(Decision { allow, reasons })
     }
