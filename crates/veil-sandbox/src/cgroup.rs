@@ -68,6 +68,39 @@ fn mkdir(path: &Path) -> Result<(), Error> {
     })
 }
 
+/// Remove empty sandbox cgroups left under `parent` by a node that died without cleaning up.
+/// Only empty directories are removed (`rmdir` refuses others), so sandboxes of another live
+/// node sharing the parent are never touched; directories younger than a minute are left alone
+/// too (another node may have just created one and not yet moved its sandbox in). Returns how
+/// many were removed.
+pub fn remove_stale(layout: &Layout, parent: &str) -> usize {
+    let parents: Vec<PathBuf> = match layout {
+        Layout::V2(root) => vec![root.join(parent)],
+        Layout::V1(root) => ["memory", "cpu", "pids"]
+            .iter()
+            .map(|c| root.join(c).join(parent))
+            .collect(),
+    };
+    let mut removed = 0;
+    for p in parents {
+        let Ok(entries) = fs::read_dir(&p) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > std::time::Duration::from_secs(60));
+            if old && e.path().is_dir() && fs::remove_dir(e.path()).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    removed
+}
+
 /// One sandbox's cgroup (one directory on v2, several on v1).
 #[derive(Debug)]
 pub struct Cgroup {

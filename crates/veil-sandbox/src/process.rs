@@ -54,6 +54,17 @@ impl ProcessBackend {
             id: "-".into(),
             source,
         })?;
+        let stale = cgroup::remove_stale(&layout, &config.cgroup_parent);
+        if stale > 0 {
+            tracing::info!(stale, "removed empty cgroups left by an earlier node");
+        }
+        // Mount points of sandboxes of an earlier run of this state directory (empty on the
+        // host: the tmpfs lived only in the sandbox's mount namespace).
+        if let Ok(entries) = std::fs::read_dir(&config.state_dir) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_dir(e.path());
+            }
+        }
         tracing::info!(?layout, agent = %config.agent.display(), "namespace sandbox backend ready");
         Ok(Self { config, layout })
     }
