@@ -798,3 +798,54 @@ async fn secrets_are_released_to_the_attested_sandbox_only() {
     assert_no_assigned_sandboxes(&env).await;
     stop_and_check_clean(env).await;
 }
+
+/// Clients that give up (disconnect) while waiting for a cold start or while their request runs
+/// must not leave the function's queue or the instance's concurrency slot taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_disconnect_release_their_queue_place_and_slot() {
+    let env = up_with(|o| o.max_queue = 2).await;
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+
+    let mute = push_local(&env, "mute2:v1", &["/hello", "--never-listen"]).await;
+    env.admin.deploy("mute2", &deploy_req(&mute)).await.unwrap();
+    for _ in 0..4 {
+        let r = impatient
+            .get(format!("{}/f/mute2/", env.platform.url()))
+            .send()
+            .await;
+        assert!(
+            r.is_err(),
+            "the request should have timed out on the client"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let st = env.admin.list().await.unwrap();
+    let mute_st = st.iter().find(|f| f.record.name == "mute2").unwrap();
+    assert_eq!(
+        mute_st.waiting, 0,
+        "queue places leaked by disconnected clients"
+    );
+
+    let image = push_local(&env, "slowpoke:v1", &["/hello"]).await;
+    let mut req = deploy_req(&image);
+    req.concurrency = Some(1);
+    req.max_scale = Some(1);
+    env.admin.deploy("slowpoke", &req).await.unwrap();
+    assert_eq!(invoke(&env, "slowpoke", "/", "").await.status, 200);
+    // Occupy the only slot with a slow request and walk away.
+    let r = impatient
+        .get(format!("{}/f/slowpoke/sleep/1500", env.platform.url()))
+        .send()
+        .await;
+    assert!(r.is_err());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The slot is free again: a new request is served by the same single instance.
+    let again = invoke(&env, "slowpoke", "/", "").await;
+    assert_eq!(again.status, 200, "{}", text(&again));
+    env.admin.delete("mute2").await.unwrap();
+    env.admin.delete("slowpoke").await.unwrap();
+    stop_and_check_clean(env).await;
+}

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -141,10 +141,11 @@ struct Runtime {
     record: FunctionRecord,
     instances: Vec<Arc<Slot>>,
     starting: usize,
-    waiting: usize,
+    /// Requests waiting for capacity; decremented by a guard even if the client goes away.
+    waiting: Arc<AtomicUsize>,
     failures: u64,
     last_error: Option<String>,
-    changes: watch::Sender<u64>,
+    changes: Arc<watch::Sender<u64>>,
     /// Fires when this revision is deleted or replaced; in-flight cold starts stop.
     cancel: CancellationToken,
 }
@@ -155,10 +156,10 @@ impl Runtime {
             record,
             instances: Vec::new(),
             starting: 0,
-            waiting: 0,
+            waiting: Arc::new(AtomicUsize::new(0)),
             failures: 0,
             last_error: None,
-            changes: watch::channel(0).0,
+            changes: Arc::new(watch::channel(0).0),
             cancel: CancellationToken::new(),
         }
     }
@@ -228,7 +229,7 @@ impl Functions {
                 .map(|s| s.inst.id().to_string())
                 .collect(),
             starting: rt.starting,
-            waiting: rt.waiting,
+            waiting: rt.waiting.load(Ordering::SeqCst),
             last_error: rt.last_error.clone(),
         }
     }
@@ -501,8 +502,8 @@ fn start_instance(gw: &Arc<Gateway>, rt: &mut Runtime) {
 }
 
 enum Pick {
-    Slot(Arc<Slot>),
-    Wait(watch::Receiver<u64>),
+    Slot(Busy),
+    Wait(watch::Receiver<u64>, Counted),
     Respond(Response),
 }
 
@@ -554,7 +555,10 @@ async fn route(
                 .cloned();
             if let Some(s) = best {
                 s.inflight.fetch_add(1, Ordering::SeqCst);
-                Pick::Slot(s)
+                Pick::Slot(Busy {
+                    slot: s,
+                    changes: rt.changes.clone(),
+                })
             } else if rt.failures > seen && rt.instances.is_empty() && rt.starting == 0 {
                 Pick::Respond(api_error(
                     StatusCode::BAD_GATEWAY,
@@ -564,13 +568,13 @@ async fn route(
                         rt.last_error.clone().unwrap_or_default()
                     ),
                 ))
-            } else if rt.waiting >= gw.config.max_queue {
+            } else if rt.waiting.load(Ordering::SeqCst) >= gw.config.max_queue {
                 let mut r = api_error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "QUEUE_FULL",
                     format!(
                         "function {name:?} has {} requests waiting for capacity; try again",
-                        rt.waiting
+                        rt.waiting.load(Ordering::SeqCst)
                     ),
                 );
                 r.headers_mut()
@@ -579,23 +583,22 @@ async fn route(
             } else {
                 if rt.instances.len() + rt.starting < rt.record.max_scale as usize
                     && (rt.starting == 0
-                        || rt.waiting >= rt.starting * rt.record.concurrency as usize)
+                        || rt.waiting.load(Ordering::SeqCst)
+                            >= rt.starting * rt.record.concurrency as usize)
                 {
                     start_instance(gw, rt);
                 }
-                rt.waiting += 1;
-                Pick::Wait(rt.changes.subscribe())
+                rt.waiting.fetch_add(1, Ordering::SeqCst);
+                Pick::Wait(rt.changes.subscribe(), Counted(rt.waiting.clone()))
             }
         };
         match pick {
             Pick::Slot(s) => break s,
             Pick::Respond(r) => return r,
-            Pick::Wait(mut rx) => {
+            Pick::Wait(mut rx, counted) => {
                 waited = true;
                 let res = tokio::time::timeout_at(deadline, rx.changed()).await;
-                if let Some(rt) = lock(&gw.functions.map).get_mut(name) {
-                    rt.waiting = rt.waiting.saturating_sub(1);
-                }
+                drop(counted);
                 if res.is_err() {
                     let mut r = api_error(
                         StatusCode::SERVICE_UNAVAILABLE,
@@ -612,17 +615,36 @@ async fn route(
             }
         }
     };
-    let resp = proxy(&slot, name, path_and_query, req, waited).await;
-    slot.inflight.fetch_sub(1, Ordering::SeqCst);
-    *lock(&slot.last_used) = Instant::now();
-    if let Some(rt) = lock(&gw.functions.map).get(name) {
-        rt.bump();
+    proxy(slot, name, path_and_query, req, waited).await
+}
+
+/// One unit of a counter, given back on drop — also when the client disconnects and axum drops
+/// the request's future half-way.
+struct Counted(Arc<AtomicUsize>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
-    resp
+}
+
+/// A request in flight on an instance: the instance's slot is released (and waiters woken) when
+/// the response body is finished or dropped, whichever way the request ends.
+struct Busy {
+    slot: Arc<Slot>,
+    changes: Arc<watch::Sender<u64>>,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.slot.inflight.fetch_sub(1, Ordering::SeqCst);
+        *lock(&self.slot.last_used) = Instant::now();
+        self.changes.send_modify(|v| *v += 1);
+    }
 }
 
 async fn proxy(
-    slot: &Slot,
+    busy: Busy,
     name: &str,
     path_and_query: String,
     req: Request<Body>,
@@ -642,6 +664,7 @@ async fn proxy(
     for h in veil_proto::HOP_BY_HOP {
         parts.headers.remove(*h);
     }
+    let slot = busy.slot.clone();
     let resp = match slot.inst.invoke(Request::from_parts(parts, body)).await {
         Ok(r) => r,
         Err(e) => {
@@ -669,6 +692,11 @@ async fn proxy(
             parts.headers.insert("x-veil-cold-start", v);
         }
     }
+    // The instance counts as busy until the response body is done (or the client is gone).
+    let body = http_body_util::BodyExt::map_err(body, move |e| {
+        let _held = &busy;
+        e
+    });
     Response::from_parts(parts, Body::new(body))
 }
 
