@@ -112,6 +112,10 @@ fn serve(conn: TcpStream) {
         }
         let text = if path == "/whoami" {
             whoami()
+        } else if path == "/chmod-dev-null" {
+            use std::os::unix::fs::PermissionsExt;
+            let r = std::fs::set_permissions("/dev/null", std::fs::Permissions::from_mode(0));
+            format!("chmod /dev/null: {}\n", if r.is_ok() { "done" } else { "refused" })
         } else if let Some(name) = path.strip_prefix("/env/") {
             format!("{name}={}\n", std::env::var(name).unwrap_or_default())
         } else {

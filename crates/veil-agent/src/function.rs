@@ -114,7 +114,7 @@ pub fn resolve_user(rootfs: &Path, user: Option<&str>) -> Result<(u32, u32)> {
         Some((u, g)) => (u, Some(g)),
         None => (user, None),
     };
-    let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).unwrap_or_default();
+    let passwd = read_image_file(rootfs, "passwd");
     let (uid, primary_gid) = if let Ok(n) = u.parse::<u32>() {
         let gid = passwd
             .lines()
@@ -144,8 +144,7 @@ pub fn resolve_user(rootfs: &Path, user: Option<&str>) -> Result<(u32, u32)> {
         None => primary_gid,
         Some(g) => match g.parse::<u32>() {
             Ok(n) => n,
-            Err(_) => std::fs::read_to_string(rootfs.join("etc/group"))
-                .unwrap_or_default()
+            Err(_) => read_image_file(rootfs, "group")
                 .lines()
                 .find_map(|l| {
                     let f: Vec<&str> = l.split(':').collect();
@@ -157,6 +156,21 @@ pub fn resolve_user(rootfs: &Path, user: Option<&str>) -> Result<(u32, u32)> {
         },
     };
     Ok((uid, gid))
+}
+
+/// Read `/etc/<name>` of the image, but only if `etc` is a real directory and the file a
+/// regular file of at most 1 MiB: the agent runs privileged, and an image must not make it read
+/// through a symlink (into `/proc`, a device, or anything else outside the image).
+fn read_image_file(rootfs: &Path, name: &str) -> String {
+    let etc = rootfs.join("etc");
+    let is_dir = std::fs::symlink_metadata(&etc).is_ok_and(|m| m.is_dir());
+    let file = etc.join(name);
+    let ok =
+        is_dir && std::fs::symlink_metadata(&file).is_ok_and(|m| m.is_file() && m.len() <= 1 << 20);
+    if !ok {
+        return String::new();
+    }
+    std::fs::read_to_string(file).unwrap_or_default()
 }
 
 fn resolve_program(rootfs: &Path, argv0: &str, env: &[String]) -> Result<String> {
@@ -184,6 +198,12 @@ pub fn spawn(rootfs: &Path, launch: &Launch) -> Result<u32> {
         .argv
         .first()
         .ok_or_else(|| anyhow!("the image has no entrypoint or cmd"))?;
+    if !launch.cwd.starts_with('/') {
+        bail!(
+            "the image's WorkingDir {:?} is not an absolute path",
+            launch.cwd
+        );
+    }
     let program = resolve_program(rootfs, argv0, &launch.env)?;
     let filter =
         crate::seccomp::function_filter().context("compile the function's seccomp filter")?;
@@ -204,7 +224,12 @@ pub fn spawn(rootfs: &Path, launch: &Launch) -> Result<u32> {
     // the fork (C strings, ids, the compiled BPF program); nothing allocates or locks.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::chroot(root_c.as_ptr()) != 0 || libc::chdir(cwd_c.as_ptr()) != 0 {
+            // chroot does not move the working directory: go to the new root first, so no
+            // path (even a relative WorkingDir) starts outside it.
+            if libc::chroot(root_c.as_ptr()) != 0
+                || libc::chdir(c"/".as_ptr()) != 0
+                || libc::chdir(cwd_c.as_ptr()) != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             // The bounding set can only be cleared while CAP_SETPCAP is still held, so

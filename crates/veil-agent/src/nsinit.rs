@@ -83,6 +83,7 @@ pub fn setup_root(args: &SandboxArgs) -> Result<()> {
         none,
     )
     .context("mount /proc")?;
+    mask_proc(&root.join("proc"))?;
     pivot_root(root, &root.join("oldroot")).context("pivot_root")?;
     nix::unistd::chdir("/").context("chdir /")?;
     umount2("/oldroot", MntFlags::MNT_DETACH).context("detach the host root")?;
@@ -103,6 +104,33 @@ pub fn bind_devices(from: &Path, to: &Path) -> Result<()> {
         fs::File::create(&target).with_context(|| format!("create {}", target.display()))?;
         mount(Some(&from.join(dev)), &target, none, MsFlags::MS_BIND, none)
             .with_context(|| format!("bind /dev/{dev}"))?;
+    }
+    Ok(())
+}
+
+/// Character devices (major 1) a function gets, as (name, minor).
+const MEM_DEVICES: &[(&str, u64)] = &[
+    ("null", 3),
+    ("zero", 5),
+    ("full", 7),
+    ("random", 8),
+    ("urandom", 9),
+];
+
+/// Create the function's own device nodes in `dir` (a tmpfs). Private inodes, not binds of the
+/// host's: a function running as uid 0 may chmod or remove them without touching the host's.
+fn make_devices(dir: &Path) -> Result<()> {
+    use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+    for (name, minor) in MEM_DEVICES {
+        let p = dir.join(name);
+        mknod(
+            &p,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(1, *minor),
+        )
+        .with_context(|| format!("mknod {}", p.display()))?;
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o666))?;
     }
     Ok(())
 }
@@ -155,31 +183,9 @@ pub fn ensure_real_dir(dir: &Path, mode: u32) -> Result<()> {
     Ok(())
 }
 
-/// Prepare `/dev`, `/proc` and `/tmp` inside the unpacked function root.
-pub fn prepare_function_root(rootfs: &Path) -> Result<()> {
+/// Bind the global kernel knobs under a `/proc` mount onto themselves read-only.
+fn mask_proc(proc_dir: &Path) -> Result<()> {
     let none: Option<&str> = None;
-    let dev = rootfs.join("dev");
-    ensure_real_dir(&dev, 0o755)?;
-    mount(
-        Some("tmpfs"),
-        &dev,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("size=64k,mode=0755"),
-    )
-    .context("mount tmpfs on the function's /dev")?;
-    bind_devices(Path::new("/dev"), &dev)?;
-    let proc_dir = rootfs.join("proc");
-    ensure_real_dir(&proc_dir, 0o555)?;
-    mount(
-        Some("proc"),
-        &proc_dir,
-        Some("proc"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        none,
-    )
-    .context("mount the function's /proc")?;
-    // Global kernel knobs stay read-only even for a function that runs as uid 0.
     for sub in ["sys", "sysrq-trigger", "irq", "bus"] {
         let p = proc_dir.join(sub);
         if fs::symlink_metadata(&p).is_err() {
@@ -196,6 +202,35 @@ pub fn prepare_function_root(rootfs: &Path) -> Result<()> {
         )
         .with_context(|| format!("make /proc/{sub} read-only"))?;
     }
+    Ok(())
+}
+
+/// Prepare `/dev`, `/proc` and `/tmp` inside the unpacked function root.
+pub fn prepare_function_root(rootfs: &Path) -> Result<()> {
+    let none: Option<&str> = None;
+    let dev = rootfs.join("dev");
+    ensure_real_dir(&dev, 0o755)?;
+    mount(
+        Some("tmpfs"),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("size=64k,mode=0755"),
+    )
+    .context("mount tmpfs on the function's /dev")?;
+    make_devices(&dev)?;
+    let proc_dir = rootfs.join("proc");
+    ensure_real_dir(&proc_dir, 0o555)?;
+    mount(
+        Some("proc"),
+        &proc_dir,
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        none,
+    )
+    .context("mount the function's /proc")?;
+    // Global kernel knobs stay read-only even for a function that runs as uid 0.
+    mask_proc(&proc_dir)?;
     ensure_real_dir(&rootfs.join("tmp"), 0o1777)?;
     Ok(())
 }

@@ -190,7 +190,9 @@ pub async fn pull(mux: &MuxHandle, a: &Assignment, rootfs: &Path) -> Result<Pull
         let size = layer.size;
         let d2 = digest.clone();
         let res = tokio::task::spawn_blocking(move || {
-            let mut vr = VerifyingReader::new(bridge);
+            // Never read more than the manifest promised (+1 to notice an overlong blob): a
+            // hostile node cannot keep the pull streaming forever.
+            let mut vr = VerifyingReader::new(std::io::Read::take(bridge, size.saturating_add(1)));
             let opts = UnpackOptions {
                 preserve_owner: true,
                 ..UnpackOptions::default()

@@ -849,3 +849,70 @@ async fn clients_that_disconnect_release_their_queue_place_and_slot() {
     env.admin.delete("slowpoke").await.unwrap();
     stop_and_check_clean(env).await;
 }
+
+async fn push_local_spec(env: &Env, repo_tag: &str, f: impl FnOnce(&mut BuildSpec)) -> String {
+    let tmp = tempfile::tempdir().unwrap();
+    let ctx = tmp.path().join("ctx");
+    images::write_example(&ctx).unwrap();
+    let mut spec = images::example_spec(&ctx);
+    f(&mut spec);
+    let image = build_image(&spec).unwrap();
+    let reference: Reference = format!("local/{repo_tag}").parse().unwrap();
+    let client = images::registry_client(&[]).unwrap();
+    let target = images::push_target(&reference, &env.platform.url()).unwrap();
+    images::push(&client, &image, &target).await.unwrap();
+    reference.to_string()
+}
+
+/// Hostile image configs: a relative WorkingDir (which would start the function outside its
+/// root) is refused; a function running as uid 0 gets private device nodes, so changing them
+/// leaves the host's alone, and /proc/sys stays read-only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_image_configs_stay_contained() {
+    let env = up().await;
+    let relative = push_local_spec(&env, "reldir:v1", |s| s.working_dir = Some(".".into())).await;
+    env.admin
+        .deploy("reldir", &deploy_req(&relative))
+        .await
+        .unwrap();
+    let r = invoke(&env, "reldir", "/", "").await;
+    assert_eq!(r.status, 502, "{}", text(&r));
+    assert!(
+        text(&r).contains("WorkingDir") && text(&r).contains("not an absolute path"),
+        "{}",
+        text(&r)
+    );
+
+    let rooted = push_local_spec(&env, "rooted:v1", |s| s.user = Some("0".into())).await;
+    env.admin
+        .deploy("rooted", &deploy_req(&rooted))
+        .await
+        .unwrap();
+    let host_mode = std::fs::metadata("/dev/null").unwrap().permissions();
+    let r = invoke(&env, "rooted", "/chmod-dev-null", "").await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(
+        text(&r),
+        "chmod /dev/null: done\n",
+        "uid 0 may change its own private node"
+    );
+    assert_eq!(
+        std::fs::metadata("/dev/null").unwrap().permissions(),
+        host_mode,
+        "host /dev/null changed"
+    );
+    let who = invoke(&env, "rooted", "/whoami", "").await;
+    assert!(
+        text(&who).contains("Uid=0\n") && text(&who).contains("CapEff=0000000000000000"),
+        "{}",
+        text(&who)
+    );
+    assert!(
+        text(&who).contains("can_write_proc_sys=false"),
+        "{}",
+        text(&who)
+    );
+    env.admin.delete("reldir").await.unwrap();
+    env.admin.delete("rooted").await.unwrap();
+    stop_and_check_clean(env).await;
+}
