@@ -916,3 +916,35 @@ async fn hostile_image_configs_stay_contained() {
     env.admin.delete("rooted").await.unwrap();
     stop_and_check_clean(env).await;
 }
+
+/// The local store's registry API turns names into paths: traversal and absolute names are
+/// refused, and nothing of the state directory (e.g. the key broker's keys) is ever served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_api_refuses_path_tricks() {
+    let env = up().await;
+    let key =
+        std::fs::read_to_string(env._state.path().join("state/kbs/token.key")).unwrap_or_default();
+    let http = reqwest::Client::new();
+    for path in [
+        "/v2/x/manifests/..%2F..%2Fkbs%2Ftoken.key",
+        "/v2/x/manifests/%2Fetc%2Fpasswd",
+        "/v2/x/manifests/..",
+        "/v2/..%2F..%2Fkbs/manifests/v1",
+        "/v2/x/blobs/sha256:..%2F..%2Fkbs%2Ftoken.key",
+    ] {
+        let r = http
+            .get(format!("{}{path}", env.platform.url()))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let body = r.text().await.unwrap();
+        assert!((400..500).contains(&status), "{path}: HTTP {status} {body}");
+        assert!(
+            key.is_empty() || !body.contains(key.trim()),
+            "{path} leaked the key"
+        );
+        assert!(!body.contains("root:x:0:0"), "{path} leaked /etc/passwd");
+    }
+    stop_and_check_clean(env).await;
+}

@@ -150,7 +150,16 @@ fn get_manifest(gw: &Gateway, repo: &str, r: &str, head: bool) -> Result<Respons
     } else {
         store
             .get_tag(repo, r)
-            .map_err(|e| reg_error(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", e.to_string()))?
+            .map_err(|e| match e {
+                veil_node::NodeError::BadReference(m) => {
+                    reg_error(StatusCode::BAD_REQUEST, "TAG_INVALID", m)
+                }
+                other => reg_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "UNKNOWN",
+                    other.to_string(),
+                ),
+            })?
             .ok_or_else(|| {
                 reg_error(
                     StatusCode::NOT_FOUND,

@@ -103,6 +103,7 @@ impl BlobStore {
 
     /// Point `repository:tag` of the local store at a manifest digest.
     pub fn set_tag(&self, repository: &str, tag: &str, d: &Digest) -> Result<(), NodeError> {
+        check_name(repository, tag)?;
         let dir = self.root.join("tags").join(repository);
         std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
         let tmp = dir.join(format!(".{tag}.tmp"));
@@ -112,6 +113,7 @@ impl BlobStore {
 
     /// The manifest digest `repository:tag` points at in the local store.
     pub fn get_tag(&self, repository: &str, tag: &str) -> Result<Option<Digest>, NodeError> {
+        check_name(repository, tag)?;
         let p = self.root.join("tags").join(repository).join(tag);
         match std::fs::read_to_string(&p) {
             Ok(s) => {
@@ -123,6 +125,15 @@ impl BlobStore {
             Err(e) => Err(io(&p, e)),
         }
     }
+}
+
+/// Repository and tag must be what an image reference allows (lowercase path components, no
+/// `..`, no leading `/`; a tag of `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`): they become paths.
+fn check_name(repository: &str, tag: &str) -> Result<(), NodeError> {
+    format!("local/{repository}:{tag}")
+        .parse::<veil_image::Reference>()
+        .map(|_| ())
+        .map_err(|e| NodeError::BadReference(format!("{repository}:{tag}: {e}")))
 }
 
 /// A blob being written; it becomes visible only through [`BlobWriter::commit`].
@@ -199,6 +210,24 @@ mod tests {
         assert!(matches!(e, NodeError::DigestMismatch { .. }), "{e}");
         assert!(!s.contains(&Digest::sha256(b"tampered")));
         assert_eq!(std::fs::read_dir(t.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn hostile_tag_names_are_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(t.path()).unwrap();
+        let d = Digest::sha256(b"m");
+        for (repo, tag) in [
+            ("x", "/etc/passwd"),
+            ("x", "../../kbs/token.key"),
+            ("x", ".."),
+            ("../x", "v1"),
+            ("/abs", "v1"),
+            ("x", ""),
+        ] {
+            assert!(s.get_tag(repo, tag).is_err(), "{repo}:{tag}");
+            assert!(s.set_tag(repo, tag, &d).is_err(), "{repo}:{tag}");
+        }
     }
 
     #[test]
