@@ -180,6 +180,29 @@ async fn registry_image_pushed_by_skopeo_runs_cold_and_warm() {
         .unwrap()
         .starts_with("Hello from veil! GET /anything"));
 
+    // Paths reach the function exactly as sent, and Host routing wins over gateway paths.
+    let raw = reqwest::Client::new()
+        .get(format!("{}/f/hello/a%20b%2Fc?x=%3F", env.platform.url()))
+        .send()
+        .await
+        .unwrap();
+    assert!(raw
+        .text()
+        .await
+        .unwrap()
+        .starts_with("Hello from veil! GET /a%20b%2Fc?x=%3F "));
+    let shadow = reqwest::Client::new()
+        .get(format!("{}/metrics", env.platform.url()))
+        .header("host", "hello.veil.localhost")
+        .send()
+        .await
+        .unwrap();
+    assert!(shadow
+        .text()
+        .await
+        .unwrap()
+        .starts_with("Hello from veil! GET /metrics"));
+
     // Metrics count what happened (a metric that never moves would fail here).
     let metrics = reqwest::get(format!("{}/metrics", env.platform.url()))
         .await
@@ -188,7 +211,7 @@ async fn registry_image_pushed_by_skopeo_runs_cold_and_warm() {
         .await
         .unwrap();
     for want in [
-        "veil_requests_total{function=\"hello\",code=\"200\"} 3",
+        "veil_requests_total{function=\"hello\",code=\"200\"} 5",
         "veil_cold_starts_total{function=\"hello\",outcome=\"ok\"} 1",
         "veil_cold_start_seconds_count{function=\"hello\"} 1",
         "veil_instances{function=\"hello\"} 1",

@@ -111,7 +111,11 @@ impl Gateway {
             .route("/f/{name}", any(invoke_root))
             .route("/f/{name}/", any(invoke_root))
             .route("/f/{name}/{*rest}", any(invoke_path))
-            .fallback(host_routed)
+            .fallback(not_routed)
+            .layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                host_first,
+            ))
             .with_state(self.clone())
     }
 
@@ -243,26 +247,32 @@ async fn invoke_root(State(gw): GwState, Path(name): Path<String>, req: Request<
 
 async fn invoke_path(
     State(gw): GwState,
-    Path((name, rest)): Path<(String, String)>,
+    Path((name, _rest)): Path<(String, String)>,
     req: Request<Body>,
 ) -> Response {
-    let query = req
+    // Forward the path exactly as the client sent it (still percent-encoded), not axum's
+    // decoded capture: `%2F`, `%3F` and `%20` must reach the function unchanged.
+    let pq = req
         .uri()
-        .query()
-        .map(|q| format!("?{q}"))
-        .unwrap_or_default();
-    functions::invoke(&gw, &name, format!("/{rest}{query}"), req).await
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let raw = pq
+        .strip_prefix("/f/")
+        .and_then(|r| r.find('/').map(|i| r[i..].to_string()))
+        .unwrap_or_else(|| "/".into());
+    functions::invoke(&gw, &name, raw, req).await
 }
 
-async fn host_routed(State(gw): GwState, headers: HeaderMap, req: Request<Body>) -> Response {
-    let host = headers
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("");
-    let host = host.split(':').next().unwrap_or("");
-    match host.strip_suffix(gw.config.host_suffix.as_str()) {
-        Some(name) if !name.is_empty() && !gw.config.host_suffix.is_empty() => {
-            let name = name.to_string();
+/// Requests whose Host names a function go to that function whatever their path, so a
+/// function's own `/metrics` or `/v1/...` is not shadowed by the gateway's.
+async fn host_first(
+    State(gw): GwState,
+    req: Request<Body>,
+    next: axum::middleware::Next,
+) -> Response {
+    match function_from_host(&gw, req.headers()) {
+        Some(name) => {
             let pq = req
                 .uri()
                 .path_and_query()
@@ -270,14 +280,28 @@ async fn host_routed(State(gw): GwState, headers: HeaderMap, req: Request<Body>)
                 .unwrap_or_else(|| "/".into());
             functions::invoke(&gw, &name, pq, req).await
         }
-        _ => api_error(
-            StatusCode::NOT_FOUND,
-            "NOT_FOUND",
-            format!(
-                "no route for {}: invoke functions at /f/<name>/… or with Host: <name>{}",
-                req.uri().path(),
-                gw.config.host_suffix
-            ),
-        ),
+        None => next.run(req).await,
     }
+}
+
+fn function_from_host(gw: &Gateway, headers: &HeaderMap) -> Option<String> {
+    if gw.config.host_suffix.is_empty() {
+        return None;
+    }
+    let host = headers.get(http::header::HOST)?.to_str().ok()?;
+    let host = host.split(':').next().unwrap_or("");
+    let name = host.strip_suffix(gw.config.host_suffix.as_str())?;
+    (!name.is_empty()).then(|| name.to_string())
+}
+
+async fn not_routed(State(gw): GwState, req: Request<Body>) -> Response {
+    api_error(
+        StatusCode::NOT_FOUND,
+        "NOT_FOUND",
+        format!(
+            "no route for {}: invoke functions at /f/<name>/… or with Host: <name>{}",
+            req.uri().path(),
+            gw.config.host_suffix
+        ),
+    )
 }

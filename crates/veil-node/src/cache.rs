@@ -172,21 +172,34 @@ impl BlobCache {
                     let d = d.clone();
                     self.upstream_fetches
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    // The fetch runs on its own task: it completes (and caches the blob) even if
+                    // every sandbox that asked for it goes away meanwhile.
+                    let task =
+                        tokio::spawn(
+                            async move { fetch(store, client, origin?, &reference, &d).await },
+                        );
                     async move {
-                        fetch(store, client, origin?, &reference, &d)
-                            .await
-                            .map_err(Arc::new)
+                        match task.await {
+                            Ok(r) => r.map_err(Arc::new),
+                            Err(e) => Err(Arc::new(NodeError::Storage(format!(
+                                "blob fetch task failed: {e}"
+                            )))),
+                        }
                     }
                     .boxed()
                     .shared()
                 })
                 .clone()
         };
-        let res = flight.await;
-        self.inflight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(d);
+        let res = flight.clone().await;
+        {
+            // Remove the entry only if it is still this flight (a later one may have replaced
+            // it after this one failed).
+            let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            if map.get(d).is_some_and(|f| f.ptr_eq(&flight)) {
+                map.remove(d);
+            }
+        }
         res.map_err(|e| NodeError::Shared(e.to_string()))
     }
 }

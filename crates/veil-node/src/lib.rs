@@ -21,7 +21,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use store::BlobStore;
-use tokio::io::AsyncBufReadExt;
 pub use tokio_util::sync::CancellationToken;
 use veil_image::Digest;
 use veil_proto::mux::{self, MuxHandle, Side, Substream};
@@ -391,27 +390,21 @@ impl Node {
         if let Some(out) = sb.stdout.take() {
             let logs = self.logs.clone();
             let e = entry.clone();
-            tokio::spawn(async move {
-                let mut lines = tokio::io::BufReader::new(out).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let f = e.function.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                    logs.push(f.as_deref().unwrap_or("-"), &e.id, &line);
-                }
-            });
+            tokio::spawn(read_lines(out, move |line| {
+                let f = e.function.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                logs.push(f.as_deref().unwrap_or("-"), &e.id, line);
+            }));
         }
         if let Some(err) = sb.stderr.take() {
             let logs = self.logs.clone();
             let e = entry.clone();
-            tokio::spawn(async move {
-                let mut lines = tokio::io::BufReader::new(err).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    tracing::debug!(sandbox = %e.id, "agent: {line}");
-                    let f = e.function.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                    if let Some(f) = f {
-                        logs.push(&f, &e.id, &format!("[agent] {line}"));
-                    }
+            tokio::spawn(read_lines(err, move |line| {
+                tracing::debug!(sandbox = %e.id, "agent: {line}");
+                let f = e.function.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                if let Some(f) = f {
+                    logs.push(&f, &e.id, &format!("[agent] {line}"));
                 }
-            });
+            }));
         }
         // Requests the agent makes (image blobs).
         tokio::spawn(serve_agent(self.cache.clone(), entry.clone(), incoming));
@@ -664,6 +657,39 @@ impl Node {
     }
 }
 
+/// Longest log line kept; the rest of a longer line is dropped.
+const MAX_LINE: usize = 8192;
+
+/// Read a sandbox's output line by line with bounded memory: lines are cut at [`MAX_LINE`]
+/// bytes, bytes that are not UTF-8 are replaced, and reading goes on until EOF whatever the
+/// content, so the sandbox never blocks on (or dies of) a full or closed pipe.
+async fn read_lines<R: tokio::io::AsyncRead + Unpin>(mut r: R, mut on_line: impl FnMut(&str)) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 16 << 10];
+    let mut line: Vec<u8> = Vec::new();
+    let mut overlong = false;
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        for &b in &buf[..n] {
+            if b == b'\n' {
+                on_line(&String::from_utf8_lossy(&line));
+                line.clear();
+                overlong = false;
+            } else if line.len() < MAX_LINE {
+                line.push(b);
+            } else if !overlong {
+                overlong = true;
+            }
+        }
+    }
+    if !line.is_empty() {
+        on_line(&String::from_utf8_lossy(&line));
+    }
+}
+
 /// Serve the registry subset to one sandbox: only the blobs of the image it was assigned.
 async fn serve_agent(
     cache: Arc<BlobCache>,
@@ -886,3 +912,22 @@ async fn registry_request(
 
 /// A boxed future, for trait objects elsewhere.
 pub type NodeFuture<'a, T> = BoxFuture<'a, T>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn output_lines_are_bounded_and_lossy() {
+        let mut data = b"first\n".to_vec();
+        data.extend(std::iter::repeat_n(b'x', 100_000));
+        data.extend(b"\nbad \xff\xfe bytes\nlast without newline");
+        let mut got = Vec::new();
+        read_lines(&data[..], |l| got.push(l.to_string())).await;
+        assert_eq!(got.len(), 4);
+        assert_eq!(got[0], "first");
+        assert_eq!(got[1].len(), MAX_LINE);
+        assert_eq!(got[2], "bad \u{fffd}\u{fffd} bytes");
+        assert_eq!(got[3], "last without newline");
+    }
+}
