@@ -78,10 +78,15 @@ pub async fn attest_and_fetch(
     a: &Assignment,
     plan: &AttestationPlan,
 ) -> Result<Secrets, String> {
+    // Everything the (untrusted) node chose about this sandbox is bound into the evidence, so
+    // the tenant's broker policy can check it: who, which image, which secrets go into which
+    // variables, and the plain environment.
     let init_data = serde_json::json!({
         "tenant": a.tenant,
         "function": a.function,
         "image_digest": a.manifest_digest,
+        "secrets": plan.secrets,
+        "env": a.env,
     });
     let init_hash = {
         use sha2::Digest;

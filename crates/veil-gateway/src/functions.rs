@@ -145,6 +145,8 @@ struct Runtime {
     waiting: Arc<AtomicUsize>,
     failures: u64,
     last_error: Option<String>,
+    /// When the last cold start failed (min_scale restarts back off from it).
+    last_failure: Option<Instant>,
     changes: Arc<watch::Sender<u64>>,
     /// Fires when this revision is deleted or replaced; in-flight cold starts stop.
     cancel: CancellationToken,
@@ -159,6 +161,7 @@ impl Runtime {
             waiting: Arc::new(AtomicUsize::new(0)),
             failures: 0,
             last_error: None,
+            last_failure: None,
             changes: Arc::new(watch::channel(0).0),
             cancel: CancellationToken::new(),
         }
@@ -487,6 +490,7 @@ fn start_instance(gw: &Arc<Gateway>, rt: &mut Runtime) {
                         Err(e) => {
                             rt.failures += 1;
                             rt.last_error = Some(e.to_string());
+                            rt.last_failure = Some(Instant::now());
                         }
                     }
                     rt.bump();
@@ -724,7 +728,14 @@ pub fn spawn_autoscaler(gw: Weak<Gateway>) {
                             None => break,
                         }
                     }
-                    while rt.instances.len() + rt.starting < rt.record.min_scale as usize {
+                    // A function that fails to start is retried for min_scale at most every
+                    // 10 s, not every tick.
+                    let backing_off = rt
+                        .last_failure
+                        .is_some_and(|t| t.elapsed() < Duration::from_secs(10));
+                    while !backing_off
+                        && rt.instances.len() + rt.starting < rt.record.min_scale as usize
+                    {
                         start_instance(&gw, rt);
                     }
                 }

@@ -31,6 +31,12 @@ deny contains "no reference measurement is registered for this hardware TEE" if 
 	count(object.get(input.reference_values, "measurement", [])) == 0
 }
 
+# ... and run an image the tenant pinned: the host chooses what runs, so the broker must.
+deny contains "no reference image digest is registered for this hardware TEE" if {
+	not input.claims.insecure
+	count(object.get(input.reference_values, "image_digest", [])) == 0
+}
+
 deny contains sprintf("measurement %s is not among the reference values", [input.claims.measurement]) if {
 	count(object.get(input.reference_values, "measurement", [])) > 0
 	not input.claims.measurement in input.reference_values.measurement
@@ -181,7 +187,27 @@ mod tests {
             .evaluate(att_input(false, false, "aa", json!({})))
             .unwrap();
         assert!(!d.allow);
-        assert!(d.reasons[0].contains("no reference measurement"));
+        assert!(
+            d.reasons
+                .iter()
+                .any(|r| r.contains("no reference measurement")),
+            "{d:?}"
+        );
+        assert!(
+            d.reasons
+                .iter()
+                .any(|r| r.contains("no reference image digest")),
+            "{d:?}"
+        );
+        // Hardware with both registered and matching is allowed.
+        let mut input = att_input(
+            false,
+            false,
+            "aa",
+            json!({"measurement": ["aa"], "image_digest": ["sha256:x"]}),
+        );
+        input["init_data"] = json!({"image_digest": "sha256:x"});
+        assert!(p.evaluate(input).unwrap().allow);
     }
 
     #[test]

@@ -287,6 +287,8 @@ pub struct Node {
     pool: tokio::sync::Mutex<Vec<Arc<SandboxEntry>>>,
     logs: Arc<logs::LogBook>,
     shutting_down: AtomicBool,
+    /// One pool refill at a time, so a burst of cold starts does not overfill the pool.
+    filling: AtomicBool,
 }
 
 type RespBody = BoxBody<Bytes, std::io::Error>;
@@ -321,6 +323,7 @@ impl Node {
             pool: tokio::sync::Mutex::new(Vec::new()),
             logs: Arc::new(logs::LogBook::default()),
             shutting_down: AtomicBool::new(false),
+            filling: AtomicBool::new(false),
         });
         Ok(node)
     }
@@ -342,15 +345,32 @@ impl Node {
 
     /// Boot sandboxes until the generic pool holds `pool_size` of them.
     pub async fn fill_pool(self: &Arc<Self>) {
+        if self.filling.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.fill_pool_inner().await;
+        self.filling.store(false, Ordering::SeqCst);
+    }
+
+    async fn fill_pool_inner(self: &Arc<Self>) {
         loop {
             if self.shutting_down.load(Ordering::SeqCst) {
                 return;
             }
-            let have = self.pool.lock().await.len();
+            let have = {
+                let mut pool = self.pool.lock().await;
+                pool.retain(|sb| !sb.dead.load(Ordering::SeqCst));
+                pool.len()
+            };
             if have >= self.config.pool_size {
                 return;
             }
             match self.boot().await {
+                Ok(sb) if self.shutting_down.load(Ordering::SeqCst) => {
+                    // Booted while the node shut down: it must not outlive the node.
+                    self.destroy_entry(&sb).await;
+                    return;
+                }
                 Ok(sb) => self.pool.lock().await.push(sb),
                 Err(e) => {
                     tracing::warn!(error = %e, "could not boot a pooled sandbox");
