@@ -106,7 +106,7 @@ impl BlobStore {
         check_name(repository, tag)?;
         let dir = self.root.join("tags").join(repository);
         std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
-        let tmp = dir.join(format!(".{tag}.tmp"));
+        let tmp = dir.join(format!(".{tag}.{:016x}.tmp", rand::random::<u64>()));
         std::fs::write(&tmp, d.as_str()).map_err(|e| io(&tmp, e))?;
         std::fs::rename(&tmp, dir.join(tag)).map_err(|e| io(&dir, e))
     }
@@ -180,7 +180,10 @@ impl BlobWriter<'_> {
             f.sync_all().map_err(|e| io(&self.path, e))?;
         }
         let dest = self.store.path(&actual);
-        std::fs::rename(&self.path, &dest).map_err(|e| io(&dest, e))?;
+        if let Err(e) = std::fs::rename(&self.path, &dest) {
+            let _ = std::fs::remove_file(&self.path);
+            return Err(io(&dest, e));
+        }
         Ok(actual)
     }
 }

@@ -109,8 +109,25 @@ pub struct Cgroup {
 }
 
 impl Cgroup {
-    /// Create the cgroup `<parent>/<id>` and write its limits.
+    /// Create the cgroup `<parent>/<id>` and write its limits. On failure nothing is left behind.
     pub fn create(layout: &Layout, parent: &str, id: &str, limits: Limits) -> Result<Self, Error> {
+        let mut made = Vec::new();
+        let res = Self::create_inner(layout, parent, id, limits, &mut made);
+        if res.is_err() {
+            for d in made.iter().rev() {
+                let _ = fs::remove_dir(d);
+            }
+        }
+        res
+    }
+
+    fn create_inner(
+        layout: &Layout,
+        parent: &str,
+        id: &str,
+        limits: Limits,
+        made: &mut Vec<PathBuf>,
+    ) -> Result<Self, Error> {
         let quota = (u64::from(limits.cpu_millis) * CPU_PERIOD_US / 1000).max(1000);
         match layout {
             Layout::V2(root) => {
@@ -131,6 +148,7 @@ impl Cgroup {
                 }
                 let dir = parent_dir.join(id);
                 mkdir(&dir)?;
+                made.push(dir.clone());
                 let cg = Cgroup {
                     dirs: vec![dir.clone()],
                     v2: true,
@@ -152,6 +170,7 @@ impl Cgroup {
                 };
                 let mem = root.join("memory").join(parent).join(id);
                 mkdir(&mem)?;
+                made.push(mem.clone());
                 cg.dirs.push(mem.clone());
                 write(
                     &mem.join("memory.limit_in_bytes"),
@@ -161,6 +180,7 @@ impl Cgroup {
                 if cpu_root.join("cgroup.procs").exists() {
                     let cpu = cpu_root.join(parent).join(id);
                     mkdir(&cpu)?;
+                    made.push(cpu.clone());
                     cg.dirs.push(cpu.clone());
                     write(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
                     write(&cpu.join("cpu.cfs_quota_us"), &quota.to_string())?;
@@ -169,6 +189,7 @@ impl Cgroup {
                 if pids_root.join("cgroup.procs").exists() {
                     let pids = pids_root.join(parent).join(id);
                     mkdir(&pids)?;
+                    made.push(pids.clone());
                     cg.dirs.push(pids.clone());
                     write(&pids.join("pids.max"), &limits.pids_max.to_string())?;
                 }

@@ -93,6 +93,8 @@ impl ProcessBackend {
         let cg = CgroupGuard(Some(cg));
         let mount_dir = self.config.state_dir.join(&spec.id);
         std::fs::create_dir_all(&mount_dir).map_err(io_err)?;
+        // Removed again if anything below fails; kept once the sandbox runs.
+        let mut dir_guard = DirGuard(Some(mount_dir.clone()));
 
         let (node_end, agent_end) = std::os::unix::net::UnixStream::pair().map_err(io_err)?;
         let procs: Vec<File> = cg
@@ -153,6 +155,7 @@ impl ProcessBackend {
             let _ = exit_tx.send(Some(exit));
         });
 
+        dir_guard.0 = None;
         Ok(Sandbox {
             id: spec.id.clone(),
             channel,
@@ -207,6 +210,16 @@ fn child_setup(proc_fds: &[i32], agent_fd: i32) -> std::io::Result<()> {
     Ok(())
 }
 
+struct DirGuard(Option<PathBuf>);
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        if let Some(d) = self.0.take() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
 struct CgroupGuard(Option<Cgroup>);
 
 impl CgroupGuard {
@@ -221,8 +234,15 @@ impl CgroupGuard {
 impl Drop for CgroupGuard {
     fn drop(&mut self) {
         if let Some(cg) = self.0.take() {
-            cg.kill_all();
-            let _ = cg.remove();
+            // Killed tasks leave the cgroup asynchronously; rmdir fails (EBUSY) until they have.
+            for _ in 0..50 {
+                cg.kill_all();
+                if cg.remove().is_ok() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            tracing::warn!(dirs = ?cg.dirs(), "could not remove a sandbox cgroup");
         }
     }
 }
