@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Install the system packages veil's tests use, if they are missing:
 #   docker-registry  the CNCF distribution server, as a real OCI registry on loopback
-#   skopeo           copies images into it (an image tool no one here wrote)
+#   skopeo           copies, encrypts and decrypts images (an image tool no one here wrote)
+#   openssl          generates RSA key pairs for the encryption interop tests
 # The Rust toolchain (with cargo-nextest) is expected to be present already.
 set -euo pipefail
 need=()
 command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
 command -v skopeo >/dev/null 2>&1 || need+=(skopeo)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   SUDO=""

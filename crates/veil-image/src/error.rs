@@ -70,9 +70,10 @@ pub enum Error {
         media_type: String,
     },
 
-    /// A layer is encrypted (`+encrypted` media type); not supported yet.
+    /// A layer is encrypted (`+encrypted` media type) and no key was used
+    /// to decrypt it (see [`crate::crypt`]).
     #[error(
-        "layer {} has encrypted media type {media_type:?}; encrypted layers are not supported yet",
+        "layer {} has encrypted media type {media_type:?}; it must be decrypted with a private key first",
         describe_digest(.digest)
     )]
     EncryptedLayer {
@@ -80,6 +81,34 @@ pub enum Error {
         media_type: String,
         /// The layer's digest, when known.
         digest: Option<Digest>,
+    },
+
+    /// An encrypted layer cannot be decrypted: no or wrong key, malformed
+    /// or unsupported encryption metadata, or a failed integrity check.
+    #[error("cannot decrypt layer {digest}: {reason}")]
+    LayerDecryption {
+        /// The (encrypted) layer's digest.
+        digest: Digest,
+        /// What kind of failure this is.
+        kind: crate::crypt::DecryptFailure,
+        /// Why, in words.
+        reason: String,
+    },
+
+    /// A layer cannot be encrypted.
+    #[error("cannot encrypt layer {digest}: {reason}")]
+    LayerEncryption {
+        /// The (plaintext) layer's digest.
+        digest: Digest,
+        /// Why.
+        reason: String,
+    },
+
+    /// A public or private key cannot be used.
+    #[error("invalid key: {reason}")]
+    InvalidKey {
+        /// Why it was rejected.
+        reason: String,
     },
 
     /// An index has no entry for the requested platform.

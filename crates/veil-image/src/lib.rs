@@ -8,12 +8,14 @@
 //! * [`manifest`]: OCI / Docker schema2 manifests, indexes and image configs;
 //! * [`unpack`]: hardened layer unpacking with OCI whiteouts;
 //! * [`build`]: deterministic image building from a directory;
+//! * [`crypt`]: layer encryption and decryption in the ocicrypt format;
 //! * [`layout`]: OCI image layout directories.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod build;
+pub mod crypt;
 pub mod digest;
 mod error;
 pub mod layout;

@@ -96,6 +96,17 @@ impl Descriptor {
         }
     }
 
+    /// Like [`decrypted_layer_compression`] on this descriptor's media type:
+    /// the compression of the layer once decrypted (for `+encrypted` media
+    /// types), else the same as [`Descriptor::compression`]. Errors name the
+    /// layer digest.
+    pub fn decrypted_compression(&self) -> Result<Compression, Error> {
+        match decrypted_media_type(&self.media_type) {
+            Some(inner) => Descriptor::new(inner, self.digest.clone(), self.size).compression(),
+            None => self.compression(),
+        }
+    }
+
     /// Like [`layer_compression`] on this descriptor's media type, but
     /// errors name the layer digest.
     pub fn compression(&self) -> Result<Compression, Error> {
@@ -313,6 +324,26 @@ pub fn layer_compression(media_type: &str) -> Result<Compression, Error> {
             media_type: other.to_string(),
         }),
     }
+}
+
+/// Suffix that ocicrypt appends to the media type of an encrypted layer.
+pub const ENCRYPTED_SUFFIX: &str = "+encrypted";
+
+/// The media type of an encrypted layer once decrypted: `mt` without its
+/// `+encrypted` suffix, or `None` if `mt` is not an encrypted media type.
+pub fn decrypted_media_type(mt: &str) -> Option<&str> {
+    mt.strip_suffix(ENCRYPTED_SUFFIX).filter(|m| !m.is_empty())
+}
+
+/// The compression of a layer *after decryption*, from its media type.
+///
+/// For `+encrypted` media types this is the compression of the decrypted
+/// media type (e.g. `...tar+gzip+encrypted` → [`Compression::Gzip`]); other
+/// media types give the same as [`layer_compression`]. Use it only where
+/// the layer will actually be decrypted (see [`crate::crypt`]); elsewhere
+/// keep [`layer_compression`], which refuses encrypted layers.
+pub fn decrypted_layer_compression(media_type: &str) -> Result<Compression, Error> {
+    layer_compression(decrypted_media_type(media_type).unwrap_or(media_type))
 }
 
 /// What the function process needs from the image config blob.
@@ -595,6 +626,28 @@ mod tests {
         );
         let e = desc.compression().unwrap_err();
         assert!(e.to_string().contains(desc.digest.as_str()), "{e}");
+        // Once decrypted, the inner media type decides.
+        assert_eq!(
+            decrypted_layer_compression("application/vnd.oci.image.layer.v1.tar+gzip+encrypted")
+                .unwrap(),
+            Compression::Gzip
+        );
+        assert_eq!(
+            decrypted_layer_compression(OCI_LAYER_TAR_ZSTD).unwrap(),
+            Compression::Zstd
+        );
+        assert_eq!(desc.decrypted_compression().unwrap(), Compression::None);
+        let e = Descriptor::new("application/x-foo+encrypted", d("y"), 1)
+            .decrypted_compression()
+            .unwrap_err();
+        assert!(matches!(e, Error::UnsupportedMediaType { .. }), "{e}");
+        assert!(matches!(
+            decrypted_layer_compression("x+encrypted+encrypted"),
+            Err(Error::EncryptedLayer { .. })
+        ));
+        assert_eq!(decrypted_media_type("a+encrypted"), Some("a"));
+        assert_eq!(decrypted_media_type("+encrypted"), None);
+        assert_eq!(decrypted_media_type(OCI_LAYER_TAR), None);
         assert!(matches!(
             layer_compression("application/x-foo"),
             Err(Error::UnsupportedMediaType { .. })
