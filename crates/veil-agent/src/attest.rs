@@ -51,6 +51,15 @@ impl Transport for MuxTransport {
 /// Secrets released to this sandbox: environment variable → value (wiped on drop).
 pub type Secrets = BTreeMap<String, Zeroizing<String>>;
 
+/// What the broker released: secrets for the environment and image decryption keys.
+#[derive(Default)]
+pub struct Released {
+    /// Environment secrets.
+    pub secrets: Secrets,
+    /// Private keys for encrypted layers.
+    pub image_keys: Vec<veil_image::crypt::PrivateKey>,
+}
+
 /// Pick the attester: SEV-SNP or TDX when the device exists; otherwise the INSECURE software TEE
 /// only if the deployment allows it.
 fn attester(plan: &AttestationPlan, init_hash: &str) -> Result<Box<dyn Attester>, String> {
@@ -77,7 +86,7 @@ pub async fn attest_and_fetch(
     mux: &MuxHandle,
     a: &Assignment,
     plan: &AttestationPlan,
-) -> Result<Secrets, String> {
+) -> Result<Released, String> {
     // Everything the (untrusted) node chose about this sandbox is bound into the evidence, so
     // the tenant's broker policy can check it: who, which image, which secrets go into which
     // variables, and the plain environment.
@@ -86,6 +95,7 @@ pub async fn attest_and_fetch(
         "function": a.function,
         "image_digest": a.manifest_digest,
         "secrets": plan.secrets,
+        "image_keys": plan.image_keys,
         "env": a.env,
     });
     let init_hash = {
@@ -111,6 +121,26 @@ pub async fn attest_and_fetch(
         }
         out.insert(env.clone(), Zeroizing::new(text));
     }
-    tracing::info!(function = %a.function, secrets = out.len(), "attested; secrets released to the sandbox");
-    Ok(out)
+    let mut image_keys = Vec::new();
+    for path in &plan.image_keys {
+        let pem = client
+            .get_resource(path)
+            .await
+            .map_err(|e| format!("image key {path}: {e}"))?;
+        let pem =
+            std::str::from_utf8(&pem).map_err(|_| format!("image key {path} is not PEM text"))?;
+        let key = veil_image::crypt::PrivateKey::from_pem(pem)
+            .map_err(|e| format!("image key {path}: {e}"))?;
+        image_keys.push(key);
+    }
+    tracing::info!(
+        function = %a.function,
+        secrets = out.len(),
+        image_keys = image_keys.len(),
+        "attested; secrets and keys released to the sandbox"
+    );
+    Ok(Released {
+        secrets: out,
+        image_keys,
+    })
 }

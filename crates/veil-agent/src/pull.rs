@@ -147,7 +147,12 @@ async fn get_json_blob(
 }
 
 /// Pull the assigned image into `rootfs`.
-pub async fn pull(mux: &MuxHandle, a: &Assignment, rootfs: &Path) -> Result<Pulled, PullError> {
+pub async fn pull(
+    mux: &MuxHandle,
+    a: &Assignment,
+    rootfs: &Path,
+    keys: &[veil_image::crypt::PrivateKey],
+) -> Result<Pulled, PullError> {
     let mut timings = PhaseTimings::default();
     let t0 = Instant::now();
     let invalid = |what: &'static str, digest: &str, reason: String| PullError::Invalid {
@@ -181,8 +186,28 @@ pub async fn pull(mux: &MuxHandle, a: &Assignment, rootfs: &Path) -> Result<Pull
     let t1 = Instant::now();
     for layer in &image.layers {
         let digest = layer.digest.clone();
-        let compression = manifest::layer_compression(&layer.media_type)
-            .map_err(|e| invalid("layer", digest.as_str(), e.to_string()))?;
+        // Encrypted layers (ocicrypt): the node serves ciphertext; the layer key is unwrapped
+        // here with a private key the tenant's broker released to this sandbox.
+        let layer_key = if veil_image::crypt::is_encrypted(layer) {
+            if keys.is_empty() {
+                return Err(invalid(
+                    "layer",
+                    digest.as_str(),
+                    "is encrypted, but the deployment names no decryption key".into(),
+                ));
+            }
+            Some(
+                veil_image::crypt::unwrap_layer_key(layer, keys)
+                    .map_err(|e| invalid("layer", digest.as_str(), e.to_string()))?,
+            )
+        } else {
+            None
+        };
+        let compression = match &layer_key {
+            Some(k) => k.compression(),
+            None => manifest::layer_compression(&layer.media_type),
+        }
+        .map_err(|e| invalid("layer", digest.as_str(), e.to_string()))?;
         let resp = get(mux, a, "layer", "blobs", digest.as_str()).await?;
         let stream = BodyDataStream::new(resp.into_body()).map_err(std::io::Error::other);
         let bridge = SyncIoBridge::new(StreamReader::new(stream));
@@ -197,7 +222,21 @@ pub async fn pull(mux: &MuxHandle, a: &Assignment, rootfs: &Path) -> Result<Pull
                 preserve_owner: true,
                 ..UnpackOptions::default()
             };
-            let unpacked = unpack::unpack_layer(&mut vr, compression, &root, &opts);
+            // Ciphertext digest (what the manifest names) → decryption with HMAC and plaintext
+            // digest checked at EOF → decompression → untar, all in one stream.
+            let unpacked = match &layer_key {
+                Some(k) => {
+                    let mut dr = k.decrypt(&mut vr);
+                    let r = unpack::unpack_layer(&mut dr, compression, &root, &opts);
+                    // Drain so the decryptor reaches EOF and checks the HMAC and digest.
+                    let drained = std::io::copy(&mut dr, &mut std::io::sink());
+                    match (r, drained) {
+                        (Ok(_), Err(e)) => Err(veil_image::Error::CorruptLayer { source: e }),
+                        (r, _) => r,
+                    }
+                }
+                None => unpack::unpack_layer(&mut vr, compression, &root, &opts),
+            };
             // The digest verdict comes first: a tampered blob is reported as tampered even if
             // the tampering also broke the tar stream.
             let verified = if unpacked.is_ok() {

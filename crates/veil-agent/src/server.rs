@@ -196,14 +196,15 @@ async fn control(agent: Arc<Agent>, req: hyper::Request<Incoming>) -> hyper::Res
 async fn assign(agent: &Arc<Agent>, a: &Assignment) -> Result<AssignReply, (&'static str, String)> {
     tracing::info!(function = %a.function, image = %a.image, digest = %a.manifest_digest, "assigned");
     let t_attest = Instant::now();
-    let secrets = match &a.attestation {
+    let released = match &a.attestation {
         Some(plan) => crate::attest::attest_and_fetch(&agent.mux, a, plan)
             .await
             .map_err(|e| ("ATTESTATION", e))?,
-        None => crate::attest::Secrets::new(),
+        None => crate::attest::Released::default(),
     };
+    let secrets = released.secrets;
     let attest_ms = t_attest.elapsed().as_secs_f64() * 1000.0;
-    let pulled = crate::pull::pull(&agent.mux, a, &agent.rootfs)
+    let pulled = crate::pull::pull(&agent.mux, a, &agent.rootfs, &released.image_keys)
         .await
         .map_err(|e| ("IMAGE_PULL", e.to_string()))?;
     let mut timings = pulled.timings;

@@ -215,6 +215,10 @@ struct DeployArgs {
     /// Secret from the tenant's key broker: ENV=kbs:///<tenant>/<type>/<tag> (repeatable).
     #[arg(long = "secret")]
     secrets: Vec<String>,
+    /// Key-broker resource with a private key (PEM) for the image's encrypted layers:
+    /// kbs:///<tenant>/<type>/<tag> (repeatable).
+    #[arg(long = "decryption-key")]
+    decryption_keys: Vec<String>,
     /// The tenant's key broker URL (default: the one embedded in `veil up`).
     #[arg(long)]
     kbs_url: Option<String>,
@@ -468,6 +472,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         ready_timeout_s: None,
                         idle_timeout_s: None,
                         secrets: parse_env(&a.secrets)?,
+                        decryption_keys: a.decryption_keys,
                         kbs_url: a.kbs_url,
                         allow_insecure_software_tee: a.allow_insecure_software_tee,
                     },

@@ -971,3 +971,113 @@ async fn registry_api_refuses_path_tricks() {
     }
     stop_and_check_clean(env).await;
 }
+
+/// An image encrypted by skopeo (ocicrypt JWE) runs when the tenant's broker releases the
+/// private key to the attested sandbox; the node caches ciphertext only; a missing or wrong key
+/// is a clear error naming the layer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_encrypted_by_skopeo_is_decrypted_inside_the_sandbox() {
+    use veil_image::crypt::PrivateKey;
+    let reg = TestRegistry::start().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let image = hello_image(&tmp.path().join("ctx"), &["/hello"]);
+    let layout_dir = tmp.path().join("layout");
+    veil_image::layout::OciLayout::create(&layout_dir)
+        .unwrap()
+        .write_image(&image, "v1")
+        .unwrap();
+    let key = PrivateKey::generate_p256();
+    let pub_pem = tmp.path().join("pub.pem");
+    std::fs::write(&pub_pem, key.public_key().to_pem().unwrap()).unwrap();
+    let dest = format!("{}/e2e/enc:v1", reg.host());
+    skopeo(&[
+        "copy",
+        "--dest-tls-verify=false",
+        "--encryption-key",
+        &format!("jwe:{}", pub_pem.display()),
+        &format!("oci:{}:v1", layout_dir.display()),
+        &format!("docker://{dest}"),
+    ])
+    .unwrap();
+
+    let env = up().await;
+    let kbs = env.platform.kbs.clone().unwrap();
+    kbs.set_resource("default/image-key/hello", key.to_pem().unwrap().as_bytes())
+        .unwrap();
+    let other = PrivateKey::generate_p256();
+    kbs.set_resource(
+        "default/image-key/other",
+        other.to_pem().unwrap().as_bytes(),
+    )
+    .unwrap();
+    let with_key = |k: Option<&str>| {
+        let mut req = deploy_req(&dest);
+        req.decryption_keys = k.into_iter().map(String::from).collect();
+        req.allow_insecure_software_tee = true;
+        req
+    };
+
+    env.admin
+        .deploy("enc", &with_key(Some("kbs:///default/image-key/hello")))
+        .await
+        .unwrap();
+    let r = invoke(&env, "enc", "/", "secret code").await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(
+        text(&r),
+        "Hello from veil! POST / (11 bytes): secret code\n"
+    );
+    // The host-side cache holds the registry's ciphertext, never the plaintext layer.
+    let store = env.platform.gateway.node().cache().store().clone();
+    assert!(
+        !store.contains(&image.layers[0].digest),
+        "plaintext layer on the host"
+    );
+    let fetched = images::registry_client(&[])
+        .unwrap()
+        .resolve_image(&dest.parse().unwrap())
+        .await
+        .unwrap();
+    let m = match veil_image::manifest::parse_manifest(&fetched.bytes, None).unwrap() {
+        veil_image::manifest::Manifest::Image(m) => m,
+        _ => panic!("index"),
+    };
+    let enc_layer = &m.layers[0];
+    assert!(
+        enc_layer.media_type.ends_with("+encrypted"),
+        "{}",
+        enc_layer.media_type
+    );
+    assert!(store.contains(&enc_layer.digest));
+
+    env.admin.deploy("nokey", &with_key(None)).await.unwrap();
+    let r = invoke(&env, "nokey", "/", "").await;
+    assert_eq!(r.status, 502, "{}", text(&r));
+    assert!(
+        text(&r).contains("names no decryption key")
+            && text(&r).contains(enc_layer.digest.as_str()),
+        "{}",
+        text(&r)
+    );
+
+    env.admin
+        .deploy(
+            "wrongkey",
+            &with_key(Some("kbs:///default/image-key/other")),
+        )
+        .await
+        .unwrap();
+    let r = invoke(&env, "wrongkey", "/", "").await;
+    assert_eq!(r.status, 502, "{}", text(&r));
+    assert!(
+        text(&r).contains("no key can decrypt this layer")
+            && text(&r).contains(enc_layer.digest.as_str()),
+        "{}",
+        text(&r)
+    );
+    for f in ["enc", "nokey", "wrongkey"] {
+        env.admin.delete(f).await.unwrap();
+    }
+    assert_no_assigned_sandboxes(&env).await;
+    stop_and_check_clean(env).await;
+}

@@ -49,6 +49,10 @@ pub struct DeployRequest {
     /// their values.
     #[serde(default)]
     pub secrets: BTreeMap<String, String>,
+    /// Private keys (PEM) that decrypt the image's encrypted layers, as key-broker resources
+    /// (`kbs:///<tenant>/<type>/<tag>`), released to the sandbox after attestation.
+    #[serde(default)]
+    pub decryption_keys: Vec<String>,
     /// The tenant's key broker (default: the one embedded in `veil up`).
     #[serde(default)]
     pub kbs_url: Option<String>,
@@ -72,6 +76,7 @@ impl DeployRequest {
             ready_timeout_s: None,
             idle_timeout_s: None,
             secrets: BTreeMap::new(),
+            decryption_keys: Vec::new(),
             kbs_url: None,
             allow_insecure_software_tee: false,
         }
@@ -106,6 +111,9 @@ pub struct FunctionRecord {
     /// Environment variable → key-broker resource path (`<tenant>/<type>/<tag>`).
     #[serde(default)]
     pub secrets: BTreeMap<String, String>,
+    /// Key-broker resource paths of the image decryption keys.
+    #[serde(default)]
+    pub image_keys: Vec<String>,
     /// The tenant's key broker, when the function has secrets.
     #[serde(default)]
     pub kbs_url: Option<String>,
@@ -380,12 +388,27 @@ pub async fn deploy(gw: &Arc<Gateway>, name: &str, req: DeployRequest) -> Respon
             )),
         }
     }
+    let mut image_keys = Vec::new();
+    for uri in &req.decryption_keys {
+        match parse_resource(uri) {
+            Some((repo, path)) if repo == tenant => image_keys.push(path),
+            Some((repo, _)) => problems.push(format!(
+                "decryption key {uri} is a resource of tenant {repo:?}, not of {tenant:?}"
+            )),
+            None => problems.push(format!(
+                "decryption key {uri:?} is not a key-broker resource (kbs:///<tenant>/<type>/<tag>)"
+            )),
+        }
+    }
     let kbs_url = req
         .kbs_url
         .clone()
         .or_else(|| gw.config.default_kbs_url.clone());
-    if !secrets.is_empty() && kbs_url.is_none() {
-        problems.push("the function has secrets but no key broker is configured (kbs_url)".into());
+    if (!secrets.is_empty() || !image_keys.is_empty()) && kbs_url.is_none() {
+        problems.push(
+            "the function has secrets or decryption keys but no key broker is configured (kbs_url)"
+                .into(),
+        );
     }
     if let Some(u) = &kbs_url {
         if !(u.starts_with("http://") || u.starts_with("https://")) {
@@ -424,6 +447,7 @@ pub async fn deploy(gw: &Arc<Gateway>, name: &str, req: DeployRequest) -> Respon
             idle_timeout_s,
             revision,
             secrets,
+            image_keys,
             kbs_url,
             allow_insecure_software_tee: req.allow_insecure_software_tee,
         };
@@ -464,9 +488,12 @@ fn start_instance(gw: &Arc<Gateway>, rt: &mut Runtime) {
             port: rec.port,
             concurrency: rec.concurrency,
             ready_timeout: Duration::from_secs(rec.ready_timeout_s),
-            attestation: (!rec.secrets.is_empty()).then(|| veil_proto::AttestationPlan {
-                secrets: rec.secrets.clone(),
-                allow_software_tee: rec.allow_insecure_software_tee,
+            attestation: (!rec.secrets.is_empty() || !rec.image_keys.is_empty()).then(|| {
+                veil_proto::AttestationPlan {
+                    secrets: rec.secrets.clone(),
+                    allow_software_tee: rec.allow_insecure_software_tee,
+                    image_keys: rec.image_keys.clone(),
+                }
             }),
             kbs_url: rec.kbs_url.clone(),
         };

@@ -82,6 +82,10 @@ pub struct AttestationPlan {
     /// Use the insecure software TEE when no SEV-SNP or TDX device exists (development only;
     /// the broker still refuses it unless its own policy allows it).
     pub allow_software_tee: bool,
+    /// Broker resources holding the private keys (PEM) that decrypt the image's encrypted
+    /// layers; fetched after attestation, used only inside the sandbox.
+    #[serde(default)]
+    pub image_keys: Vec<String>,
 }
 
 /// Timings of the phases of an assignment, in milliseconds, measured inside the sandbox.
