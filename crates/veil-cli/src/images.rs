@@ -146,3 +146,47 @@ pub async fn inspect(client: &RegistryClient, target: &Reference) -> Result<Stri
     }
     Ok(out)
 }
+
+/// Fetch a whole (single-platform) image from a registry, every blob checked against its digest.
+pub async fn pull_image(client: &RegistryClient, target: &Reference) -> Result<BuiltImage> {
+    use futures::StreamExt;
+    let fetched = client.resolve_image(target).await?;
+    let m = match manifest::parse_manifest(&fetched.bytes, Some(&fetched.media_type))? {
+        Manifest::Image(m) => m,
+        Manifest::Index(_) => bail!("{target} resolved to an index"),
+    };
+    let get = |d: veil_image::manifest::Descriptor| {
+        let client = client.clone();
+        let target = target.clone();
+        async move {
+            let mut s = client.get_blob(&target, &d.digest).await?;
+            let mut data = Vec::new();
+            while let Some(chunk) = s.stream.next().await {
+                data.extend_from_slice(&chunk?);
+            }
+            let actual = Digest::sha256(&data);
+            if actual != d.digest {
+                bail!("{target}: blob {} arrived as {actual}", d.digest);
+            }
+            Ok::<_, anyhow::Error>(veil_image::build::Blob {
+                media_type: d.media_type.clone(),
+                digest: d.digest.clone(),
+                data,
+            })
+        }
+    };
+    let config = get(m.config.clone()).await?;
+    let mut layers = Vec::new();
+    for l in &m.layers {
+        layers.push(get(l.clone()).await?);
+    }
+    Ok(BuiltImage {
+        manifest: veil_image::build::Blob {
+            media_type: fetched.media_type.clone(),
+            digest: fetched.digest.clone(),
+            data: fetched.bytes.to_vec(),
+        },
+        config,
+        layers,
+    })
+}

@@ -262,6 +262,25 @@ enum ImageCmd {
         /// Destination reference.
         reference: String,
     },
+    /// Encrypt an image's layers (ocicrypt JWE, readable by `skopeo --decryption-key`) and push
+    /// the result. With `--key kbs:///<tenant>/<type>/<tag>` a new P-256 key pair is generated
+    /// and its private half stored in the key broker (admin key required); with `--key
+    /// <pub.pem>` an existing public key is used.
+    Encrypt {
+        /// Source image.
+        reference: String,
+        /// Public key file, or kbs:///<tenant>/<type>/<tag> to generate and store a key (repeatable).
+        #[arg(long, required = true)]
+        key: Vec<String>,
+        /// Destination (default: the source reference).
+        #[arg(long)]
+        output: Option<String>,
+        /// Which layers (0-based, comma-separated); default all.
+        #[arg(long, value_delimiter = ',')]
+        layers: Vec<usize>,
+        #[command(flatten)]
+        admin: KbsAdmin,
+    },
     /// Show an image's manifest and layers.
     Inspect {
         /// Image reference.
@@ -282,6 +301,40 @@ fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+}
+
+async fn store_kbs_resource(
+    admin: &KbsAdmin,
+    server: &str,
+    path: &str,
+    value: &[u8],
+) -> Result<()> {
+    let base = admin.kbs_url.clone().unwrap_or_else(|| server.to_string());
+    let key = admin
+        .admin_key
+        .clone()
+        .unwrap_or_else(|| veil_cli::default_state_dir().join("kbs").join("admin.key"));
+    let token =
+        veil_kbs::admin_token(&key).with_context(|| format!("admin key {}", key.display()))?;
+    let r = reqwest::Client::new()
+        .put(format!(
+            "{}/kbs/v0/resource/{path}",
+            base.trim_end_matches('/')
+        ))
+        .bearer_auth(token)
+        .body(value.to_vec())
+        .send()
+        .await
+        .context("cannot reach the key broker")?;
+    if !r.status().is_success() {
+        let status = r.status();
+        bail!(
+            "key broker refused storing {path} (HTTP {}): {}",
+            status.as_u16(),
+            r.text().await.unwrap_or_default()
+        );
+    }
+    Ok(())
 }
 
 async fn kbs_cmd(kc: KbsCmd, server: &str) -> Result<()> {
@@ -642,6 +695,44 @@ async fn image_cmd(ic: ImageCmd, server: &str) -> Result<()> {
             let target = images::push_target(&reference, server)?;
             let d = images::push(&client, &image, &target).await?;
             println!("pushed {reference} ({d})");
+        }
+        ImageCmd::Encrypt {
+            reference,
+            key,
+            output,
+            layers,
+            admin,
+        } => {
+            let src: Reference = reference.parse()?;
+            let dst: Reference = output.as_deref().unwrap_or(&reference).parse()?;
+            let client = images::registry_client(&[])?;
+            let image = images::pull_image(&client, &images::push_target(&src, server)?).await?;
+            let n = image.layers.len();
+            if let Some(bad) = layers.iter().find(|&&i| i >= n) {
+                bail!(
+                    "--layers: the image has {n} layers (0..{}), not {bad}",
+                    n.saturating_sub(1)
+                );
+            }
+            let mut recipients = Vec::new();
+            for k in &key {
+                if let Some(path) = k.strip_prefix("kbs:///") {
+                    let private = veil_image::crypt::PrivateKey::generate_p256();
+                    let pem = private.to_pem()?;
+                    store_kbs_resource(&admin, server, path, pem.as_bytes()).await?;
+                    println!("generated a P-256 key; private key stored in the key broker as {k}");
+                    recipients.push(private.public_key());
+                } else {
+                    recipients.push(veil_image::crypt::PublicKey::from_pem_file(
+                        std::path::Path::new(k),
+                    )?);
+                }
+            }
+            let encrypted = veil_image::crypt::encrypt_image(&image, &recipients, |i, _| {
+                layers.is_empty() || layers.contains(&i)
+            })?;
+            let d = images::push(&client, &encrypted, &images::push_target(&dst, server)?).await?;
+            println!("pushed encrypted {dst} ({d})");
         }
         ImageCmd::Inspect { reference } => {
             let reference: Reference = reference.parse()?;

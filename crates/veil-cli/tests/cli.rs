@@ -160,6 +160,60 @@ fn readme_workflow_with_the_veil_command() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("stranger.key"));
 
+    // Encrypt the image with a key generated into the broker, run it, inspect it.
+    let enc = ok(
+        &server,
+        &[
+            "image",
+            "encrypt",
+            "local/hello:v1",
+            "--key",
+            "kbs:///default/image-key/k1",
+            "--output",
+            "local/hello:enc",
+            "--admin-key",
+            key,
+        ],
+    );
+    assert!(enc.contains("pushed encrypted local/hello:enc"), "{enc}");
+    let inspected = ok(&server, &["image", "inspect", "local/hello:enc"]);
+    assert!(
+        inspected.contains("+encrypted") && inspected.contains("[encrypted]"),
+        "{inspected}"
+    );
+    ok(
+        &server,
+        &[
+            "deploy",
+            "encfn",
+            "--image",
+            "local/hello:enc",
+            "--decryption-key",
+            "kbs:///default/image-key/k1",
+            "--allow-insecure-software-tee",
+        ],
+    );
+    assert_eq!(
+        ok(&server, &["invoke", "encfn", "--data", "x"]),
+        "Hello from veil! POST / (1 bytes): x\n"
+    );
+    ok(&server, &["delete", "encfn"]);
+    let bad_layers = veil(
+        &server,
+        &[
+            "image",
+            "encrypt",
+            "local/hello:v1",
+            "--key",
+            "kbs:///default/image-key/k2",
+            "--layers",
+            "7",
+            "--admin-key",
+            key,
+        ],
+    );
+    assert!(!bad_layers.status.success());
+
     // Bad input through the CLI: clear errors and a failing exit status.
     let missing = veil(&server, &["invoke", "nope"]);
     assert!(!missing.status.success());
