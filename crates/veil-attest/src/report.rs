@@ -407,11 +407,8 @@ mod tests {
     use super::*;
     use std::time::{Duration, UNIX_EPOCH};
 
-    const SNP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/testdata/snp");
-    const TDX: &str = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/testdata/tdx/dcap-qvl"
-    );
+    const SNP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/snp");
+    const TDX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/tdx/dcap-qvl");
 
     fn at(secs: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(secs)

@@ -281,12 +281,12 @@ mod reqwest {
     }
 }
 
-/// `veil attest verify` on the real vectors in ../shared/testdata: they verify at a time when
+/// `veil attest verify` on the real vectors (crates/veil-attest/testdata): they verify at a time when
 /// their certificates and collateral were valid, fail today (collateral expired), and fail
 /// when a byte of the report is flipped.
 #[test]
 fn attest_verify_real_vectors() {
-    let td = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/testdata");
+    let td = concat!(env!("CARGO_MANIFEST_DIR"), "/../veil-attest/testdata");
     let snp = format!("{td}/snp/virtee-sev/report_milan.hex");
     let vcek = format!("{td}/snp/virtee-sev/vcek_milan.der");
     let out = veil(

@@ -1,11 +1,11 @@
-//! Tests against the real vectors in ../shared/testdata (next to the checkout)/snp (virtee/sev and trustee).
+//! Tests against the real vectors in testdata/snp (copied from shared/testdata: virtee/sev and trustee).
 #![allow(clippy::unwrap_used)]
 
 use super::*;
 use std::path::Path;
 use std::time::Duration;
 
-const TESTDATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/testdata/snp");
+const TESTDATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/snp");
 
 /// 2025-07-01T00:00:00Z: inside the validity window of every certificate in the vectors
 /// (the trustee VLEK is valid only 2024-12-10 .. 2025-12-10).

@@ -1,13 +1,10 @@
-//! Tests against the real vectors in ../shared/testdata (next to the checkout)/tdx/dcap-qvl.
+//! Tests against the real vectors in testdata/tdx/dcap-qvl (copied from shared/testdata).
 #![allow(clippy::unwrap_used)]
 
 use super::*;
 use std::time::Duration;
 
-const TESTDATA: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../../shared/testdata/tdx/dcap-qvl"
-);
+const TESTDATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/tdx/dcap-qvl");
 
 /// Upstream's `now` for `tdx_quote` (the last second of its collateral window).
 const TDX_NOW: u64 = 1_752_919_234;
