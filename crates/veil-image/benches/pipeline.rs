@@ -48,6 +48,9 @@ fn make_tar(total: usize) -> Vec<u8> {
         let mut h = tar::Header::new_gnu();
         h.set_size(size as u64);
         h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
         h.set_cksum();
         b.append_data(&mut h, format!("data/file{n}"), &data[..])
             .expect("tar");
