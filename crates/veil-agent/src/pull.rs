@@ -184,7 +184,17 @@ pub async fn pull(
     timings.manifest_ms = ms(t0);
 
     let t1 = Instant::now();
-    for layer in &image.layers {
+    // Ask for every layer at once: the node streams them concurrently while the layers are
+    // applied in order (whiteouts depend on order). Each substream's flow-control window
+    // bounds what waits in memory for its turn.
+    let responses = futures::future::join_all(
+        image
+            .layers
+            .iter()
+            .map(|l| get(mux, a, "layer", "blobs", l.digest.as_str())),
+    )
+    .await;
+    for (layer, resp) in image.layers.iter().zip(responses) {
         let digest = layer.digest.clone();
         // Encrypted layers (ocicrypt): the node serves ciphertext; the layer key is unwrapped
         // here with a private key the tenant's broker released to this sandbox.
@@ -208,7 +218,7 @@ pub async fn pull(
             None => manifest::layer_compression(&layer.media_type),
         }
         .map_err(|e| invalid("layer", digest.as_str(), e.to_string()))?;
-        let resp = get(mux, a, "layer", "blobs", digest.as_str()).await?;
+        let resp = resp?;
         let stream = BodyDataStream::new(resp.into_body()).map_err(std::io::Error::other);
         let bridge = SyncIoBridge::new(StreamReader::new(stream));
         let root: PathBuf = rootfs.to_path_buf();

@@ -1081,3 +1081,54 @@ async fn image_encrypted_by_skopeo_is_decrypted_inside_the_sandbox() {
     assert_no_assigned_sandboxes(&env).await;
     stop_and_check_clean(env).await;
 }
+
+fn gz_layer(entries: &[(&str, &[u8])]) -> Blob {
+    let mut data = Vec::new();
+    {
+        let gz = flate2::write::GzEncoder::new(&mut data, flate2::Compression::fast());
+        let mut b = tar::Builder::new(gz);
+        for (name, content) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(content.len() as u64);
+            h.set_mode(0o755);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            h.set_cksum();
+            b.append_data(&mut h, name, *content).unwrap();
+        }
+        b.into_inner().unwrap().finish().unwrap();
+    }
+    Blob::new(OCI_LAYER_TAR_GZIP, data)
+}
+
+/// A multi-layer image (fetched in parallel, applied in order) with a whiteout: the file the
+/// upper layer deletes is gone, the others are there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layers_apply_in_order_with_whiteouts() {
+    let reg = TestRegistry::start().unwrap();
+    let base = gz_layer(&[("hello", veil_cli::HELLO_BINARY), ("a", b"1"), ("b", b"2")]);
+    let upper = gz_layer(&[(".wh.b", b""), ("c", b"3")]);
+    let run = RunConfig {
+        entrypoint: vec!["/hello".into()],
+        ..RunConfig::default()
+    };
+    let image = assemble_image(vec![base, upper], &run).unwrap();
+    let client = images::registry_client(&[]).unwrap();
+    let target: Reference = format!("{}/e2e/layers:v1", reg.host()).parse().unwrap();
+    images::push(&client, &image, &target).await.unwrap();
+    let env = up().await;
+    env.admin
+        .deploy("layers", &deploy_req(&target.to_string()))
+        .await
+        .unwrap();
+    let r = invoke(&env, "layers", "/whoami", "").await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    assert!(
+        text(&r).contains("root=a,c,dev,hello,proc,tmp\n"),
+        "{}",
+        text(&r)
+    );
+    env.admin.delete("layers").await.unwrap();
+    stop_and_check_clean(env).await;
+}
