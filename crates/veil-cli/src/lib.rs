@@ -38,6 +38,8 @@ pub struct UpOptions {
     pub agent_log: String,
     /// Run a key broker in-process at `/kbs/v0/` (the default for `veil up`).
     pub embedded_kbs: bool,
+    /// Bytes of upstream blobs the node cache keeps (least recently used are evicted).
+    pub cache_max_bytes: u64,
 }
 
 impl UpOptions {
@@ -53,6 +55,7 @@ impl UpOptions {
             insecure_registries: Vec::new(),
             agent_log: "info".into(),
             embedded_kbs: true,
+            cache_max_bytes: 10 << 30,
         }
     }
 }
@@ -96,6 +99,7 @@ impl Platform {
             .with_context(|| format!("create state dir {}", opts.state_dir.display()))?;
         let mut ncfg = NodeConfig::with_state_dir(opts.state_dir.clone());
         ncfg.pool_size = opts.pool_size;
+        ncfg.cache_max_bytes = opts.cache_max_bytes;
         ncfg.agent_log = opts.agent_log.clone();
         ncfg.registry.insecure = opts.insecure_registries.clone();
         let node = Node::new(ncfg).context("start the node")?;

@@ -185,6 +185,9 @@ struct UpArgs {
     /// Registries (host:port) to reach over plain HTTP besides loopback.
     #[arg(long = "insecure-registry")]
     insecure_registries: Vec<String>,
+    /// Bytes of registry blobs the node cache keeps before evicting the least recently used.
+    #[arg(long, default_value_t = 10 << 30)]
+    cache_max_bytes: u64,
 }
 
 #[derive(Args)]
@@ -495,6 +498,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             opts.listen = a.listen;
             opts.pool_size = a.pool_size;
             opts.insecure_registries = a.insecure_registries;
+            opts.cache_max_bytes = a.cache_max_bytes;
             if !a.listen.ip().is_loopback() {
                 tracing::warn!("the admin API has no authentication yet; listening on a non-loopback address exposes it");
             }

@@ -1132,3 +1132,71 @@ async fn layers_apply_in_order_with_whiteouts() {
     env.admin.delete("layers").await.unwrap();
     stop_and_check_clean(env).await;
 }
+
+/// The node cache is bounded: upstream blobs no live sandbox uses are evicted least recently
+/// used first, and fetched again when needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_evicts_unused_upstream_blobs_and_refetches_them() {
+    let reg = TestRegistry::start().unwrap();
+    let client = images::registry_client(&[]).unwrap();
+    let run = RunConfig {
+        entrypoint: vec!["/hello".into()],
+        ..RunConfig::default()
+    };
+    let x = assemble_image(
+        vec![gz_layer(&[("hello", veil_cli::HELLO_BINARY), ("x", b"x")])],
+        &run,
+    )
+    .unwrap();
+    let y = assemble_image(
+        vec![gz_layer(&[("hello", veil_cli::HELLO_BINARY), ("y", b"y")])],
+        &run,
+    )
+    .unwrap();
+    let xr: Reference = format!("{}/e2e/x:v1", reg.host()).parse().unwrap();
+    let yr: Reference = format!("{}/e2e/y:v1", reg.host()).parse().unwrap();
+    images::push(&client, &x, &xr).await.unwrap();
+    images::push(&client, &y, &yr).await.unwrap();
+
+    let env = up_with(|o| o.cache_max_bytes = 1).await;
+    let node = env.platform.gateway.node().clone();
+    let store = node.cache().store().clone();
+    env.admin
+        .deploy("fx", &deploy_req(&xr.to_string()))
+        .await
+        .unwrap();
+    assert_eq!(invoke(&env, "fx", "/", "").await.status, 200);
+    // In use by a live sandbox: kept despite the tiny limit.
+    assert!(store.contains(&x.layers[0].digest));
+    env.admin.delete("fx").await.unwrap();
+    assert_no_assigned_sandboxes(&env).await;
+
+    env.admin
+        .deploy("fy", &deploy_req(&yr.to_string()))
+        .await
+        .unwrap();
+    assert_eq!(invoke(&env, "fy", "/", "").await.status, 200);
+    assert!(
+        !store.contains(&x.layers[0].digest),
+        "unused blob of x not evicted"
+    );
+    assert!(
+        store.contains(&y.layers[0].digest),
+        "blob in use was evicted"
+    );
+
+    let before = node.cache().upstream_fetches();
+    env.admin
+        .deploy("fx", &deploy_req(&xr.to_string()))
+        .await
+        .unwrap();
+    let again = invoke(&env, "fx", "/", "").await;
+    assert_eq!(again.status, 200, "{}", text(&again));
+    assert!(
+        node.cache().upstream_fetches() > before,
+        "x was not fetched again"
+    );
+    env.admin.delete("fx").await.unwrap();
+    env.admin.delete("fy").await.unwrap();
+    stop_and_check_clean(env).await;
+}

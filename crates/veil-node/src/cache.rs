@@ -48,16 +48,97 @@ pub struct BlobCache {
     client: RegistryClient,
     inflight: Mutex<HashMap<Digest, Flight>>,
     upstream_fetches: std::sync::atomic::AtomicU64,
+    /// Bytes of upstream blobs kept before least-recently-used ones are evicted.
+    limit: u64,
+    /// Blobs that must not be evicted now (those of images assigned to live sandboxes).
+    in_use: Mutex<Option<InUse>>,
+    /// Blobs held by cold starts in progress (count per digest).
+    held: Arc<Mutex<HashMap<Digest, usize>>>,
 }
+
+/// Keeps blobs from eviction while it lives (see [`BlobCache::hold`]).
+pub struct Hold {
+    held: Arc<Mutex<HashMap<Digest, usize>>>,
+    digests: Vec<Digest>,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let mut m = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        for d in &self.digests {
+            if let Some(n) = m.get_mut(d) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(d);
+                }
+            }
+        }
+    }
+}
+
+type InUse = Arc<dyn Fn(&Digest) -> bool + Send + Sync>;
 
 impl BlobCache {
     /// A cache over `store` that fetches misses with `client`.
-    pub fn new(store: Arc<BlobStore>, client: RegistryClient) -> Self {
+    pub fn new(store: Arc<BlobStore>, client: RegistryClient, limit: u64) -> Self {
         Self {
+            limit,
+            in_use: Mutex::new(None),
+            held: Arc::new(Mutex::new(HashMap::new())),
             store,
             client,
             inflight: Mutex::new(HashMap::new()),
             upstream_fetches: Default::default(),
+        }
+    }
+
+    /// Tell the cache which blobs are in use (never evicted).
+    pub fn set_in_use(&self, f: InUse) {
+        *self.in_use.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
+    }
+
+    /// Keep `digests` from eviction until the returned guard is dropped (a cold start holds
+    /// its image's blobs until the sandbox is assigned and they count as in use).
+    pub fn hold(&self, digests: &[Digest]) -> Hold {
+        let mut m = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        for d in digests {
+            *m.entry(d.clone()).or_default() += 1;
+        }
+        Hold {
+            held: self.held.clone(),
+            digests: digests.to_vec(),
+        }
+    }
+
+    fn evict(&self) {
+        let in_use = self
+            .in_use
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let held: Vec<Digest> = self
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        let inflight: Vec<Digest> = self
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        let evicted = self.store.evict(self.limit, |d| {
+            inflight.contains(d) || held.contains(d) || in_use.as_ref().is_some_and(|f| f(d))
+        });
+        if !evicted.is_empty() {
+            tracing::info!(
+                count = evicted.len(),
+                limit = self.limit,
+                "evicted least recently used blobs"
+            );
         }
     }
 
@@ -150,6 +231,7 @@ impl BlobCache {
     /// Make sure blob `d` of `img` is in the store, fetching it from upstream once.
     pub async fn ensure(&self, img: &ResolvedImage, d: &Digest) -> Result<(), NodeError> {
         if self.store.contains(d) {
+            self.store.touch(d);
             return Ok(());
         }
         if img.registry == "local" {
@@ -192,6 +274,9 @@ impl BlobCache {
                 .clone()
         };
         let res = flight.clone().await;
+        if res.is_ok() {
+            self.evict();
+        }
         {
             // Remove the entry only if it is still this flight (a later one may have replaced
             // it after this one failed).
@@ -223,7 +308,9 @@ async fn fetch(
         while let Some(chunk) = rx.blocking_recv() {
             w.write(&chunk)?;
         }
-        w.commit(Some(&d2))
+        let d = w.commit(Some(&d2))?;
+        store.mark_cached(&d);
+        Ok(d)
     });
     let mut stream_err = None;
     while let Some(chunk) = blob.stream.next().await {

@@ -104,6 +104,8 @@ pub struct NodeConfig {
     pub rootfs_bytes: u64,
     /// Generic sandboxes kept booted ahead of demand.
     pub pool_size: usize,
+    /// Bytes of upstream blobs the cache keeps before evicting least recently used ones.
+    pub cache_max_bytes: u64,
     /// Log filter for agents.
     pub agent_log: String,
     /// cgroup mount point.
@@ -124,6 +126,7 @@ impl NodeConfig {
             pids_max: 256,
             rootfs_bytes: 256 << 20,
             pool_size: 2,
+            cache_max_bytes: 10 << 30,
             agent_log: "info".into(),
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             cgroup_parent: "veil".into(),
@@ -316,7 +319,7 @@ impl Node {
         let client = veil_registry::RegistryClient::new(config.registry.clone())
             .map_err(|e| NodeError::Upstream(e.to_string()))?;
         let node = Arc::new(Self {
-            cache: Arc::new(BlobCache::new(store, client)),
+            cache: Arc::new(BlobCache::new(store, client, config.cache_max_bytes)),
             config,
             backend,
             sandboxes: Mutex::new(HashMap::new()),
@@ -325,6 +328,23 @@ impl Node {
             shutting_down: AtomicBool::new(false),
             filling: AtomicBool::new(false),
         });
+        // Blobs of images assigned to live sandboxes are never evicted.
+        let weak = Arc::downgrade(&node);
+        node.cache.set_in_use(Arc::new(move |d: &Digest| {
+            weak.upgrade().is_some_and(|n| {
+                n.sandboxes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .values()
+                    .any(|e| {
+                        e.grant
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .as_ref()
+                            .is_some_and(|g| g.digests.contains(d))
+                    })
+            })
+        }));
         Ok(node)
     }
 
@@ -490,6 +510,9 @@ impl Node {
         let t0 = Instant::now();
         let mut timings = StartTimings::default();
         let blobs = self.cache.manifest_blobs(&spec.image)?;
+        let _hold = self
+            .cache
+            .hold(&blobs.iter().map(|(d, _)| d.clone()).collect::<Vec<_>>());
         // Fetch blobs into the cache in parallel with booting the sandbox.
         let cache = self.cache.clone();
         let image = spec.image.clone();
@@ -914,6 +937,7 @@ async fn registry_request(
     if let Err(e) = cache.ensure(&grant.image, &d).await {
         return err_resp(StatusCode::BAD_GATEWAY, "BLOB_UNAVAILABLE", e.to_string());
     }
+    cache.store().touch(&d);
     let path = cache.store().path(&d);
     let file = match tokio::fs::File::open(&path).await {
         Ok(f) => f,

@@ -24,7 +24,7 @@ fn io(path: &Path, e: std::io::Error) -> NodeError {
 impl BlobStore {
     /// Open (creating if needed) a store rooted at `root`.
     pub fn open(root: &Path) -> Result<Self, NodeError> {
-        for d in ["blobs/sha256", "tags"] {
+        for d in ["blobs/sha256", "tags", "cached"] {
             std::fs::create_dir_all(root.join(d)).map_err(|e| io(&root.join(d), e))?;
         }
         let tmp = root.join("tmp");
@@ -70,6 +70,64 @@ impl BlobStore {
             hasher: Sha256::new(),
             size: 0,
         })
+    }
+
+    /// Record that blob `d` came from an upstream registry and may be evicted (it can be
+    /// fetched again), and mark it as just used.
+    pub fn mark_cached(&self, d: &Digest) {
+        let _ = std::fs::write(self.root.join("cached").join(d.hex()), b"");
+    }
+
+    /// Mark an evictable blob as just used (no-op for blobs that are not evictable).
+    pub fn touch(&self, d: &Digest) {
+        let marker = self.root.join("cached").join(d.hex());
+        if marker.exists() {
+            let _ = std::fs::write(marker, b"");
+        }
+    }
+
+    /// Evict least recently used upstream blobs until those total at most `limit` bytes,
+    /// skipping any for which `in_use` is true. Blobs of the local store, manifests and tags are
+    /// never evicted. Returns the evicted digests.
+    pub fn evict(&self, limit: u64, in_use: impl Fn(&Digest) -> bool) -> Vec<Digest> {
+        let dir = self.root.join("cached");
+        let mut entries: Vec<(std::time::SystemTime, Digest, u64)> = Vec::new();
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Ok(d) = format!("sha256:{name}").parse::<Digest>() else {
+                continue;
+            };
+            let used = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            match std::fs::metadata(self.path(&d)) {
+                Ok(m) => entries.push((used, d, m.len())),
+                Err(_) => {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        let mut total: u64 = entries.iter().map(|e| e.2).sum();
+        entries.sort_by_key(|e| e.0);
+        let mut evicted = Vec::new();
+        for (_, d, size) in entries {
+            if total <= limit {
+                break;
+            }
+            if in_use(&d) {
+                continue;
+            }
+            if std::fs::remove_file(self.path(&d)).is_ok() {
+                let _ = std::fs::remove_file(dir.join(d.hex()));
+                total = total.saturating_sub(size);
+                evicted.push(d);
+            }
+        }
+        evicted
     }
 
     /// A fresh path under the store's temporary directory (for uploads in progress).
@@ -231,6 +289,29 @@ mod tests {
             assert!(s.get_tag(repo, tag).is_err(), "{repo}:{tag}");
             assert!(s.set_tag(repo, tag, &d).is_err(), "{repo}:{tag}");
         }
+    }
+
+    #[test]
+    fn eviction_is_lru_over_upstream_blobs_only() {
+        let t = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(t.path()).unwrap();
+        let local = s.put(&[1u8; 100], None).unwrap();
+        let a = s.put(&[2u8; 100], None).unwrap();
+        s.mark_cached(&a);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let b = s.put(&[3u8; 100], None).unwrap();
+        s.mark_cached(&b);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        s.touch(&a); // a is now more recent than b
+        let c = s.put(&[4u8; 100], None).unwrap();
+        s.mark_cached(&c);
+        // Limit 150: keep one of the three cached blobs; c is in use.
+        let evicted = s.evict(150, |d| d == &c);
+        assert_eq!(evicted, vec![b.clone(), a.clone()]);
+        assert!(s.contains(&local) && s.contains(&c));
+        assert!(!s.contains(&a) && !s.contains(&b));
+        assert!(s.evict(0, |_| false) == vec![c]);
+        assert!(s.contains(&local), "local-store blobs are never evicted");
     }
 
     #[test]
