@@ -60,6 +60,40 @@ pub struct Released {
     pub image_keys: Vec<veil_image::crypt::PrivateKey>,
 }
 
+/// The software TEE's self-declared measurement (SHA-384 of the agent binary), computed once in
+/// the background while a pooled sandbox waits, so that hashing the binary is not on the
+/// cold-start path.
+static SELF_MEASUREMENT: std::sync::OnceLock<Result<String, String>> = std::sync::OnceLock::new();
+
+fn measure_self() -> Result<String, String> {
+    use sha2::Digest;
+    let bytes = std::fs::read("/proc/self/exe").map_err(|e| format!("/proc/self/exe: {e}"))?;
+    Ok(hex::encode(sha2::Sha384::digest(&bytes)))
+}
+
+/// Start computing the software-TEE measurement in the background (no-op where a hardware
+/// TEE exists). Call once at startup.
+pub fn precompute_software_measurement() {
+    if veil_attest::detect().is_some() {
+        return;
+    }
+    PRECOMPUTING.store(true, std::sync::atomic::Ordering::SeqCst);
+    std::thread::spawn(|| {
+        let _ = SELF_MEASUREMENT.get_or_init(measure_self);
+    });
+}
+
+static PRECOMPUTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Block until the ahead-of-time work started by [`precompute_software_measurement`] is done
+/// (immediately if none was started). The agent reports healthy only after this, so a pooled
+/// sandbox is fully prepared before it is handed out.
+pub fn wait_ahead_of_time_work() {
+    if PRECOMPUTING.load(std::sync::atomic::Ordering::SeqCst) {
+        let _ = SELF_MEASUREMENT.get_or_init(measure_self);
+    }
+}
+
 /// Pick the attester: SEV-SNP or TDX when the device exists; otherwise the INSECURE software TEE
 /// only if the deployment allows it.
 fn attester(plan: &AttestationPlan, init_hash: &str) -> Result<Box<dyn Attester>, String> {
@@ -76,9 +110,11 @@ fn attester(plan: &AttestationPlan, init_hash: &str) -> Result<Box<dyn Attester>
     tracing::warn!(
         "attesting with the INSECURE software TEE (development only): no hardware TEE here"
     );
-    veil_attest::software::SoftwareAttester::measuring_self(init_hash)
-        .map(|a| Box::new(a) as Box<dyn Attester>)
-        .map_err(|e| e.to_string())
+    let measurement = SELF_MEASUREMENT.get_or_init(measure_self).clone()?;
+    Ok(Box::new(veil_attest::software::SoftwareAttester::new(
+        &measurement,
+        init_hash,
+    )))
 }
 
 /// Attest and fetch every secret of `plan`. Errors name the step and never a secret value.

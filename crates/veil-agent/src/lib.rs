@@ -94,6 +94,7 @@ pub fn main() -> ExitCode {
         tracing::error!("sandbox setup failed: {e:#}");
         return ExitCode::from(1);
     }
+    attest::precompute_software_measurement();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -141,6 +141,7 @@ fn json<T: serde::Serialize>(v: &T) -> hyper::Response<Body> {
 async fn control(agent: Arc<Agent>, req: hyper::Request<Incoming>) -> hyper::Response<Body> {
     match (req.method().as_str(), req.uri().path()) {
         ("GET", veil_proto::HEALTH_PATH) => {
+            let _ = tokio::task::spawn_blocking(crate::attest::wait_ahead_of_time_work).await;
             let state = match &*agent.state.lock().unwrap_or_else(|p| p.into_inner()) {
                 State::Idle => "idle".to_string(),
                 State::Assigning => "assigning".to_string(),

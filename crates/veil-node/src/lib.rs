@@ -363,6 +363,11 @@ impl Node {
         self.cache.resolve(image).await
     }
 
+    /// Generic sandboxes booted, prepared and waiting in the pool.
+    pub async fn pooled(&self) -> usize {
+        self.pool.lock().await.len()
+    }
+
     /// Boot sandboxes until the generic pool holds `pool_size` of them.
     pub async fn fill_pool(self: &Arc<Self>) {
         if self.filling.swap(true, Ordering::SeqCst) {
