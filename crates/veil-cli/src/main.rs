@@ -306,12 +306,14 @@ fn init_logging() {
         .init();
 }
 
-async fn store_kbs_resource(
+/// An authenticated request to the key broker's admin API (a short-lived token signed with the
+/// broker's admin key).
+fn kbs_admin_request(
     admin: &KbsAdmin,
     server: &str,
+    method: reqwest::Method,
     path: &str,
-    value: &[u8],
-) -> Result<()> {
+) -> Result<reqwest::RequestBuilder> {
     let base = admin.kbs_url.clone().unwrap_or_else(|| server.to_string());
     let key = admin
         .admin_key
@@ -319,56 +321,49 @@ async fn store_kbs_resource(
         .unwrap_or_else(|| veil_cli::default_state_dir().join("kbs").join("admin.key"));
     let token =
         veil_kbs::admin_token(&key).with_context(|| format!("admin key {}", key.display()))?;
-    let r = reqwest::Client::new()
-        .put(format!(
-            "{}/kbs/v0/resource/{path}",
-            base.trim_end_matches('/')
-        ))
-        .bearer_auth(token)
-        .body(value.to_vec())
-        .send()
-        .await
-        .context("cannot reach the key broker")?;
-    if !r.status().is_success() {
-        let status = r.status();
-        bail!(
-            "key broker refused storing {path} (HTTP {}): {}",
-            status.as_u16(),
-            r.text().await.unwrap_or_default()
-        );
+    Ok(reqwest::Client::new()
+        .request(method, format!("{}{path}", base.trim_end_matches('/')))
+        .bearer_auth(token))
+}
+
+/// Send an admin request; a refusal becomes an error with the broker's detail.
+async fn kbs_admin_send(rb: reqwest::RequestBuilder) -> Result<String> {
+    let r = rb.send().await.context("cannot reach the key broker")?;
+    let status = r.status();
+    let body = r.text().await.unwrap_or_default();
+    if !status.is_success() {
+        let detail = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["detail"].as_str().map(String::from))
+            .unwrap_or(body);
+        bail!("key broker refused (HTTP {}): {detail}", status.as_u16());
     }
+    Ok(body)
+}
+
+async fn store_kbs_resource(
+    admin: &KbsAdmin,
+    server: &str,
+    path: &str,
+    value: &[u8],
+) -> Result<()> {
+    let rb = kbs_admin_request(
+        admin,
+        server,
+        reqwest::Method::PUT,
+        &format!("/kbs/v0/resource/{path}"),
+    )?;
+    kbs_admin_send(rb.body(value.to_vec()))
+        .await
+        .with_context(|| format!("storing {path}"))?;
     Ok(())
 }
 
 async fn kbs_cmd(kc: KbsCmd, server: &str) -> Result<()> {
-    let admin_request = |admin: &KbsAdmin,
-                         method: reqwest::Method,
-                         path: &str|
-     -> Result<reqwest::RequestBuilder> {
-        let base = admin.kbs_url.clone().unwrap_or_else(|| server.to_string());
-        let key = admin
-            .admin_key
-            .clone()
-            .unwrap_or_else(|| veil_cli::default_state_dir().join("kbs").join("admin.key"));
-        let token =
-            veil_kbs::admin_token(&key).with_context(|| format!("admin key {}", key.display()))?;
-        Ok(reqwest::Client::new()
-            .request(method, format!("{}{path}", base.trim_end_matches('/')))
-            .bearer_auth(token))
+    let admin_request = |admin: &KbsAdmin, method: reqwest::Method, path: &str| {
+        kbs_admin_request(admin, server, method, path)
     };
-    async fn done(rb: reqwest::RequestBuilder) -> Result<String> {
-        let r = rb.send().await.context("cannot reach the key broker")?;
-        let status = r.status();
-        let body = r.text().await.unwrap_or_default();
-        if !status.is_success() {
-            let detail = serde_json::from_str::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v["detail"].as_str().map(String::from))
-                .unwrap_or(body);
-            bail!("key broker refused (HTTP {}): {detail}", status.as_u16());
-        }
-        Ok(body)
-    }
+    let done = kbs_admin_send;
     match kc {
         KbsCmd::Serve {
             listen,
