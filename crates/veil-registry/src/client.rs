@@ -806,15 +806,7 @@ impl RegistryClient {
         let mut media_type = content_type(&resp);
         let bytes = read_limited(resp, MAX_MANIFEST_SIZE, &what).await?;
         let digest = Digest::sha256(&bytes);
-        if let Some(expected) = &r.digest {
-            if *expected != digest {
-                return Err(Error::DigestMismatch {
-                    what,
-                    expected: expected.clone(),
-                    actual: digest,
-                });
-            }
-        }
+        expect_digest(&what, r.digest.as_ref(), &digest)?;
         if media_type.is_empty() || media_type == "application/json" || media_type == "text/plain" {
             if let Some(mt) = embedded_media_type(&bytes) {
                 media_type = mt;
@@ -878,15 +870,7 @@ impl RegistryClient {
         Self::not_local(r)?;
         let digest = Digest::sha256(&bytes);
         let what = format!("manifest {}", display_ref(r));
-        if let Some(expected) = &r.digest {
-            if *expected != digest {
-                return Err(Error::DigestMismatch {
-                    what,
-                    expected: expected.clone(),
-                    actual: digest,
-                });
-            }
-        }
+        expect_digest(&what, r.digest.as_ref(), &digest)?;
         let ep = self.registry_endpoint(r);
         let reference = match &r.tag {
             Some(t) => t.clone(),
@@ -953,14 +937,7 @@ impl RegistryClient {
         data: Bytes,
     ) -> Result<(), Error> {
         let what = Self::blob_what(r, digest);
-        let actual = Digest::sha256(&data);
-        if actual != *digest {
-            return Err(Error::DigestMismatch {
-                what,
-                expected: digest.clone(),
-                actual,
-            });
-        }
+        expect_digest(&what, Some(digest), &Digest::sha256(&data))?;
         if self.blob_exists_as(r, digest, Access::Push).await? {
             debug!(%digest, "blob already present, skipping upload");
             return Ok(());
@@ -1221,6 +1198,18 @@ fn base64_encode(s: &str) -> String {
         }
     }
     out
+}
+
+/// `DigestMismatch` naming `what` unless `actual` is the `expected` digest (if any).
+fn expect_digest(what: &str, expected: Option<&Digest>, actual: &Digest) -> Result<(), Error> {
+    match expected {
+        Some(e) if e != actual => Err(Error::DigestMismatch {
+            what: what.to_string(),
+            expected: e.clone(),
+            actual: actual.clone(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
