@@ -697,28 +697,13 @@ pub fn evidence_from_coco(v: &serde_json::Value) -> Result<serde_json::Value, Er
     let raw = report
         .to_bytes()
         .map_err(|e| malformed(format!("attestation_report: {e}")))?;
-    let mut vcek = None;
-    let mut vlek = None;
-    let mut ca = Vec::new();
+    let mut certs = Endorsements::default();
     for entry in v["cert_chain"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
         let data: Vec<u8> = serde_json::from_value(entry["data"].clone())
             .map_err(|e| malformed(format!("cert_chain data: {e}")))?;
-        match entry["cert_type"].as_str() {
-            Some("VCEK") => vcek = Some(data),
-            Some("VLEK") => vlek = Some(data),
-            Some("ASK") | Some("ARK") => ca.push(data),
-            _ => {}
-        }
+        certs.add(entry["cert_type"].as_str().unwrap_or(""), data);
     }
-    if vlek.is_some() {
-        vcek = None;
-    }
-    Ok(evidence_json(
-        &raw,
-        vcek.as_deref(),
-        vlek.as_deref(),
-        ders_to_pem(&ca),
-    ))
+    Ok(certs.into_evidence(&raw))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -813,26 +798,11 @@ impl SnpAttester {
         let (report, certs) = fw
             .get_ext_report(None, Some(*rd), self.vmpl)
             .map_err(|e| Error::Io(format!("SNP_GET_EXT_REPORT: {e}")))?;
-        let mut vcek = None;
-        let mut vlek = None;
-        let mut ca = Vec::new();
+        let mut endorsements = Endorsements::default();
         for c in certs.unwrap_or_default() {
-            match c.guid_string().as_str() {
-                GUID_VCEK => vcek = Some(c.data),
-                GUID_VLEK => vlek = Some(c.data),
-                GUID_ASK | GUID_ARK => ca.push(c.data),
-                _ => {}
-            }
+            endorsements.add(&c.guid_string(), c.data);
         }
-        if vlek.is_some() {
-            vcek = None;
-        }
-        Ok(evidence_json(
-            &report,
-            vcek.as_deref(),
-            vlek.as_deref(),
-            ders_to_pem(&ca),
-        ))
+        Ok(endorsements.into_evidence(&report))
     }
 
     #[cfg(not(target_os = "linux"))]
@@ -855,9 +825,7 @@ fn ders_to_pem(ders: &[Vec<u8>]) -> Option<String> {
 /// ended by an all-zero entry; offsets are from the start of the table. Returns (VCEK, VLEK,
 /// PEM of ASK+ARK); a VLEK wins over a VCEK, as the firmware signs with the VLEK when loaded.
 pub(crate) fn certs_from_table(blob: &[u8]) -> (Option<Vec<u8>>, Option<Vec<u8>>, Option<String>) {
-    let mut vcek = None;
-    let mut vlek = None;
-    let mut ca = Vec::new();
+    let mut certs = Endorsements::default();
     for entry in blob.chunks_exact(24) {
         if entry.iter().all(|b| *b == 0) {
             break;
@@ -871,17 +839,41 @@ pub(crate) fn certs_from_table(blob: &[u8]) -> (Option<Vec<u8>>, Option<Vec<u8>>
         let Some(data) = off.checked_add(len).and_then(|end| blob.get(off..end)) else {
             continue;
         };
-        match guid.as_str() {
-            GUID_VCEK => vcek = Some(data.to_vec()),
-            GUID_VLEK => vlek = Some(data.to_vec()),
-            GUID_ASK | GUID_ARK => ca.push(data.to_vec()),
+        certs.add(&guid, data.to_vec());
+    }
+    certs.finish()
+}
+
+/// Endorsement certificates gathered from a certificate table or chain, by role. Roles are
+/// named either as in CoCo evidence (`VCEK`, `VLEK`, `ASK`, `ARK`) or by the firmware's GUIDs.
+#[derive(Default)]
+struct Endorsements {
+    vcek: Option<Vec<u8>>,
+    vlek: Option<Vec<u8>>,
+    ca: Vec<Vec<u8>>,
+}
+
+impl Endorsements {
+    fn add(&mut self, role: &str, der: Vec<u8>) {
+        match role {
+            "VCEK" | GUID_VCEK => self.vcek = Some(der),
+            "VLEK" | GUID_VLEK => self.vlek = Some(der),
+            "ASK" | "ARK" | GUID_ASK | GUID_ARK => self.ca.push(der),
             _ => {}
         }
     }
-    if vlek.is_some() {
-        vcek = None;
+
+    /// (VCEK, VLEK, PEM of ASK+ARK); a VLEK wins over a VCEK, as the firmware signs with the
+    /// VLEK when one is loaded.
+    fn finish(self) -> (Option<Vec<u8>>, Option<Vec<u8>>, Option<String>) {
+        let vcek = if self.vlek.is_some() { None } else { self.vcek };
+        (vcek, self.vlek, ders_to_pem(&self.ca))
     }
-    (vcek, vlek, ders_to_pem(&ca))
+
+    fn into_evidence(self, report: &[u8]) -> serde_json::Value {
+        let (vcek, vlek, ca) = self.finish();
+        evidence_json(report, vcek.as_deref(), vlek.as_deref(), ca)
+    }
 }
 
 /// GUIDs in the table are in the big-endian byte order of their string form.
