@@ -433,13 +433,10 @@ async fn tar_entry_escaping_the_root_is_refused() {
 
 /// Push to veil's own local store (no external registry), as the demo does.
 async fn push_local(env: &Env, repo_tag: &str, entrypoint: &[&str]) -> String {
-    let tmp = tempfile::tempdir().unwrap();
-    let image = hello_image(&tmp.path().join("ctx"), entrypoint);
-    let reference: Reference = format!("local/{repo_tag}").parse().unwrap();
-    let client = images::registry_client(&[]).unwrap();
-    let target = images::push_target(&reference, &env.platform.url()).unwrap();
-    images::push(&client, &image, &target).await.unwrap();
-    reference.to_string()
+    push_local_spec(env, repo_tag, |s| {
+        s.entrypoint = entrypoint.iter().map(|e| e.to_string()).collect();
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
