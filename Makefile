@@ -8,6 +8,7 @@ CARGO ?= cargo
 .PHONY: demo test deps build lint fuzz
 
 demo:
+	./scripts/install-deps.sh build
 	$(CARGO) build --release --bins
 	./target/release/veil demo
 

@@ -3,12 +3,18 @@
 #   docker-registry  the CNCF distribution server, as a real OCI registry on loopback
 #   skopeo           copies, encrypts and decrypts images (an image tool no one here wrote)
 #   openssl          generates RSA key pairs for the encryption interop tests
+#   libssl-dev, pkg-config  the system OpenSSL that the sigstore crate's crypto backend links
 # The Rust toolchain (with cargo-nextest) is expected to be present already.
+# With the argument `build`, only what building veil needs (for `make demo`).
 set -euo pipefail
 need=()
-command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
-command -v skopeo >/dev/null 2>&1 || need+=(skopeo)
-command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+dpkg -s libssl-dev >/dev/null 2>&1 || need+=(libssl-dev)
+if [ "${1:-}" != build ]; then
+  command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
+  command -v skopeo >/dev/null 2>&1 || need+=(skopeo)
+  command -v openssl >/dev/null 2>&1 || need+=(openssl)
+fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   SUDO=""

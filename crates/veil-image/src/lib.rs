@@ -9,6 +9,7 @@
 //! * [`unpack`]: hardened layer unpacking with OCI whiteouts;
 //! * [`build`]: deterministic image building from a directory;
 //! * [`crypt`]: layer encryption and decryption in the ocicrypt format;
+//! * [`signature`]: cosign/sigstore image signatures and containers-policy.json policies;
 //! * [`layout`]: OCI image layout directories.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -21,6 +22,7 @@ mod error;
 pub mod layout;
 pub mod manifest;
 pub mod reference;
+pub mod signature;
 pub mod unpack;
 
 pub use digest::Digest;
