@@ -4,6 +4,11 @@
 #   skopeo           copies, encrypts and decrypts images (an image tool no one here wrote)
 #   openssl          generates RSA key pairs for the encryption interop tests
 #   libssl-dev, pkg-config  the system OpenSSL that the sigstore crate's crypto backend links
+#   cosign           the reference cosign/sigstore signing tool, for signature interop tests.
+#                    Bookworm has no cosign, and its skopeo is built with sigstore disabled
+#                    ("Debian-local change: sigstore disabled"), so the binary is taken from
+#                    Debian trixie's cosign package (a static Go binary; only libc) into
+#                    /usr/local/bin without installing the package or touching apt's sources.
 # The Rust toolchain (with cargo-nextest) is expected to be present already.
 # With the argument `build`, only what building veil needs (for `make demo`).
 set -euo pipefail
@@ -21,6 +26,23 @@ if [ ${#need[@]} -gt 0 ]; then
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+if [ "${1:-}" != build ] && ! command -v cosign >/dev/null 2>&1; then
+  echo "installing: cosign (binary from Debian trixie's cosign package)"
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  mkdir -p "$tmp/lists/partial" "$tmp/cache/archives/partial"
+  echo "deb http://deb.debian.org/debian trixie main" >"$tmp/sources.list"
+  apt_opts=(-o Dir::Etc::SourceList="$tmp/sources.list" -o Dir::Etc::SourceParts=/dev/null
+            -o Dir::State::Lists="$tmp/lists" -o Dir::Cache="$tmp/cache"
+            -o APT::Sandbox::User=root)
+  apt-get "${apt_opts[@]}" update -qq
+  (cd "$tmp" && apt-get "${apt_opts[@]}" download cosign)
+  dpkg-deb -x "$tmp"/cosign_*.deb "$tmp/x"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO install -m 0755 "$tmp/x/usr/bin/cosign" /usr/local/bin/cosign
+  cosign version >/dev/null
 fi
 # The registry package starts a system service on :5000 on some hosts; tests start their own.
 exit 0

@@ -1,15 +1,29 @@
 //! `veil image …`: build images from a directory, push them to a registry or to the local
-//! store of a running veil, inspect them.
+//! store of a running veil, encrypt, sign and inspect them.
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
+use indicatif::{ProgressBar, ProgressStyle};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use veil_image::build::{BuildSpec, BuiltImage};
 use veil_image::layout::OciLayout;
-use veil_image::manifest::{self, Manifest};
+use veil_image::manifest::{self, Descriptor, ImageManifest, Manifest};
+use veil_image::signature::{self, SignatureManifest, SigningKey, SigstoreSignature};
 use veil_image::{Digest, Reference};
 use veil_registry::{RegistryClient, RegistryConfig};
+
+/// A byte-count progress bar on stderr; invisible when stderr is not a terminal.
+pub fn progress(total: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::with_draw_target(Some(total), indicatif::ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template(
+        "{msg:>10} [{bar:32}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+    ) {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.set_message(what.to_string());
+    pb
+}
 
 /// Write the example function into `dir` as `dir/hello` (mode 0755).
 pub fn write_example(dir: &Path) -> Result<()> {
@@ -63,12 +77,20 @@ pub async fn push(
     image: &BuiltImage,
     target: &Reference,
 ) -> Result<Digest> {
-    for blob in image.layers.iter().chain(std::iter::once(&image.config)) {
+    let blobs: Vec<_> = image
+        .layers
+        .iter()
+        .chain(std::iter::once(&image.config))
+        .collect();
+    let pb = progress(blobs.iter().map(|b| b.data.len() as u64).sum(), "push");
+    for blob in blobs {
         client
             .push_blob(target, &blob.digest, Bytes::from(blob.data.clone()))
             .await
             .with_context(|| format!("push blob {} to {target}", blob.digest))?;
+        pb.inc(blob.data.len() as u64);
     }
+    pb.finish_and_clear();
     let d = client
         .push_manifest(
             target,
@@ -110,8 +132,13 @@ pub fn read_layout(dir: &Path, tag: &str) -> Result<BuiltImage> {
     })
 }
 
-/// Human-readable description of an image in a registry.
-pub async fn inspect(client: &RegistryClient, target: &Reference) -> Result<String> {
+/// Human-readable description of an image in a registry: layers (encrypted or plain) and the
+/// signatures found, each marked verified if one of `keys` (PEM public keys) made it.
+pub async fn inspect(
+    client: &RegistryClient,
+    target: &Reference,
+    keys: &[signature::VerificationKey],
+) -> Result<String> {
     let resolved = client.resolve_image_full(target).await?;
     let mut out = String::new();
     use std::fmt::Write;
@@ -144,30 +171,149 @@ pub async fn inspect(client: &RegistryClient, target: &Reference) -> Result<Stri
             );
         }
     }
+    let d = &resolved.manifest.digest;
+    let (_, sigs) = fetch_signatures(client, target, d).await?;
+    if sigs.is_empty() {
+        let _ = writeln!(out, "signatures: none ({})", signature::signature_tag(d));
+    }
+    for (i, s) in sigs.iter().enumerate() {
+        let claim = match signature::Payload::parse(&s.payload) {
+            Ok(p) if &p.manifest_digest == d => format!("identity {}", p.identity),
+            Ok(p) => format!(
+                "identity {}, but signs another manifest {}",
+                p.identity, p.manifest_digest
+            ),
+            Err(e) => format!("unreadable payload: {e}"),
+        };
+        let verdict = match keys.iter().find(|k| k.verifies(&s.payload, &s.signature)) {
+            Some(k) => format!("verified by {}", k.source),
+            None if keys.is_empty() => "not checked (pass --key to verify)".into(),
+            None => "NOT made by any given key".into(),
+        };
+        let _ = writeln!(out, "signature {i}: sigstore, {claim} [{verdict}]");
+    }
     Ok(out)
+}
+
+/// Fetch one blob, checked against its digest and size (and at most `limit` bytes).
+async fn fetch_blob(
+    client: &RegistryClient,
+    target: &Reference,
+    d: &Descriptor,
+    limit: Option<u64>,
+) -> Result<Vec<u8>> {
+    use futures::StreamExt;
+    let cap = limit.unwrap_or(u64::MAX).min(d.size);
+    let mut s = client.get_blob(target, &d.digest).await?;
+    let mut data = Vec::new();
+    while let Some(chunk) = s.stream.next().await {
+        data.extend_from_slice(&chunk?);
+        if data.len() as u64 > cap {
+            bail!("{target}: blob {} is larger than {cap} bytes", d.digest);
+        }
+    }
+    let actual = Digest::sha256(&data);
+    if actual != d.digest {
+        bail!("{target}: blob {} arrived as {actual}", d.digest);
+    }
+    Ok(data)
+}
+
+/// The signatures stored for manifest `d` in `target`'s repository (the sigstore attachment
+/// tag), with the signature manifest itself. Nothing signed → `(None, [])`.
+pub async fn fetch_signatures(
+    client: &RegistryClient,
+    target: &Reference,
+    d: &Digest,
+) -> Result<(Option<ImageManifest>, Vec<SigstoreSignature>)> {
+    let sig_ref = Reference {
+        tag: Some(signature::signature_tag(d)),
+        digest: None,
+        ..target.clone()
+    };
+    let fetched = match client.get_manifest(&sig_ref).await {
+        Ok(f) => f,
+        Err(veil_registry::Error::NotFound { .. }) => return Ok((None, Vec::new())),
+        Err(e) => return Err(e).with_context(|| format!("look up signatures of {target}")),
+    };
+    let m = match manifest::parse_manifest(&fetched.bytes, Some(&fetched.media_type))
+        .with_context(|| format!("signature manifest {sig_ref}"))?
+    {
+        Manifest::Image(m) => m,
+        Manifest::Index(_) => bail!("signature manifest {sig_ref} is an index"),
+    };
+    let mut sigs = Vec::new();
+    for (desc, sig) in signature::signature_layers(&m) {
+        let payload = fetch_blob(
+            client,
+            target,
+            &desc,
+            Some(signature::MAX_PAYLOAD_BYTES as u64),
+        )
+        .await?;
+        sigs.push(SigstoreSignature {
+            payload,
+            signature: sig,
+        });
+    }
+    Ok((Some(m), sigs))
+}
+
+/// Sign the (linux/amd64) image manifest `target` resolves to, as `identity`, and push the
+/// signature (added to any already there). Returns the signed digest and the signature
+/// manifest's digest.
+pub async fn sign_image(
+    client: &RegistryClient,
+    target: &Reference,
+    identity: &Reference,
+    key: &SigningKey,
+) -> Result<(Digest, Digest)> {
+    let resolved = client
+        .resolve_image(target)
+        .await
+        .with_context(|| format!("resolve {target}"))?;
+    let d = resolved.digest;
+    let sig = signature::sign(key, identity, &d)?;
+    let (existing, _) = fetch_signatures(client, target, &d).await?;
+    let sm = SignatureManifest::with_signature(existing, &sig);
+    for (bd, data) in &sm.blobs {
+        client
+            .push_blob(target, bd, Bytes::from(data.clone()))
+            .await
+            .with_context(|| format!("push signature blob {bd} to {target}"))?;
+    }
+    let sig_ref = Reference {
+        tag: Some(signature::signature_tag(&d)),
+        digest: None,
+        ..target.clone()
+    };
+    let sd = client
+        .push_manifest(
+            &sig_ref,
+            manifest::OCI_MANIFEST,
+            Bytes::from(sm.manifest_json()),
+        )
+        .await
+        .with_context(|| format!("push signature manifest {sig_ref}"))?;
+    Ok((d, sd))
 }
 
 /// Fetch a whole (single-platform) image from a registry, every blob checked against its digest.
 pub async fn pull_image(client: &RegistryClient, target: &Reference) -> Result<BuiltImage> {
-    use futures::StreamExt;
     let fetched = client.resolve_image(target).await?;
     let m = match manifest::parse_manifest(&fetched.bytes, Some(&fetched.media_type))? {
         Manifest::Image(m) => m,
         Manifest::Index(_) => bail!("{target} resolved to an index"),
     };
-    let get = |d: veil_image::manifest::Descriptor| {
-        let client = client.clone();
-        let target = target.clone();
+    let pb = progress(
+        m.layers.iter().map(|l| l.size).sum::<u64>() + m.config.size,
+        "pull",
+    );
+    let get = |d: Descriptor| {
+        let pb = pb.clone();
         async move {
-            let mut s = client.get_blob(&target, &d.digest).await?;
-            let mut data = Vec::new();
-            while let Some(chunk) = s.stream.next().await {
-                data.extend_from_slice(&chunk?);
-            }
-            let actual = Digest::sha256(&data);
-            if actual != d.digest {
-                bail!("{target}: blob {} arrived as {actual}", d.digest);
-            }
+            let data = fetch_blob(client, target, &d, None).await?;
+            pb.inc(d.size);
             Ok::<_, anyhow::Error>(veil_image::build::Blob {
                 media_type: d.media_type.clone(),
                 digest: d.digest.clone(),
@@ -180,6 +326,7 @@ pub async fn pull_image(client: &RegistryClient, target: &Reference) -> Result<B
     for l in &m.layers {
         layers.push(get(l.clone()).await?);
     }
+    pb.finish_and_clear();
     Ok(BuiltImage {
         manifest: veil_image::build::Blob {
             media_type: fetched.media_type.clone(),

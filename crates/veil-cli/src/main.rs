@@ -284,10 +284,36 @@ enum ImageCmd {
         #[command(flatten)]
         admin: KbsAdmin,
     },
-    /// Show an image's manifest and layers.
+    /// Show an image's manifest, its layers (encrypted or plain) and its signatures.
     Inspect {
         /// Image reference.
         reference: String,
+        /// Public key (PEM) to check the signatures against (repeatable).
+        #[arg(long)]
+        key: Vec<PathBuf>,
+    },
+    /// Sign an image with a cosign key (the cosign/sigstore format that
+    /// `skopeo copy --sign-by-sigstore-private-key` writes) and push the signature next to it.
+    Sign {
+        /// Image reference; it is also the signed identity unless --identity is given.
+        reference: String,
+        /// Cosign private key (encrypted `ENCRYPTED SIGSTORE PRIVATE KEY` PEM, or plain PKCS#8).
+        #[arg(long)]
+        key: PathBuf,
+        /// File holding the key's passphrase (default: $VEIL_SIGN_PASSPHRASE, else empty).
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+        /// Identity to sign for (a full reference, e.g. registry.example/app:v1).
+        #[arg(long)]
+        identity: Option<String>,
+    },
+    /// Generate a cosign key pair: <prefix>.key (encrypted with the passphrase) and <prefix>.pub.
+    GenerateKey {
+        /// Path prefix of the two files, e.g. ./cosign.
+        prefix: PathBuf,
+        /// File holding the passphrase (default: $VEIL_SIGN_PASSPHRASE, else empty).
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
     },
     /// Write the example function's binary into a directory (build it with --entrypoint /hello).
     Example {
@@ -644,6 +670,22 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The signing-key passphrase: from a file (trailing newline dropped), else
+/// `$VEIL_SIGN_PASSPHRASE`, else empty. Wiped from memory when dropped.
+fn passphrase(file: Option<&std::path::Path>) -> Result<zeroize::Zeroizing<String>> {
+    let s = match file {
+        Some(f) => {
+            let raw = zeroize::Zeroizing::new(
+                std::fs::read_to_string(f)
+                    .with_context(|| format!("read passphrase file {}", f.display()))?,
+            );
+            raw.trim_end_matches(['\n', '\r']).to_string()
+        }
+        None => std::env::var("VEIL_SIGN_PASSPHRASE").unwrap_or_default(),
+    };
+    Ok(zeroize::Zeroizing::new(s))
+}
+
 async fn image_cmd(ic: ImageCmd, server: &str) -> Result<()> {
     match ic {
         ImageCmd::Build {
@@ -733,11 +775,78 @@ async fn image_cmd(ic: ImageCmd, server: &str) -> Result<()> {
             let d = images::push(&client, &encrypted, &images::push_target(&dst, server)?).await?;
             println!("pushed encrypted {dst} ({d})");
         }
-        ImageCmd::Inspect { reference } => {
+        ImageCmd::Inspect { reference, key } => {
             let reference: Reference = reference.parse()?;
+            let mut keys = Vec::new();
+            for k in &key {
+                let pem = std::fs::read(k).with_context(|| format!("read {}", k.display()))?;
+                keys.push(veil_image::signature::VerificationKey::from_pem(
+                    &pem,
+                    k.display().to_string(),
+                )?);
+            }
             let client = images::registry_client(&[])?;
             let target = images::push_target(&reference, server)?;
-            print!("{}", images::inspect(&client, &target).await?);
+            print!("{}", images::inspect(&client, &target, &keys).await?);
+        }
+        ImageCmd::Sign {
+            reference,
+            key,
+            passphrase_file,
+            identity,
+        } => {
+            let reference: Reference = reference.parse()?;
+            let identity: Reference = match identity {
+                Some(i) => i.parse().with_context(|| format!("--identity {i:?}"))?,
+                None => reference.clone(),
+            };
+            let pem = std::fs::read(&key).with_context(|| format!("read {}", key.display()))?;
+            let pass = passphrase(passphrase_file.as_deref())?;
+            let signing = veil_image::signature::SigningKey::from_pem(
+                &pem,
+                pass.as_bytes(),
+                &key.display().to_string(),
+            )?;
+            let client = images::registry_client(&[])?;
+            let target = images::push_target(&reference, server)?;
+            let (d, sd) = images::sign_image(&client, &target, &identity, &signing).await?;
+            println!(
+                "signed {reference} ({d}) as {identity}; signature manifest {sd} tagged {}",
+                veil_image::signature::signature_tag(&d)
+            );
+        }
+        ImageCmd::GenerateKey {
+            prefix,
+            passphrase_file,
+        } => {
+            let pass = passphrase(passphrase_file.as_deref())?;
+            let key = veil_image::signature::SigningKey::generate()?;
+            let private = key.to_encrypted_pem(pass.as_bytes())?;
+            let public = key.public_key_pem()?;
+            let kpath = prefix.with_extension("key");
+            let ppath = prefix.with_extension("pub");
+            for p in [&kpath, &ppath] {
+                if p.exists() {
+                    bail!("{} exists; not overwriting a key", p.display());
+                }
+            }
+            {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&kpath)
+                    .with_context(|| format!("create {}", kpath.display()))?;
+                f.write_all(private.as_bytes())?;
+            }
+            std::fs::write(&ppath, public).with_context(|| format!("write {}", ppath.display()))?;
+            println!(
+                "wrote {} (private, encrypted) and {} (public)",
+                kpath.display(),
+                ppath.display()
+            );
         }
         ImageCmd::Example { dir } => {
             images::write_example(&dir)?;

@@ -1,12 +1,17 @@
 //! Image-layer encryption and decryption in the ocicrypt format, as written
 //! by `skopeo copy --encryption-key jwe:<pub.pem>` and read by
-//! `skopeo copy --decryption-key <priv.pem>`.
+//! `skopeo copy --decryption-key <priv.pem>`, and with layer keys wrapped
+//! for a key broker in the Confidential Containers (CoCo) key-provider
+//! format.
 //!
 //! # Format
 //!
-//! An encrypted layer has media type `<plaintext media type>+encrypted` and
-//! two annotations:
+//! An encrypted layer has media type `<plaintext media type>+encrypted`,
+//! the public options annotation and at least one wrapped-key annotation:
 //!
+//! * [`ANNOTATION_PUBOPTS`]: base64 of the *public options* JSON
+//!   `{"cipher": "AES_256_CTR_HMAC_SHA256", "hmac": b64,
+//!   "cipheroptions": {}}`.
 //! * [`ANNOTATION_KEYS_JWE`]: one or more JWEs (RFC 7516 JSON
 //!   serialization), each base64 (standard alphabet, padded), joined by `,`.
 //!   Each JWE encrypts the *private options* JSON
@@ -15,9 +20,25 @@
 //!   content encryption `A256GCM` and key management `RSA-OAEP` (SHA-1,
 //!   go-jose's choice for RSA keys; `RSA-OAEP-256` is accepted too) or
 //!   `ECDH-ES+A256KW` (P-256; `+A128KW`/`+A192KW` accepted too).
-//! * [`ANNOTATION_PUBOPTS`]: base64 of the *public options* JSON
-//!   `{"cipher": "AES_256_CTR_HMAC_SHA256", "hmac": b64,
-//!   "cipheroptions": {}}`.
+//! * [`ANNOTATION_KEYS_COCO`] (the CoCo attestation agent's key provider):
+//!   one or more *annotation packets*, each base64 (standard, padded) of a
+//!   JSON object, joined by `,`. A packet wraps the same private options
+//!   JSON with a key-encryption key (KEK) that a key broker (KBS) holds as
+//!   a resource:
+//!   `{"kid": "kbs:///<repository>/<type>/<tag>", "wrapped_data": b64,
+//!   "iv": b64, "wrap_type": "A256GCM" | "A256CTR"}`. The `kid` is a
+//!   [`KbsResource`] URI (`kbs://<host>/…` names a broker host too); the
+//!   KEK is that resource's raw value, 32 bytes. `A256GCM` is AES-256-GCM
+//!   with a 12-byte IV and the 16-byte tag appended to `wrapped_data`, no
+//!   additional data; `A256CTR` is AES-256-CTR with the 16-byte IV as the
+//!   initial big-endian counter block, unauthenticated. Version 2 packets
+//!   add `"version"` (only `"0.1.0"`, the default, is supported),
+//!   `"provider"` (only `"kbs"`, the default), `"provider_settings"` and
+//!   `"annotations"` (objects, ignored); with the `kbs` provider, `iv` and
+//!   `wrap_type` are required. Unknown fields are ignored. veil writes
+//!   version-1 packets.
+//!
+//! A layer may carry both key annotations; either opens it.
 //!
 //! The layer bytes are the plaintext layer blob encrypted with AES-256-CTR
 //! (key `symkey`, 32 bytes; the 16-byte `nonce` is the initial counter
@@ -26,8 +47,12 @@
 //!
 //! # Decrypting
 //!
-//! [`unwrap_layer_key`] finds a JWE recipient that one of the given
-//! [`PrivateKey`]s can open and returns the [`LayerKey`];
+//! [`unwrap_layer_key_with`] finds a JWE recipient that one of a
+//! [`KeyRing`]'s [`PrivateKey`]s can open, or a CoCo packet whose `kid` the
+//! ring holds a KBS key for, and returns the [`LayerKey`];
+//! [`unwrap_layer_key`] does the same with private keys only, and
+//! [`coco_key_ids`] lists the KBS resources a layer's packets name (what to
+//! fetch from the broker before unwrapping).
 //! [`LayerKey::decrypt`] wraps the encrypted blob in a [`DecryptingReader`],
 //! which checks the HMAC (and the plaintext digest from the private
 //! options) when it reaches EOF and fails the final read if either does not
@@ -37,8 +62,11 @@
 //!
 //! # Encrypting
 //!
-//! [`encrypt_layer`] encrypts a blob for one or more [`PublicKey`]s;
-//! [`encrypt_image`] rewrites a [`BuiltImage`] with chosen layers encrypted.
+//! [`encrypt_layer_for`] encrypts a blob for one or more [`Recipient`]s
+//! (JWE public keys, whose wrapped keys share one JWE, and KBS keys, one
+//! A256GCM or A256CTR packet each); [`encrypt_image_for`] rewrites a
+//! [`BuiltImage`] with chosen layers encrypted. [`encrypt_layer`] and
+//! [`encrypt_image`] are the same for JWE public keys only.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -73,8 +101,16 @@ use crate::{Digest, Error};
 
 pub use crate::manifest::{decrypted_layer_compression, decrypted_media_type, ENCRYPTED_SUFFIX};
 
+mod coco;
+
+pub use coco::{CocoWrap, KbsResource};
+
 /// Annotation holding the JWE-wrapped private options.
 pub const ANNOTATION_KEYS_JWE: &str = "org.opencontainers.image.enc.keys.jwe";
+/// Annotation holding the private options wrapped with key broker (KBS)
+/// keys, as annotation packets of the CoCo attestation agent's key provider.
+pub const ANNOTATION_KEYS_COCO: &str =
+    "org.opencontainers.image.enc.keys.provider.attestation-agent";
 /// Annotation holding the public options (cipher and HMAC).
 pub const ANNOTATION_PUBOPTS: &str = "org.opencontainers.image.enc.pubopts";
 /// Prefix of all ocicrypt annotations.
@@ -560,16 +596,16 @@ struct Jwe {
     iv: Vec<u8>,
     ciphertext: Vec<u8>,
     tag: Vec<u8>,
-    recipients: Vec<Recipient>,
+    recipients: Vec<JweRecipient>,
 }
 
-struct Recipient {
+struct JweRecipient {
     /// Protected, shared unprotected and per-recipient headers merged.
     header: Map<String, Value>,
     encrypted_key: Vec<u8>,
 }
 
-impl Recipient {
+impl JweRecipient {
     fn alg(&self) -> &str {
         self.header.get("alg").and_then(Value::as_str).unwrap_or("")
     }
@@ -650,7 +686,7 @@ impl Jwe {
                 merge_header(&mut header, r.header)?;
                 let encrypted_key = b64url(r.encrypted_key.as_deref().unwrap_or(""))
                     .map_err(|e| format!("encrypted_key: {e}"))?;
-                Ok(Recipient {
+                Ok(JweRecipient {
                     header,
                     encrypted_key,
                 })
@@ -767,7 +803,7 @@ fn parse_epk(header: &Map<String, Value>) -> Result<p256::PublicKey, String> {
 
 /// Reject recipients using JWE features veil does not implement, before
 /// any key is tried.
-fn check_recipient(r: &Recipient) -> Result<(), String> {
+fn check_recipient(r: &JweRecipient) -> Result<(), String> {
     match r.header.get("enc").and_then(Value::as_str) {
         Some("A256GCM") => {}
         Some(enc) => {
@@ -795,7 +831,7 @@ enum Miss {
     NotThisKey(String),
 }
 
-fn unwrap_cek(key: &PrivateKey, r: &Recipient) -> Result<Zeroizing<Vec<u8>>, Miss> {
+fn unwrap_cek(key: &PrivateKey, r: &JweRecipient) -> Result<Zeroizing<Vec<u8>>, Miss> {
     let alg = r.alg();
     match (alg, &key.0) {
         ("RSA-OAEP" | "RSA-OAEP-256", PrivKind::Rsa(k)) => {
@@ -897,14 +933,163 @@ impl LayerKey {
     }
 }
 
+/// The keys an agent holds for unwrapping layer keys: private keys for JWE
+/// recipients ([`ANNOTATION_KEYS_JWE`]) and key broker (KBS) keys for CoCo
+/// annotation packets ([`ANNOTATION_KEYS_COCO`]).
+///
+/// `kbs_keys` maps a packet's `kid` to the raw bytes of that KBS resource
+/// (the 32-byte key-encryption key). A packet's `kid` is looked up exactly
+/// as written first, then by its `<repository>/<type>/<tag>` path: an entry
+/// named `kbs:///a/b/c`, `kbs://broker.example/a/b/c` or `a/b/c` serves a
+/// packet whose `kid` is any of these.
+#[derive(Clone, Default)]
+pub struct KeyRing {
+    /// Private keys for JWE recipients.
+    pub private_keys: Vec<PrivateKey>,
+    /// KBS keys by resource URI (or `<repository>/<type>/<tag>` path).
+    pub kbs_keys: BTreeMap<String, Zeroizing<Vec<u8>>>,
+}
+
+impl fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyRing")
+            .field("private_keys", &self.private_keys)
+            .field("kbs_keys", &self.kbs_keys.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl From<Vec<PrivateKey>> for KeyRing {
+    fn from(private_keys: Vec<PrivateKey>) -> Self {
+        KeyRing {
+            private_keys,
+            kbs_keys: BTreeMap::new(),
+        }
+    }
+}
+
+impl KeyRing {
+    /// An empty key ring.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether the ring holds no key at all.
+    pub fn is_empty(&self) -> bool {
+        self.private_keys.is_empty() && self.kbs_keys.is_empty()
+    }
+
+    /// Add a private key for JWE recipients.
+    pub fn add_private_key(&mut self, key: PrivateKey) {
+        self.private_keys.push(key);
+    }
+
+    /// Add (or replace) the KBS key for `kid` (a resource URI, or its
+    /// `<repository>/<type>/<tag>` path).
+    pub fn add_kbs_key(&mut self, kid: impl Into<String>, key: impl Into<Vec<u8>>) {
+        self.kbs_keys.insert(kid.into(), Zeroizing::new(key.into()));
+    }
+
+    /// The KBS key for `kid`: the entry named exactly `kid`, else the first
+    /// entry naming the same `<repository>/<type>/<tag>` path.
+    pub fn kbs_key(&self, kid: &str) -> Option<&[u8]> {
+        self.kbs_candidates(kid).into_iter().next()
+    }
+
+    /// Every KBS key that may be the one for `kid`, the exact entry first.
+    fn kbs_candidates(&self, kid: &str) -> Vec<&[u8]> {
+        let mut out: Vec<&[u8]> = self
+            .kbs_keys
+            .get(kid)
+            .map(|k| k.as_slice())
+            .into_iter()
+            .collect();
+        if let Some(path) = coco::normalized_path(kid) {
+            out.extend(
+                self.kbs_keys
+                    .iter()
+                    .filter(|(name, _)| {
+                        name.as_str() != kid
+                            && coco::normalized_path(name).as_deref() == Some(path.as_str())
+                    })
+                    .map(|(_, k)| k.as_slice()),
+            );
+        }
+        out
+    }
+
+    /// What the ring holds, for error messages: key kinds and KBS key
+    /// names, never key material.
+    fn describe(&self) -> String {
+        let private = if self.private_keys.is_empty() {
+            "no private key".to_string()
+        } else {
+            let kinds: Vec<String> = self.private_keys.iter().map(PrivateKey::kind).collect();
+            format!(
+                "{} private key(s) ({})",
+                self.private_keys.len(),
+                kinds.join(", ")
+            )
+        };
+        let kbs = if self.kbs_keys.is_empty() {
+            "no KBS key".to_string()
+        } else {
+            let names: Vec<&str> = self.kbs_keys.keys().map(String::as_str).collect();
+            format!("{} KBS key(s) ({})", self.kbs_keys.len(), names.join(", "))
+        };
+        format!("{private} and {kbs}")
+    }
+}
+
+/// Why no key opened a layer, gathered over all recipients and packets.
+#[derive(Default)]
+struct Misses {
+    reasons: Vec<String>,
+    /// A key was tried and did not fit (or was of the wrong kind).
+    wrong: bool,
+    /// A supported recipient or packet had no key to try.
+    absent: bool,
+}
+
+impl Misses {
+    fn wrong(&mut self, why: String) {
+        self.wrong = true;
+        self.reasons.push(why);
+    }
+    fn absent(&mut self, why: String) {
+        self.absent = true;
+        self.reasons.push(why);
+    }
+    fn unsupported(&mut self, why: String) {
+        self.reasons.push(why);
+    }
+}
+
 /// Unwrap the key of the encrypted layer `desc` with one of `keys`.
 ///
 /// Every key is tried against every JWE recipient in the
-/// [`ANNOTATION_KEYS_JWE`] annotation. Errors are
+/// [`ANNOTATION_KEYS_JWE`] annotation (a layer's CoCo packets need KBS
+/// keys: see [`unwrap_layer_key_with`]). Errors are
 /// [`Error::LayerDecryption`] naming the layer digest, with a
 /// [`DecryptFailure`] kind: `NoKey` if `keys` is empty, `WrongKey` if no
 /// key fits, `Malformed`/`Unsupported` for bad or unknown metadata.
 pub fn unwrap_layer_key(desc: &Descriptor, keys: &[PrivateKey]) -> Result<LayerKey, Error> {
+    unwrap_layer_key_with(desc, &KeyRing::from(keys.to_vec()))
+}
+
+/// Unwrap the key of the encrypted layer `desc` with a key from `keys`.
+///
+/// CoCo packets ([`ANNOTATION_KEYS_COCO`]) are tried with the ring's KBS
+/// key for their `kid` (see [`KeyRing`]), then every private key against
+/// every JWE recipient ([`ANNOTATION_KEYS_JWE`]). Errors are
+/// [`Error::LayerDecryption`] naming the layer digest, with a
+/// [`DecryptFailure`] kind: `NoKey` if the ring is empty or holds no key
+/// for any recipient or `kid` (the message names the `kid`s), `WrongKey` if
+/// keys were tried and none fits (a GCM tag mismatch, a KBS key that is not
+/// 32 bytes, a JWE key of another kind...), `Malformed`/`Unsupported` for
+/// bad or unknown metadata (an unsupported key provider, packet version or
+/// wrap type, JWE algorithm...). The reasons list every recipient and packet.
+pub fn unwrap_layer_key_with(desc: &Descriptor, keys: &KeyRing) -> Result<LayerKey, Error> {
     let d = &desc.digest;
     let Some(media_type) = decrypted_media_type(&desc.media_type) else {
         return Err(fail(
@@ -916,7 +1101,9 @@ pub fn unwrap_layer_key(desc: &Descriptor, keys: &[PrivateKey]) -> Result<LayerK
             ),
         ));
     };
-    let Some(jwe_annotation) = desc.annotations.get(ANNOTATION_KEYS_JWE) else {
+    let jwe_annotation = desc.annotations.get(ANNOTATION_KEYS_JWE);
+    let coco_annotation = desc.annotations.get(ANNOTATION_KEYS_COCO);
+    if jwe_annotation.is_none() && coco_annotation.is_none() {
         let schemes: Vec<&str> = desc
             .annotations
             .keys()
@@ -926,19 +1113,23 @@ pub fn unwrap_layer_key(desc: &Descriptor, keys: &[PrivateKey]) -> Result<LayerK
             fail(
                 d,
                 DecryptFailure::Malformed,
-                format!("it has no {ANNOTATION_KEYS_JWE} annotation holding its wrapped key"),
+                format!(
+                    "it has no {ANNOTATION_KEYS_JWE} or {ANNOTATION_KEYS_COCO} annotation \
+                     holding its wrapped key"
+                ),
             )
         } else {
             fail(
                 d,
                 DecryptFailure::Unsupported,
                 format!(
-                    "its key is wrapped only with the {} scheme(s); veil supports only jwe",
+                    "its key is wrapped only with the {} scheme(s); veil supports jwe and \
+                     provider.attestation-agent (CoCo)",
                     schemes.join(", ")
                 ),
             )
         });
-    };
+    }
     let pub_annotation = desc.annotations.get(ANNOTATION_PUBOPTS).ok_or_else(|| {
         fail(
             d,
@@ -947,18 +1138,81 @@ pub fn unwrap_layer_key(desc: &Descriptor, keys: &[PrivateKey]) -> Result<LayerK
         )
     })?;
     let pubopts = parse_pubopts(pub_annotation).map_err(|(kind, why)| fail(d, kind, why))?;
-    let jwes = parse_jwe_annotation(jwe_annotation)
-        .map_err(|why| fail(d, DecryptFailure::Malformed, why))?;
+    let jwes = match jwe_annotation {
+        Some(a) => {
+            parse_jwe_annotation(a).map_err(|why| fail(d, DecryptFailure::Malformed, why))?
+        }
+        None => Vec::new(),
+    };
+    let packets = match coco_annotation {
+        Some(a) => coco::parse_annotation(a).map_err(|(kind, why)| fail(d, kind, why))?,
+        None => Vec::new(),
+    };
     if keys.is_empty() {
         return Err(fail(
             d,
             DecryptFailure::NoKey,
-            "no key can decrypt this layer: no private key was given",
+            "no key can decrypt this layer: no private key or KBS key was given",
         ));
     }
+    let opened = |plain: &[u8]| {
+        layer_key_from_opts(desc, media_type, plain, &pubopts).map_err(|why| {
+            fail(
+                d,
+                DecryptFailure::Malformed,
+                format!("the decrypted private options are invalid: {why}"),
+            )
+        })
+    };
 
-    let mut misses: Vec<String> = Vec::new();
-    let mut all_unsupported = true;
+    let mut misses = Misses::default();
+    // CoCo packets first: one symmetric operation per candidate key.
+    for (pi, p) in packets.iter().enumerate() {
+        let w = match &p.body {
+            Ok(w) => w,
+            Err(why) => {
+                misses.unsupported(format!(
+                    "CoCo packet #{} (kid {}): {why}",
+                    pi + 1,
+                    coco::quoted(&p.kid)
+                ));
+                continue;
+            }
+        };
+        let place = format!("CoCo packet #{} (kid {}, {})", pi + 1, p.kid, w.wrap);
+        let candidates = keys.kbs_candidates(&p.kid);
+        if candidates.is_empty() {
+            misses.absent(format!(
+                "{place}: no key for kid {} ({}) in the key ring",
+                p.kid,
+                w.resource.path()
+            ));
+            continue;
+        }
+        for kek in candidates {
+            let plain = match w.open(kek) {
+                Ok(plain) => plain,
+                Err(why) => {
+                    misses.wrong(format!("{place}: {why}"));
+                    continue;
+                }
+            };
+            match w.wrap {
+                // Authenticated: these are the encryptor's options.
+                CocoWrap::A256Gcm => return opened(&plain),
+                // Unauthenticated: options that do not parse mean a wrong key.
+                CocoWrap::A256Ctr => {
+                    match layer_key_from_opts(desc, media_type, &plain, &pubopts) {
+                        Ok(key) => return Ok(key),
+                        Err(_) => misses.wrong(format!(
+                            "{place}: wrong key (A256CTR is unauthenticated, and what this key \
+                         unwraps is not valid private options)"
+                        )),
+                    }
+                }
+            }
+        }
+    }
     for (ji, jwe) in jwes.iter().enumerate() {
         for (ri, r) in jwe.recipients.iter().enumerate() {
             let alg = if r.alg().is_empty() {
@@ -967,14 +1221,22 @@ pub fn unwrap_layer_key(desc: &Descriptor, keys: &[PrivateKey]) -> Result<LayerK
                 r.alg()
             };
             if let Err(why) = check_recipient(r) {
-                misses.push(format!(
+                misses.unsupported(format!(
                     "JWE #{} recipient #{} ({alg}): {why}",
                     ji + 1,
                     ri + 1
                 ));
                 continue;
             }
-            for (ki, key) in keys.iter().enumerate() {
+            if keys.private_keys.is_empty() {
+                misses.absent(format!(
+                    "JWE #{} recipient #{} ({alg}): no private key was given",
+                    ji + 1,
+                    ri + 1
+                ));
+                continue;
+            }
+            for (ki, key) in keys.private_keys.iter().enumerate() {
                 let place = format!(
                     "JWE #{} recipient #{} ({alg}) with key #{} ({})",
                     ji + 1,
@@ -985,49 +1247,80 @@ pub fn unwrap_layer_key(desc: &Descriptor, keys: &[PrivateKey]) -> Result<LayerK
                 let cek = match unwrap_cek(key, r) {
                     Ok(cek) => cek,
                     Err(Miss::KeyType(why) | Miss::NotThisKey(why)) => {
-                        all_unsupported = false;
-                        misses.push(format!("{place}: {why}"));
+                        misses.wrong(format!("{place}: {why}"));
                         continue;
                     }
                     Err(Miss::Unsupported(why)) => {
-                        misses.push(format!("{place}: {why}"));
+                        misses.unsupported(format!("{place}: {why}"));
                         continue;
                     }
                 };
                 let plain = match jwe.decrypt_content(&cek) {
                     Ok(p) => p,
                     Err(why) => {
-                        all_unsupported = false;
-                        misses.push(format!("{place}: {why}"));
+                        misses.wrong(format!("{place}: {why}"));
                         continue;
                     }
                 };
-                return layer_key_from_opts(desc, media_type, &plain, pubopts);
+                return opened(&plain);
             }
         }
     }
-    let kinds: Vec<String> = keys.iter().map(PrivateKey::kind).collect();
-    let (kind, head) = if all_unsupported {
-        (
-            DecryptFailure::Unsupported,
-            "no key can decrypt this layer: its JWE recipients use only unsupported algorithms",
-        )
-    } else {
+    let (kind, head) = if misses.wrong {
         (
             DecryptFailure::WrongKey,
             "no key can decrypt this layer (wrong key)",
+        )
+    } else if misses.absent {
+        (
+            DecryptFailure::NoKey,
+            "no key can decrypt this layer (no key for it)",
+        )
+    } else {
+        (
+            DecryptFailure::Unsupported,
+            "no key can decrypt this layer: its wrapped keys use only unsupported algorithms, \
+             key providers or versions",
         )
     };
     Err(fail(
         d,
         kind,
         format!(
-            "{head}: none of the {} given private key(s) ({}) unwraps its layer key; {}",
-            keys.len(),
-            kinds.join(", "),
-            misses.join("; ")
+            "{head}: none of the given keys ({}) unwraps its layer key; {}",
+            keys.describe(),
+            misses.reasons.join("; ")
         ),
     ))
+}
+
+/// The KBS resource URIs (`kid`s, as written, each once, in order) that
+/// the CoCo annotation packets of the encrypted layer `desc` name: the
+/// broker resources to fetch into a [`KeyRing`] before
+/// [`unwrap_layer_key_with`].
+///
+/// Empty when the layer is not encrypted or has no
+/// [`ANNOTATION_KEYS_COCO`] annotation. Packets veil cannot use (another
+/// key provider, packet version or wrap type) are left out; a malformed
+/// annotation (bad base64 or JSON, a `kid` that is not a KBS resource URI,
+/// a missing or wrong-length IV...) is an [`Error::LayerDecryption`] naming
+/// the layer.
+pub fn coco_key_ids(desc: &Descriptor) -> Result<Vec<String>, Error> {
+    if !is_encrypted(desc) {
+        return Ok(Vec::new());
+    }
+    let Some(annotation) = desc.annotations.get(ANNOTATION_KEYS_COCO) else {
+        return Ok(Vec::new());
+    };
+    let packets =
+        coco::parse_annotation(annotation).map_err(|(kind, why)| fail(&desc.digest, kind, why))?;
+    let mut kids: Vec<String> = Vec::new();
+    for p in packets {
+        if p.body.is_ok() && !kids.contains(&p.kid) {
+            kids.push(p.kid);
+        }
+    }
+    Ok(kids)
 }
 
 fn opt_b64(v: Option<String>, what: &str) -> Result<Option<Zeroizing<Vec<u8>>>, String> {
@@ -1041,31 +1334,21 @@ fn opt_b64(v: Option<String>, what: &str) -> Result<Option<Zeroizing<Vec<u8>>>, 
     }
 }
 
+/// The layer key from the decrypted private options `plain`; the error says
+/// what is wrong with them.
 fn layer_key_from_opts(
     desc: &Descriptor,
     media_type: &str,
     plain: &[u8],
-    pubopts: PubOpts,
-) -> Result<LayerKey, Error> {
+    pubopts: &PubOpts,
+) -> Result<LayerKey, String> {
     let d = &desc.digest;
-    let malformed = |why: String| {
-        fail(
-            d,
-            DecryptFailure::Malformed,
-            format!("the decrypted private options are invalid: {why}"),
-        )
-    };
-    let raw: RawPrivOpts = serde_json::from_slice(plain)
-        .map_err(|_| malformed("not a valid options JSON object".into()))?;
-    let symkey = opt_b64(raw.symkey, "symkey")
-        .map_err(malformed)?
-        .ok_or_else(|| malformed("there is no symkey".into()))?;
-    let symkey: [u8; SYMKEY_LEN] = symkey[..].try_into().map_err(|_| {
-        malformed(format!(
-            "the symkey is {} bytes, not {SYMKEY_LEN}",
-            symkey.len()
-        ))
-    })?;
+    let raw: RawPrivOpts =
+        serde_json::from_slice(plain).map_err(|_| "not a valid options JSON object".to_string())?;
+    let symkey = opt_b64(raw.symkey, "symkey")?.ok_or_else(|| "there is no symkey".to_string())?;
+    let symkey: [u8; SYMKEY_LEN] = symkey[..]
+        .try_into()
+        .map_err(|_| format!("the symkey is {} bytes, not {SYMKEY_LEN}", symkey.len()))?;
     let symkey = Zeroizing::new(symkey);
     let private_nonce = opt_b64(
         raw.cipheroptions
@@ -1073,24 +1356,18 @@ fn layer_key_from_opts(
             .remove("nonce")
             .flatten(),
         "nonce",
-    )
-    .map_err(malformed)?;
-    let nonce = match (private_nonce, pubopts.nonce) {
+    )?;
+    let nonce = match (private_nonce, pubopts.nonce.as_ref()) {
         (Some(p), Some(q)) if p[..] != q[..] => {
-            return Err(malformed(
-                "the private and public options carry different nonces".into(),
-            ))
+            return Err("the private and public options carry different nonces".into())
         }
         (Some(p), _) => p.to_vec(),
-        (None, Some(q)) => q,
-        (None, None) => return Err(malformed("there is no nonce".into())),
+        (None, Some(q)) => q.clone(),
+        (None, None) => return Err("there is no nonce".into()),
     };
-    let nonce: [u8; NONCE_LEN] = nonce[..].try_into().map_err(|_| {
-        malformed(format!(
-            "the nonce is {} bytes, not {NONCE_LEN}",
-            nonce.len()
-        ))
-    })?;
+    let nonce: [u8; NONCE_LEN] = nonce[..]
+        .try_into()
+        .map_err(|_| format!("the nonce is {} bytes, not {NONCE_LEN}", nonce.len()))?;
     let plaintext_digest = match raw.digest.as_deref() {
         None | Some("") => None,
         Some(s) => match s.parse::<Digest>() {
@@ -1106,7 +1383,7 @@ fn layer_key_from_opts(
         media_type: media_type.to_string(),
         symkey,
         nonce,
-        hmac: pubopts.hmac,
+        hmac: pubopts.hmac.clone(),
         plaintext_digest,
     })
 }
@@ -1261,7 +1538,18 @@ pub fn decrypt_layer(
     encrypted: &[u8],
     keys: &[PrivateKey],
 ) -> Result<Vec<u8>, Error> {
-    let key = unwrap_layer_key(desc, keys)?;
+    decrypt_layer_with(desc, encrypted, &KeyRing::from(keys.to_vec()))
+}
+
+/// Decrypt a whole encrypted layer blob in memory: unwrap its key with a
+/// key from `keys` (see [`unwrap_layer_key_with`]), decrypt and verify.
+/// Returns the plaintext blob.
+pub fn decrypt_layer_with(
+    desc: &Descriptor,
+    encrypted: &[u8],
+    keys: &KeyRing,
+) -> Result<Vec<u8>, Error> {
+    let key = unwrap_layer_key_with(desc, keys)?;
     let mut out = Vec::with_capacity(encrypted.len());
     key.decrypt(encrypted).read_to_end(&mut out).map_err(|e| {
         match e.into_inner().map(|b| b.downcast::<Error>()) {
@@ -1319,7 +1607,7 @@ fn wrap_cek(key: &PublicKey, cek: &[u8]) -> Result<(Map<String, Value>, Vec<u8>)
 
 /// A JWE (JSON serialization, go-jose style) encrypting `plaintext` with
 /// A256GCM for `recipients`.
-fn jwe_encrypt(plaintext: &[u8], recipients: &[PublicKey]) -> Result<String, String> {
+fn jwe_encrypt(plaintext: &[u8], recipients: &[&PublicKey]) -> Result<String, String> {
     let cek = random::<32>();
     let mut wrapped = recipients
         .iter()
@@ -1368,25 +1656,124 @@ fn jwe_encrypt(plaintext: &[u8], recipients: &[PublicKey]) -> Result<String, Str
     serde_json::to_string(&Value::Object(out)).map_err(|e| e.to_string())
 }
 
-/// Encrypt one layer blob for `recipients` in the ocicrypt format
+/// Someone a layer is encrypted for.
+#[derive(Clone)]
+pub enum Recipient {
+    /// A JWE recipient ([`ANNOTATION_KEYS_JWE`]): RSA-OAEP for RSA keys,
+    /// ECDH-ES+A256KW for P-256 keys. All JWE recipients of a layer share
+    /// one JWE.
+    Jwe(PublicKey),
+    /// A key broker resource ([`ANNOTATION_KEYS_COCO`]): one CoCo
+    /// annotation packet wrapping the layer key with `kek`.
+    Kbs {
+        /// The resource's URI, `kbs:///<repository>/<type>/<tag>` (or with
+        /// a broker host), written as the packet's `kid`.
+        kid: String,
+        /// The resource's value: the 32-byte key-encryption key.
+        kek: Zeroizing<Vec<u8>>,
+        /// How the packet wraps the layer key.
+        wrap: CocoWrap,
+    },
+}
+
+impl fmt::Debug for Recipient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Recipient::Jwe(k) => f.debug_tuple("Jwe").field(k).finish(),
+            Recipient::Kbs { kid, kek, wrap } => f
+                .debug_struct("Kbs")
+                .field("kid", kid)
+                .field("kek", &format_args!("<{} bytes>", kek.len()))
+                .field("wrap", wrap)
+                .finish(),
+        }
+    }
+}
+
+impl From<PublicKey> for Recipient {
+    fn from(key: PublicKey) -> Self {
+        Recipient::Jwe(key)
+    }
+}
+
+impl Recipient {
+    /// A KBS recipient wrapping with A256GCM, checked: `kid` must be a KBS
+    /// resource URI and `kek` 32 bytes. (Errors never contain the key.)
+    pub fn kbs(kid: impl Into<String>, kek: impl Into<Vec<u8>>) -> Result<Self, Error> {
+        let recipient = Recipient::Kbs {
+            kid: kid.into(),
+            kek: Zeroizing::new(kek.into()),
+            wrap: CocoWrap::default(),
+        };
+        recipient.check()?;
+        Ok(recipient)
+    }
+
+    /// The same recipient wrapping with `wrap` (no effect on JWE
+    /// recipients).
+    pub fn with_wrap(mut self, new_wrap: CocoWrap) -> Self {
+        if let Recipient::Kbs { wrap, .. } = &mut self {
+            *wrap = new_wrap;
+        }
+        self
+    }
+
+    fn check(&self) -> Result<(), Error> {
+        match self {
+            Recipient::Jwe(_) => Ok(()),
+            Recipient::Kbs { kid, kek, .. } => {
+                KbsResource::parse(kid)?;
+                if kek.len() != coco::KBS_KEK_LEN {
+                    return Err(invalid_key(format!(
+                        "the key-encryption key for {kid} is {} bytes; {} (AES-256) are required",
+                        kek.len(),
+                        coco::KBS_KEK_LEN
+                    )));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Encrypt one layer blob for JWE `recipients` in the ocicrypt format
 /// (AES-256-CTR + HMAC-SHA256; the key wrapped in one JWE, A256GCM, with
 /// RSA-OAEP for RSA keys and ECDH-ES+A256KW for P-256 keys).
 ///
 /// Returns the encrypted bytes and their descriptor: media type
 /// `<layer.media_type>+encrypted`, with the [`ANNOTATION_KEYS_JWE`] and
 /// [`ANNOTATION_PUBOPTS`] annotations. The plaintext digest is recorded in
-/// the private options, so decryptors can verify it.
+/// the private options, so decryptors can verify it. See
+/// [`encrypt_layer_for`] for KBS recipients.
 pub fn encrypt_layer(
     layer: &Blob,
     recipients: &[PublicKey],
 ) -> Result<(Vec<u8>, Descriptor), Error> {
+    encrypt_layer_for(layer, &jwe_recipients(recipients))
+}
+
+/// Encrypt one layer blob for `recipients`, JWE public keys and/or key
+/// broker (KBS) keys, in the ocicrypt format.
+///
+/// Like [`encrypt_layer`], plus one [`ANNOTATION_KEYS_COCO`] annotation
+/// packet per KBS recipient (version-1 shape, a fresh random IV each);
+/// the [`ANNOTATION_KEYS_JWE`] annotation is written only when there is a
+/// JWE recipient.
+pub fn encrypt_layer_for(
+    layer: &Blob,
+    recipients: &[Recipient],
+) -> Result<(Vec<u8>, Descriptor), Error> {
     encrypt_with_descriptor(&layer.descriptor(), &layer.data, recipients)
+}
+
+fn jwe_recipients(keys: &[PublicKey]) -> Vec<Recipient> {
+    keys.iter().cloned().map(Recipient::Jwe).collect()
 }
 
 fn encrypt_with_descriptor(
     plain: &Descriptor,
     data: &[u8],
-    recipients: &[PublicKey],
+    recipients: &[Recipient],
 ) -> Result<(Vec<u8>, Descriptor), Error> {
     let refuse = |reason: String| Error::LayerEncryption {
         digest: plain.digest.clone(),
@@ -1399,13 +1786,21 @@ fn encrypt_with_descriptor(
         )));
     }
     if recipients.is_empty() {
-        return Err(refuse("no recipient public key was given".into()));
+        return Err(refuse(
+            "no recipient public key or KBS key was given".into(),
+        ));
     }
     if recipients.len() > MAX_RECIPIENTS {
         return Err(refuse(format!(
             "{} recipients given; at most {MAX_RECIPIENTS} are supported",
             recipients.len()
         )));
+    }
+    for (i, r) in recipients.iter().enumerate() {
+        r.check().map_err(|e| match e {
+            Error::InvalidKey { reason } => refuse(format!("recipient #{}: {reason}", i + 1)),
+            other => other,
+        })?;
     }
     let symkey = random::<SYMKEY_LEN>();
     let nonce = random::<NONCE_LEN>();
@@ -1431,7 +1826,16 @@ fn encrypt_with_descriptor(
         cipheroptions: BTreeMap::new(),
     })
     .map_err(|e| refuse(format!("cannot serialize the public options: {e}")))?;
-    let jwe = jwe_encrypt(&priv_json, recipients).map_err(refuse)?;
+    let mut jwe_keys: Vec<&PublicKey> = Vec::new();
+    let mut packets: Vec<String> = Vec::new();
+    for r in recipients {
+        match r {
+            Recipient::Jwe(k) => jwe_keys.push(k),
+            Recipient::Kbs { kid, kek, wrap } => {
+                packets.push(coco::wrap_packet(kid, kek, *wrap, &priv_json).map_err(refuse)?)
+            }
+        }
+    }
 
     let mut desc = Descriptor::new(
         format!("{}{ENCRYPTED_SUFFIX}", plain.media_type),
@@ -1439,16 +1843,32 @@ fn encrypt_with_descriptor(
         ciphertext.len() as u64,
     );
     desc.annotations = plain.annotations.clone();
+    // No stale encryption metadata survives from the plaintext descriptor.
     desc.annotations
-        .insert(ANNOTATION_KEYS_JWE.to_string(), STANDARD.encode(jwe));
+        .retain(|k, _| !k.starts_with(ANNOTATION_PREFIX));
+    if !jwe_keys.is_empty() {
+        let jwe = jwe_encrypt(&priv_json, &jwe_keys).map_err(refuse)?;
+        desc.annotations
+            .insert(ANNOTATION_KEYS_JWE.to_string(), STANDARD.encode(jwe));
+    }
+    if !packets.is_empty() {
+        desc.annotations
+            .insert(ANNOTATION_KEYS_COCO.to_string(), packets.join(","));
+    }
     desc.annotations
         .insert(ANNOTATION_PUBOPTS.to_string(), STANDARD.encode(pub_json));
-    tracing::debug!(layer = %plain.digest, encrypted = %desc.digest, recipients = recipients.len(), "encrypted layer");
+    tracing::debug!(
+        layer = %plain.digest,
+        encrypted = %desc.digest,
+        jwe_recipients = jwe_keys.len(),
+        kbs_recipients = packets.len(),
+        "encrypted layer"
+    );
     Ok((ciphertext, desc))
 }
 
 /// Rewrite `image` with the layers chosen by `select(index, descriptor)`
-/// encrypted for `recipients`.
+/// encrypted for the JWE `recipients` (see [`encrypt_image_for`]).
 ///
 /// The config blob (and so `rootfs.diff_ids`, which stay those of the
 /// plaintext layers, as with ocicrypt) is unchanged; the manifest is
@@ -1458,6 +1878,17 @@ fn encrypt_with_descriptor(
 pub fn encrypt_image(
     image: &BuiltImage,
     recipients: &[PublicKey],
+    select: impl FnMut(usize, &Descriptor) -> bool,
+) -> Result<BuiltImage, Error> {
+    encrypt_image_for(image, &jwe_recipients(recipients), select)
+}
+
+/// Rewrite `image` with the layers chosen by `select(index, descriptor)`
+/// encrypted for `recipients`, JWE public keys and/or key broker (KBS)
+/// keys; otherwise as [`encrypt_image`].
+pub fn encrypt_image_for(
+    image: &BuiltImage,
+    recipients: &[Recipient],
     mut select: impl FnMut(usize, &Descriptor) -> bool,
 ) -> Result<BuiltImage, Error> {
     let mut manifest = match parse_manifest(&image.manifest.data, Some(OCI_MANIFEST))? {
@@ -1513,5 +1944,7 @@ pub fn is_encrypted(desc: &Descriptor) -> bool {
     decrypted_media_type(&desc.media_type).is_some()
 }
 
+#[cfg(test)]
+mod coco_tests;
 #[cfg(test)]
 mod tests;

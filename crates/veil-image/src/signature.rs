@@ -223,12 +223,11 @@ impl VerificationKey {
     /// Parse a PEM `PUBLIC KEY` (SubjectPublicKeyInfo): ECDSA P-256/P-384, Ed25519 or RSA.
     pub fn from_pem(pem: &[u8], source: impl Into<String>) -> Result<Self, SignatureError> {
         let source = source.into();
-        let key = CosignVerificationKey::try_from_pem(pem).map_err(|e| {
-            SignatureError::InvalidKey {
+        let key =
+            CosignVerificationKey::try_from_pem(pem).map_err(|e| SignatureError::InvalidKey {
                 which: source.clone(),
                 reason: format!("not a usable PEM public key: {e}"),
-            }
-        })?;
+            })?;
         Ok(VerificationKey { key, source })
     }
 

@@ -239,6 +239,40 @@ pub fn skopeo(args: &[&str]) -> anyhow::Result<String> {
     String::from_utf8(out.stdout).context("skopeo printed non-UTF-8 output")
 }
 
+/// Runs the reference `cosign` tool with `args` and extra environment (e.g. `COSIGN_PASSWORD`),
+/// returning stdout+stderr on success; the error carries the exit status and output. Plain-HTTP
+/// test registries need `--allow-insecure-registry --allow-http-registry`; there is no
+/// transparency log here, so signing needs `--tlog-upload=false` and verifying
+/// `--insecure-ignore-tlog=true`.
+pub fn cosign(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<String> {
+    let out = match Command::new("cosign")
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("cosign not found on PATH; scripts/install-deps.sh installs it")
+        }
+        Err(e) => return Err(e).context("running cosign"),
+    };
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        bail!(
+            "cosign {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            text.trim()
+        );
+    }
+    Ok(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -128,12 +128,12 @@ fn assert_same_files(root: &Path, ctx: &Path) {
     );
 }
 
-fn sample_layer() -> Blob {
+pub(super) fn sample_layer() -> Blob {
     let ctx = sample_context();
     build_image(&spec(ctx.path())).unwrap().layers.remove(0)
 }
 
-fn expect_decrypt_err(e: Error, kind: DecryptFailure, digest: &Digest, words: &str) {
+pub(super) fn expect_decrypt_err(e: Error, kind: DecryptFailure, digest: &Digest, words: &str) {
     let msg = e.to_string();
     match &e {
         Error::LayerDecryption {
@@ -418,7 +418,7 @@ fn missing_and_wrong_keys() {
     );
 }
 
-fn read_all<R: Read>(mut r: R) -> io::Result<Vec<u8>> {
+pub(super) fn read_all<R: Read>(mut r: R) -> io::Result<Vec<u8>> {
     let mut v = Vec::new();
     r.read_to_end(&mut v).map(|_| v)
 }
@@ -473,13 +473,17 @@ fn a_different_plaintext_digest_is_caught() {
     let layer = sample_layer();
     let mut plain = layer.descriptor();
     plain.digest = Digest::sha256(b"something else");
-    let (data, desc) =
-        encrypt_with_descriptor(&plain, &layer.data, &[ec_keys().public_key()]).unwrap();
+    let (data, desc) = encrypt_with_descriptor(
+        &plain,
+        &layer.data,
+        &[Recipient::Jwe(ec_keys().public_key())],
+    )
+    .unwrap();
     let e = decrypt_layer(&desc, &data, &[ec_keys().private_key()]).unwrap_err();
     expect_decrypt_err(e, DecryptFailure::Integrity, &desc.digest, "hashes to");
 }
 
-fn with_annotation(desc: &Descriptor, key: &str, value: Option<&str>) -> Descriptor {
+pub(super) fn with_annotation(desc: &Descriptor, key: &str, value: Option<&str>) -> Descriptor {
     let mut d = desc.clone();
     match value {
         Some(v) => d.annotations.insert(key.to_string(), v.to_string()),

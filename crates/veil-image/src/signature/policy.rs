@@ -24,6 +24,8 @@ pub struct Policy {
 }
 
 /// One policy requirement. Every requirement of the selected scope must hold.
+// A policy holds a handful of these; boxing the large variant would only complicate serde.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "type")]
 pub enum Requirement {
@@ -168,7 +170,10 @@ impl SignedIdentity {
             if without_digest_if_tagged(img) == sig_t {
                 Ok(())
             } else {
-                Err(format!("signed for {sig_t}, not {}", without_digest_if_tagged(img)))
+                Err(format!(
+                    "signed for {sig_t}, not {}",
+                    without_digest_if_tagged(img)
+                ))
             }
         };
         match self {
@@ -311,7 +316,9 @@ impl Policy {
     fn validate(&self) -> Result<(), String> {
         let check = |reqs: &[Requirement], where_: &str| -> Result<(), String> {
             if reqs.is_empty() {
-                return Err(format!("{where_}: an empty requirement list is not allowed"));
+                return Err(format!(
+                    "{where_}: an empty requirement list is not allowed"
+                ));
             }
             for r in reqs {
                 match r {
@@ -470,11 +477,15 @@ impl Policy {
                                 .map_err(|e| reject(format!("{scope}: {e}")))?,
                         );
                     }
-                    for (i, d) in key_data.iter().chain(key_datas.iter().flatten()).enumerate() {
+                    for (i, d) in key_data
+                        .iter()
+                        .chain(key_datas.iter().flatten())
+                        .enumerate()
+                    {
                         let which = format!("keyData #{}", i + 1);
-                        let pem = STANDARD.decode(d.trim()).map_err(|e| {
-                            reject(format!("{scope}: {which} is not base64: {e}"))
-                        })?;
+                        let pem = STANDARD
+                            .decode(d.trim())
+                            .map_err(|e| reject(format!("{scope}: {which} is not base64: {e}")))?;
                         vkeys.push(
                             VerificationKey::from_pem(&pem, which)
                                 .map_err(|e| reject(format!("{scope}: {e}")))?,
@@ -514,7 +525,10 @@ fn check_sigstore(
         .enumerate()
     {
         let n = i + 1;
-        let Some(_key) = keys.iter().find(|k| k.verifies(&sig.payload, &sig.signature)) else {
+        let Some(_key) = keys
+            .iter()
+            .find(|k| k.verifies(&sig.payload, &sig.signature))
+        else {
             why.push(format!(
                 "signature {n} does not verify with any accepted key"
             ));

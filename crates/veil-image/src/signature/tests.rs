@@ -16,7 +16,9 @@ fn digest(n: u8) -> Digest {
 }
 
 fn key_data_policy(pem: &str, identity: Option<&str>) -> Policy {
-    let id = identity.map(|i| format!(r#","signedIdentity":{i}"#)).unwrap_or_default();
+    let id = identity
+        .map(|i| format!(r#","signedIdentity":{i}"#))
+        .unwrap_or_default();
     let doc = format!(
         r#"{{"default":[{{"type":"reject"}}],"transports":{{"docker":{{"reg.example:5000/app":[
             {{"type":"sigstoreSigned","keyData":"{}"{id}}}]}}}}}}"#,
@@ -75,7 +77,9 @@ fn guest_components_policy_parses_and_selects_scopes() {
 #[test]
 fn default_reject_names_the_image_and_scope() {
     let p = Policy::parse(br#"{"default":[{"type":"reject"}]}"#).unwrap();
-    let e = eval(&p, "quay.io/a/b:1", &digest(1), &[]).unwrap_err().to_string();
+    let e = eval(&p, "quay.io/a/b:1", &digest(1), &[])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("quay.io/a/b:1"), "{e}");
     assert!(e.contains("the policy default says reject"), "{e}");
 }
@@ -85,9 +89,12 @@ fn real_cosign_public_keys_parse() {
     for f in ["cosign1.pub", "cosign3.pub", "nv.pub"] {
         VerificationKey::from_pem(&testdata(f), f).unwrap();
     }
-    let e = VerificationKey::from_pem(b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n", "x")
-        .unwrap_err()
-        .to_string();
+    let e = VerificationKey::from_pem(
+        b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n",
+        "x",
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("invalid signing key x"), "{e}");
 }
 
@@ -101,7 +108,13 @@ fn sign_then_verify_with_key_data() {
     assert_eq!(payload.identity, "reg.example:5000/app:v1");
     assert_eq!(payload.manifest_digest, d);
     let p = key_data_policy(&pem, None);
-    let how = eval(&p, "reg.example:5000/app:v1", &d, std::slice::from_ref(&sig)).unwrap();
+    let how = eval(
+        &p,
+        "reg.example:5000/app:v1",
+        &d,
+        std::slice::from_ref(&sig),
+    )
+    .unwrap();
     assert!(how.contains("sigstoreSigned"), "{how}");
     // A digest reference in the same repository is accepted by matchRepoDigestOrExact.
     let by_digest = format!("reg.example:5000/app@{d}");
@@ -131,7 +144,9 @@ fn bad_signatures_are_rejected_with_reasons() {
     // Tampered payload (signature no longer matches).
     let mut tampered = good.clone();
     tampered.payload = Payload::to_bytes(image, &digest(8));
-    let e = eval(&p, image, &digest(8), &[tampered]).unwrap_err().to_string();
+    let e = eval(&p, image, &digest(8), &[tampered])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("does not verify"), "{e}");
 
     // A genuine signature for another manifest (rollback to an older signed image).
@@ -141,7 +156,12 @@ fn bad_signatures_are_rejected_with_reasons() {
     assert!(e.contains("not the image's manifest"), "{e}");
 
     // Signed for another tag: matchRepoDigestOrExact is exact for tagged references.
-    let e = eval(&p, "reg.example:5000/app:v2", &d, std::slice::from_ref(&good));
+    let e = eval(
+        &p,
+        "reg.example:5000/app:v2",
+        &d,
+        std::slice::from_ref(&good),
+    );
     // (v2 is another scope key only by tag; the repository scope still applies.)
     let e = e.unwrap_err().to_string();
     assert!(e.contains("signed for reg.example:5000/app:v1"), "{e}");
@@ -172,7 +192,11 @@ fn signed_identity_rules() {
     let cases: &[(&str, &str, bool)] = &[
         (r#"{"type":"matchExact"}"#, "reg.example:5000/app:v1", true),
         (r#"{"type":"matchExact"}"#, "reg.example:5000/app:v2", false),
-        (r#"{"type":"matchRepository"}"#, "reg.example:5000/app:v2", true),
+        (
+            r#"{"type":"matchRepository"}"#,
+            "reg.example:5000/app:v2",
+            true,
+        ),
         (
             r#"{"type":"exactReference","dockerReference":"reg.example:5000/app:v1"}"#,
             "reg.example:5000/app:other",
@@ -207,8 +231,20 @@ fn signed_identity_rules() {
         STANDARD.encode(&pem)
     );
     let p = Policy::parse(doc.as_bytes()).unwrap();
-    eval(&p, "mirror.example/team/app:v1", &d, std::slice::from_ref(&sig)).unwrap();
-    assert!(eval(&p, "mirror.example/team/app:v2", &d, std::slice::from_ref(&sig)).is_err());
+    eval(
+        &p,
+        "mirror.example/team/app:v1",
+        &d,
+        std::slice::from_ref(&sig),
+    )
+    .unwrap();
+    assert!(eval(
+        &p,
+        "mirror.example/team/app:v2",
+        &d,
+        std::slice::from_ref(&sig)
+    )
+    .is_err());
 }
 
 #[test]
@@ -231,8 +267,14 @@ fn key_paths_are_resolved_by_the_caller() {
         manifest_digest: &d,
         signatures: std::slice::from_ref(&sig),
     };
-    let e = p.evaluate(&subject, &BTreeMap::new()).unwrap_err().to_string();
-    assert!(e.contains("public key kbs:///t/keys/a was not provided"), "{e}");
+    let e = p
+        .evaluate(&subject, &BTreeMap::new())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("public key kbs:///t/keys/a was not provided"),
+        "{e}"
+    );
     let mut keys = BTreeMap::new();
     keys.insert("kbs:///t/keys/a".to_string(), testdata("cosign1.pub"));
     keys.insert("kbs:///t/keys/b".to_string(), pem.into_bytes());
@@ -244,8 +286,14 @@ fn invalid_policies_are_refused() {
     let cases: &[(&str, &str)] = &[
         (r#"{}"#, "missing field `default`"),
         (r#"{"default":[]}"#, "empty requirement list"),
-        (r#"{"default":[{"type":"acceptEverything"}]}"#, "unknown variant"),
-        (r#"{"default":[{"type":"reject"}],"extra":1}"#, "unknown field"),
+        (
+            r#"{"default":[{"type":"acceptEverything"}]}"#,
+            "unknown variant",
+        ),
+        (
+            r#"{"default":[{"type":"reject"}],"extra":1}"#,
+            "unknown field",
+        ),
         (
             r#"{"default":[{"type":"sigstoreSigned"}]}"#,
             "exactly one of keyPath",
@@ -318,13 +366,21 @@ fn encrypted_private_keys_round_trip() {
     let pem = key.to_encrypted_pem(b"correct horse").unwrap();
     assert!(pem.contains("ENCRYPTED SIGSTORE PRIVATE KEY"));
     let again = SigningKey::from_pem(pem.as_bytes(), b"correct horse", "k").unwrap();
-    assert_eq!(again.public_key_pem().unwrap(), key.public_key_pem().unwrap());
+    assert_eq!(
+        again.public_key_pem().unwrap(),
+        key.public_key_pem().unwrap()
+    );
     let e = SigningKey::from_pem(pem.as_bytes(), b"wrong", "cosign.key")
         .unwrap_err()
         .to_string();
-    assert!(e.contains("cosign.key") && e.contains("wrong passphrase"), "{e}");
+    assert!(
+        e.contains("cosign.key") && e.contains("wrong passphrase"),
+        "{e}"
+    );
     assert!(!e.contains("correct horse"));
-    let e = SigningKey::from_pem(b"garbage", b"", "k").unwrap_err().to_string();
+    let e = SigningKey::from_pem(b"garbage", b"", "k")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("not a private key"), "{e}");
 }
 
@@ -350,7 +406,12 @@ fn signature_manifest_round_trip() {
     // Signing again with the same signature adds nothing; another signature is appended.
     let same = SignatureManifest::with_signature(Some(parsed.clone()), &s1);
     assert_eq!(same.manifest.layers.len(), 1);
-    let s2 = sign(&SigningKey::generate().unwrap(), &r("reg.example/app:v1"), &d).unwrap();
+    let s2 = sign(
+        &SigningKey::generate().unwrap(),
+        &r("reg.example/app:v1"),
+        &d,
+    )
+    .unwrap();
     let m2 = SignatureManifest::with_signature(Some(parsed), &s2);
     assert_eq!(signature_layers(&m2.manifest).len(), 2);
 }
