@@ -51,13 +51,63 @@ impl Transport for MuxTransport {
 /// Secrets released to this sandbox: environment variable → value (wiped on drop).
 pub type Secrets = BTreeMap<String, Zeroizing<String>>;
 
-/// What the broker released: secrets for the environment and image decryption keys.
+/// The tenant's image signature policy and the public keys its `keyPath`s name, all
+/// released by the broker (never read from the host).
+pub struct ImagePolicy {
+    /// Broker resource the policy came from (for messages).
+    pub source: String,
+    /// The parsed policy.
+    pub policy: veil_image::signature::Policy,
+    /// `kbs:///…` key path → PEM public key.
+    pub keys: BTreeMap<String, Vec<u8>>,
+}
+
+/// What the broker released: secrets for the environment, image decryption keys and the
+/// image signature policy; and the attested session, for keys the image itself names
+/// (Confidential Containers key-provider layers).
 #[derive(Default)]
 pub struct Released {
     /// Environment secrets.
     pub secrets: Secrets,
-    /// Private keys for encrypted layers.
-    pub image_keys: Vec<veil_image::crypt::PrivateKey>,
+    /// Keys for encrypted layers: JWE private keys and raw key-broker keys.
+    pub keys: veil_image::crypt::KeyRing,
+    /// The signature policy, if the deployment names one.
+    pub policy: Option<ImagePolicy>,
+    /// The attested broker session.
+    pub session: Option<KbsClient<MuxTransport>>,
+}
+
+/// Length of a raw AES-256 key-encryption key (Confidential Containers key-provider layers).
+const KEK_LEN: usize = 32;
+
+impl Released {
+    /// Fetch the key-encryption key `kid` (`kbs:///<repo>/<type>/<tag>`, named by a layer's
+    /// key-provider annotation) from the attested broker into the key ring, unless present.
+    pub async fn fetch_layer_kek(&mut self, kid: &str) -> Result<(), String> {
+        if self.keys.kbs_key(kid).is_some() {
+            return Ok(());
+        }
+        let Some(client) = self.session.as_mut() else {
+            return Err(format!(
+                "needs key {kid} from the key broker, but the deployment does not attest to one"
+            ));
+        };
+        let path = veil_image::crypt::KbsResource::parse(kid)
+            .map_err(|e| e.to_string())?
+            .path();
+        let key = client
+            .get_resource(&path)
+            .await
+            .map_err(|e| format!("key {kid}: {e}"))?;
+        if key.len() != KEK_LEN {
+            return Err(format!(
+                "key {kid} is {} bytes, not a {KEK_LEN}-byte AES-256 key",
+                key.len()
+            ));
+        }
+        self.keys.add_kbs_key(kid, key.to_vec());
+        Ok(())
+    }
 }
 
 /// The software TEE's self-declared measurement (SHA-384 of the agent binary), computed once in
@@ -132,6 +182,7 @@ pub async fn attest_and_fetch(
         "image_digest": a.manifest_digest,
         "secrets": plan.secrets,
         "image_keys": plan.image_keys,
+        "signature_policy": plan.signature_policy,
         "env": a.env,
     });
     let init_hash = {
@@ -157,26 +208,82 @@ pub async fn attest_and_fetch(
         }
         out.insert(env.clone(), Zeroizing::new(text));
     }
-    let mut image_keys = Vec::new();
+    // Image keys: a PEM private key (ocicrypt JWE recipients), or 32 raw bytes (a key-broker
+    // key-encryption key, as Confidential Containers key-provider layers name them).
+    let mut keys = veil_image::crypt::KeyRing::new();
     for path in &plan.image_keys {
-        let pem = client
+        let bytes = client
             .get_resource(path)
             .await
             .map_err(|e| format!("image key {path}: {e}"))?;
-        let pem =
-            std::str::from_utf8(&pem).map_err(|_| format!("image key {path} is not PEM text"))?;
+        if bytes.len() == KEK_LEN {
+            keys.add_kbs_key(format!("kbs:///{path}"), bytes.to_vec());
+            continue;
+        }
+        let pem = std::str::from_utf8(&bytes).map_err(|_| {
+            format!("image key {path} is neither PEM text nor a {KEK_LEN}-byte key")
+        })?;
         let key = veil_image::crypt::PrivateKey::from_pem(pem)
             .map_err(|e| format!("image key {path}: {e}"))?;
-        image_keys.push(key);
+        keys.add_private_key(key);
     }
+    let policy = match &plan.signature_policy {
+        Some(path) => Some(
+            fetch_policy(&mut client, a, path)
+                .await
+                .map_err(|e| format!("image {}: {e}", a.image))?,
+        ),
+        None => None,
+    };
     tracing::info!(
         function = %a.function,
         secrets = out.len(),
-        image_keys = image_keys.len(),
+        image_keys = plan.image_keys.len(),
+        signature_policy = plan.signature_policy.is_some(),
         "attested; secrets and keys released to the sandbox"
     );
     Ok(Released {
         secrets: out,
-        image_keys,
+        keys,
+        policy,
+        session: Some(client),
+    })
+}
+
+/// Fetch the signature policy and every public key it names for this image from the broker.
+async fn fetch_policy(
+    client: &mut KbsClient<MuxTransport>,
+    a: &Assignment,
+    path: &str,
+) -> Result<ImagePolicy, String> {
+    let bytes = client
+        .get_resource(path)
+        .await
+        .map_err(|e| format!("signature policy {path}: {e}"))?;
+    let policy = veil_image::signature::Policy::parse(&bytes)
+        .map_err(|e| format!("signature policy {path}: {e}"))?;
+    let reference: veil_image::Reference = a
+        .image
+        .parse()
+        .map_err(|e| format!("image reference {}: {e}", a.image))?;
+    let mut keys = BTreeMap::new();
+    for kp in policy.key_paths_for(&reference) {
+        let Some(rpath) = kp.strip_prefix("kbs:///") else {
+            return Err(format!(
+                "signature policy {path}: keyPath {kp:?} is not a key-broker resource; inside \
+                 the sandbox, keys come from the broker (kbs:///<repo>/<type>/<tag>), never \
+                 from the host"
+            ));
+        };
+        let pem = client
+            .get_resource(rpath)
+            .await
+            .map_err(|e| format!("signature policy {path}: public key {kp}: {e}"))?;
+        keys.insert(kp, pem.to_vec());
+    }
+    Ok(ImagePolicy {
+        source: path.to_string(),
+        policy,
+        keys,
     })
 }

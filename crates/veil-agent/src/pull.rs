@@ -16,7 +16,9 @@ use tokio_util::io::{StreamReader, SyncIoBridge};
 use veil_image::digest::VerifyingReader;
 use veil_image::manifest::{self, Manifest, RunConfig};
 use veil_image::unpack::{self, UnpackOptions};
-use veil_image::Digest;
+use veil_image::{signature, Digest};
+
+use crate::attest::{ImagePolicy, Released};
 use veil_proto::mux::{read_body_limited, MuxHandle};
 use veil_proto::{Assignment, ErrorBody, PhaseTimings, StreamKind};
 
@@ -48,6 +50,18 @@ pub enum PullError {
         /// Blob digest.
         digest: String,
         /// The node's message.
+        reason: String,
+    },
+    /// The tenant's signature policy does not accept the image.
+    #[error("image {image}: manifest {digest} is refused by the tenant's signature policy ({policy}): {reason}")]
+    Rejected {
+        /// Image reference.
+        image: String,
+        /// Manifest digest.
+        digest: String,
+        /// Broker resource of the policy.
+        policy: String,
+        /// Why.
         reason: String,
     },
     /// A blob did not match its digest, or was malformed, or could not be unpacked.
@@ -146,12 +160,83 @@ async fn get_json_blob(
     Ok(body)
 }
 
-/// Pull the assigned image into `rootfs`.
+/// Fetch the signatures the node offered for the assigned manifest (each signature manifest
+/// and payload checked against its digest) and check them against the tenant's policy.
+async fn check_signatures(
+    mux: &MuxHandle,
+    a: &Assignment,
+    manifest_digest: &Digest,
+    policy: &ImagePolicy,
+) -> Result<String, PullError> {
+    let invalid = |what: &'static str, digest: &str, reason: String| PullError::Invalid {
+        image: a.image.clone(),
+        what,
+        digest: digest.to_string(),
+        reason,
+    };
+    let mut sigs = Vec::new();
+    for sd in a.signatures.iter().take(signature::MAX_SIGNATURES) {
+        let sd: Digest = sd
+            .parse()
+            .map_err(|e: veil_image::Error| invalid("signature manifest", sd, e.to_string()))?;
+        let bytes = get_json_blob(mux, a, "signature manifest", "manifests", &sd).await?;
+        let sm = match manifest::parse_manifest(&bytes, None)
+            .map_err(|e| invalid("signature manifest", sd.as_str(), e.to_string()))?
+        {
+            Manifest::Image(m) => m,
+            Manifest::Index(_) => {
+                return Err(invalid(
+                    "signature manifest",
+                    sd.as_str(),
+                    "is an index".into(),
+                ))
+            }
+        };
+        for (desc, sig) in signature::signature_layers(&sm) {
+            if desc.size > signature::MAX_PAYLOAD_BYTES as u64 {
+                return Err(invalid(
+                    "signature payload",
+                    desc.digest.as_str(),
+                    format!("exceeds {} bytes", signature::MAX_PAYLOAD_BYTES),
+                ));
+            }
+            let payload = get_json_blob(mux, a, "signature payload", "blobs", &desc.digest).await?;
+            sigs.push(signature::SigstoreSignature {
+                payload: payload.to_vec(),
+                signature: sig,
+            });
+        }
+    }
+    let reference: veil_image::Reference = a.image.parse().map_err(|e: veil_image::Error| {
+        invalid("manifest", manifest_digest.as_str(), e.to_string())
+    })?;
+    let subject = signature::Subject {
+        reference: &reference,
+        manifest_digest,
+        signatures: &sigs,
+    };
+    policy
+        .policy
+        .evaluate(&subject, &policy.keys)
+        .map_err(|e| PullError::Rejected {
+            image: a.image.clone(),
+            digest: manifest_digest.to_string(),
+            policy: policy.source.clone(),
+            reason: match e {
+                signature::SignatureError::Rejected { reason, .. } => reason,
+                other => other.to_string(),
+            },
+        })
+}
+
+/// Pull the assigned image into `rootfs`: manifest, then (with a policy) its signatures, then
+/// every layer, decrypting encrypted layers with the keys the broker released (fetching the
+/// key-encryption keys that key-provider layers name from the attested session).
 pub async fn pull(
     mux: &MuxHandle,
     a: &Assignment,
     rootfs: &Path,
-    keys: &[veil_image::crypt::PrivateKey],
+    released: &mut Released,
 ) -> Result<Pulled, PullError> {
     let mut timings = PhaseTimings::default();
     let t0 = Instant::now();
@@ -178,6 +263,32 @@ pub async fn pull(
             ))
         }
     };
+    // Nothing the manifest names is used before the tenant's policy accepts the manifest.
+    if let Some(policy) = &released.policy {
+        let t = Instant::now();
+        let how = check_signatures(mux, a, &manifest_digest, policy).await?;
+        timings.signature_ms = ms(t);
+        tracing::info!(image = %a.image, digest = %manifest_digest, "signature policy accepts the image: {how}");
+    }
+    // Key-encryption keys named by key-provider layers come from the attested broker.
+    for layer in image
+        .layers
+        .iter()
+        .filter(|l| veil_image::crypt::is_encrypted(l))
+    {
+        let kids = veil_image::crypt::coco_key_ids(layer)
+            .map_err(|e| invalid("layer", layer.digest.as_str(), e.to_string()))?;
+        for kid in kids {
+            if let Err(e) = released.fetch_layer_kek(&kid).await {
+                // A layer may also carry a JWE recipient the deployment has a key for.
+                if released.keys.private_keys.is_empty() {
+                    return Err(invalid("layer", layer.digest.as_str(), e));
+                }
+                tracing::warn!(layer = %layer.digest, "{e}");
+            }
+        }
+    }
+    let keys = &released.keys;
     let cbytes = get_json_blob(mux, a, "config", "blobs", &image.config.digest).await?;
     let config = manifest::parse_config(&cbytes)
         .map_err(|e| invalid("config", image.config.digest.as_str(), e.to_string()))?;
@@ -207,7 +318,7 @@ pub async fn pull(
                 ));
             }
             Some(
-                veil_image::crypt::unwrap_layer_key(layer, keys)
+                veil_image::crypt::unwrap_layer_key_with(layer, keys)
                     .map_err(|e| invalid("layer", digest.as_str(), e.to_string()))?,
             )
         } else {

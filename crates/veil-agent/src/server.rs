@@ -197,15 +197,15 @@ async fn control(agent: Arc<Agent>, req: hyper::Request<Incoming>) -> hyper::Res
 async fn assign(agent: &Arc<Agent>, a: &Assignment) -> Result<AssignReply, (&'static str, String)> {
     tracing::info!(function = %a.function, image = %a.image, digest = %a.manifest_digest, "assigned");
     let t_attest = Instant::now();
-    let released = match &a.attestation {
+    let mut released = match &a.attestation {
         Some(plan) => crate::attest::attest_and_fetch(&agent.mux, a, plan)
             .await
             .map_err(|e| ("ATTESTATION", e))?,
         None => crate::attest::Released::default(),
     };
-    let secrets = released.secrets;
+    let secrets = std::mem::take(&mut released.secrets);
     let attest_ms = t_attest.elapsed().as_secs_f64() * 1000.0;
-    let pulled = crate::pull::pull(&agent.mux, a, &agent.rootfs, &released.image_keys)
+    let pulled = crate::pull::pull(&agent.mux, a, &agent.rootfs, &mut released)
         .await
         .map_err(|e| ("IMAGE_PULL", e.to_string()))?;
     let mut timings = pulled.timings;

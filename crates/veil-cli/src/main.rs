@@ -222,6 +222,11 @@ struct DeployArgs {
     /// kbs:///<tenant>/<type>/<tag> (repeatable).
     #[arg(long = "decryption-key")]
     decryption_keys: Vec<String>,
+    /// Key-broker resource with the tenant's image signature policy (containers-policy.json):
+    /// kbs:///<tenant>/<type>/<tag>. The sandbox fetches it after attestation and refuses an
+    /// image the policy does not accept.
+    #[arg(long)]
+    signature_policy: Option<String>,
     /// The tenant's key broker URL (default: the one embedded in `veil up`).
     #[arg(long)]
     kbs_url: Option<String>,
@@ -551,6 +556,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         idle_timeout_s: None,
                         secrets: parse_env(&a.secrets)?,
                         decryption_keys: a.decryption_keys,
+                        signature_policy: a.signature_policy,
                         kbs_url: a.kbs_url,
                         allow_insecure_software_tee: a.allow_insecure_software_tee,
                     },

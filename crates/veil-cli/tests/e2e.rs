@@ -1197,3 +1197,246 @@ async fn cache_evicts_unused_upstream_blobs_and_refetches_them() {
     env.admin.delete("fy").await.unwrap();
     stop_and_check_clean(env).await;
 }
+
+/// Sign a local-store image (the signature goes to veil's own `/v2/` under the sigstore tag).
+async fn sign_local(env: &Env, image: &str, key: &veil_image::signature::SigningKey) {
+    let reference: Reference = image.parse().unwrap();
+    let client = images::registry_client(&[]).unwrap();
+    let target = images::push_target(&reference, &env.platform.url()).unwrap();
+    images::sign_image(&client, &target, &reference, key)
+        .await
+        .unwrap();
+}
+
+/// The tenant's signature policy and keys come from its broker; the sandbox runs a signed image
+/// the policy accepts and refuses, with the reason, an unsigned image, an image signed by
+/// another key, an image the policy rejects outright, and policies it cannot use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signature_policy_from_the_broker_decides_what_runs() {
+    use veil_image::signature::SigningKey;
+    let env = up().await;
+    let kbs = env.platform.kbs.clone().unwrap();
+    let key = SigningKey::generate().unwrap();
+    let other = SigningKey::generate().unwrap();
+    kbs.set_resource(
+        "default/cosign/pub",
+        key.public_key_pem().unwrap().as_bytes(),
+    )
+    .unwrap();
+    let signed = push_local(&env, "signed:v1", &["/hello"]).await;
+    sign_local(&env, &signed, &key).await;
+    let unsigned = push_local(&env, "unsigned:v1", &["/hello"]).await;
+    let foreign = push_local(&env, "foreign:v1", &["/hello"]).await;
+    sign_local(&env, &foreign, &other).await;
+
+    let sigstore = r#"[{"type":"sigstoreSigned","keyPath":"kbs:///default/cosign/pub"}]"#;
+    let policy = format!(
+        r#"{{"default":[{{"type":"reject"}}],"transports":{{"docker":{{
+            "local/signed":{sigstore},"local/unsigned":{sigstore},"local/foreign":{sigstore}}}}}}}"#
+    );
+    kbs.set_resource("default/policy/images", policy.as_bytes())
+        .unwrap();
+    kbs.set_resource(
+        "default/policy/reject",
+        br#"{"default":[{"type":"reject"}]}"#,
+    )
+    .unwrap();
+    kbs.set_resource(
+        "default/policy/hostkey",
+        br#"{"default":[{"type":"sigstoreSigned","keyPath":"/etc/cosign.pub"}]}"#,
+    )
+    .unwrap();
+    kbs.set_resource("default/policy/broken", b"{\"default\": [")
+        .unwrap();
+    let with_policy = |image: &str, policy: &str| {
+        let mut req = deploy_req(image);
+        req.signature_policy = Some(policy.into());
+        req.allow_insecure_software_tee = true;
+        req
+    };
+
+    env.admin
+        .deploy(
+            "signed",
+            &with_policy(&signed, "kbs:///default/policy/images"),
+        )
+        .await
+        .unwrap();
+    let r = invoke(&env, "signed", "/", "hi").await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let phases = r.headers["x-veil-cold-start"].to_str().unwrap().to_string();
+    assert!(phases.contains("signature="), "{phases}");
+
+    let refused: &[(&str, &str, &str, &[&str])] = &[
+        (
+            "unsigned",
+            unsigned.as_str(),
+            "kbs:///default/policy/images",
+            &["no sigstore signature was found"],
+        ),
+        (
+            "foreign",
+            foreign.as_str(),
+            "kbs:///default/policy/images",
+            &["does not verify with any accepted key"],
+        ),
+        (
+            "rejected",
+            signed.as_str(),
+            "kbs:///default/policy/reject",
+            &["the policy default says reject"],
+        ),
+        (
+            "hostkey",
+            signed.as_str(),
+            "kbs:///default/policy/hostkey",
+            &["not a key-broker resource", "/etc/cosign.pub"],
+        ),
+        (
+            "broken",
+            signed.as_str(),
+            "kbs:///default/policy/broken",
+            &["invalid signature policy"],
+        ),
+        (
+            "nopolicy",
+            signed.as_str(),
+            "kbs:///default/policy/absent",
+            &["404", "default/policy/absent"],
+        ),
+    ];
+    for (name, image, policy, wants) in refused {
+        env.admin
+            .deploy(name, &with_policy(image, policy))
+            .await
+            .unwrap();
+        let r = invoke(&env, name, "/", "").await;
+        assert_eq!(r.status, 502, "{name}: {}", text(&r));
+        for w in *wants {
+            assert!(text(&r).contains(w), "{name}: want {w:?} in {}", text(&r));
+        }
+        assert!(
+            text(&r).contains(image.trim_start_matches("local/")),
+            "{}",
+            text(&r)
+        );
+    }
+    // Another tenant's policy is refused at deploy time.
+    let e = env
+        .admin
+        .deploy("x", &with_policy(&signed, "kbs:///acme/policy/images"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("a resource of tenant \"acme\""), "{e}");
+
+    env.admin.delete("signed").await.unwrap();
+    for (name, ..) in refused {
+        env.admin.delete(name).await.unwrap();
+    }
+    assert_no_assigned_sandboxes(&env).await;
+    stop_and_check_clean(env).await;
+}
+
+/// Layers encrypted in the Confidential Containers key-provider format (AES-256-GCM-wrapped
+/// layer keys, `kbs:///` key ids) run with the key-encryption key from the tenant's broker —
+/// named by the deployment, or fetched because the layer names it — and fail clearly without.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coco_key_provider_layers_use_the_brokers_key() {
+    use veil_image::crypt::{encrypt_image_for, Recipient};
+    let env = up().await;
+    let kbs = env.platform.kbs.clone().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = hello_image(&tmp.path().join("ctx"), &["/hello"]);
+    let client = images::registry_client(&[]).unwrap();
+    let mut kek = [0u8; 32];
+    for (i, b) in kek.iter_mut().enumerate() {
+        *b = (i as u8).wrapping_mul(37).wrapping_add(11);
+    }
+    let push = |tag: &'static str, kid: &'static str, kek: [u8; 32]| {
+        let client = client.clone();
+        let plain = &plain;
+        let url = env.platform.url();
+        async move {
+            let enc = encrypt_image_for(
+                plain,
+                &[Recipient::kbs(kid, kek.to_vec()).unwrap()],
+                |_, _| true,
+            )
+            .unwrap();
+            let reference: Reference = format!("local/coco:{tag}").parse().unwrap();
+            let target = images::push_target(&reference, &url).unwrap();
+            images::push(&client, &enc, &target).await.unwrap();
+            (reference.to_string(), enc)
+        }
+    };
+    let (good, enc) = push("good", "kbs:///default/image-kek/hello", kek).await;
+    let (missing, _) = push("missing", "kbs:///default/image-kek/absent", kek).await;
+    let mut wrong_kek = kek;
+    wrong_kek[0] ^= 1;
+    let (wrong, _) = push("wrong", "kbs:///default/image-kek/wrong", kek).await;
+    kbs.set_resource("default/image-kek/hello", &kek).unwrap();
+    kbs.set_resource("default/image-kek/wrong", &wrong_kek)
+        .unwrap();
+    kbs.set_resource(
+        "default/policy/any",
+        br#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+    )
+    .unwrap();
+    let enc_layer = enc.layers[0].digest.clone();
+
+    // The deployment names the key-encryption key.
+    let mut req = deploy_req(&good);
+    req.decryption_keys = vec!["kbs:///default/image-kek/hello".into()];
+    req.allow_insecure_software_tee = true;
+    env.admin.deploy("named", &req).await.unwrap();
+    let r = invoke(&env, "named", "/", "coco").await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    assert!(text(&r).contains("(4 bytes): coco"), "{}", text(&r));
+    // The host caches the ciphertext only.
+    let store = env.platform.gateway.node().cache().store().clone();
+    assert!(store.contains(&enc_layer));
+    assert!(
+        !store.contains(&plain.layers[0].digest),
+        "plaintext layer on the host"
+    );
+
+    // An attested deployment fetches the key the layer names.
+    let attested = |image: &str| {
+        let mut req = deploy_req(image);
+        req.signature_policy = Some("kbs:///default/policy/any".into());
+        req.allow_insecure_software_tee = true;
+        req
+    };
+    env.admin.deploy("fetched", &attested(&good)).await.unwrap();
+    let r = invoke(&env, "fetched", "/", "").await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+
+    let failing: &[(&str, DeployRequest, &[&str])] = &[
+        (
+            "absent",
+            attested(&missing),
+            &["kbs:///default/image-kek/absent", "404"],
+        ),
+        ("wrongkek", attested(&wrong), &["wrong key"]),
+        (
+            "unattested",
+            deploy_req(&good),
+            &["kbs:///default/image-kek/hello", "does not attest"],
+        ),
+    ];
+    for (name, req, wants) in failing {
+        env.admin.deploy(name, req).await.unwrap();
+        let r = invoke(&env, name, "/", "").await;
+        assert_eq!(r.status, 502, "{name}: {}", text(&r));
+        for w in *wants {
+            assert!(text(&r).contains(w), "{name}: want {w:?} in {}", text(&r));
+        }
+        assert!(text(&r).contains("sha256:"), "{name}: {}", text(&r));
+    }
+    for f in ["named", "fetched", "absent", "wrongkek", "unattested"] {
+        env.admin.delete(f).await.unwrap();
+    }
+    assert_no_assigned_sandboxes(&env).await;
+    stop_and_check_clean(env).await;
+}

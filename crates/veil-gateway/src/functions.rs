@@ -53,6 +53,10 @@ pub struct DeployRequest {
     /// (`kbs:///<tenant>/<type>/<tag>`), released to the sandbox after attestation.
     #[serde(default)]
     pub decryption_keys: Vec<String>,
+    /// The tenant's image signature policy (containers-policy.json) as a key-broker resource
+    /// (`kbs:///<tenant>/<type>/<tag>`): fetched and enforced inside the sandbox.
+    #[serde(default)]
+    pub signature_policy: Option<String>,
     /// The tenant's key broker (default: the one embedded in `veil up`).
     #[serde(default)]
     pub kbs_url: Option<String>,
@@ -77,6 +81,7 @@ impl DeployRequest {
             idle_timeout_s: None,
             secrets: BTreeMap::new(),
             decryption_keys: Vec::new(),
+            signature_policy: None,
             kbs_url: None,
             allow_insecure_software_tee: false,
         }
@@ -114,6 +119,9 @@ pub struct FunctionRecord {
     /// Key-broker resource paths of the image decryption keys.
     #[serde(default)]
     pub image_keys: Vec<String>,
+    /// Key-broker resource path of the image signature policy.
+    #[serde(default)]
+    pub signature_policy: Option<String>,
     /// The tenant's key broker, when the function has secrets.
     #[serde(default)]
     pub kbs_url: Option<String>,
@@ -400,13 +408,28 @@ pub async fn deploy(gw: &Arc<Gateway>, name: &str, req: DeployRequest) -> Respon
             )),
         }
     }
+    let mut signature_policy = None;
+    if let Some(uri) = &req.signature_policy {
+        match parse_resource(uri) {
+            Some((repo, path)) if repo == tenant => signature_policy = Some(path),
+            Some((repo, _)) => problems.push(format!(
+                "signature policy {uri} is a resource of tenant {repo:?}, not of {tenant:?}"
+            )),
+            None => problems.push(format!(
+                "signature policy {uri:?} is not a key-broker resource (kbs:///<tenant>/<type>/<tag>)"
+            )),
+        }
+    }
     let kbs_url = req
         .kbs_url
         .clone()
         .or_else(|| gw.config.default_kbs_url.clone());
-    if (!secrets.is_empty() || !image_keys.is_empty()) && kbs_url.is_none() {
+    if (!secrets.is_empty() || !image_keys.is_empty() || signature_policy.is_some())
+        && kbs_url.is_none()
+    {
         problems.push(
-            "the function has secrets or decryption keys but no key broker is configured (kbs_url)"
+            "the function has secrets, decryption keys or a signature policy but no key broker \
+             is configured (kbs_url)"
                 .into(),
         );
     }
@@ -448,6 +471,7 @@ pub async fn deploy(gw: &Arc<Gateway>, name: &str, req: DeployRequest) -> Respon
             revision,
             secrets,
             image_keys,
+            signature_policy,
             kbs_url,
             allow_insecure_software_tee: req.allow_insecure_software_tee,
         };
@@ -488,12 +512,14 @@ fn start_instance(gw: &Arc<Gateway>, rt: &mut Runtime) {
             port: rec.port,
             concurrency: rec.concurrency,
             ready_timeout: Duration::from_secs(rec.ready_timeout_s),
-            attestation: (!rec.secrets.is_empty() || !rec.image_keys.is_empty()).then(|| {
-                veil_proto::AttestationPlan {
-                    secrets: rec.secrets.clone(),
-                    allow_software_tee: rec.allow_insecure_software_tee,
-                    image_keys: rec.image_keys.clone(),
-                }
+            attestation: (!rec.secrets.is_empty()
+                || !rec.image_keys.is_empty()
+                || rec.signature_policy.is_some())
+            .then(|| veil_proto::AttestationPlan {
+                secrets: rec.secrets.clone(),
+                allow_software_tee: rec.allow_insecure_software_tee,
+                image_keys: rec.image_keys.clone(),
+                signature_policy: rec.signature_policy.clone(),
             }),
             kbs_url: rec.kbs_url.clone(),
         };
@@ -716,8 +742,8 @@ async fn proxy(
     if waited && !slot.first_served.swap(true, Ordering::SeqCst) {
         let t = &slot.inst.timings;
         let v = format!(
-            "total={:.1};boot={:.1};pooled={};cache={:.1};attest={:.1};manifest={:.1};layers={:.1};spawn={:.1};ready={:.1}",
-            t.total_ms, t.boot_ms, t.pooled, t.cache_ms, t.agent.attest_ms, t.agent.manifest_ms, t.agent.layers_ms, t.agent.spawn_ms, t.agent.ready_ms
+            "total={:.1};boot={:.1};pooled={};cache={:.1};attest={:.1};manifest={:.1};signature={:.1};layers={:.1};spawn={:.1};ready={:.1}",
+            t.total_ms, t.boot_ms, t.pooled, t.cache_ms, t.agent.attest_ms, t.agent.manifest_ms, t.agent.signature_ms, t.agent.layers_ms, t.agent.spawn_ms, t.agent.ready_ms
         );
         if let Ok(v) = HeaderValue::from_str(&v) {
             parts.headers.insert("x-veil-cold-start", v);

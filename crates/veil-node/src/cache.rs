@@ -25,6 +25,10 @@ pub struct ResolvedImage {
     pub repository: String,
     /// Digest of the (platform) image manifest.
     pub manifest_digest: String,
+    /// Digests of the cosign/sigstore signature manifests found for that digest at deploy time
+    /// (cached with the image; the agent checks them against the tenant's policy).
+    #[serde(default)]
+    pub signatures: Vec<String>,
 }
 
 impl ResolvedImage {
@@ -197,12 +201,47 @@ impl BlobCache {
             self.store.put(&resolved.bytes, Some(&resolved.digest))?;
             resolved.digest
         };
+        let signatures = self.find_signatures(&r, &digest).await;
         Ok(ResolvedImage {
             reference: image.to_string(),
             registry: r.registry.clone(),
             repository: r.repository.clone(),
             manifest_digest: digest.to_string(),
+            signatures,
         })
+    }
+
+    /// The signature manifest stored for manifest `d` in `r`'s repository under the sigstore
+    /// attachment tag, cached in the store; none if the image is unsigned. A registry error
+    /// here is logged and treated as "unsigned": a policy that requires a signature then
+    /// refuses the image inside the sandbox, so nothing is accepted by mistake.
+    async fn find_signatures(&self, r: &Reference, d: &Digest) -> Vec<String> {
+        let tag = veil_image::signature::signature_tag(d);
+        if r.is_local() {
+            return match self.store.get_tag(&r.repository, &tag) {
+                Ok(Some(sd)) if self.store.contains(&sd) => vec![sd.to_string()],
+                _ => Vec::new(),
+            };
+        }
+        let sig_ref = Reference {
+            tag: Some(tag),
+            digest: None,
+            ..r.clone()
+        };
+        match self.client.get_manifest(&sig_ref).await {
+            Ok(f) => match self.store.put(&f.bytes, Some(&f.digest)) {
+                Ok(_) => vec![f.digest.to_string()],
+                Err(e) => {
+                    tracing::warn!(image = %r, error = %e, "could not cache the signature manifest");
+                    Vec::new()
+                }
+            },
+            Err(veil_registry::Error::NotFound { .. }) => Vec::new(),
+            Err(e) => {
+                tracing::warn!(image = %r, error = %e, "looking up signatures failed; treating the image as unsigned");
+                Vec::new()
+            }
+        }
     }
 
     /// The blobs (config and layers) a cached image manifest refers to.
@@ -219,6 +258,23 @@ impl BlobCache {
             Manifest::Image(m) => {
                 let mut out = vec![(m.config.digest.clone(), m.config.size)];
                 out.extend(m.layers.iter().map(|l| (l.digest.clone(), l.size)));
+                // Signature manifests and their payload blobs travel with the image.
+                for sd in &img.signatures {
+                    let Ok(sd) = sd.parse::<Digest>() else {
+                        continue;
+                    };
+                    let Ok(bytes) = self.store.read(&sd) else {
+                        continue;
+                    };
+                    out.push((sd.clone(), bytes.len() as u64));
+                    if let Ok(Manifest::Image(sm)) = manifest::parse_manifest(&bytes, None) {
+                        out.extend(
+                            veil_image::signature::signature_layers(&sm)
+                                .into_iter()
+                                .map(|(l, _)| (l.digest, l.size)),
+                        );
+                    }
+                }
                 Ok(out)
             }
             Manifest::Index(_) => Err(NodeError::Image(format!(

@@ -593,6 +593,7 @@ impl Node {
             concurrency: spec.concurrency,
             ready_timeout_ms: spec.ready_timeout.as_millis() as u64,
             attestation: spec.attestation.clone(),
+            signatures: spec.image.signatures.clone(),
         };
         let assigned = tokio::select! {
             r = self.assign(&sandbox, &assignment) => r,

@@ -70,6 +70,11 @@ pub struct Assignment {
     /// Attestation to the tenant's key broker, if the function needs secrets.
     #[serde(default)]
     pub attestation: Option<AttestationPlan>,
+    /// Digests of the signature manifests (cosign/sigstore) the node found for the image. A
+    /// hint only: the agent checks the signatures against the tenant's policy itself, and a
+    /// node that withholds them makes a policy that requires a signature fail.
+    #[serde(default)]
+    pub signatures: Vec<String>,
 }
 
 /// What the agent does with the tenant's key broker before starting the function.
@@ -86,6 +91,10 @@ pub struct AttestationPlan {
     /// layers; fetched after attestation, used only inside the sandbox.
     #[serde(default)]
     pub image_keys: Vec<String>,
+    /// Broker resource holding the tenant's containers-policy.json; the image must satisfy it
+    /// (its `keyPath`s name further broker resources: `kbs:///<repo>/<type>/<tag>`).
+    #[serde(default)]
+    pub signature_policy: Option<String>,
 }
 
 /// Timings of the phases of an assignment, in milliseconds, measured inside the sandbox.
@@ -101,6 +110,9 @@ pub struct PhaseTimings {
     pub ready_ms: f64,
     /// Bytes of layer blobs received.
     pub layer_bytes: u64,
+    /// Signatures fetched and checked against the tenant's policy (0 without a policy).
+    #[serde(default)]
+    pub signature_ms: f64,
     /// Attestation to the key broker and secret release (0 when the function has no secrets).
     #[serde(default)]
     pub attest_ms: f64,
