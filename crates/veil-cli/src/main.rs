@@ -235,6 +235,15 @@ struct DeployArgs {
     allow_insecure_software_tee: bool,
 }
 
+/// How `veil image encrypt` wraps layer keys.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum EncryptFormat {
+    /// ocicrypt JWE recipients (what skopeo reads and writes).
+    Jwe,
+    /// The Confidential Containers key-provider annotation (AES-256-GCM with a broker key).
+    Coco,
+}
+
 #[derive(Subcommand)]
 enum ImageCmd {
     /// Build an OCI image from a directory (one layer) and push it, or write an OCI layout.
@@ -270,10 +279,12 @@ enum ImageCmd {
         /// Destination reference.
         reference: String,
     },
-    /// Encrypt an image's layers (ocicrypt JWE, readable by `skopeo --decryption-key`) and push
-    /// the result. With `--key kbs:///<tenant>/<type>/<tag>` a new P-256 key pair is generated
-    /// and its private half stored in the key broker (admin key required); with `--key
-    /// <pub.pem>` an existing public key is used.
+    /// Encrypt an image's layers and push the result. Format `jwe` (default; ocicrypt JWE,
+    /// readable by `skopeo --decryption-key`): with `--key kbs:///<tenant>/<type>/<tag>` a new
+    /// P-256 key pair is generated and its private half stored in the key broker (admin key
+    /// required); with `--key <pub.pem>` an existing public key is used. Format `coco` (the
+    /// Confidential Containers key-provider annotation): `--key kbs:///…` only; a new 256-bit
+    /// key-encryption key is generated and stored in the broker under that id.
     Encrypt {
         /// Source image.
         reference: String,
@@ -286,6 +297,9 @@ enum ImageCmd {
         /// Which layers (0-based, comma-separated); default all.
         #[arg(long, value_delimiter = ',')]
         layers: Vec<usize>,
+        /// Key-wrapping format: jwe or coco.
+        #[arg(long, default_value = "jwe")]
+        format: EncryptFormat,
         #[command(flatten)]
         admin: KbsAdmin,
     },
@@ -748,6 +762,7 @@ async fn image_cmd(ic: ImageCmd, server: &str) -> Result<()> {
             key,
             output,
             layers,
+            format,
             admin,
         } => {
             let src: Reference = reference.parse()?;
@@ -763,19 +778,36 @@ async fn image_cmd(ic: ImageCmd, server: &str) -> Result<()> {
             }
             let mut recipients = Vec::new();
             for k in &key {
-                if let Some(path) = k.strip_prefix("kbs:///") {
-                    let private = veil_image::crypt::PrivateKey::generate_p256();
-                    let pem = private.to_pem()?;
-                    store_kbs_resource(&admin, server, path, pem.as_bytes()).await?;
-                    println!("generated a P-256 key; private key stored in the key broker as {k}");
-                    recipients.push(private.public_key());
-                } else {
-                    recipients.push(veil_image::crypt::PublicKey::from_pem_file(
-                        std::path::Path::new(k),
-                    )?);
+                match (format, k.strip_prefix("kbs:///")) {
+                    (EncryptFormat::Jwe, Some(path)) => {
+                        let private = veil_image::crypt::PrivateKey::generate_p256();
+                        let pem = private.to_pem()?;
+                        store_kbs_resource(&admin, server, path, pem.as_bytes()).await?;
+                        println!(
+                            "generated a P-256 key; private key stored in the key broker as {k}"
+                        );
+                        recipients.push(veil_image::crypt::Recipient::Jwe(private.public_key()));
+                    }
+                    (EncryptFormat::Jwe, None) => {
+                        recipients.push(veil_image::crypt::Recipient::Jwe(
+                            veil_image::crypt::PublicKey::from_pem_file(std::path::Path::new(k))?,
+                        ));
+                    }
+                    (EncryptFormat::Coco, Some(path)) => {
+                        let (r, kek) = veil_image::crypt::Recipient::kbs_generated(k.as_str())?;
+                        store_kbs_resource(&admin, server, path, &kek).await?;
+                        println!(
+                            "generated a 256-bit key-encryption key; stored in the key broker as {k}"
+                        );
+                        recipients.push(r);
+                    }
+                    (EncryptFormat::Coco, None) => bail!(
+                        "--format coco needs --key kbs:///<tenant>/<type>/<tag> (the key id the \
+                         layers name), not {k:?}"
+                    ),
                 }
             }
-            let encrypted = veil_image::crypt::encrypt_image(&image, &recipients, |i, _| {
+            let encrypted = veil_image::crypt::encrypt_image_for(&image, &recipients, |i, _| {
                 layers.is_empty() || layers.contains(&i)
             })?;
             let d = images::push(&client, &encrypted, &images::push_target(&dst, server)?).await?;

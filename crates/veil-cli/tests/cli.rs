@@ -214,6 +214,150 @@ fn readme_workflow_with_the_veil_command() {
     );
     assert!(!bad_layers.status.success());
 
+    // The Confidential Containers key-provider format: a key-encryption key generated into
+    // the broker under the key id the layers name.
+    let coco = ok(
+        &server,
+        &[
+            "image",
+            "encrypt",
+            "local/hello:v1",
+            "--format",
+            "coco",
+            "--key",
+            "kbs:///default/image-kek/k3",
+            "--output",
+            "local/hello:coco",
+            "--admin-key",
+            key,
+        ],
+    );
+    assert!(coco.contains("256-bit key-encryption key"), "{coco}");
+    ok(
+        &server,
+        &[
+            "deploy",
+            "cocofn",
+            "--image",
+            "local/hello:coco",
+            "--decryption-key",
+            "kbs:///default/image-kek/k3",
+            "--allow-insecure-software-tee",
+        ],
+    );
+    assert_eq!(
+        ok(&server, &["invoke", "cocofn", "--data", "y"]),
+        "Hello from veil! POST / (1 bytes): y\n"
+    );
+    ok(&server, &["delete", "cocofn"]);
+    let pem_for_coco = veil(
+        &server,
+        &[
+            "image",
+            "encrypt",
+            "local/hello:v1",
+            "--format",
+            "coco",
+            "--key",
+            "pub.pem",
+            "--admin-key",
+            key,
+        ],
+    );
+    assert!(!pem_for_coco.status.success());
+    assert!(String::from_utf8_lossy(&pem_for_coco.stderr).contains("--format coco needs"));
+
+    // Sign the image, give the broker the public key and a policy, deploy with the policy.
+    let prefix = tmp.path().join("cosign");
+    let out = Command::new(VEIL)
+        .args(["image", "generate-key"])
+        .arg(&prefix)
+        .env("VEIL_SIGN_PASSPHRASE", "pw")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(VEIL)
+        .args(["image", "sign", "local/hello:v1", "--key"])
+        .arg(prefix.with_extension("key"))
+        .env("VEIL_SERVER", &server)
+        .env("VEIL_SIGN_PASSPHRASE", "pw")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pubfile = prefix.with_extension("pub");
+    let inspected = ok(
+        &server,
+        &[
+            "image",
+            "inspect",
+            "local/hello:v1",
+            "--key",
+            pubfile.to_str().unwrap(),
+        ],
+    );
+    assert!(inspected.contains("[verified by"), "{inspected}");
+    let policy = tmp.path().join("policy.json");
+    std::fs::write(
+        &policy,
+        r#"{"default":[{"type":"sigstoreSigned","keyPath":"kbs:///default/cosign/pub"}]}"#,
+    )
+    .unwrap();
+    for (path, file) in [
+        ("default/cosign/pub", pubfile.to_str().unwrap()),
+        ("default/policy/images", policy.to_str().unwrap()),
+    ] {
+        ok(
+            &server,
+            &[
+                "kbs",
+                "set-resource",
+                path,
+                "--file",
+                file,
+                "--admin-key",
+                key,
+            ],
+        );
+    }
+    for (name, image) in [
+        ("signedfn", "local/hello:v1"),
+        ("unsignedfn", "local/hello:enc"),
+    ] {
+        ok(
+            &server,
+            &[
+                "deploy",
+                name,
+                "--image",
+                image,
+                "--signature-policy",
+                "kbs:///default/policy/images",
+                "--decryption-key",
+                "kbs:///default/image-key/k1",
+                "--allow-insecure-software-tee",
+            ],
+        );
+    }
+    assert_eq!(
+        ok(&server, &["invoke", "signedfn", "--data", "z"]),
+        "Hello from veil! POST / (1 bytes): z\n"
+    );
+    let refused = veil(&server, &["invoke", "unsignedfn"]);
+    assert!(!refused.status.success());
+    let text = String::from_utf8_lossy(&refused.stdout).into_owned()
+        + &String::from_utf8_lossy(&refused.stderr);
+    assert!(text.contains("no sigstore signature was found"), "{text}");
+    ok(&server, &["delete", "signedfn"]);
+    ok(&server, &["delete", "unsignedfn"]);
+
     // Bad input through the CLI: clear errors and a failing exit status.
     let missing = veil(&server, &["invoke", "nope"]);
     assert!(!missing.status.success());

@@ -1709,6 +1709,14 @@ impl Recipient {
         Ok(recipient)
     }
 
+    /// A KBS recipient with a fresh random 256-bit key-encryption key (from the OS), returned
+    /// too so that it can be stored in the key broker under `kid`.
+    pub fn kbs_generated(kid: impl Into<String>) -> Result<(Self, Zeroizing<Vec<u8>>), Error> {
+        let mut kek = Zeroizing::new(vec![0u8; SYMKEY_LEN]);
+        OsRng.fill_bytes(kek.as_mut_slice());
+        Ok((Recipient::kbs(kid, kek.to_vec())?, kek))
+    }
+
     /// The same recipient wrapping with `wrap` (no effect on JWE
     /// recipients).
     pub fn with_wrap(mut self, new_wrap: CocoWrap) -> Self {
