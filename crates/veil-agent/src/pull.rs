@@ -210,22 +210,58 @@ async fn check_signatures(
     let reference: veil_image::Reference = a.image.parse().map_err(|e: veil_image::Error| {
         invalid("manifest", manifest_digest.as_str(), e.to_string())
     })?;
-    let subject = signature::Subject {
-        reference: &reference,
-        manifest_digest,
-        signatures: &sigs,
+    let rejected = |reason: String| PullError::Rejected {
+        image: a.image.clone(),
+        digest: manifest_digest.to_string(),
+        policy: policy.source.clone(),
+        reason,
     };
-    policy
-        .policy
-        .evaluate(&subject, &policy.keys)
-        .map_err(|e| PullError::Rejected {
-            image: a.image.clone(),
-            digest: manifest_digest.to_string(),
-            policy: policy.source.clone(),
-            reason: match e {
+    let evaluate = |digest: &Digest| {
+        let subject = signature::Subject {
+            reference: &reference,
+            manifest_digest: digest,
+            signatures: &sigs,
+        };
+        policy
+            .policy
+            .evaluate(&subject, &policy.keys)
+            .map_err(|e| match e {
                 signature::SignatureError::Rejected { reason, .. } => reason,
                 other => other.to_string(),
-            },
+            })
+    };
+    let platform_reason = match evaluate(manifest_digest) {
+        Ok(how) => return Ok(how),
+        Err(reason) => reason,
+    };
+    // A multi-platform image may be signed at the index: that signature covers this manifest
+    // only if the (digest-checked) index lists it.
+    let Some(ix) = &a.index_digest else {
+        return Err(rejected(platform_reason));
+    };
+    let ix: Digest = ix
+        .parse()
+        .map_err(|e: veil_image::Error| invalid("index", ix, e.to_string()))?;
+    let bytes = get_json_blob(mux, a, "index", "manifests", &ix).await?;
+    let listed = match manifest::parse_manifest(&bytes, None)
+        .map_err(|e| invalid("index", ix.as_str(), e.to_string()))?
+    {
+        Manifest::Index(entries) => entries.iter().any(|e| &e.digest == manifest_digest),
+        Manifest::Image(_) => false,
+    };
+    if !listed {
+        return Err(invalid(
+            "index",
+            ix.as_str(),
+            format!("does not list the assigned manifest {manifest_digest}"),
+        ));
+    }
+    evaluate(&ix)
+        .map(|how| format!("{how} (signed index {ix})"))
+        .map_err(|index_reason| {
+            rejected(format!(
+                "for the manifest: {platform_reason}; for its index {ix}: {index_reason}"
+            ))
         })
 }
 

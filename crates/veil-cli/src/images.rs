@@ -171,26 +171,31 @@ pub async fn inspect(
             );
         }
     }
-    let d = &resolved.manifest.digest;
-    let (_, sigs) = fetch_signatures(client, target, d).await?;
-    if sigs.is_empty() {
-        let _ = writeln!(out, "signatures: none ({})", signature::signature_tag(d));
+    let mut digests = vec![resolved.manifest.digest.clone()];
+    if resolved.top_digest != resolved.manifest.digest {
+        digests.push(resolved.top_digest.clone());
     }
-    for (i, s) in sigs.iter().enumerate() {
-        let claim = match signature::Payload::parse(&s.payload) {
-            Ok(p) if &p.manifest_digest == d => format!("identity {}", p.identity),
-            Ok(p) => format!(
-                "identity {}, but signs another manifest {}",
-                p.identity, p.manifest_digest
-            ),
-            Err(e) => format!("unreadable payload: {e}"),
-        };
-        let verdict = match keys.iter().find(|k| k.verifies(&s.payload, &s.signature)) {
-            Some(k) => format!("verified by {}", k.source),
-            None if keys.is_empty() => "not checked (pass --key to verify)".into(),
-            None => "NOT made by any given key".into(),
-        };
-        let _ = writeln!(out, "signature {i}: sigstore, {claim} [{verdict}]");
+    for d in &digests {
+        let (_, sigs) = fetch_signatures(client, target, d).await?;
+        if sigs.is_empty() {
+            let _ = writeln!(out, "signatures of {d}: none");
+        }
+        for (i, s) in sigs.iter().enumerate() {
+            let claim = match signature::Payload::parse(&s.payload) {
+                Ok(p) if &p.manifest_digest == d => format!("identity {}", p.identity),
+                Ok(p) => format!(
+                    "identity {}, but signs another manifest {}",
+                    p.identity, p.manifest_digest
+                ),
+                Err(e) => format!("unreadable payload: {e}"),
+            };
+            let verdict = match keys.iter().find(|k| k.verifies(&s.payload, &s.signature)) {
+                Some(k) => format!("verified by {}", k.source),
+                None if keys.is_empty() => "not checked (pass --key to verify)".into(),
+                None => "NOT made by any given key".into(),
+            };
+            let _ = writeln!(out, "signature {i} of {d}: sigstore, {claim} [{verdict}]");
+        }
     }
     Ok(out)
 }
@@ -259,9 +264,9 @@ pub async fn fetch_signatures(
     Ok((Some(m), sigs))
 }
 
-/// Sign the (linux/amd64) image manifest `target` resolves to, as `identity`, and push the
-/// signature (added to any already there). Returns the signed digest and the signature
-/// manifest's digest.
+/// Sign the manifest `target` resolves to at the top level (the index of a multi-platform
+/// image, which covers every platform, as cosign does), as `identity`, and push the signature
+/// (added to any already there). Returns the signed digest and the signature manifest's digest.
 pub async fn sign_image(
     client: &RegistryClient,
     target: &Reference,
@@ -269,10 +274,10 @@ pub async fn sign_image(
     key: &SigningKey,
 ) -> Result<(Digest, Digest)> {
     let resolved = client
-        .resolve_image(target)
+        .resolve_image_full(target)
         .await
         .with_context(|| format!("resolve {target}"))?;
-    let d = resolved.digest;
+    let d = resolved.top_digest;
     let sig = signature::sign(key, identity, &d)?;
     let (existing, _) = fetch_signatures(client, target, &d).await?;
     let sm = SignatureManifest::with_signature(existing, &sig);

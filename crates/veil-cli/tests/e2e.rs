@@ -1440,3 +1440,114 @@ async fn coco_key_provider_layers_use_the_brokers_key() {
     assert_no_assigned_sandboxes(&env).await;
     stop_and_check_clean(env).await;
 }
+
+/// A multi-platform image in a real registry, signed at its index by the reference cosign
+/// tool: the node finds the index's signature upstream, and the sandbox accepts it for the
+/// linux/amd64 manifest after checking the index lists that manifest. With a key that did not
+/// sign, the refusal names both the manifest and the index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_signed_by_cosign_in_a_registry_is_accepted() {
+    use veil_image::manifest::{index_json, Descriptor, Platform, OCI_INDEX};
+    let reg = TestRegistry::start().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let image = hello_image(&tmp.path().join("ctx"), &["/hello"]);
+    let client = images::registry_client(&[]).unwrap();
+    let platform_ref: Reference = format!("{}/multi:amd64", reg.host()).parse().unwrap();
+    images::push(&client, &image, &platform_ref).await.unwrap();
+    let mut entry = Descriptor::new(
+        image.manifest.media_type.clone(),
+        image.manifest.digest.clone(),
+        image.manifest.data.len() as u64,
+    );
+    entry.platform = Some(Platform {
+        os: "linux".into(),
+        architecture: "amd64".into(),
+        variant: None,
+    });
+    let index = index_json(&[entry]);
+    let index_ref: Reference = format!("{}/multi:v1", reg.host()).parse().unwrap();
+    let index_digest = client
+        .push_manifest(&index_ref, OCI_INDEX, index.clone().into())
+        .await
+        .unwrap();
+
+    let keys = tmp.path();
+    for (prefix, pw) in [("signer", "pw1"), ("stranger", "pw2")] {
+        let out = std::process::Command::new("cosign")
+            .args(["generate-key-pair", "--output-key-prefix", prefix])
+            .current_dir(keys)
+            .env("COSIGN_PASSWORD", pw)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let signer_key = keys.join("signer.key");
+    veil_testkit::cosign(
+        &[
+            "sign",
+            "--key",
+            signer_key.to_str().unwrap(),
+            "--tlog-upload=false",
+            "-y",
+            "--allow-insecure-registry",
+            "--allow-http-registry",
+            &format!("{}/multi@{index_digest}", reg.host()),
+        ],
+        &[("COSIGN_PASSWORD", "pw1")],
+    )
+    .unwrap();
+
+    let env = up().await;
+    let kbs = env.platform.kbs.clone().unwrap();
+    for name in ["signer", "stranger"] {
+        kbs.set_resource(
+            &format!("default/cosign/{name}"),
+            &std::fs::read(keys.join(format!("{name}.pub"))).unwrap(),
+        )
+        .unwrap();
+        // cosign's identity is the repository without a tag: matchRepository.
+        let policy = format!(
+            r#"{{"default":[{{"type":"sigstoreSigned","keyPath":"kbs:///default/cosign/{name}",
+                "signedIdentity":{{"type":"matchRepository"}}}}]}}"#
+        );
+        kbs.set_resource(&format!("default/policy/{name}"), policy.as_bytes())
+            .unwrap();
+    }
+    let req = |policy: &str| {
+        let mut r = deploy_req(&index_ref.to_string());
+        r.signature_policy = Some(format!("kbs:///default/policy/{policy}"));
+        r.allow_insecure_software_tee = true;
+        r
+    };
+    env.admin.deploy("multi", &req("signer")).await.unwrap();
+    let r = invoke(&env, "multi", "/", "m").await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let logs = format!("{:?}", env.admin.logs("multi", 500).await.unwrap());
+    assert!(
+        logs.contains(&format!("signed index {index_digest}")),
+        "{logs}"
+    );
+
+    env.admin
+        .deploy("stranger", &req("stranger"))
+        .await
+        .unwrap();
+    let r = invoke(&env, "stranger", "/", "").await;
+    assert_eq!(r.status, 502, "{}", text(&r));
+    for want in [
+        "for the manifest: ",
+        &format!("for its index {index_digest}"),
+        "does not verify with any accepted key",
+    ] {
+        assert!(text(&r).contains(want), "want {want:?} in {}", text(&r));
+    }
+    for f in ["multi", "stranger"] {
+        env.admin.delete(f).await.unwrap();
+    }
+    assert_no_assigned_sandboxes(&env).await;
+    stop_and_check_clean(env).await;
+}

@@ -29,6 +29,10 @@ pub struct ResolvedImage {
     /// (cached with the image; the agent checks them against the tenant's policy).
     #[serde(default)]
     pub signatures: Vec<String>,
+    /// The index the reference resolved to, for multi-platform images (signatures may sign
+    /// the index instead of the platform manifest).
+    #[serde(default)]
+    pub index_digest: Option<String>,
 }
 
 impl ResolvedImage {
@@ -162,7 +166,7 @@ impl BlobCache {
         let r: Reference = image
             .parse()
             .map_err(|e: veil_image::Error| NodeError::BadReference(format!("{image}: {e}")))?;
-        let digest = if r.is_local() {
+        let (digest, index) = if r.is_local() {
             let top = match &r.digest {
                 Some(d) => d.clone(),
                 None => {
@@ -184,30 +188,46 @@ impl BlobCache {
             match manifest::parse_manifest(&bytes, None)
                 .map_err(|e| NodeError::Image(format!("{image}: {e}")))?
             {
-                Manifest::Image(_) => top,
+                Manifest::Image(_) => (top, None),
                 Manifest::Index(entries) => {
                     let d = manifest::select_platform(&entries, "linux", "amd64")
                         .map_err(|e| NodeError::Image(format!("{image}: {e}")))?;
-                    d.digest
+                    (d.digest, Some(top))
                 }
             }
         } else {
-            let resolved = self.client.resolve_image(&r).await.map_err(|e| match e {
-                veil_registry::Error::NotFound { .. } => {
-                    NodeError::ImageNotFound(format!("{image}: {e}"))
+            let resolved = self
+                .client
+                .resolve_image_full(&r)
+                .await
+                .map_err(|e| match e {
+                    veil_registry::Error::NotFound { .. } => {
+                        NodeError::ImageNotFound(format!("{image}: {e}"))
+                    }
+                    other => NodeError::Upstream(format!("{image}: {other}")),
+                })?;
+            let m = resolved.manifest;
+            self.store.put(&m.bytes, Some(&m.digest))?;
+            let index = match resolved.index {
+                Some(ix) => {
+                    self.store.put(&ix.bytes, Some(&ix.digest))?;
+                    Some(ix.digest)
                 }
-                other => NodeError::Upstream(format!("{image}: {other}")),
-            })?;
-            self.store.put(&resolved.bytes, Some(&resolved.digest))?;
-            resolved.digest
+                None => None,
+            };
+            (m.digest, index)
         };
-        let signatures = self.find_signatures(&r, &digest).await;
+        let mut signatures = self.find_signatures(&r, &digest).await;
+        if let Some(ix) = &index {
+            signatures.extend(self.find_signatures(&r, ix).await);
+        }
         Ok(ResolvedImage {
             reference: image.to_string(),
             registry: r.registry.clone(),
             repository: r.repository.clone(),
             manifest_digest: digest.to_string(),
             signatures,
+            index_digest: index.map(|d| d.to_string()),
         })
     }
 
@@ -258,7 +278,17 @@ impl BlobCache {
             Manifest::Image(m) => {
                 let mut out = vec![(m.config.digest.clone(), m.config.size)];
                 out.extend(m.layers.iter().map(|l| (l.digest.clone(), l.size)));
-                // Signature manifests and their payload blobs travel with the image.
+                // The index (if any), signature manifests and their payload blobs travel with
+                // the image.
+                if let Some(ix) = img
+                    .index_digest
+                    .as_deref()
+                    .and_then(|d| d.parse::<Digest>().ok())
+                {
+                    if let Ok(bytes) = self.store.read(&ix) {
+                        out.push((ix, bytes.len() as u64));
+                    }
+                }
                 for sd in &img.signatures {
                     let Ok(sd) = sd.parse::<Digest>() else {
                         continue;

@@ -594,6 +594,7 @@ impl Node {
             ready_timeout_ms: spec.ready_timeout.as_millis() as u64,
             attestation: spec.attestation.clone(),
             signatures: spec.image.signatures.clone(),
+            index_digest: spec.image.index_digest.clone(),
         };
         let assigned = tokio::select! {
             r = self.assign(&sandbox, &assignment) => r,

@@ -75,6 +75,10 @@ pub struct Assignment {
     /// node that withholds them makes a policy that requires a signature fail.
     #[serde(default)]
     pub signatures: Vec<String>,
+    /// The index `manifest_digest` was selected from, for multi-platform images: a signature
+    /// of the index covers the manifest once the agent has checked the index lists it.
+    #[serde(default)]
+    pub index_digest: Option<String>,
 }
 
 /// What the agent does with the tenant's key broker before starting the function.

@@ -50,6 +50,8 @@ pub struct ResolvedImage {
     /// The digest the reference resolved to at the top level (the index's
     /// digest for a multi-platform image, else the manifest's own digest).
     pub top_digest: Digest,
+    /// The index itself, when the reference named one.
+    pub index: Option<FetchedManifest>,
 }
 
 /// A blob download. The stream resumes transparently (with `Range`
@@ -835,6 +837,7 @@ impl RegistryClient {
             Manifest::Image(_) => Ok(ResolvedImage {
                 top_digest: top.digest.clone(),
                 manifest: top,
+                index: None,
             }),
             Manifest::Index(descriptors) => {
                 let d = manifest::select_platform(&descriptors, DEFAULT_OS, DEFAULT_ARCH)?;
@@ -844,7 +847,8 @@ impl RegistryClient {
                 match manifest::parse_manifest(&child.bytes, Some(&child.media_type))? {
                     Manifest::Image(_) => Ok(ResolvedImage {
                         manifest: child,
-                        top_digest: top.digest,
+                        top_digest: top.digest.clone(),
+                        index: Some(top),
                     }),
                     Manifest::Index(_) => Err(Error::Protocol {
                         registry: r.registry.clone(),
