@@ -9,7 +9,8 @@ fuzz_target!(|data: &[u8]| {
     for r in [
         parse::parse_request(data).map(|_| ()),
         parse::parse_attestation(data).map(|_| ()),
-        parse::parse_reference_values(data).map(|_| ()),
+        parse::parse_reference_values("measurement", data).map(|_| ()),
+        parse::parse_reference_values("image", data).map(|_| ()),
         parse::parse_assignment(data).map(|_| ()),
     ] {
         if let Err(e) = r {

@@ -100,10 +100,7 @@ impl Released {
             .await
             .map_err(|e| format!("key {kid}: {e}"))?;
         if key.len() != KEK_LEN {
-            return Err(format!(
-                "key {kid} is {} bytes, not a {KEK_LEN}-byte AES-256 key",
-                key.len()
-            ));
+            return Err(format!("key {kid} is not a {KEK_LEN}-byte AES-256 key"));
         }
         self.keys.add_kbs_key(kid, key.to_vec());
         Ok(())
@@ -179,6 +176,7 @@ pub async fn attest_and_fetch(
     let init_data = serde_json::json!({
         "tenant": a.tenant,
         "function": a.function,
+        "image": a.image,
         "image_digest": a.manifest_digest,
         "secrets": plan.secrets,
         "image_keys": plan.image_keys,

@@ -137,6 +137,17 @@ async fn get_json_blob(
     kind: &str,
     digest: &Digest,
 ) -> Result<Bytes, PullError> {
+    get_limited_blob(mux, a, what, kind, digest, MAX_JSON_BLOB).await
+}
+
+async fn get_limited_blob(
+    mux: &MuxHandle,
+    a: &Assignment,
+    what: &'static str,
+    kind: &str,
+    digest: &Digest,
+    limit: usize,
+) -> Result<Bytes, PullError> {
     let resp = get(mux, a, what, kind, digest.as_str()).await?;
     let invalid = |reason: String| PullError::Invalid {
         image: a.image.clone(),
@@ -144,11 +155,11 @@ async fn get_json_blob(
         digest: digest.to_string(),
         reason,
     };
-    let body = read_body_limited(resp.into_body(), MAX_JSON_BLOB)
+    let body = read_body_limited(resp.into_body(), limit)
         .await
         .map_err(|e| {
             invalid(format!(
-                "reading it failed or it exceeds {MAX_JSON_BLOB} bytes: {e}"
+                "reading it failed or it exceeds {limit} bytes: {e}"
             ))
         })?;
     let actual = Digest::sha256(&body);
@@ -200,7 +211,23 @@ async fn check_signatures(
                     format!("exceeds {} bytes", signature::MAX_PAYLOAD_BYTES),
                 ));
             }
-            let payload = get_json_blob(mux, a, "signature payload", "blobs", &desc.digest).await?;
+            if sigs.len() >= signature::MAX_SIGNATURES {
+                tracing::warn!(
+                    image = %a.image,
+                    "more than {} signatures offered; the rest are ignored",
+                    signature::MAX_SIGNATURES
+                );
+                break;
+            }
+            let payload = get_limited_blob(
+                mux,
+                a,
+                "signature payload",
+                "blobs",
+                &desc.digest,
+                signature::MAX_PAYLOAD_BYTES,
+            )
+            .await?;
             sigs.push(signature::SigstoreSignature {
                 payload: payload.to_vec(),
                 signature: sig,
@@ -243,17 +270,21 @@ async fn check_signatures(
         .parse()
         .map_err(|e: veil_image::Error| invalid("index", ix, e.to_string()))?;
     let bytes = get_json_blob(mux, a, "index", "manifests", &ix).await?;
-    let listed = match manifest::parse_manifest(&bytes, None)
+    // The index must select exactly this manifest for linux/amd64 (not merely list it: an
+    // index may also list other platforms, attestations or unrelated images).
+    let selected = match manifest::parse_manifest(&bytes, None)
         .map_err(|e| invalid("index", ix.as_str(), e.to_string()))?
     {
-        Manifest::Index(entries) => entries.iter().any(|e| &e.digest == manifest_digest),
-        Manifest::Image(_) => false,
+        Manifest::Index(entries) => manifest::select_platform(&entries, "linux", "amd64")
+            .map(|d| d.digest)
+            .ok(),
+        Manifest::Image(_) => None,
     };
-    if !listed {
+    if selected.as_ref() != Some(manifest_digest) {
         return Err(invalid(
             "index",
             ix.as_str(),
-            format!("does not list the assigned manifest {manifest_digest}"),
+            format!("does not select the assigned manifest {manifest_digest} for linux/amd64"),
         ));
     }
     evaluate(&ix)
@@ -286,6 +317,21 @@ pub async fn pull(
         .manifest_digest
         .parse()
         .map_err(|e: veil_image::Error| invalid("manifest", &a.manifest_digest, e.to_string()))?;
+    // A digest reference pins what the tenant deployed: the node must assign that digest (or
+    // a manifest the index with that digest selects).
+    if let Ok(r) = a.image.parse::<veil_image::Reference>() {
+        if let Some(pinned) = &r.digest {
+            let ok =
+                pinned == &manifest_digest || a.index_digest.as_deref() == Some(pinned.as_str());
+            if !ok {
+                return Err(invalid(
+                    "manifest",
+                    manifest_digest.as_str(),
+                    format!("the image reference pins {pinned}, not this manifest or its index"),
+                ));
+            }
+        }
+    }
     let mbytes = get_json_blob(mux, a, "manifest", "manifests", &manifest_digest).await?;
     let image = match manifest::parse_manifest(&mbytes, None)
         .map_err(|e| invalid("manifest", manifest_digest.as_str(), e.to_string()))?

@@ -121,7 +121,8 @@ enum KbsCmd {
     SetReferenceValues {
         /// Name.
         name: String,
-        /// Accepted values (hex).
+        /// Accepted values: hex or <alg>:<hex> (an image reference for `image`, a resource path
+        /// for `signature_policy`).
         values: Vec<String>,
         #[command(flatten)]
         admin: KbsAdmin,

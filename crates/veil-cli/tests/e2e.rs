@@ -1321,6 +1321,58 @@ async fn signature_policy_from_the_broker_decides_what_runs() {
             text(&r)
         );
     }
+    // The tenant pins the image reference and the policy in its broker: a node that names a
+    // laxer policy of the tenant, or another image, gets no attestation.
+    kbs.set_resource(
+        "default/policy/lax",
+        br#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+    )
+    .unwrap();
+    kbs.set_reference_values("image", std::slice::from_ref(&signed))
+        .unwrap();
+    kbs.set_reference_values("signature_policy", &["default/policy/images".to_string()])
+        .unwrap();
+    let pinned: &[(&str, &str, &str, &str)] = &[
+        (
+            "pinned",
+            signed.as_str(),
+            "kbs:///default/policy/images",
+            "",
+        ),
+        (
+            "laxpolicy",
+            signed.as_str(),
+            "kbs:///default/policy/lax",
+            "signature policy default/policy/lax is not among the reference values",
+        ),
+        (
+            "otherimage",
+            unsigned.as_str(),
+            "kbs:///default/policy/images",
+            "is not among the reference values",
+        ),
+    ];
+    for (name, image, policy, want) in pinned {
+        env.admin
+            .deploy(name, &with_policy(image, policy))
+            .await
+            .unwrap();
+        let r = invoke(&env, name, "/", "").await;
+        if want.is_empty() {
+            assert_eq!(r.status, 200, "{name}: {}", text(&r));
+        } else {
+            assert_eq!(r.status, 502, "{name}: {}", text(&r));
+            assert!(
+                text(&r).contains(want),
+                "{name}: want {want:?} in {}",
+                text(&r)
+            );
+        }
+        env.admin.delete(name).await.unwrap();
+    }
+    kbs.set_reference_values("image", &[]).unwrap();
+    kbs.set_reference_values("signature_policy", &[]).unwrap();
+
     // Another tenant's policy is refused at deploy time.
     let e = env
         .admin

@@ -1201,12 +1201,14 @@ pub fn unwrap_layer_key_with(desc: &Descriptor, keys: &KeyRing) -> Result<LayerK
                 // Authenticated: these are the encryptor's options.
                 CocoWrap::A256Gcm => return opened(&plain),
                 // Unauthenticated: options that do not parse mean a wrong key.
+                // The plaintext digest is then the only check that binds the nonce, so it is
+                // required.
                 CocoWrap::A256Ctr => {
                     match layer_key_from_opts(desc, media_type, &plain, &pubopts) {
-                        Ok(key) => return Ok(key),
-                        Err(_) => misses.wrong(format!(
+                        Ok(key) if key.plaintext_digest.is_some() => return Ok(key),
+                        Ok(_) | Err(_) => misses.wrong(format!(
                             "{place}: wrong key (A256CTR is unauthenticated, and what this key \
-                         unwraps is not valid private options)"
+                         unwraps is not valid private options with a sha256 plaintext digest)"
                         )),
                     }
                 }

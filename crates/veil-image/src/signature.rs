@@ -140,7 +140,9 @@ struct RawPayload {
     optional: Option<serde_json::Value>,
 }
 
+// `critical` claims must all be understood: unknown ones refuse the signature.
 #[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawCritical {
     identity: RawIdentity,
     image: RawImage,
@@ -149,12 +151,14 @@ struct RawCritical {
 }
 
 #[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawIdentity {
     #[serde(rename = "docker-reference")]
     docker_reference: String,
 }
 
 #[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawImage {
     #[serde(rename = "docker-manifest-digest")]
     docker_manifest_digest: String,

@@ -207,12 +207,13 @@ impl Kbs {
     }
 
     /// Replace the accepted values of reference value `name` (e.g. `measurement`, `init_data`,
-    /// `image_digest`); values are hex or `<alg>:<hex>`, stored lowercase.
+    /// `image_digest`: hex or `<alg>:<hex>`, stored lowercase; `image` and `signature_policy`:
+    /// an image reference and a resource path, kept as written).
     pub fn set_reference_values(&self, name: &str, values: &[String]) -> Result<()> {
         parse::check_segment("reference value name", name).map_err(KbsError::InvalidValue)?;
-        parse::check_reference_values(values).map_err(KbsError::InvalidValue)?;
-        let lower: Vec<String> = values.iter().map(|v| v.to_ascii_lowercase()).collect();
-        self.store.set_reference_values(name, &lower)
+        parse::check_reference_values(name, values).map_err(KbsError::InvalidValue)?;
+        let normalized = parse::normalize_reference_values(name, values);
+        self.store.set_reference_values(name, &normalized)
     }
 
     /// All reference values.

@@ -232,20 +232,45 @@ pub fn parse_attestation(body: &[u8]) -> Result<ParsedAttestation, ProtocolError
     })
 }
 
-/// Parse a reference-value list: a JSON array of 1–256 values, each hex or `<alg>:<hex>`
-/// (at most 200 characters); returned lowercase.
-pub fn parse_reference_values(body: &[u8]) -> Result<Vec<String>, ProtocolError> {
+/// Reference values that are names, not digests: the image reference a deployment names and
+/// the broker resource of its signature policy. They are kept as written (tags are
+/// case-sensitive).
+pub const NAME_REFERENCE_VALUES: [&str; 2] = ["image", "signature_policy"];
+
+/// Parse a reference-value list for `name`: a JSON array of 1–256 values, each hex or
+/// `<alg>:<hex>` (at most 200 characters), returned lowercase; or, for the names in
+/// [`NAME_REFERENCE_VALUES`], printable strings of at most 512 characters, kept as written.
+pub fn parse_reference_values(name: &str, body: &[u8]) -> Result<Vec<String>, ProtocolError> {
     let bad = |m: String| ProtocolError::bad_request("InvalidReferenceValue", m);
     let values: Vec<String> = serde_json::from_slice(body)
         .map_err(|e| bad(format!("expected a JSON array of strings: {e}")))?;
-    check_reference_values(&values).map_err(bad)?;
-    Ok(values.iter().map(|v| v.to_ascii_lowercase()).collect())
+    check_reference_values(name, &values).map_err(bad)?;
+    Ok(normalize_reference_values(name, &values))
+}
+
+/// Lowercase digest-like values; keep name-like ones as written.
+pub fn normalize_reference_values(name: &str, values: &[String]) -> Vec<String> {
+    if NAME_REFERENCE_VALUES.contains(&name) {
+        values.to_vec()
+    } else {
+        values.iter().map(|v| v.to_ascii_lowercase()).collect()
+    }
 }
 
 /// Check reference values (see [`parse_reference_values`]).
-pub fn check_reference_values(values: &[String]) -> Result<(), String> {
+pub fn check_reference_values(name: &str, values: &[String]) -> Result<(), String> {
     if values.len() > 256 {
         return Err("at most 256 reference values per name".into());
+    }
+    if NAME_REFERENCE_VALUES.contains(&name) {
+        for v in values {
+            if v.is_empty() || v.len() > 512 || !v.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(format!(
+                    "reference value {v:?} for {name} must be 1-512 printable characters without spaces"
+                ));
+            }
+        }
+        return Ok(());
     }
     for v in values {
         let hex = match v.split_once(':') {
@@ -310,11 +335,11 @@ mod tests {
     #[test]
     fn reference_values() {
         assert_eq!(
-            parse_reference_values(br#"["AB", "sha256:00"]"#).unwrap(),
+            parse_reference_values("measurement", br#"["AB", "sha256:00"]"#).unwrap(),
             vec!["ab", "sha256:00"]
         );
         for bad in [&br#"["zz"]"#[..], br#"[""]"#, br#"{"a":1}"#, br#"[":00"]"#] {
-            assert!(parse_reference_values(bad).is_err());
+            assert!(parse_reference_values("measurement", bad).is_err());
         }
     }
 

@@ -31,10 +31,28 @@ deny contains "no reference measurement is registered for this hardware TEE" if 
 	count(object.get(input.reference_values, "measurement", [])) == 0
 }
 
-# ... and run an image the tenant pinned: the host chooses what runs, so the broker must.
-deny contains "no reference image digest is registered for this hardware TEE" if {
+# ... and run an image the tenant pinned: the host chooses what runs, so the broker must. Either
+# by digest, or by image reference together with a signature policy (the sandbox then checks
+# that the digest it runs is signed for that reference).
+deny contains "no reference image digest (nor an image reference with a signature policy) is registered for this hardware TEE" if {
 	not input.claims.insecure
 	count(object.get(input.reference_values, "image_digest", [])) == 0
+	not signature_pinned
+}
+
+signature_pinned if {
+	count(object.get(input.reference_values, "image", [])) > 0
+	count(object.get(input.reference_values, "signature_policy", [])) > 0
+}
+
+deny contains sprintf("image %v is not among the reference values", [object.get(input.init_data, "image", null)]) if {
+	count(object.get(input.reference_values, "image", [])) > 0
+	not object.get(input.init_data, "image", null) in input.reference_values.image
+}
+
+deny contains sprintf("signature policy %v is not among the reference values", [object.get(input.init_data, "signature_policy", null)]) if {
+	count(object.get(input.reference_values, "signature_policy", [])) > 0
+	not object.get(input.init_data, "signature_policy", null) in input.reference_values.signature_policy
 }
 
 deny contains sprintf("measurement %s is not among the reference values", [input.claims.measurement]) if {
@@ -208,6 +226,49 @@ mod tests {
         );
         input["init_data"] = json!({"image_digest": "sha256:x"});
         assert!(p.evaluate(input).unwrap().allow);
+
+        // Or pinned by image reference plus signature policy (no digest).
+        let refs = json!({"measurement": ["aa"], "image": ["reg.example/app:v1"],
+            "signature_policy": ["t/policy/images"]});
+        let mut input = att_input(false, false, "aa", refs.clone());
+        input["init_data"] =
+            json!({"image": "reg.example/app:v1", "signature_policy": "t/policy/images"});
+        assert!(p.evaluate(input.clone()).unwrap().allow);
+        // The host swaps the reference, or drops or swaps the policy: denied.
+        for (field, value, reason) in [
+            (
+                "image",
+                json!("reg.example/other:v1"),
+                "image reg.example/other:v1 ",
+            ),
+            ("signature_policy", json!(null), "signature policy null"),
+            (
+                "signature_policy",
+                json!("t/policy/lax"),
+                "signature policy t/policy/lax ",
+            ),
+        ] {
+            let mut bad = input.clone();
+            bad["init_data"][field] = value;
+            let d = p.evaluate(bad).unwrap();
+            assert!(!d.allow, "{field}");
+            assert!(d.reasons.iter().any(|r| r.contains(reason)), "{d:?}");
+        }
+        // A reference without a policy pins nothing.
+        let mut input = att_input(
+            false,
+            false,
+            "aa",
+            json!({"measurement": ["aa"], "image": ["reg.example/app:v1"]}),
+        );
+        input["init_data"] = json!({"image": "reg.example/app:v1"});
+        let d = p.evaluate(input).unwrap();
+        assert!(
+            d.reasons
+                .iter()
+                .any(|r| r.contains("no reference image digest")),
+            "{d:?}"
+        );
     }
 
     #[test]

@@ -360,7 +360,7 @@ async fn put_reference_value(
 ) -> ApiResult {
     require_admin(&kbs, &headers)?;
     let body = read_body(&headers, body).await?;
-    let values = parse::parse_reference_values(&body)?;
+    let values = parse::parse_reference_values(&name, &body)?;
     kbs.set_reference_values(&name, &values)
         .map_err(ProtocolError::from)?;
     Ok(StatusCode::NO_CONTENT.into_response())

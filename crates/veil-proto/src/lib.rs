@@ -51,7 +51,9 @@ pub struct Assignment {
     pub tenant: String,
     /// Function name (for logs and errors).
     pub function: String,
-    /// The image reference as the user wrote it (for messages only).
+    /// The image reference as the user wrote it. It is bound into the attestation's init data
+    /// (a tenant's broker can pin it), selects the signature policy's scope, and a digest it
+    /// names must be the assigned manifest's or its index's.
     pub image: String,
     /// Repository the image lives in, as the node's registry endpoint names it.
     pub repository: String,

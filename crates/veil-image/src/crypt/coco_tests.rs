@@ -675,3 +675,32 @@ fn kbs_resources_recipients_and_key_rings() {
     assert_eq!(ring.kbs_key("kbs:///a/b/e"), None);
     assert_eq!(ring.kbs_key("not a kid"), None);
 }
+
+/// Under A256CTR (unauthenticated) the plaintext digest is the only check that binds the
+/// nonce, so options without one are refused rather than decrypted unchecked.
+#[test]
+fn coco_ctr_options_without_a_plaintext_digest_are_refused() {
+    let layer = sample_layer();
+    let kek = [0x42u8; 32];
+    let ctr_iv = [0x35u8; 16];
+    let ctr_without_digest = |opts: &[u8]| {
+        let mut v: Value = serde_json::from_slice(opts).unwrap();
+        v.as_object_mut().unwrap().remove("digest");
+        let mut wrapped = v.to_string().into_bytes();
+        Aes256Ctr::new_from_slices(&kek, &ctr_iv)
+            .unwrap()
+            .apply_keystream(&mut wrapped);
+        json!({
+            "kid": KID,
+            "wrapped_data": STANDARD.encode(wrapped),
+            "iv": STANDARD.encode(ctr_iv),
+            "wrap_type": "A256CTR",
+        })
+    };
+    let (_, desc) = hand_made_layer(&layer, |opts| vec![ctr_without_digest(opts)]);
+    let e = unwrap_layer_key_with(&desc, &ring_with(KID, &kek))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("with a sha256 plaintext digest"), "{e}");
+    assert!(e.contains(desc.digest.as_str()), "{e}");
+}

@@ -20,14 +20,51 @@ pub struct Policy {
     default: Vec<Requirement>,
     /// Transport name → scope → requirements.
     #[serde(default)]
-    transports: BTreeMap<String, BTreeMap<String, Vec<Requirement>>>,
+    transports: UniqueMap<UniqueMap<Vec<Requirement>>>,
+}
+
+/// A JSON object whose keys must be unique: with duplicate scopes, which one applies would be
+/// the parser's choice, so such a policy is refused (as containers/image does).
+#[derive(Debug, Clone)]
+struct UniqueMap<V>(BTreeMap<String, V>);
+
+impl<V> Default for UniqueMap<V> {
+    fn default() -> Self {
+        UniqueMap(BTreeMap::new())
+    }
+}
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for UniqueMap<V> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<V>(std::marker::PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for Visit<V> {
+            type Value = UniqueMap<V>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out = BTreeMap::new();
+                while let Some((k, v)) = m.next_entry::<String, V>()? {
+                    if out.contains_key(&k) {
+                        return Err(serde::de::Error::custom(format!("duplicate key {k:?}")));
+                    }
+                    out.insert(k, v);
+                }
+                Ok(UniqueMap(out))
+            }
+        }
+        d.deserialize_map(Visit(std::marker::PhantomData))
+    }
 }
 
 /// One policy requirement. Every requirement of the selected scope must hold.
 // A policy holds a handful of these; boxing the large variant would only complicate serde.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "type")]
+#[serde(tag = "type", deny_unknown_fields)]
 pub enum Requirement {
     /// Accept the image without any check.
     #[serde(rename = "insecureAcceptAnything")]
@@ -132,6 +169,21 @@ fn name(r: &Reference) -> String {
     format!("{}/{}", r.registry, r.repository)
 }
 
+/// Whether a reference string names a tag or digest itself (the parser would otherwise add
+/// `:latest`, and an identity without a tag must not stand for `latest`).
+fn has_tag_or_digest(s: &str) -> bool {
+    s.contains('@')
+        || (s.contains('/') && s.rsplit('/').next().is_some_and(|l| l.contains(':')))
+        || (!s.contains('/') && s.contains(':'))
+}
+
+fn untagged_identity(identity: &str) -> String {
+    format!(
+        "the signed identity {identity} names no tag or digest (cosign signs the repository \
+         alone): the policy needs matchRepository or exactRepository for it"
+    )
+}
+
 fn parse_ref(s: &str, what: &str) -> Result<Reference, String> {
     s.parse::<Reference>()
         .map_err(|e| format!("{what} {s:?} is not an image reference: {e}"))
@@ -154,8 +206,10 @@ impl SignedIdentity {
     /// Whether a signature claiming `identity` is acceptable for an image deployed as `image`.
     fn accepts(&self, image: &Reference, identity: &str) -> Result<(), String> {
         let sig = parse_ref(identity, "the signed identity")?;
+        let sig_tagged = has_tag_or_digest(identity);
         let image_t = without_digest_if_tagged(image);
-        let sig_t = without_digest_if_tagged(&sig);
+        // The signature's identity is compared whole (a digest it names must match too).
+        let sig_t = sig.clone();
         let repo_digest_or_exact = |img: &Reference| -> Result<(), String> {
             if img.tag.is_none() && img.digest.is_some() {
                 if name(img) == name(&sig) {
@@ -166,6 +220,9 @@ impl SignedIdentity {
                     name(&sig),
                     name(img)
                 ));
+            }
+            if !sig_tagged {
+                return Err(untagged_identity(identity));
             }
             if without_digest_if_tagged(img) == sig_t {
                 Ok(())
@@ -178,6 +235,9 @@ impl SignedIdentity {
         };
         match self {
             SignedIdentity::MatchExact => {
+                if !sig_tagged {
+                    return Err(untagged_identity(identity));
+                }
                 if image_t == sig_t {
                     Ok(())
                 } else {
@@ -198,7 +258,10 @@ impl SignedIdentity {
             }
             SignedIdentity::ExactReference { docker_reference } => {
                 let want = parse_ref(docker_reference, "exactReference dockerReference")?;
-                if without_digest_if_tagged(&want) == sig_t {
+                if !sig_tagged {
+                    return Err(untagged_identity(identity));
+                }
+                if want == sig_t {
                     Ok(())
                 } else {
                     Err(format!("signed for {sig_t}, the policy requires {want}"))
@@ -220,15 +283,16 @@ impl SignedIdentity {
                 prefix,
                 signed_prefix,
             } => {
-                let full = image_t.to_string();
-                let remapped = match full.strip_prefix(prefix.as_str()) {
-                    // The prefix must end at a component boundary.
-                    Some(rest)
-                        if rest.is_empty()
-                            || rest.starts_with(['/', ':', '@'])
-                            || prefix.ends_with('/') =>
-                    {
-                        parse_ref(&format!("{signed_prefix}{rest}"), "the remapped reference")?
+                // The prefix matches the image's name (registry/repository) exactly or up to
+                // a `/`; tag and digest are kept.
+                let full_name = name(image);
+                let remapped = match full_name.strip_prefix(prefix.as_str()) {
+                    Some(rest) if rest.is_empty() || rest.starts_with('/') => {
+                        let mut r =
+                            parse_ref(&format!("{signed_prefix}{rest}"), "the remapped reference")?;
+                        r.tag = image.tag.clone();
+                        r.digest = image.digest.clone();
+                        r
                     }
                     _ => image.clone(),
                 };
@@ -240,8 +304,8 @@ impl SignedIdentity {
     fn validate(&self) -> Result<(), String> {
         match self {
             SignedIdentity::ExactReference { docker_reference } => {
-                let r = parse_ref(docker_reference, "exactReference dockerReference")?;
-                if !docker_reference.contains(':') && r.digest.is_none() {
+                parse_ref(docker_reference, "exactReference dockerReference")?;
+                if !has_tag_or_digest(docker_reference) {
                     return Err(format!(
                         "exactReference dockerReference {docker_reference:?} needs a tag or digest"
                     ));
@@ -255,8 +319,17 @@ impl SignedIdentity {
                 prefix,
                 signed_prefix,
             } => {
-                if prefix.is_empty() || signed_prefix.is_empty() {
-                    return Err("remapIdentity needs a non-empty prefix and signedPrefix".into());
+                for (what, p) in [("prefix", prefix), ("signedPrefix", signed_prefix)] {
+                    if p.is_empty()
+                        || p.contains(['@', '*'])
+                        || p.ends_with('/')
+                        || (p.contains('/') && has_tag_or_digest(p))
+                    {
+                        return Err(format!(
+                            "remapIdentity {what} {p:?} must be a host[:port] or a repository \
+                             name, without tag, digest or wildcard"
+                        ));
+                    }
                 }
                 Ok(())
             }
@@ -307,8 +380,29 @@ impl Policy {
                 "the document exceeds {MAX_POLICY_BYTES} bytes"
             )));
         }
-        let p: Policy = serde_json::from_slice(bytes)
-            .map_err(|e| SignatureError::InvalidPolicy(e.to_string()))?;
+        let p: Policy = serde_json::from_slice(bytes).map_err(|e| {
+            // serde_json's messages quote the offending values; the document may not even be a
+            // policy (the host chose which broker resource to name), so only say where and what
+            // kind of problem it is, never what the bytes were.
+            use serde_json::error::Category;
+            let what = match e.classify() {
+                Category::Syntax => "malformed JSON",
+                Category::Eof => "truncated JSON",
+                Category::Io => "unreadable",
+                Category::Data if e.to_string().starts_with("missing field `default`") => {
+                    "the required `default` requirement list is missing"
+                }
+                Category::Data => {
+                    "not the containers-policy.json structure (unknown or misspelt requirement \
+                     type, field or identity rule, a duplicate key, or a value of the wrong type)"
+                }
+            };
+            SignatureError::InvalidPolicy(format!(
+                "{what} at line {}, column {}",
+                e.line(),
+                e.column()
+            ))
+        })?;
         p.validate().map_err(SignatureError::InvalidPolicy)?;
         Ok(p)
     }
@@ -368,8 +462,8 @@ impl Policy {
             Ok(())
         };
         check(&self.default, "default")?;
-        for (transport, scopes) in &self.transports {
-            for (scope, reqs) in scopes {
+        for (transport, scopes) in &self.transports.0 {
+            for (scope, reqs) in &scopes.0 {
                 check(reqs, &format!("transports.{transport}[{scope:?}]"))?;
             }
         }
@@ -378,13 +472,13 @@ impl Policy {
 
     /// The requirements for a `docker` image reference, and the scope that selected them.
     pub fn requirements_for(&self, r: &Reference) -> (&[Requirement], String) {
-        if let Some(scopes) = self.transports.get("docker") {
+        if let Some(scopes) = self.transports.0.get("docker") {
             for s in docker_scopes(r) {
-                if let Some(reqs) = scopes.get(&s) {
+                if let Some(reqs) = scopes.0.get(&s) {
                     return (reqs, format!("docker scope {s:?}"));
                 }
             }
-            if let Some(reqs) = scopes.get("") {
+            if let Some(reqs) = scopes.0.get("") {
                 return (reqs, "the docker transport default".into());
             }
         }

@@ -283,17 +283,15 @@ fn key_paths_are_resolved_by_the_caller() {
 
 #[test]
 fn invalid_policies_are_refused() {
+    const STRUCTURE: &str = "not the containers-policy.json structure";
     let cases: &[(&str, &str)] = &[
-        (r#"{}"#, "missing field `default`"),
+        (
+            r#"{}"#,
+            "the required `default` requirement list is missing",
+        ),
         (r#"{"default":[]}"#, "empty requirement list"),
-        (
-            r#"{"default":[{"type":"acceptEverything"}]}"#,
-            "unknown variant",
-        ),
-        (
-            r#"{"default":[{"type":"reject"}],"extra":1}"#,
-            "unknown field",
-        ),
+        (r#"{"default":[{"type":"acceptEverything"}]}"#, STRUCTURE),
+        (r#"{"default":[{"type":"reject"}],"extra":1}"#, STRUCTURE),
         (
             r#"{"default":[{"type":"sigstoreSigned"}]}"#,
             "exactly one of keyPath",
@@ -308,23 +306,144 @@ fn invalid_policies_are_refused() {
         ),
         (
             r#"{"default":[{"type":"sigstoreSigned","keyPath":"a","signedIdentity":{"type":"matchNothing"}}]}"#,
-            "unknown variant",
+            STRUCTURE,
+        ),
+        // A misspelt field must not silently fall back to the default identity rule.
+        (
+            r#"{"default":[{"type":"sigstoreSigned","keyPath":"a","signedidentity":{"type":"matchExact"}}]}"#,
+            STRUCTURE,
+        ),
+        // Duplicate scopes: which one applies would be the parser's choice.
+        (
+            r#"{"default":[{"type":"reject"}],"transports":{"docker":{"r.io/a":[{"type":"reject"}],"r.io/a":[{"type":"insecureAcceptAnything"}]}}}"#,
+            STRUCTURE,
         ),
         (
             r#"{"default":[{"type":"sigstoreSigned","keyPath":"a","signedIdentity":{"type":"exactReference","dockerReference":"UPPER/x:1"}}]}"#,
             "not an image reference",
         ),
         (
+            r#"{"default":[{"type":"sigstoreSigned","keyPath":"a","signedIdentity":{"type":"exactReference","dockerReference":"reg:5000/app"}}]}"#,
+            "needs a tag or digest",
+        ),
+        (
+            r#"{"default":[{"type":"sigstoreSigned","keyPath":"a","signedIdentity":{"type":"remapIdentity","prefix":"reg.example/app:v1","signedPrefix":"up.example"}}]}"#,
+            "without tag, digest or wildcard",
+        ),
+        (
             r#"{"default":[{"type":"reject"}],"transports":{"docker":{"x.io":[]}}}"#,
             "transports.docker[\"x.io\"]: an empty requirement list",
         ),
-        ("not json", "expected"),
+        ("not json", "malformed JSON at line 1"),
+        ("{\"default\": [", "truncated JSON"),
     ];
     for (doc, want) in cases {
         let e = Policy::parse(doc.as_bytes()).unwrap_err().to_string();
         assert!(e.starts_with("invalid signature policy"), "{doc}: {e}");
         assert!(e.contains(want), "{doc}: {e}");
     }
+}
+
+#[test]
+fn parse_errors_never_echo_the_document() {
+    // The host names which broker resource is "the policy": if it names a secret, the error
+    // must not reveal it.
+    for doc in [
+        r#""s3cr3t-token""#,
+        "483920",
+        r#"{"s3cr3t-name": "v"}"#,
+        r#"{"default": "s3cr3t-token"}"#,
+        r#"{"default":[{"type":"s3cr3t-token"}]}"#,
+    ] {
+        let e = Policy::parse(doc.as_bytes()).unwrap_err().to_string();
+        assert!(!e.contains("s3cr3t") && !e.contains("483920"), "{doc}: {e}");
+        assert!(e.contains("line 1"), "{e}");
+    }
+}
+
+#[test]
+fn untagged_identities_do_not_stand_for_latest() {
+    let key = SigningKey::generate().unwrap();
+    let pem = key.public_key_pem().unwrap();
+    let d = digest(6);
+    // A cosign-style signature: the repository alone.
+    let sig = sign(&key, &r("reg.example:5000/app@sha256:0000000000000000000000000000000000000000000000000000000000000000"), &d).unwrap();
+    assert_eq!(
+        Payload::parse(&sig.payload).unwrap().identity,
+        "reg.example:5000/app"
+    );
+    let sigs = std::slice::from_ref(&sig);
+    for rule in [None, Some(r#"{"type":"matchExact"}"#)] {
+        let p = key_data_policy(&pem, rule);
+        let e = eval(&p, "reg.example:5000/app:latest", &d, sigs)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("names no tag or digest"), "{rule:?}: {e}");
+    }
+    let p = key_data_policy(&pem, Some(r#"{"type":"matchRepository"}"#));
+    eval(&p, "reg.example:5000/app:latest", &d, sigs).unwrap();
+    // Digest references only need the repository (matchRepoDigestOrExact).
+    let p = key_data_policy(&pem, None);
+    eval(&p, &format!("reg.example:5000/app@{d}"), &d, sigs).unwrap();
+}
+
+#[test]
+fn remap_prefixes_end_at_a_path_component() {
+    let key = SigningKey::generate().unwrap();
+    let pem = STANDARD.encode(key.public_key_pem().unwrap());
+    let d = digest(2);
+    let sig = sign(&key, &r("up.example/app:v1"), &d).unwrap();
+    let policy = |prefix: &str| {
+        Policy::parse(
+            format!(
+                r#"{{"default":[{{"type":"sigstoreSigned","keyData":"{pem}","signedIdentity":
+                {{"type":"remapIdentity","prefix":"{prefix}","signedPrefix":"up.example"}}}}]}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap()
+    };
+    eval(
+        &policy("mirror.example"),
+        "mirror.example/app:v1",
+        &d,
+        std::slice::from_ref(&sig),
+    )
+    .unwrap();
+    // "mirror.example" is not a prefix of the host "mirror.example:5000".
+    assert!(eval(
+        &policy("mirror.example"),
+        "mirror.example:5000/app:v1",
+        &d,
+        std::slice::from_ref(&sig)
+    )
+    .is_err());
+    assert!(eval(
+        &policy("mirror.example/ap"),
+        "mirror.example/app:v1",
+        &d,
+        std::slice::from_ref(&sig)
+    )
+    .is_err());
+}
+
+#[test]
+fn unknown_critical_claims_refuse_the_signature() {
+    let d = digest(1);
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&Payload::to_bytes("r.io/a:v1", &d)).unwrap();
+    v["critical"]["image"]["extra"] = serde_json::json!("x");
+    let e = Payload::parse(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+    assert!(e.contains("unknown field"), "{e}");
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&Payload::to_bytes("r.io/a:v1", &d)).unwrap();
+    v["critical"]["must-understand"] = serde_json::json!(true);
+    assert!(Payload::parse(&serde_json::to_vec(&v).unwrap()).is_err());
+    // The optional section may hold anything.
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&Payload::to_bytes("r.io/a:v1", &d)).unwrap();
+    v["optional"] = serde_json::json!({"creator": "cosign", "timestamp": 1});
+    Payload::parse(&serde_json::to_vec(&v).unwrap()).unwrap();
 }
 
 #[test]
