@@ -159,10 +159,22 @@ pub async fn inspect(
             m.config.digest, m.config.size
         );
         for (i, l) in m.layers.iter().enumerate() {
-            let enc = if l.media_type.ends_with("+encrypted") {
-                "encrypted"
+            let enc = if veil_image::crypt::is_encrypted(l) {
+                // Which key-wrapping schemes the layer carries (no key material is shown).
+                let mut how = Vec::new();
+                if l.annotations
+                    .contains_key(veil_image::crypt::ANNOTATION_KEYS_JWE)
+                {
+                    how.push("jwe".to_string());
+                }
+                match veil_image::crypt::coco_key_ids(l) {
+                    Ok(kids) if !kids.is_empty() => how.push(format!("coco {}", kids.join(" "))),
+                    Ok(_) => {}
+                    Err(_) => how.push("coco (unreadable)".into()),
+                }
+                format!("encrypted: {}", how.join(", "))
             } else {
-                "plain"
+                "plain".to_string()
             };
             let _ = writeln!(
                 out,

@@ -178,7 +178,7 @@ fn readme_workflow_with_the_veil_command() {
     assert!(enc.contains("pushed encrypted local/hello:enc"), "{enc}");
     let inspected = ok(&server, &["image", "inspect", "local/hello:enc"]);
     assert!(
-        inspected.contains("+encrypted") && inspected.contains("[encrypted]"),
+        inspected.contains("+encrypted") && inspected.contains("[encrypted: jwe]"),
         "{inspected}"
     );
     ok(
@@ -233,6 +233,11 @@ fn readme_workflow_with_the_veil_command() {
         ],
     );
     assert!(coco.contains("256-bit key-encryption key"), "{coco}");
+    let inspected = ok(&server, &["image", "inspect", "local/hello:coco"]);
+    assert!(
+        inspected.contains("[encrypted: coco kbs:///default/image-kek/k3]"),
+        "{inspected}"
+    );
     ok(
         &server,
         &[
