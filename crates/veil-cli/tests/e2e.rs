@@ -1525,17 +1525,7 @@ async fn index_signed_by_cosign_in_a_registry_is_accepted() {
 
     let keys = tmp.path();
     for (prefix, pw) in [("signer", "pw1"), ("stranger", "pw2")] {
-        let out = std::process::Command::new("cosign")
-            .args(["generate-key-pair", "--output-key-prefix", prefix])
-            .current_dir(keys)
-            .env("COSIGN_PASSWORD", pw)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        veil_testkit::cosign_key_pair(keys, prefix, pw).unwrap();
     }
     let signer_key = keys.join("signer.key");
     veil_testkit::cosign(

@@ -66,19 +66,8 @@ fn push_example(dir: &Path, reg: &TestRegistry) -> String {
     image
 }
 
-/// `cosign generate-key-pair` into `dir` (`<prefix>.key`, `<prefix>.pub`).
 fn cosign_keys(dir: &Path, prefix: &str, password: &str) {
-    let out = Command::new("cosign")
-        .args(["generate-key-pair", "--output-key-prefix", prefix])
-        .current_dir(dir)
-        .env("COSIGN_PASSWORD", password)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    veil_testkit::cosign_key_pair(dir, prefix, password).unwrap();
 }
 
 const COSIGN_NET: [&str; 2] = ["--allow-insecure-registry", "--allow-http-registry"];

@@ -273,6 +273,26 @@ pub fn cosign(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<String> {
     Ok(text)
 }
 
+/// `cosign generate-key-pair` into `dir`: `<prefix>.key` (encrypted with `password`) and
+/// `<prefix>.pub`.
+pub fn cosign_key_pair(dir: &Path, prefix: &str, password: &str) -> anyhow::Result<()> {
+    let out = Command::new("cosign")
+        .args(["generate-key-pair", "--output-key-prefix", prefix])
+        .current_dir(dir)
+        .env("COSIGN_PASSWORD", password)
+        .stdin(Stdio::null())
+        .output()
+        .context("running cosign (scripts/install-deps.sh installs it)")?;
+    if !out.status.success() {
+        bail!(
+            "cosign generate-key-pair failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
