@@ -1,6 +1,7 @@
 //! `veil demo`: the whole platform in one process on embedded defaults. Builds the example
-//! function image, pushes it to the local store over the registry API, deploys it, invokes it
-//! twice (a cold start and a warm start), prints the answers and latencies, and shuts down.
+//! function image, pushes and signs it in the local store over the registry API, deploys it
+//! with a secret and a signature policy from the embedded key broker, invokes it twice (a cold
+//! start and a warm start), prints the answers and latencies, and shuts down.
 
 use crate::client::AdminClient;
 use crate::{images, Platform, UpOptions};
@@ -53,16 +54,29 @@ async fn steps(p: &Platform, tmp: &std::path::Path) -> Result<()> {
         size / 1024
     );
 
+    // Sign it (cosign format) with a key made for the demo.
+    let key = veil_image::signature::SigningKey::generate()?;
+    let (signed, _) = images::sign_image(&client, &target, &reference, &key).await?;
+    println!("signed {reference} ({signed}) with a new cosign key");
+
     let admin = AdminClient::new(&p.url())?;
-    // A secret only the attested sandbox receives, from the embedded key broker.
+    // A secret only the attested sandbox receives, and the tenant's signature policy with its
+    // public key, all from the embedded key broker.
     let kbs = p
         .kbs
         .as_ref()
         .context("the demo needs the embedded key broker")?;
     kbs.set_resource("default/demo/greeting", b"hello from the key broker")?;
+    kbs.set_resource("default/demo/cosign-pub", key.public_key_pem()?.as_bytes())?;
+    kbs.set_resource(
+        "default/demo/image-policy",
+        br#"{"default":[{"type":"reject"}],"transports":{"docker":{"local/hello":[
+            {"type":"sigstoreSigned","keyPath":"kbs:///default/demo/cosign-pub"}]}}}"#,
+    )?;
     let mut req = DeployRequest::new(&reference.to_string());
     req.secrets
         .insert("GREETING".into(), "kbs:///default/demo/greeting".into());
+    req.signature_policy = Some("kbs:///default/demo/image-policy".into());
     req.allow_insecure_software_tee = true;
     let st = admin.deploy("hello", &req).await.context("deploy")?;
     println!(
@@ -111,8 +125,8 @@ async fn steps(p: &Platform, tmp: &std::path::Path) -> Result<()> {
         )
         .await?;
     println!(
-        "secret in the sandbox: {} (released after attestation; this machine has no SEV-SNP/TDX, \
-         so the INSECURE software TEE stood in)",
+        "secret in the sandbox: {} (released after attestation and the signature check; this \
+         machine has no SEV-SNP/TDX, so the INSECURE software TEE stood in)",
         String::from_utf8_lossy(&r.body).trim_end()
     );
     admin.delete("hello").await?;
