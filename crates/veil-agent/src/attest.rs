@@ -118,17 +118,33 @@ fn measure_self() -> Result<String, String> {
     Ok(hex::encode(sha2::Sha384::digest(&bytes)))
 }
 
-/// Start computing the software-TEE measurement in the background (no-op where a hardware
-/// TEE exists). Call once at startup.
+/// Start the ahead-of-time work in the background: the software-TEE measurement (skipped where
+/// a hardware TEE exists) and the signature warm-up. Call once at startup.
+///
+/// The warm-up the signature-verification code (the crypto backend initialises itself on
+/// first use), so that checking an image signature costs only the check on a cold start.
 pub fn precompute_software_measurement() {
-    if veil_attest::detect().is_some() {
-        return;
-    }
     PRECOMPUTING.store(true, std::sync::atomic::Ordering::SeqCst);
-    std::thread::spawn(|| {
-        let _ = SELF_MEASUREMENT.get_or_init(measure_self);
+    let software = veil_attest::detect().is_none();
+    std::thread::spawn(move || {
+        // Marks the work done however this thread ends, so health reporting never waits forever.
+        struct Done;
+        impl Drop for Done {
+            fn drop(&mut self) {
+                let _ = AHEAD_OF_TIME_DONE.set(());
+            }
+        }
+        let _done = Done;
+        if software {
+            let _ = SELF_MEASUREMENT.get_or_init(measure_self);
+        }
+        if !veil_image::signature::warm_up() {
+            tracing::warn!("signature code warm-up failed; the first signature check will say why");
+        }
     });
 }
+
+static AHEAD_OF_TIME_DONE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
 
 static PRECOMPUTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -137,7 +153,9 @@ static PRECOMPUTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBo
 /// sandbox is fully prepared before it is handed out.
 pub fn wait_ahead_of_time_work() {
     if PRECOMPUTING.load(std::sync::atomic::Ordering::SeqCst) {
-        let _ = SELF_MEASUREMENT.get_or_init(measure_self);
+        while AHEAD_OF_TIME_DONE.get().is_none() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 }
 

@@ -173,12 +173,12 @@ async fn get_limited_blob(
 
 /// Fetch the signatures the node offered for the assigned manifest (each signature manifest
 /// and payload checked against its digest) and check them against the tenant's policy.
-async fn check_signatures(
+/// Fetch the signatures the node offered (each signature manifest and payload checked against
+/// its digest). Independent of attestation, so it runs while the agent attests.
+pub async fn fetch_signatures(
     mux: &MuxHandle,
     a: &Assignment,
-    manifest_digest: &Digest,
-    policy: &ImagePolicy,
-) -> Result<String, PullError> {
+) -> Result<Vec<signature::SigstoreSignature>, PullError> {
     let invalid = |what: &'static str, digest: &str, reason: String| PullError::Invalid {
         image: a.image.clone(),
         what,
@@ -234,6 +234,23 @@ async fn check_signatures(
             });
         }
     }
+    Ok(sigs)
+}
+
+/// Check `sigs` (from [`fetch_signatures`]) against the tenant's policy.
+async fn check_signatures(
+    mux: &MuxHandle,
+    a: &Assignment,
+    manifest_digest: &Digest,
+    policy: &ImagePolicy,
+    sigs: Vec<signature::SigstoreSignature>,
+) -> Result<String, PullError> {
+    let invalid = |what: &'static str, digest: &str, reason: String| PullError::Invalid {
+        image: a.image.clone(),
+        what,
+        digest: digest.to_string(),
+        reason,
+    };
     let reference: veil_image::Reference = a.image.parse().map_err(|e: veil_image::Error| {
         invalid("manifest", manifest_digest.as_str(), e.to_string())
     })?;
@@ -299,11 +316,15 @@ async fn check_signatures(
 /// Pull the assigned image into `rootfs`: manifest, then (with a policy) its signatures, then
 /// every layer, decrypting encrypted layers with the keys the broker released (fetching the
 /// key-encryption keys that key-provider layers name from the attested session).
+///
+/// `prefetched`: the result of [`fetch_signatures`] if the caller already ran it (concurrently
+/// with attestation).
 pub async fn pull(
     mux: &MuxHandle,
     a: &Assignment,
     rootfs: &Path,
     released: &mut Released,
+    prefetched: Option<Result<Vec<signature::SigstoreSignature>, PullError>>,
 ) -> Result<Pulled, PullError> {
     let mut timings = PhaseTimings::default();
     let t0 = Instant::now();
@@ -348,7 +369,11 @@ pub async fn pull(
     // Nothing the manifest names is used before the tenant's policy accepts the manifest.
     if let Some(policy) = &released.policy {
         let t = Instant::now();
-        let how = check_signatures(mux, a, &manifest_digest, policy).await?;
+        let sigs = match prefetched {
+            Some(sigs) => sigs?,
+            None => fetch_signatures(mux, a).await?,
+        };
+        let how = check_signatures(mux, a, &manifest_digest, policy, sigs).await?;
         timings.signature_ms = ms(t);
         tracing::info!(image = %a.image, digest = %manifest_digest, "signature policy accepts the image: {how}");
     }

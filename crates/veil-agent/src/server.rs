@@ -197,15 +197,25 @@ async fn control(agent: Arc<Agent>, req: hyper::Request<Incoming>) -> hyper::Res
 async fn assign(agent: &Arc<Agent>, a: &Assignment) -> Result<AssignReply, (&'static str, String)> {
     tracing::info!(function = %a.function, image = %a.image, digest = %a.manifest_digest, "assigned");
     let t_attest = Instant::now();
-    let mut released = match &a.attestation {
-        Some(plan) => crate::attest::attest_and_fetch(&agent.mux, a, plan)
-            .await
-            .map_err(|e| ("ATTESTATION", e))?,
-        None => crate::attest::Released::default(),
+    // Signatures come from the node, not the broker: fetch them while attesting.
+    let (released, prefetched) = match &a.attestation {
+        Some(plan) if plan.signature_policy.is_some() => {
+            let (r, sigs) = tokio::join!(
+                crate::attest::attest_and_fetch(&agent.mux, a, plan),
+                crate::pull::fetch_signatures(&agent.mux, a)
+            );
+            (r, Some(sigs))
+        }
+        Some(plan) => (
+            crate::attest::attest_and_fetch(&agent.mux, a, plan).await,
+            None,
+        ),
+        None => (Ok(crate::attest::Released::default()), None),
     };
+    let mut released = released.map_err(|e| ("ATTESTATION", e))?;
     let secrets = std::mem::take(&mut released.secrets);
     let attest_ms = t_attest.elapsed().as_secs_f64() * 1000.0;
-    let pulled = crate::pull::pull(&agent.mux, a, &agent.rootfs, &mut released)
+    let pulled = crate::pull::pull(&agent.mux, a, &agent.rootfs, &mut released, prefetched)
         .await
         .map_err(|e| ("IMAGE_PULL", e.to_string()))?;
     let mut timings = pulled.timings;
