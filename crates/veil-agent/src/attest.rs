@@ -211,46 +211,62 @@ pub async fn attest_and_fetch(
         .attest(attester.as_ref(), &init_data)
         .await
         .map_err(|e| format!("attestation to the key broker failed: {e}"))?;
-    let mut out = Secrets::new();
-    for (env, path) in &plan.secrets {
-        let value = client
-            .get_resource(path)
-            .await
-            .map_err(|e| format!("secret {env} ({path}): {e}"))?;
-        let text = String::from_utf8(value.to_vec())
-            .map_err(|_| format!("secret {env} ({path}) is not UTF-8 text"))?;
-        if text.contains('\0') {
-            return Err(format!("secret {env} ({path}) contains a NUL byte"));
-        }
-        out.insert(env.clone(), Zeroizing::new(text));
-    }
+    // Everything is released over the one attested session; the fetches do not depend on each
+    // other (the policy's keys on the policy only), so they run concurrently.
+    let client_ref = &client;
+    let secrets = async {
+        let values = futures::future::join_all(plan.secrets.iter().map(|(env, path)| async move {
+            let value = client_ref
+                .get_resource(path)
+                .await
+                .map_err(|e| format!("secret {env} ({path}): {e}"))?;
+            let text = String::from_utf8(value.to_vec())
+                .map_err(|_| format!("secret {env} ({path}) is not UTF-8 text"))?;
+            if text.contains('\0') {
+                return Err(format!("secret {env} ({path}) contains a NUL byte"));
+            }
+            Ok::<_, String>((env.clone(), Zeroizing::new(text)))
+        }))
+        .await;
+        values.into_iter().collect::<Result<Secrets, String>>()
+    };
     // Image keys: a PEM private key (ocicrypt JWE recipients), or 32 raw bytes (a key-broker
     // key-encryption key, as Confidential Containers key-provider layers name them).
-    let mut keys = veil_image::crypt::KeyRing::new();
-    for path in &plan.image_keys {
-        let bytes = client
-            .get_resource(path)
-            .await
-            .map_err(|e| format!("image key {path}: {e}"))?;
-        if bytes.len() == KEK_LEN {
-            keys.add_kbs_key(format!("kbs:///{path}"), bytes.to_vec());
-            continue;
-        }
-        let pem = std::str::from_utf8(&bytes).map_err(|_| {
-            format!("image key {path} is neither PEM text nor a {KEK_LEN}-byte key")
-        })?;
-        let key = veil_image::crypt::PrivateKey::from_pem(pem)
-            .map_err(|e| format!("image key {path}: {e}"))?;
-        keys.add_private_key(key);
-    }
-    let policy = match &plan.signature_policy {
-        Some(path) => Some(
-            fetch_policy(&mut client, a, path)
+    let image_keys = async {
+        let fetched = futures::future::join_all(plan.image_keys.iter().map(|path| async move {
+            let bytes = client_ref
+                .get_resource(path)
                 .await
-                .map_err(|e| format!("image {}: {e}", a.image))?,
-        ),
-        None => None,
+                .map_err(|e| format!("image key {path}: {e}"))?;
+            Ok::<_, String>((path, bytes))
+        }))
+        .await;
+        let mut keys = veil_image::crypt::KeyRing::new();
+        for r in fetched {
+            let (path, bytes) = r?;
+            if bytes.len() == KEK_LEN {
+                keys.add_kbs_key(format!("kbs:///{path}"), bytes.to_vec());
+                continue;
+            }
+            let pem = std::str::from_utf8(&bytes).map_err(|_| {
+                format!("image key {path} is neither PEM text nor a {KEK_LEN}-byte key")
+            })?;
+            let key = veil_image::crypt::PrivateKey::from_pem(pem)
+                .map_err(|e| format!("image key {path}: {e}"))?;
+            keys.add_private_key(key);
+        }
+        Ok::<_, String>(keys)
     };
+    let policy = async {
+        match &plan.signature_policy {
+            Some(path) => fetch_policy(client_ref, a, path)
+                .await
+                .map(Some)
+                .map_err(|e| format!("image {}: {e}", a.image)),
+            None => Ok(None),
+        }
+    };
+    let (out, keys, policy) = futures::future::try_join3(secrets, image_keys, policy).await?;
     tracing::info!(
         function = %a.function,
         secrets = out.len(),
@@ -268,7 +284,7 @@ pub async fn attest_and_fetch(
 
 /// Fetch the signature policy and every public key it names for this image from the broker.
 async fn fetch_policy(
-    client: &mut KbsClient<MuxTransport>,
+    client: &KbsClient<MuxTransport>,
     a: &Assignment,
     path: &str,
 ) -> Result<ImagePolicy, String> {
@@ -282,21 +298,28 @@ async fn fetch_policy(
         .image
         .parse()
         .map_err(|e| format!("image reference {}: {e}", a.image))?;
-    let mut keys = BTreeMap::new();
+    let mut rpaths = Vec::new();
     for kp in policy.key_paths_for(&reference) {
-        let Some(rpath) = kp.strip_prefix("kbs:///") else {
+        let Some(rpath) = kp.strip_prefix("kbs:///").map(str::to_string) else {
             return Err(format!(
                 "signature policy {path}: keyPath {kp:?} is not a key-broker resource; inside \
                  the sandbox, keys come from the broker (kbs:///<repo>/<type>/<tag>), never \
                  from the host"
             ));
         };
+        rpaths.push((kp, rpath));
+    }
+    let fetched = futures::future::join_all(rpaths.into_iter().map(|(kp, rpath)| async move {
         let pem = client
-            .get_resource(rpath)
+            .get_resource(&rpath)
             .await
             .map_err(|e| format!("signature policy {path}: public key {kp}: {e}"))?;
-        keys.insert(kp, pem.to_vec());
-    }
+        Ok::<_, String>((kp, pem.to_vec()))
+    }))
+    .await;
+    let keys = fetched
+        .into_iter()
+        .collect::<Result<BTreeMap<String, Vec<u8>>, String>>()?;
     Ok(ImagePolicy {
         source: path.to_string(),
         policy,

@@ -141,8 +141,9 @@ impl<T: Transport> KbsClient<T> {
         self.token.as_deref()
     }
 
-    async fn send(
-        &mut self,
+    /// One exchange with the session's cookie and (if `bearer`) token; the reply as it came.
+    async fn exchange(
+        &self,
         method: http::Method,
         uri: &str,
         body: Vec<u8>,
@@ -163,7 +164,17 @@ impl<T: Transport> KbsClient<T> {
         let req = b
             .body(Bytes::from(body))
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let resp = self.transport.send(req).await?;
+        self.transport.send(req).await
+    }
+
+    async fn send(
+        &mut self,
+        method: http::Method,
+        uri: &str,
+        body: Vec<u8>,
+        bearer: bool,
+    ) -> Result<http::Response<Bytes>, ClientError> {
+        let resp = self.exchange(method, uri, body, bearer).await?;
         for v in resp.headers().get_all(http::header::SET_COOKIE) {
             if let Some(c) = v.to_str().ok().and_then(|s| s.split(';').next()) {
                 if let Some(id) = parse::session_cookie(c) {
@@ -238,20 +249,24 @@ impl<T: Transport> KbsClient<T> {
         Ok(token)
     }
 
-    /// Fetch `repo/type/tag` and decrypt it with the ephemeral key.
-    pub async fn get_resource(&mut self, path: &str) -> Result<Zeroizing<Vec<u8>>, ClientError> {
+    /// Fetch `repo/type/tag` and decrypt it with the ephemeral key. Takes `&self`, so several
+    /// resources can be fetched concurrently once attested.
+    pub async fn get_resource(&self, path: &str) -> Result<Zeroizing<Vec<u8>>, ClientError> {
         if self.key.is_none() {
             return Err(ClientError::NotAttested);
         }
         let p = parse::parse_resource_path(path).map_err(|e| ClientError::Protocol(e.detail))?;
         let resp = self
-            .send(
+            .exchange(
                 http::Method::GET,
                 &format!("/kbs/v0/resource/{p}"),
                 Vec::new(),
                 true,
             )
             .await?;
+        if !resp.status().is_success() {
+            return Err(refused(&resp));
+        }
         let key = self.key.as_ref().ok_or(ClientError::NotAttested)?;
         Ok(key.decrypt(resp.body())?)
     }
