@@ -287,23 +287,7 @@ async fn check_signatures(
         .parse()
         .map_err(|e: veil_image::Error| invalid("index", ix, e.to_string()))?;
     let bytes = get_json_blob(mux, a, "index", "manifests", &ix).await?;
-    // The index must select exactly this manifest for linux/amd64 (not merely list it: an
-    // index may also list other platforms, attestations or unrelated images).
-    let selected = match manifest::parse_manifest(&bytes, None)
-        .map_err(|e| invalid("index", ix.as_str(), e.to_string()))?
-    {
-        Manifest::Index(entries) => manifest::select_platform(&entries, "linux", "amd64")
-            .map(|d| d.digest)
-            .ok(),
-        Manifest::Image(_) => None,
-    };
-    if selected.as_ref() != Some(manifest_digest) {
-        return Err(invalid(
-            "index",
-            ix.as_str(),
-            format!("does not select the assigned manifest {manifest_digest} for linux/amd64"),
-        ));
-    }
+    index_selects(&bytes, manifest_digest).map_err(|e| invalid("index", ix.as_str(), e))?;
     evaluate(&ix)
         .map(|how| format!("{how} (signed index {ix})"))
         .map_err(|index_reason| {
@@ -338,21 +322,8 @@ pub async fn pull(
         .manifest_digest
         .parse()
         .map_err(|e: veil_image::Error| invalid("manifest", &a.manifest_digest, e.to_string()))?;
-    // A digest reference pins what the tenant deployed: the node must assign that digest (or
-    // a manifest the index with that digest selects).
-    if let Ok(r) = a.image.parse::<veil_image::Reference>() {
-        if let Some(pinned) = &r.digest {
-            let ok =
-                pinned == &manifest_digest || a.index_digest.as_deref() == Some(pinned.as_str());
-            if !ok {
-                return Err(invalid(
-                    "manifest",
-                    manifest_digest.as_str(),
-                    format!("the image reference pins {pinned}, not this manifest or its index"),
-                ));
-            }
-        }
-    }
+    pinned_digest_matches(&a.image, &manifest_digest, a.index_digest.as_deref())
+        .map_err(|e| invalid("manifest", manifest_digest.as_str(), e))?;
     let mbytes = get_json_blob(mux, a, "manifest", "manifests", &manifest_digest).await?;
     let image = match manifest::parse_manifest(&mbytes, None)
         .map_err(|e| invalid("manifest", manifest_digest.as_str(), e.to_string()))?
@@ -489,6 +460,94 @@ pub async fn pull(
     Ok(Pulled { config, timings })
 }
 
+/// A digest reference pins what the tenant deployed: the node must assign that digest, or a
+/// manifest of the index with that digest.
+fn pinned_digest_matches(
+    image: &str,
+    manifest_digest: &Digest,
+    index_digest: Option<&str>,
+) -> Result<(), String> {
+    let Ok(r) = image.parse::<veil_image::Reference>() else {
+        return Ok(());
+    };
+    match &r.digest {
+        Some(pinned) if pinned != manifest_digest && index_digest != Some(pinned.as_str()) => Err(
+            format!("the image reference pins {pinned}, not this manifest or its index"),
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// The index (already digest-checked) must select exactly `manifest_digest` for linux/amd64:
+/// listing it is not enough, since an index may also list other platforms, attestations or
+/// unrelated images that its signature was never meant to vouch for as this function.
+fn index_selects(index: &[u8], manifest_digest: &Digest) -> Result<(), String> {
+    let selected = match manifest::parse_manifest(index, None).map_err(|e| e.to_string())? {
+        Manifest::Index(entries) => manifest::select_platform(&entries, "linux", "amd64")
+            .map(|d| d.digest)
+            .ok(),
+        Manifest::Image(_) => None,
+    };
+    if selected.as_ref() == Some(manifest_digest) {
+        Ok(())
+    } else {
+        Err(format!(
+            "does not select the assigned manifest {manifest_digest} for linux/amd64"
+        ))
+    }
+}
+
 fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use veil_image::manifest::{index_json, Descriptor, Platform, OCI_MANIFEST};
+
+    fn d(n: u8) -> Digest {
+        Digest::sha256(&[n])
+    }
+
+    #[test]
+    fn a_digest_reference_pins_the_manifest_or_its_index() {
+        let m = d(1);
+        let ix = d(2);
+        let other = d(3);
+        assert!(pinned_digest_matches("reg.example/app:v1", &m, None).is_ok());
+        assert!(pinned_digest_matches(&format!("reg.example/app@{m}"), &m, None).is_ok());
+        assert!(
+            pinned_digest_matches(&format!("reg.example/app@{ix}"), &m, Some(ix.as_str())).is_ok()
+        );
+        // A node that assigns another manifest than the one the reference pins.
+        let e = pinned_digest_matches(&format!("reg.example/app@{other}"), &m, Some(ix.as_str()))
+            .unwrap_err();
+        assert!(e.contains(other.as_str()), "{e}");
+    }
+
+    fn entry(digest: Digest, arch: &str) -> Descriptor {
+        let mut e = Descriptor::new(OCI_MANIFEST, digest, 100);
+        e.platform = Some(Platform {
+            os: "linux".into(),
+            architecture: arch.into(),
+            variant: None,
+        });
+        e
+    }
+
+    #[test]
+    fn an_index_signature_covers_only_the_manifest_it_selects() {
+        let amd64 = d(1);
+        let arm64 = d(2);
+        let index = index_json(&[entry(amd64.clone(), "amd64"), entry(arm64.clone(), "arm64")]);
+        assert!(index_selects(&index, &amd64).is_ok());
+        // Listed, but not what the index selects for this platform.
+        let e = index_selects(&index, &arm64).unwrap_err();
+        assert!(e.contains("does not select"), "{e}");
+        // Not listed at all, or not an index.
+        assert!(index_selects(&index, &d(9)).is_err());
+        assert!(index_selects(b"{}", &amd64).is_err());
+        assert!(index_selects(b"not json", &amd64).is_err());
+    }
 }
