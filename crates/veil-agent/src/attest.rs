@@ -78,7 +78,7 @@ pub struct Released {
 }
 
 /// Length of a raw AES-256 key-encryption key (Confidential Containers key-provider layers).
-const KEK_LEN: usize = 32;
+const KEK_LEN: usize = veil_image::crypt::KBS_KEK_LEN;
 
 impl Released {
     /// Fetch the key-encryption key `kid` (`kbs:///<repo>/<type>/<tag>`, named by a layer's
@@ -87,7 +87,7 @@ impl Released {
         if self.keys.kbs_key(kid).is_some() {
             return Ok(());
         }
-        let Some(client) = self.session.as_mut() else {
+        let Some(client) = self.session.as_ref() else {
             return Err(format!(
                 "needs key {kid} from the key broker, but the deployment does not attest to one"
             ));
@@ -121,8 +121,9 @@ fn measure_self() -> Result<String, String> {
 /// Start the ahead-of-time work in the background: the software-TEE measurement (skipped where
 /// a hardware TEE exists) and the signature warm-up. Call once at startup.
 ///
-/// The warm-up the signature-verification code (the crypto backend initialises itself on
-/// first use), so that checking an image signature costs only the check on a cold start.
+/// The warm-up runs the signature-verification code once (the crypto backend initialises
+/// itself on first use), so that checking an image signature costs only the check on a cold
+/// start.
 pub fn precompute_software_measurement() {
     PRECOMPUTING.store(true, std::sync::atomic::Ordering::SeqCst);
     let software = veil_attest::detect().is_none();
@@ -153,9 +154,7 @@ static PRECOMPUTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBo
 /// sandbox is fully prepared before it is handed out.
 pub fn wait_ahead_of_time_work() {
     if PRECOMPUTING.load(std::sync::atomic::Ordering::SeqCst) {
-        while AHEAD_OF_TIME_DONE.get().is_none() {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        AHEAD_OF_TIME_DONE.wait();
     }
 }
 

@@ -86,6 +86,16 @@ pub struct Pulled {
     pub timings: PhaseTimings,
 }
 
+/// A [`PullError::Invalid`] for `a`'s image.
+fn invalid(a: &Assignment, what: &'static str, digest: &str, reason: String) -> PullError {
+    PullError::Invalid {
+        image: a.image.clone(),
+        what,
+        digest: digest.to_string(),
+        reason,
+    }
+}
+
 async fn get(
     mux: &MuxHandle,
     a: &Assignment,
@@ -149,12 +159,7 @@ async fn get_limited_blob(
     limit: usize,
 ) -> Result<Bytes, PullError> {
     let resp = get(mux, a, what, kind, digest.as_str()).await?;
-    let invalid = |reason: String| PullError::Invalid {
-        image: a.image.clone(),
-        what,
-        digest: digest.to_string(),
-        reason,
-    };
+    let invalid = |reason| invalid(a, what, digest.as_str(), reason);
     let body = read_body_limited(resp.into_body(), limit)
         .await
         .map_err(|e| {
@@ -171,20 +176,13 @@ async fn get_limited_blob(
     Ok(body)
 }
 
-/// Fetch the signatures the node offered for the assigned manifest (each signature manifest
-/// and payload checked against its digest) and check them against the tenant's policy.
 /// Fetch the signatures the node offered (each signature manifest and payload checked against
 /// its digest). Independent of attestation, so it runs while the agent attests.
 pub async fn fetch_signatures(
     mux: &MuxHandle,
     a: &Assignment,
 ) -> Result<Vec<signature::SigstoreSignature>, PullError> {
-    let invalid = |what: &'static str, digest: &str, reason: String| PullError::Invalid {
-        image: a.image.clone(),
-        what,
-        digest: digest.to_string(),
-        reason,
-    };
+    let invalid = |what, digest: &str, reason| invalid(a, what, digest, reason);
     let mut sigs = Vec::new();
     for sd in a.signatures.iter().take(signature::MAX_SIGNATURES) {
         let sd: Digest = sd
@@ -245,12 +243,7 @@ async fn check_signatures(
     policy: &ImagePolicy,
     sigs: Vec<signature::SigstoreSignature>,
 ) -> Result<String, PullError> {
-    let invalid = |what: &'static str, digest: &str, reason: String| PullError::Invalid {
-        image: a.image.clone(),
-        what,
-        digest: digest.to_string(),
-        reason,
-    };
+    let invalid = |what, digest: &str, reason| invalid(a, what, digest, reason);
     let reference: veil_image::Reference = a.image.parse().map_err(|e: veil_image::Error| {
         invalid("manifest", manifest_digest.as_str(), e.to_string())
     })?;
@@ -312,12 +305,7 @@ pub async fn pull(
 ) -> Result<Pulled, PullError> {
     let mut timings = PhaseTimings::default();
     let t0 = Instant::now();
-    let invalid = |what: &'static str, digest: &str, reason: String| PullError::Invalid {
-        image: a.image.clone(),
-        what,
-        digest: digest.to_string(),
-        reason,
-    };
+    let invalid = |what, digest: &str, reason| invalid(a, what, digest, reason);
     let manifest_digest: Digest = a
         .manifest_digest
         .parse()

@@ -188,7 +188,7 @@ pub async fn inspect(
         digests.push(resolved.top_digest.clone());
     }
     for d in &digests {
-        let (_, sigs) = fetch_signatures(client, target, d).await?;
+        let sigs = fetch_signatures(client, target, d).await?;
         if sigs.is_empty() {
             let _ = writeln!(out, "signatures of {d}: none");
         }
@@ -236,28 +236,36 @@ async fn fetch_blob(
     Ok(data)
 }
 
-/// The signatures stored for manifest `d` in `target`'s repository (the sigstore attachment
-/// tag), with the signature manifest itself. Nothing signed → `(None, [])`.
+/// The signature manifest stored for manifest `d` in `target`'s repository (the sigstore
+/// attachment tag), if the image is signed.
+async fn fetch_signature_manifest(
+    client: &RegistryClient,
+    target: &Reference,
+    d: &Digest,
+) -> Result<Option<ImageManifest>> {
+    let sig_ref = signature::signature_reference(target, d);
+    let fetched = match client.get_manifest(&sig_ref).await {
+        Ok(f) => f,
+        Err(veil_registry::Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("look up signatures of {target}")),
+    };
+    match manifest::parse_manifest(&fetched.bytes, Some(&fetched.media_type))
+        .with_context(|| format!("signature manifest {sig_ref}"))?
+    {
+        Manifest::Image(m) => Ok(Some(m)),
+        Manifest::Index(_) => bail!("signature manifest {sig_ref} is an index"),
+    }
+}
+
+/// The signatures stored for manifest `d` in `target`'s repository, each payload fetched and
+/// checked against its digest. Nothing signed → no signatures.
 pub async fn fetch_signatures(
     client: &RegistryClient,
     target: &Reference,
     d: &Digest,
-) -> Result<(Option<ImageManifest>, Vec<SigstoreSignature>)> {
-    let sig_ref = Reference {
-        tag: Some(signature::signature_tag(d)),
-        digest: None,
-        ..target.clone()
-    };
-    let fetched = match client.get_manifest(&sig_ref).await {
-        Ok(f) => f,
-        Err(veil_registry::Error::NotFound { .. }) => return Ok((None, Vec::new())),
-        Err(e) => return Err(e).with_context(|| format!("look up signatures of {target}")),
-    };
-    let m = match manifest::parse_manifest(&fetched.bytes, Some(&fetched.media_type))
-        .with_context(|| format!("signature manifest {sig_ref}"))?
-    {
-        Manifest::Image(m) => m,
-        Manifest::Index(_) => bail!("signature manifest {sig_ref} is an index"),
+) -> Result<Vec<SigstoreSignature>> {
+    let Some(m) = fetch_signature_manifest(client, target, d).await? else {
+        return Ok(Vec::new());
     };
     let mut sigs = Vec::new();
     for (desc, sig) in signature::signature_layers(&m) {
@@ -273,7 +281,7 @@ pub async fn fetch_signatures(
             signature: sig,
         });
     }
-    Ok((Some(m), sigs))
+    Ok(sigs)
 }
 
 /// Sign the manifest `target` resolves to at the top level (the index of a multi-platform
@@ -291,7 +299,9 @@ pub async fn sign_image(
         .with_context(|| format!("resolve {target}"))?;
     let d = resolved.top_digest;
     let sig = signature::sign(key, identity, &d)?;
-    let (existing, _) = fetch_signatures(client, target, &d).await?;
+    // The existing signatures' payloads are already in the registry; only the manifest is
+    // extended.
+    let existing = fetch_signature_manifest(client, target, &d).await?;
     let sm = SignatureManifest::with_signature(existing, &sig);
     for (bd, data) in &sm.blobs {
         client
@@ -299,11 +309,7 @@ pub async fn sign_image(
             .await
             .with_context(|| format!("push signature blob {bd} to {target}"))?;
     }
-    let sig_ref = Reference {
-        tag: Some(signature::signature_tag(&d)),
-        digest: None,
-        ..target.clone()
-    };
+    let sig_ref = signature::signature_reference(target, &d);
     let sd = client
         .push_manifest(
             &sig_ref,

@@ -103,7 +103,7 @@ pub use crate::manifest::{decrypted_layer_compression, decrypted_media_type, ENC
 
 mod coco;
 
-pub use coco::{CocoWrap, KbsResource};
+pub use coco::{CocoWrap, KbsResource, KBS_KEK_LEN};
 
 /// Annotation holding the JWE-wrapped private options.
 pub const ANNOTATION_KEYS_JWE: &str = "org.opencontainers.image.enc.keys.jwe";

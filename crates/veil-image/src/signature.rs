@@ -107,6 +107,16 @@ pub fn signature_tag(d: &Digest) -> String {
     format!("{}.sig", d.as_str().replacen(':', "-", 1))
 }
 
+/// Where the signatures of manifest `d` of `r`'s repository are stored: `r` with the tag
+/// [`signature_tag`]`(d)` and no digest.
+pub fn signature_reference(r: &Reference, d: &Digest) -> Reference {
+    Reference {
+        tag: Some(signature_tag(d)),
+        digest: None,
+        ..r.clone()
+    }
+}
+
 /// One signature found for an image: the payload bytes and the base64 signature over them.
 #[derive(Clone, PartialEq, Eq)]
 pub struct SigstoreSignature {

@@ -243,11 +243,7 @@ impl BlobCache {
                 _ => Vec::new(),
             };
         }
-        let sig_ref = Reference {
-            tag: Some(tag),
-            digest: None,
-            ..r.clone()
-        };
+        let sig_ref = veil_image::signature::signature_reference(r, d);
         match self.client.get_manifest(&sig_ref).await {
             Ok(f) => match self.store.put(&f.bytes, Some(&f.digest)) {
                 Ok(_) => vec![f.digest.to_string()],

@@ -27,7 +27,7 @@ use super::{
 use crate::Error;
 
 /// Length of a KBS key-encryption key (AES-256).
-pub(super) const KBS_KEK_LEN: usize = 32;
+pub const KBS_KEK_LEN: usize = 32;
 /// At most this many packets in one annotation (bounds the work hostile
 /// metadata can cause).
 const MAX_PACKETS: usize = 16;
