@@ -17,6 +17,11 @@ use crate::challenge::{parse_challenges, Challenge};
 use crate::config::RegistryConfig;
 use crate::error::Error;
 
+mod auth;
+mod blob;
+
+pub use blob::BlobStream;
+
 /// Largest manifest body accepted.
 pub const MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
 /// Largest token / error body read.
@@ -52,23 +57,6 @@ pub struct ResolvedImage {
     pub top_digest: Digest,
     /// The index itself, when the reference named one.
     pub index: Option<FetchedManifest>,
-}
-
-/// A blob download. The stream resumes transparently (with `Range`
-/// requests) if the connection breaks; the caller verifies the digest.
-pub struct BlobStream {
-    /// Size announced by the registry, if any.
-    pub size: Option<u64>,
-    /// The blob's bytes.
-    pub stream: BoxStream<'static, Result<Bytes, Error>>,
-}
-
-impl std::fmt::Debug for BlobStream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BlobStream")
-            .field("size", &self.size)
-            .finish_non_exhaustive()
-    }
 }
 
 /// A client for OCI distribution registries. Cheap to clone; clones share
@@ -367,6 +355,11 @@ impl RegistryClient {
         if config.timeout.is_zero() {
             return Err(Error::Config("timeout must be positive".into()));
         }
+        if config.manifest_deadline.is_zero() || config.blob_deadline_base.is_zero() {
+            return Err(Error::Config(
+                "manifest_deadline and blob_deadline_base must be positive".into(),
+            ));
+        }
         let http = reqwest::Client::builder()
             .connect_timeout(config.timeout)
             .read_timeout(config.timeout)
@@ -460,213 +453,6 @@ impl RegistryClient {
     fn url(&self, ep: &Endpoint, path: &str) -> Result<Url, Error> {
         let s = format!("{}{}", ep.base, path);
         Url::parse(&s).map_err(|e| Error::Config(format!("invalid URL {s}: {e}")))
-    }
-
-    // ---- authentication -------------------------------------------------
-
-    fn basic_header(user: &str, pass: &str) -> Option<HeaderValue> {
-        let mut v = HeaderValue::from_str(&format!(
-            "Basic {}",
-            base64_encode(&format!("{user}:{pass}"))
-        ))
-        .ok()?;
-        v.set_sensitive(true);
-        Some(v)
-    }
-
-    fn bearer_header(token: &str) -> Option<HeaderValue> {
-        let mut v = HeaderValue::from_str(&format!("Bearer {token}")).ok()?;
-        v.set_sensitive(true);
-        Some(v)
-    }
-
-    fn cached_token(&self, host: &str, scope: &str) -> Option<String> {
-        let tokens = self.inner.tokens.lock().ok()?;
-        tokens
-            .get(&(host.to_string(), scope.to_string()))
-            .filter(|t| t.expires > Instant::now())
-            .map(|t| t.token.clone())
-    }
-
-    fn forget_token(&self, host: &str, scope: &str) {
-        if let Ok(mut tokens) = self.inner.tokens.lock() {
-            tokens.remove(&(host.to_string(), scope.to_string()));
-        }
-    }
-
-    /// The `Authorization` header to send up front, based on what the host
-    /// asked for before (fetching a fresh token if needed).
-    async fn auth_header(&self, ep: &Endpoint, scope: &str) -> Result<Option<HeaderValue>, Error> {
-        let known = self
-            .inner
-            .schemes
-            .lock()
-            .ok()
-            .and_then(|s| s.get(&ep.host).cloned());
-        match known {
-            None => Ok(None),
-            Some(KnownAuth::Basic) => Ok(self
-                .credentials(ep)
-                .and_then(|(u, p)| Self::basic_header(u, p))),
-            Some(KnownAuth::Bearer { realm, service }) => {
-                if let Some(t) = self.cached_token(&ep.host, scope) {
-                    return Ok(Self::bearer_header(&t));
-                }
-                let token = self
-                    .fetch_token(ep, &realm, service.as_deref(), scope)
-                    .await?;
-                self.store_token(&ep.host, scope, &token);
-                Ok(Self::bearer_header(&token.token))
-            }
-        }
-    }
-
-    fn store_token(&self, host: &str, scope: &str, token: &CachedToken) {
-        if let Ok(mut tokens) = self.inner.tokens.lock() {
-            tokens.retain(|_, t| t.expires > Instant::now());
-            tokens.insert((host.to_string(), scope.to_string()), token.clone());
-        }
-    }
-
-    /// Answers a 401: learns the scheme and obtains a token if needed.
-    async fn authenticate(
-        &self,
-        ep: &Endpoint,
-        scope: &str,
-        challenges: &[Challenge],
-    ) -> Result<(), Error> {
-        let bearer = challenges.iter().find(|c| c.scheme == "bearer");
-        let basic = challenges.iter().find(|c| c.scheme == "basic");
-        if let Some(ch) = bearer {
-            let realm = ch.param("realm").ok_or_else(|| Error::Protocol {
-                registry: ep.registry.clone(),
-                detail: "bearer challenge without realm".into(),
-            })?;
-            let service = ch.param("service").map(str::to_string);
-            // Ask for what the registry said it wants, else for our scope.
-            let want = ch.param("scope").unwrap_or(scope);
-            let token = self
-                .fetch_token(ep, realm, service.as_deref(), want)
-                .await?;
-            self.store_token(&ep.host, scope, &token);
-            if let Ok(mut s) = self.inner.schemes.lock() {
-                s.insert(
-                    ep.host.clone(),
-                    KnownAuth::Bearer {
-                        realm: realm.to_string(),
-                        service,
-                    },
-                );
-            }
-            Ok(())
-        } else if basic.is_some() {
-            if self.credentials(ep).is_none() {
-                return Err(Error::Unauthorized {
-                    registry: ep.registry.clone(),
-                    detail: format!(
-                        "{} requires basic authentication and no credentials are configured for it",
-                        ep.host
-                    ),
-                });
-            }
-            if let Ok(mut s) = self.inner.schemes.lock() {
-                s.insert(ep.host.clone(), KnownAuth::Basic);
-            }
-            Ok(())
-        } else {
-            Err(Error::Unauthorized {
-                registry: ep.registry.clone(),
-                detail: format!(
-                    "{} answered 401 without a supported WWW-Authenticate challenge",
-                    ep.host
-                ),
-            })
-        }
-    }
-
-    async fn fetch_token(
-        &self,
-        ep: &Endpoint,
-        realm: &str,
-        service: Option<&str>,
-        scope: &str,
-    ) -> Result<CachedToken, Error> {
-        let mut url = Url::parse(realm).map_err(|e| Error::Protocol {
-            registry: ep.registry.clone(),
-            detail: format!("invalid token realm {realm:?}: {e}"),
-        })?;
-        {
-            let mut q = url.query_pairs_mut();
-            if let Some(s) = service {
-                q.append_pair("service", s);
-            }
-            for s in scope.split_whitespace() {
-                q.append_pair("scope", s);
-            }
-        }
-        debug!(url = %loggable(&url), "registry token request");
-        let mut rb = self.inner.http.get(url);
-        if let Some((u, p)) = self.credentials(ep) {
-            rb = rb.basic_auth(u, Some(p));
-        }
-        let what = format!("token for {scope}");
-        let resp = tokio::time::timeout(self.inner.config.timeout, rb.send())
-            .await
-            .map_err(|_| {
-                Error::Transport(format!(
-                    "token request for {} timed out after {:?}",
-                    ep.registry, self.inner.config.timeout
-                ))
-            })?
-            .map_err(|e| {
-                Error::Transport(format!(
-                    "token request for {}: {}",
-                    ep.registry,
-                    error_chain(&e.without_url())
-                ))
-            })?;
-        let status = resp.status();
-        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            return Err(Error::Unauthorized {
-                registry: ep.registry.clone(),
-                detail: format!(
-                    "token server refused {scope} (HTTP {}){}",
-                    status.as_u16(),
-                    if self.credentials(ep).is_some() {
-                        ": credentials rejected"
-                    } else {
-                        ": no credentials configured"
-                    }
-                ),
-            });
-        }
-        let resp = check(resp, ep, &what).await?;
-        let body = read_limited(resp, MAX_SMALL_BODY, &what).await?;
-        #[derive(serde::Deserialize)]
-        struct TokenResponse {
-            token: Option<String>,
-            access_token: Option<String>,
-            expires_in: Option<u64>,
-        }
-        let t: TokenResponse = serde_json::from_slice(&body).map_err(|e| Error::Protocol {
-            registry: ep.registry.clone(),
-            detail: format!("malformed token response: {e}"),
-        })?;
-        let token = t
-            .token
-            .filter(|t| !t.is_empty())
-            .or(t.access_token.filter(|t| !t.is_empty()))
-            .ok_or_else(|| Error::Protocol {
-                registry: ep.registry.clone(),
-                detail: "token response without token".into(),
-            })?;
-        let lifetime = t.expires_in.unwrap_or(DEFAULT_TOKEN_LIFETIME).max(1);
-        // Renew a little early so a token does not expire in flight.
-        let margin = if lifetime > 20 { 5 } else { 0 };
-        Ok(CachedToken {
-            token,
-            expires: Instant::now() + Duration::from_secs(lifetime - margin),
-        })
     }
 
     // ---- sending ----------------------------------------------------------
@@ -778,11 +564,21 @@ impl RegistryClient {
 
     /// `GET /v2/<repo>/manifests/<tag-or-digest>`; the digest is the sha256
     /// of the bytes and must match the reference's digest, if it has one.
-    /// Mirrors are tried first. Bodies are capped at [`MAX_MANIFEST_SIZE`].
+    /// Mirrors are tried first. Bodies are capped at [`MAX_MANIFEST_SIZE`]. Each endpoint's
+    /// attempt must complete within [`RegistryConfig::manifest_deadline`], else
+    /// [`Error::Deadline`].
     pub async fn get_manifest(&self, r: &Reference) -> Result<FetchedManifest, Error> {
         Self::not_local(r)?;
+        let limit = self.inner.config.manifest_deadline;
         self.on_endpoints(self.read_endpoints(r), |ep| async move {
-            self.get_manifest_at(&ep, r).await
+            tokio::time::timeout(limit, self.get_manifest_at(&ep, r))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::Deadline {
+                        what: format!("manifest {} from {}", display_ref(r), ep.host),
+                        limit,
+                    })
+                })
         })
         .await
     }
@@ -896,288 +692,6 @@ impl RegistryClient {
             .await?;
         check(resp, &ep, &what).await?;
         Ok(digest)
-    }
-
-    // ---- blobs ------------------------------------------------------------
-
-    fn blob_what(r: &Reference, digest: &Digest) -> String {
-        format!("blob {}/{}@{}", r.registry, r.repository, digest)
-    }
-
-    /// `HEAD /v2/<repo>/blobs/<digest>` on the registry itself (mirrors are
-    /// not consulted: this serves pushes).
-    pub async fn blob_exists(&self, r: &Reference, digest: &Digest) -> Result<bool, Error> {
-        self.blob_exists_as(r, digest, Access::Pull).await
-    }
-
-    async fn blob_exists_as(
-        &self,
-        r: &Reference,
-        digest: &Digest,
-        access: Access,
-    ) -> Result<bool, Error> {
-        Self::not_local(r)?;
-        let ep = self.registry_endpoint(r);
-        let what = Self::blob_what(r, digest);
-        let url = self.url(&ep, &format!("/v2/{}/blobs/{}", r.repository, digest))?;
-        let req = Req::new(Method::HEAD, url);
-        let resp = self
-            .send(&ep, &scope(&r.repository, access), &what, &req)
-            .await?;
-        if resp.status() == StatusCode::NOT_FOUND {
-            return Ok(false);
-        }
-        check(resp, &ep, &what).await?;
-        Ok(true)
-    }
-
-    /// Uploads a blob monolithically (`POST …/blobs/uploads/` then
-    /// `PUT <Location>?digest=…`), unless the registry already has it.
-    /// `data` must hash to `digest`.
-    pub async fn push_blob(
-        &self,
-        r: &Reference,
-        digest: &Digest,
-        data: Bytes,
-    ) -> Result<(), Error> {
-        let what = Self::blob_what(r, digest);
-        expect_digest(&what, Some(digest), &Digest::sha256(&data))?;
-        if self.blob_exists_as(r, digest, Access::Push).await? {
-            debug!(%digest, "blob already present, skipping upload");
-            return Ok(());
-        }
-        let ep = self.registry_endpoint(r);
-        let scope = scope(&r.repository, Access::Push);
-        let url = self.url(&ep, &format!("/v2/{}/blobs/uploads/", r.repository))?;
-        let mut req = Req::new(Method::POST, url);
-        req.body = Some(Bytes::new());
-        let resp = self.send(&ep, &scope, &what, &req).await?;
-        let resp = check(resp, &ep, &what).await?;
-        let location = resp
-            .headers()
-            .get(header::LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| Error::Protocol {
-                registry: ep.registry.clone(),
-                detail: format!("upload of {what} started without a Location header"),
-            })?;
-        let mut put_url = resp.url().join(location).map_err(|e| Error::Protocol {
-            registry: ep.registry.clone(),
-            detail: format!("invalid upload Location {location:?}: {e}"),
-        })?;
-        put_url
-            .query_pairs_mut()
-            .append_pair("digest", digest.as_str());
-        drop(resp);
-        let mut req = Req::new(Method::PUT, put_url);
-        req.headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/octet-stream"),
-        );
-        req.body = Some(data);
-        let resp = self.send(&ep, &scope, &what, &req).await?;
-        check(resp, &ep, &what).await?;
-        Ok(())
-    }
-
-    /// `GET /v2/<repo>/blobs/<digest>`, following redirects, as a stream.
-    /// Mirrors are tried first. A connection that breaks mid-body is resumed
-    /// with a `Range` request (at most 3 times) inside the stream. The
-    /// caller verifies the digest.
-    pub async fn get_blob(&self, r: &Reference, digest: &Digest) -> Result<BlobStream, Error> {
-        Self::not_local(r)?;
-        let what = Self::blob_what(r, digest);
-        let scope = scope(&r.repository, Access::Pull);
-        let path = format!("/v2/{}/blobs/{}", r.repository, digest);
-        let (ep, url, resp) = self
-            .on_endpoints(self.read_endpoints(r), |ep| {
-                let (what, scope, path) = (&what, &scope, &path);
-                async move {
-                    let url = self.url(&ep, path)?;
-                    let req = Req::new(Method::GET, url.clone());
-                    let resp = self.send(&ep, scope, what, &req).await?;
-                    let resp = check(resp, &ep, what).await?;
-                    Ok((ep, url, resp))
-                }
-            })
-            .await?;
-        let size = resp.content_length();
-        let download = BlobDownload {
-            client: self.clone(),
-            ep,
-            url,
-            scope,
-            what,
-            offset: 0,
-            size,
-            skip: 0,
-            body: Some(resp.bytes_stream().boxed()),
-            resumes: 0,
-            done: false,
-        };
-        Ok(BlobStream {
-            size,
-            stream: download.into_stream(),
-        })
-    }
-}
-
-/// State of a resumable blob download.
-struct BlobDownload {
-    client: RegistryClient,
-    ep: Endpoint,
-    url: Url,
-    scope: String,
-    what: String,
-    /// Bytes delivered so far.
-    offset: u64,
-    size: Option<u64>,
-    /// Bytes to drop from the current body (a server that ignored `Range`).
-    skip: u64,
-    body: Option<BoxStream<'static, reqwest::Result<Bytes>>>,
-    resumes: u32,
-    done: bool,
-}
-
-impl BlobDownload {
-    fn into_stream(self) -> BoxStream<'static, Result<Bytes, Error>> {
-        futures::stream::unfold(self, |mut st| async move {
-            if st.done {
-                return None;
-            }
-            match st.next_chunk().await {
-                Ok(Some(chunk)) => Some((Ok(chunk), st)),
-                Ok(None) => None,
-                Err(e) => {
-                    st.done = true;
-                    Some((Err(e), st))
-                }
-            }
-        })
-        .boxed()
-    }
-
-    async fn next_chunk(&mut self) -> Result<Option<Bytes>, Error> {
-        loop {
-            let Some(body) = self.body.as_mut() else {
-                self.reopen().await?;
-                continue;
-            };
-            match body.next().await {
-                Some(Ok(mut chunk)) => {
-                    if self.skip > 0 {
-                        let n = self.skip.min(chunk.len() as u64);
-                        chunk = chunk.slice(n as usize..);
-                        self.skip -= n;
-                    }
-                    if chunk.is_empty() {
-                        continue;
-                    }
-                    self.offset += chunk.len() as u64;
-                    if self.size.is_some_and(|s| self.offset > s) {
-                        return Err(Error::Protocol {
-                            registry: self.ep.registry.clone(),
-                            detail: format!("{} is longer than announced", self.what),
-                        });
-                    }
-                    return Ok(Some(chunk));
-                }
-                Some(Err(e)) => {
-                    self.body = None;
-                    self.note_break(format!(
-                        "reading {} at byte {}: {}",
-                        self.what,
-                        self.offset,
-                        error_chain(&e.without_url())
-                    ))?;
-                }
-                None => {
-                    self.body = None;
-                    match self.size {
-                        Some(s) if self.offset < s => {
-                            self.note_break(format!(
-                                "{} ended at byte {} of {s}",
-                                self.what, self.offset
-                            ))?;
-                        }
-                        _ => return Ok(None),
-                    }
-                }
-            }
-        }
-    }
-
-    /// Records a broken body; fails once the resumptions are used up.
-    fn note_break(&mut self, why: String) -> Result<(), Error> {
-        if self.resumes >= MAX_RETRIES {
-            return Err(Error::Transport(format!(
-                "{why} (gave up after {} resumptions)",
-                self.resumes
-            )));
-        }
-        self.resumes += 1;
-        debug!(reason = %why, attempt = self.resumes, "blob download broke, resuming");
-        Ok(())
-    }
-
-    /// Re-requests the rest of the blob with a `Range` header.
-    async fn reopen(&mut self) -> Result<(), Error> {
-        tokio::time::sleep(backoff(self.resumes) / 2).await;
-        let mut req = Req::new(Method::GET, self.url.clone());
-        if self.offset > 0 {
-            let range = HeaderValue::from_str(&format!("bytes={}-", self.offset))
-                .map_err(|e| Error::Config(e.to_string()))?;
-            req.headers.insert(header::RANGE, range);
-        }
-        let resp = match self
-            .client
-            .send(&self.ep, &self.scope, &self.what, &req)
-            .await
-        {
-            Ok(r) => r,
-            Err(e) if e.is_transport() => {
-                self.note_break(e.to_string())?;
-                return Ok(());
-            }
-            Err(e) => return Err(e),
-        };
-        let resp = check(resp, &self.ep, &self.what).await?;
-        if resp.status() == StatusCode::PARTIAL_CONTENT {
-            // `Content-Range: bytes <start>-<end>/<total>` must start where
-            // we are.
-            if let Some(cr) = resp
-                .headers()
-                .get(header::CONTENT_RANGE)
-                .and_then(|v| v.to_str().ok())
-            {
-                let start = cr
-                    .trim()
-                    .strip_prefix("bytes ")
-                    .and_then(|r| r.split('-').next())
-                    .and_then(|s| s.trim().parse::<u64>().ok());
-                if start != Some(self.offset) {
-                    return Err(Error::Protocol {
-                        registry: self.ep.registry.clone(),
-                        detail: format!(
-                            "resuming {} at byte {} got Content-Range {cr:?}",
-                            self.what, self.offset
-                        ),
-                    });
-                }
-                if self.size.is_none() {
-                    self.size = cr
-                        .rsplit('/')
-                        .next()
-                        .and_then(|t| t.trim().parse::<u64>().ok());
-                }
-            }
-            self.skip = 0;
-        } else {
-            // The server ignored the range and sends the whole blob again.
-            self.skip = self.offset;
-        }
-        self.body = Some(resp.bytes_stream().boxed());
-        Ok(())
     }
 }
 

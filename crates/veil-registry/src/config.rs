@@ -26,6 +26,20 @@ pub struct RegistryConfig {
     /// (also the limit for a stalled body read).
     #[serde(deserialize_with = "deserialize_secs")]
     pub timeout: Duration,
+    /// Overall deadline of one manifest fetch from one endpoint (mirror or registry), from
+    /// sending the request to the last byte, authentication and throttling retries included.
+    /// `timeout` alone bounds only a stalled read: a registry that trickles a byte every few
+    /// seconds would otherwise hold a deploy for ever. Seconds in the serialized form.
+    #[serde(deserialize_with = "deserialize_secs")]
+    pub manifest_deadline: Duration,
+    /// Base of a blob download's overall deadline: a download (resumptions included) must
+    /// finish within `blob_deadline_base + size / blob_min_bytes_per_sec`, where `size` is the
+    /// length the registry announced (without one, the base alone applies). Seconds in the
+    /// serialized form.
+    #[serde(deserialize_with = "deserialize_secs")]
+    pub blob_deadline_base: Duration,
+    /// The slowest transfer rate a blob download is given time for (bytes per second).
+    pub blob_min_bytes_per_sec: u64,
 }
 
 impl Default for RegistryConfig {
@@ -35,7 +49,22 @@ impl Default for RegistryConfig {
             credentials: HashMap::new(),
             mirrors: HashMap::new(),
             timeout: Duration::from_secs(30),
+            manifest_deadline: Duration::from_secs(30),
+            blob_deadline_base: Duration::from_secs(60),
+            blob_min_bytes_per_sec: 1 << 20,
         }
+    }
+}
+
+impl RegistryConfig {
+    /// The overall deadline of a blob download of `size` bytes (announced), see
+    /// [`RegistryConfig::blob_deadline_base`].
+    pub fn blob_deadline(&self, size: Option<u64>) -> Duration {
+        let rate = self.blob_min_bytes_per_sec.max(1);
+        let transfer = size
+            .map(|s| Duration::from_secs(s.div_ceil(rate)))
+            .unwrap_or_default();
+        self.blob_deadline_base.saturating_add(transfer)
     }
 }
 
@@ -52,6 +81,9 @@ impl fmt::Debug for RegistryConfig {
             .field("credentials (host, user)", &creds)
             .field("mirrors", &self.mirrors)
             .field("timeout", &self.timeout)
+            .field("manifest_deadline", &self.manifest_deadline)
+            .field("blob_deadline_base", &self.blob_deadline_base)
+            .field("blob_min_bytes_per_sec", &self.blob_min_bytes_per_sec)
             .finish()
     }
 }
@@ -140,6 +172,25 @@ mod tests {
         assert_eq!(cfg.timeout, Duration::from_secs(30));
         assert!(serde_json::from_str::<RegistryConfig>(r#"{"bogus": 1}"#).is_err());
         assert!(serde_json::from_str::<RegistryConfig>(r#"{"timeout": -1}"#).is_err());
+        let cfg: RegistryConfig = serde_json::from_str(
+            r#"{"manifest_deadline": 5, "blob_deadline_base": 10, "blob_min_bytes_per_sec": 1000}"#,
+        )
+        .expect("deadlines");
+        assert_eq!(cfg.manifest_deadline, Duration::from_secs(5));
+        assert_eq!(cfg.blob_deadline(None), Duration::from_secs(10));
+        assert_eq!(cfg.blob_deadline(Some(1)), Duration::from_secs(11));
+        assert_eq!(cfg.blob_deadline(Some(20_000)), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn default_blob_deadline_allows_a_slow_but_working_link() {
+        let cfg = RegistryConfig::default();
+        assert_eq!(cfg.manifest_deadline, Duration::from_secs(30));
+        // 1 GiB at the minimum rate of 1 MiB/s, plus the base.
+        assert_eq!(
+            cfg.blob_deadline(Some(1 << 30)),
+            Duration::from_secs(60 + 1024)
+        );
     }
 
     #[test]

@@ -47,6 +47,14 @@ pub enum Error {
         /// A short, lossy excerpt of the response body.
         body: String,
     },
+    /// A manifest or blob fetch did not complete within its overall deadline (see
+    /// [`crate::RegistryConfig::manifest_deadline`] and
+    /// [`crate::RegistryConfig::blob_deadline_base`]), however steadily bytes arrived.
+    #[error("{what} did not arrive within its deadline of {limit:?} (the registry is too slow or stalls)")]
+    Deadline {
+        what: String,
+        limit: std::time::Duration,
+    },
     /// Connection, TLS, timeout or body read failure.
     #[error("transport error: {0}")]
     Transport(String),

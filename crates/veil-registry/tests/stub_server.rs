@@ -374,3 +374,102 @@ async fn connection_refused_is_a_transport_error() {
     let err = client().get_manifest(&r).await.expect_err("refused");
     assert!(matches!(err, Error::Transport(_)), "{err}");
 }
+
+/// A server that answers every request with headers announcing `len` bytes, then sends one byte
+/// every `every` — each gap shorter than the client's idle timeout, so only an overall deadline
+/// ends it. `finished` turns true once a whole body was sent.
+async fn trickle_server(
+    len: usize,
+    every: Duration,
+) -> (String, Arc<std::sync::atomic::AtomicBool>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind trickle server");
+    let host = listener.local_addr().expect("addr").to_string();
+    let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = finished.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let done = done.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = sock.read(&mut buf).await;
+                let head = common::head(200, &[("Content-Type", OCI_MANIFEST)], len);
+                if sock.write_all(&head).await.is_err() {
+                    return;
+                }
+                for _ in 0..len {
+                    tokio::time::sleep(every).await;
+                    if sock.write_all(b" ").await.is_err() || sock.flush().await.is_err() {
+                        return;
+                    }
+                }
+                done.store(true, Ordering::SeqCst);
+            });
+        }
+    });
+    (host, finished)
+}
+
+fn deadline_client() -> RegistryClient {
+    client_with(RegistryConfig {
+        // Longer than the gaps between bytes: the idle timeout never fires.
+        timeout: Duration::from_secs(5),
+        manifest_deadline: Duration::from_secs(1),
+        blob_deadline_base: Duration::from_secs(1),
+        blob_min_bytes_per_sec: 1 << 30,
+        ..Default::default()
+    })
+}
+
+#[tokio::test]
+async fn a_trickling_registry_hits_the_manifest_deadline() {
+    // 100 bytes at one per 300 ms would take 30 s.
+    let (host, finished) = trickle_server(100, Duration::from_millis(300)).await;
+    let r: Reference = format!("{host}/app:v1").parse().expect("ref");
+    let err = deadline_client()
+        .get_manifest(&r)
+        .await
+        .expect_err("the deadline must end the fetch");
+    assert!(matches!(err, Error::Deadline { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("manifest") && msg.contains("app:v1") && msg.contains("deadline"),
+        "{msg}"
+    );
+    assert!(
+        !finished.load(Ordering::SeqCst),
+        "the trickle ended before the deadline fired"
+    );
+}
+
+#[tokio::test]
+async fn a_trickling_registry_hits_the_blob_deadline() {
+    let (host, finished) = trickle_server(100, Duration::from_millis(300)).await;
+    let r: Reference = format!("{host}/app:v1").parse().expect("ref");
+    let mut bs = deadline_client()
+        .get_blob(&r, &Digest::sha256(b"whatever"))
+        .await
+        .expect("headers arrive at once");
+    let mut got = 0usize;
+    let err = loop {
+        match bs.stream.next().await {
+            Some(Ok(c)) => got += c.len(),
+            Some(Err(e)) => break e,
+            None => panic!("the stream ended without an error after {got} bytes"),
+        }
+    };
+    assert!(matches!(err, Error::Deadline { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("blob") && msg.contains("deadline"), "{msg}");
+    assert!(got < 100, "the whole trickle arrived");
+    assert!(
+        !finished.load(Ordering::SeqCst),
+        "the trickle ended before the deadline fired"
+    );
+    assert!(
+        bs.stream.next().await.is_none(),
+        "the stream ends after the error"
+    );
+}
