@@ -70,10 +70,15 @@ fn mkdir(path: &Path) -> Result<(), Error> {
 
 /// Remove empty sandbox cgroups left under `parent` by a node that died without cleaning up.
 /// Only empty directories are removed (`rmdir` refuses others), so sandboxes of another live
-/// node sharing the parent are never touched; directories younger than a minute are left alone
-/// too (another node may have just created one and not yet moved its sandbox in). Returns how
-/// many were removed.
-pub fn remove_stale(layout: &Layout, parent: &str) -> usize {
+/// node sharing the parent are never touched. The cgroups of sandboxes named in `ours` (the
+/// sandboxes an earlier run of this very node left behind) go whatever their age; any other
+/// directory younger than a minute is left alone (another node may have just created it and
+/// not yet moved its sandbox in). Returns how many were removed.
+pub fn remove_stale(
+    layout: &Layout,
+    parent: &str,
+    ours: &std::collections::HashSet<String>,
+) -> usize {
     let parents: Vec<PathBuf> = match layout {
         Layout::V2(root) => vec![root.join(parent)],
         Layout::V1(root) => ["memory", "cpu", "pids"]
@@ -87,13 +92,14 @@ pub fn remove_stale(layout: &Layout, parent: &str) -> usize {
             continue;
         };
         for e in entries.flatten() {
+            let mine = e.file_name().to_str().is_some_and(|n| ours.contains(n));
             let old = e
                 .metadata()
                 .and_then(|m| m.modified())
                 .ok()
                 .and_then(|t| t.elapsed().ok())
                 .is_some_and(|age| age > std::time::Duration::from_secs(60));
-            if old && e.path().is_dir() && fs::remove_dir(e.path()).is_ok() {
+            if (mine || old) && e.path().is_dir() && fs::remove_dir(e.path()).is_ok() {
                 removed += 1;
             }
         }
@@ -300,5 +306,28 @@ mod tests {
         let _ = fs::remove_dir_all(&p);
         fs::create_dir_all(&p).unwrap();
         p
+    }
+}
+
+#[cfg(test)]
+mod stale_tests {
+    use super::*;
+
+    /// After a kill -9 and a quick restart, the node's own leftover cgroups go at once, however
+    /// young; a young one it does not know (another node's) stays; non-empty ones stay.
+    #[test]
+    fn own_leftovers_go_whatever_their_age() {
+        let root = tempfile::tempdir().unwrap();
+        let parent = root.path().join("veil");
+        for d in ["mine", "theirs", "busy/child"] {
+            fs::create_dir_all(parent.join(d)).unwrap();
+        }
+        let ours: std::collections::HashSet<String> =
+            ["mine".to_string(), "busy".to_string()].into();
+        let n = remove_stale(&Layout::V2(root.path().to_path_buf()), "veil", &ours);
+        assert_eq!(n, 1);
+        assert!(!parent.join("mine").exists());
+        assert!(parent.join("theirs").exists());
+        assert!(parent.join("busy").exists());
     }
 }

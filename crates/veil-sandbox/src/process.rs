@@ -54,16 +54,21 @@ impl ProcessBackend {
             id: "-".into(),
             source,
         })?;
-        let stale = cgroup::remove_stale(&layout, &config.cgroup_parent);
-        if stale > 0 {
-            tracing::info!(stale, "removed empty cgroups left by an earlier node");
-        }
         // Mount points of sandboxes of an earlier run of this state directory (empty on the
-        // host: the tmpfs lived only in the sandbox's mount namespace).
+        // host: the tmpfs lived only in the sandbox's mount namespace). Their names are the
+        // sandboxes that run left behind, so their cgroups are ours to remove at once.
+        let mut ours = std::collections::HashSet::new();
         if let Ok(entries) = std::fs::read_dir(&config.state_dir) {
             for e in entries.flatten() {
+                if let Some(n) = e.file_name().to_str() {
+                    ours.insert(n.to_string());
+                }
                 let _ = std::fs::remove_dir(e.path());
             }
+        }
+        let stale = cgroup::remove_stale(&layout, &config.cgroup_parent, &ours);
+        if stale > 0 {
+            tracing::info!(stale, "removed empty cgroups left by an earlier node");
         }
         tracing::info!(?layout, agent = %config.agent.display(), "namespace sandbox backend ready");
         Ok(Self { config, layout })
