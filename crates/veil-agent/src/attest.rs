@@ -174,11 +174,18 @@ fn attester(plan: &AttestationPlan, init_hash: &str) -> Result<Box<dyn Attester>
     tracing::warn!(
         "attesting with the INSECURE software TEE (development only): no hardware TEE here"
     );
+    let cred = plan.software_tee.as_ref().ok_or(
+        "the node gave this sandbox no software-TEE credential, so it cannot attest with the \
+         insecure software TEE",
+    )?;
     let measurement = SELF_MEASUREMENT.get_or_init(measure_self).clone()?;
-    Ok(Box::new(veil_attest::software::SoftwareAttester::new(
-        &measurement,
-        init_hash,
-    )))
+    let credential = veil_attest::software::Credential {
+        signing_key: cred.signing_key.clone(),
+        endorsement: cred.endorsement.clone(),
+    };
+    veil_attest::software::SoftwareAttester::new(&measurement, init_hash, &credential)
+        .map(|a| Box::new(a) as Box<dyn Attester>)
+        .map_err(|e| e.to_string())
 }
 
 /// Attest and fetch every secret of `plan`. Errors name the step and never a secret value.

@@ -25,9 +25,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or(1)
         .clamp(1, 256);
     let dir = tempfile::tempdir()?;
+    let host = std::sync::Arc::new(veil_attest::software::HostKey::generate());
     let mut cfg = KbsConfig::new(dir.path());
     cfg.allow_insecure_software_tee = true;
+    cfg.software_tee_hosts = vec![host.public_hex()];
     let kbs = Kbs::open(cfg)?;
+    kbs.set_reference_values(veil_kbs::SOFTWARE_TEE_TENANTS, &["bench".into()])?;
     kbs.set_resource("bench/key/image", &[7u8; 32])?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
@@ -43,8 +46,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let rounds = n / conc + usize::from(w < n % conc);
         let base = base.clone();
         let init = init.clone();
+        let host = host.clone();
         tasks.push(tokio::spawn(async move {
-            let attester = SoftwareAttester::new(&"ab".repeat(48), "");
+            let credential = host.endorse(
+                "bench",
+                "bench",
+                "f",
+                std::time::SystemTime::now(),
+                std::time::Duration::from_secs(3600),
+            );
+            let attester = SoftwareAttester::new(&"ab".repeat(48), "", &credential)
+                .map_err(|e| e.to_string())?;
             let mut lat = Vec::with_capacity(rounds);
             for _ in 0..rounds {
                 let t = Instant::now();

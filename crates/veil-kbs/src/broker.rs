@@ -20,6 +20,10 @@ pub struct KbsConfig {
     /// Let the policy accept the insecure software TEE (visible to it as
     /// `input.config.allow_insecure`). Development only.
     pub allow_insecure_software_tee: bool,
+    /// Host keys (Ed25519, hex) whose endorsements of software-TEE evidence this broker
+    /// accepts: the nodes whose sandboxes may use the software TEE. Software evidence not
+    /// endorsed by one of them is refused, so a local process cannot make it up.
+    pub software_tee_hosts: Vec<String>,
     /// Lifetime of attestation tokens.
     pub token_ttl: Duration,
     /// Lifetime of a challenge nonce.
@@ -34,6 +38,7 @@ impl KbsConfig {
         Self {
             state_dir: state_dir.into(),
             allow_insecure_software_tee: false,
+            software_tee_hosts: Vec::new(),
             token_ttl: Duration::from_secs(300),
             nonce_ttl: Duration::from_secs(60),
             session_ttl: Duration::from_secs(300),
@@ -66,14 +71,13 @@ fn register_hardware_verifiers(map: &mut HashMap<TeeKind, Arc<dyn Verifier>>) {
     map.insert(TeeKind::Tdx, Arc::new(veil_attest::tdx::TdxVerifier::new()));
 }
 
-fn default_verifiers() -> HashMap<TeeKind, Arc<dyn Verifier>> {
+fn default_verifiers(cfg: &KbsConfig) -> Result<HashMap<TeeKind, Arc<dyn Verifier>>> {
     let mut map: HashMap<TeeKind, Arc<dyn Verifier>> = HashMap::new();
-    map.insert(
-        TeeKind::Software,
-        Arc::new(veil_attest::software::SoftwareVerifier),
-    );
+    let software = veil_attest::software::SoftwareVerifier::trusting(&cfg.software_tee_hosts)
+        .map_err(|e| KbsError::InvalidValue(e.to_string()))?;
+    map.insert(TeeKind::Software, Arc::new(software));
     register_hardware_verifiers(&mut map);
-    map
+    Ok(map)
 }
 
 fn sample_attestation_input() -> serde_json::Value {
@@ -129,14 +133,23 @@ impl Kbs {
             Some(rego) => Policy::compile(&rego, sample_resource_input())?,
             None => Policy::compile(DEFAULT_RESOURCE_POLICY, sample_resource_input())?,
         };
-        let mut verifiers = default_verifiers();
+        let mut verifiers = default_verifiers(&cfg)?;
         for v in extra {
             verifiers.insert(v.tee(), v);
         }
         if cfg.allow_insecure_software_tee {
             tracing::warn!(
-                "this key broker accepts the INSECURE software TEE: anyone can obtain its resources"
+                hosts = cfg.software_tee_hosts.len(),
+                "this key broker accepts the INSECURE software TEE for tenants listed in the \
+                 reference value `{}`: {}",
+                crate::policy::SOFTWARE_TEE_TENANTS,
+                veil_attest::software::TRUSTS
             );
+            if cfg.software_tee_hosts.is_empty() {
+                tracing::warn!(
+                    "no software-TEE host key is trusted, so no software evidence can pass"
+                );
+            }
         }
         Ok(Arc::new(Kbs {
             sessions: session::Sessions::default(),

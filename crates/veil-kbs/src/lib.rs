@@ -16,7 +16,10 @@
 //! The admin API (`PUT` resources, reference values and policies; `GET` listings) requires a
 //! short-lived token signed with the admin key the broker creates at first start
 //! ([`admin_token`]). The insecure software TEE (`sample` on the wire) is refused by the default
-//! policy unless [`KbsConfig::allow_insecure_software_tee`] is set.
+//! policy unless [`KbsConfig::allow_insecure_software_tee`] is set, and even then only evidence
+//! endorsed by a trusted node ([`KbsConfig::software_tee_hosts`]) for the very tenant and
+//! function it asks for passes, and only for tenants listed in the reference value
+//! [`SOFTWARE_TEE_TENANTS`]. That trusts the host (see `veil_attest::software`).
 #![forbid(unsafe_code)]
 
 // The client side (used inside sandboxes) builds without the `server` feature, so the agent
@@ -52,7 +55,9 @@ pub use parse::{
     Assignment, MAX_BODY, PROTOCOL_VERSION,
 };
 #[cfg(feature = "server")]
-pub use policy::{Decision, DEFAULT_ATTESTATION_POLICY, DEFAULT_RESOURCE_POLICY};
+pub use policy::{
+    Decision, DEFAULT_ATTESTATION_POLICY, DEFAULT_RESOURCE_POLICY, SOFTWARE_TEE_TENANTS,
+};
 #[cfg(feature = "server")]
 #[doc(hidden)]
 pub use token::admin_token_at;

@@ -235,7 +235,7 @@ pub fn parse_attestation(body: &[u8]) -> Result<ParsedAttestation, ProtocolError
 /// Reference values that are names, not digests: the image reference a deployment names and
 /// the broker resource of its signature policy. They are kept as written (tags are
 /// case-sensitive).
-pub const NAME_REFERENCE_VALUES: [&str; 2] = ["image", "signature_policy"];
+pub const NAME_REFERENCE_VALUES: [&str; 3] = ["image", "signature_policy", "software_tee_tenants"];
 
 /// Parse a reference-value list for `name`: a JSON array of 1–256 values, each hex or
 /// `<alg>:<hex>` (at most 200 characters), returned lowercase; or, for the names in

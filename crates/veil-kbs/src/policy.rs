@@ -6,6 +6,9 @@
 
 use crate::error::{KbsError, Result};
 
+/// The reference value listing the tenants that opted in to the INSECURE software TEE.
+pub const SOFTWARE_TEE_TENANTS: &str = "software_tee_tenants";
+
 /// The default attestation policy. Input: `{"claims", "init_data", "reference_values",
 /// "config": {"allow_insecure"}}`.
 pub const DEFAULT_ATTESTATION_POLICY: &str = r#"package policy
@@ -19,6 +22,12 @@ allow if count(deny) == 0
 deny contains "software TEE is insecure and not allowed by this broker's policy" if {
 	input.claims.insecure
 	not input.config.allow_insecure
+}
+
+# Even where the broker allows it, a tenant must opt in to the software TEE.
+deny contains sprintf("tenant %v has not opted in to the INSECURE software TEE (reference value software_tee_tenants)", [object.get(input.init_data, "tenant", null)]) if {
+	input.claims.insecure
+	not object.get(input.init_data, "tenant", null) in object.get(input.reference_values, "software_tee_tenants", [])
 }
 
 deny contains "the guest was launched with debugging allowed: the host can read its memory" if {
@@ -174,19 +183,36 @@ mod tests {
     #[test]
     fn default_attestation_policy() {
         let p = Policy::compile(DEFAULT_ATTESTATION_POLICY, json!({})).unwrap();
-        let d = p.evaluate(att_input(true, false, "aa", json!({}))).unwrap();
+        let opted_in = json!({"software_tee_tenants": ["t"]});
+        let d = p
+            .evaluate(att_input(true, false, "aa", opted_in.clone()))
+            .unwrap();
         assert!(!d.allow);
         assert_eq!(
             d.reasons,
             vec!["software TEE is insecure and not allowed by this broker's policy"]
         );
         assert!(
-            p.evaluate(att_input(true, true, "aa", json!({})))
+            p.evaluate(att_input(true, true, "aa", opted_in.clone()))
                 .unwrap()
                 .allow
         );
+        // The broker allows the software TEE, but the tenant has not opted in.
+        for refs in [json!({}), json!({"software_tee_tenants": ["other"]})] {
+            let d = p.evaluate(att_input(true, true, "aa", refs)).unwrap();
+            assert!(!d.allow);
+            assert_eq!(
+                d.reasons,
+                vec!["tenant t has not opted in to the INSECURE software TEE (reference value software_tee_tenants)"]
+            );
+        }
         let d = p
-            .evaluate(att_input(true, true, "aa", json!({"measurement": ["bb"]})))
+            .evaluate(att_input(
+                true,
+                true,
+                "aa",
+                json!({"measurement": ["bb"], "software_tee_tenants": ["t"]}),
+            ))
             .unwrap();
         assert!(!d.allow);
         assert!(d.reasons[0].contains("measurement aa"), "{d:?}");
@@ -195,7 +221,7 @@ mod tests {
                 true,
                 true,
                 "aa",
-                json!({"measurement": ["bb", "aa"]})
+                json!({"measurement": ["bb", "aa"], "software_tee_tenants": ["t"]})
             ))
             .unwrap()
             .allow

@@ -198,6 +198,30 @@ async fn attest(State(kbs): Shared, headers: HeaderMap, body: Body) -> ApiResult
             ),
         ));
     }
+    // Software evidence is endorsed by the host for one tenant's function: it must be the one
+    // this session asks for (not a policy choice: without it any sandbox could ask as anyone).
+    if claims.insecure {
+        let a = &parsed.assignment;
+        match veil_attest::software::endorsed_for(&claims) {
+            Some((t, f)) if t == a.tenant && f == a.function => {}
+            Some((t, f)) => {
+                return Err(ProtocolError::unauthorized(
+                    "EndorsementMismatch",
+                    format!(
+                        "the host endorsed this INSECURE software-TEE sandbox for tenant {t:?}, \
+                         function {f:?}, not for tenant {:?}, function {:?}",
+                        a.tenant, a.function
+                    ),
+                ))
+            }
+            None => {
+                return Err(ProtocolError::unauthorized(
+                    "InvalidEvidence",
+                    "insecure evidence without a host endorsement",
+                ))
+            }
+        }
+    }
     let refs = kbs.store.reference_values().map_err(ProtocolError::from)?;
     let input = serde_json::json!({
         "claims": claims,

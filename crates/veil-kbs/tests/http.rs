@@ -5,7 +5,7 @@ use base64::Engine;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use veil_attest::software::SoftwareAttester;
+use veil_attest::software::{HostKey, SoftwareAttester};
 use veil_attest::{Attester, Claims, TeeKind, Verifier, REPORT_DATA_LEN};
 use veil_kbs::{binding, Kbs, KbsClient, KbsConfig, ReqwestTransport, TeeKeyPair};
 
@@ -21,8 +21,14 @@ struct Broker {
 async fn start_with(f: impl FnOnce(&mut KbsConfig), extra: Vec<Arc<dyn Verifier>>) -> Broker {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = KbsConfig::new(dir.path().join("state"));
+    cfg.software_tee_hosts = vec![host().public_hex()];
     f(&mut cfg);
     let kbs = Kbs::open_with_verifiers(cfg, extra).unwrap();
+    kbs.set_reference_values(
+        veil_kbs::SOFTWARE_TEE_TENANTS,
+        &["acme".into(), "other".into()],
+    )
+    .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let router = kbs.router();
@@ -45,8 +51,20 @@ fn assignment(tenant: &str) -> Value {
     json!({"tenant": tenant, "function": "hello", "image_digest": format!("sha256:{}", "ab".repeat(32))})
 }
 
+/// The node host key the test brokers trust for software-TEE endorsements.
+fn host() -> &'static HostKey {
+    static HOST: std::sync::OnceLock<HostKey> = std::sync::OnceLock::new();
+    HOST.get_or_init(HostKey::generate)
+}
+
+/// A software attester endorsed by `host` for `tenant`'s function `hello`.
+fn attester_by(host: &HostKey, tenant: &str) -> SoftwareAttester {
+    let c = host.endorse("sb-test", tenant, "hello", SystemTime::now(), Duration::from_secs(600));
+    SoftwareAttester::new(MEASUREMENT, "", &c).unwrap()
+}
+
 fn attester() -> SoftwareAttester {
-    SoftwareAttester::new(MEASUREMENT, "")
+    attester_by(host(), "acme")
 }
 
 impl Broker {
@@ -421,7 +439,7 @@ async fn policy_reason_is_passed_on() {
         "{err}"
     );
     b.client()
-        .attest(&attester(), &assignment("other"))
+        .attest(&attester_by(host(), "other"), &assignment("other"))
         .await
         .unwrap();
 }
@@ -632,7 +650,7 @@ async fn admin_endpoints_need_a_valid_admin_token() {
     assert_eq!(s, 200);
     assert_eq!(
         serde_json::from_slice::<Value>(&body).unwrap(),
-        json!({"measurement": [MEASUREMENT]})
+        json!({"measurement": [MEASUREMENT], "software_tee_tenants": ["acme", "other"]})
     );
     let r = b
         .http
@@ -737,4 +755,88 @@ async fn state_persists_across_restarts() {
             .mode();
         assert_eq!(mode & 0o777, 0o600, "{f}");
     }
+}
+
+/// The hole a hostile tester found: a plain local process with made-up software-TEE evidence
+/// got any tenant's resources. Now software evidence needs a trusted node's endorsement for the
+/// very tenant and function it asks for, and the tenant must have opted in.
+#[tokio::test]
+async fn made_up_software_evidence_gets_nothing() {
+    let b = start_insecure().await;
+    b.kbs.set_resource("acme/key/db", b"acme-secret").unwrap();
+
+    // Self-endorsed evidence from a process with its own "host" key.
+    let rogue = HostKey::generate();
+    let err = b
+        .client()
+        .attest(&attester_by(&rogue, "acme"), &assignment("acme"))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("not endorsed by a host this broker trusts"),
+        "{err}"
+    );
+
+    // The old unsigned shape, hand-built.
+    struct Unsigned;
+    impl Attester for Unsigned {
+        fn tee(&self) -> TeeKind {
+            TeeKind::Software
+        }
+        fn evidence(&self, rd: &[u8; REPORT_DATA_LEN]) -> Result<Value, veil_attest::Error> {
+            Ok(json!({"warning": veil_attest::software::WARNING, "measurement": MEASUREMENT,
+                "report_data": hex::encode(rd), "init_data": ""}))
+        }
+    }
+    let (cookie, nonce) = b.auth("sample").await;
+    let key = TeeKeyPair::generate().public_key();
+    let body = attestation_body(&nonce, &Unsigned, &key, &key, &assignment("acme"));
+    let (status, v) = b.post("/kbs/v0/attest", Some(&cookie), body).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(detail(&v).contains("missing field"), "{v}");
+
+    // A genuine endorsement for tenant acme, used to ask as tenant other.
+    let err = b
+        .client()
+        .attest(&attester_by(host(), "acme"), &assignment("other"))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("endorsed this INSECURE software-TEE sandbox for tenant \"acme\""),
+        "{err}"
+    );
+
+    // A genuine endorsement for the right tenant, but the tenant has not opted in.
+    b.kbs
+        .set_reference_values(veil_kbs::SOFTWARE_TEE_TENANTS, &["other".into()])
+        .unwrap();
+    let err = b
+        .client()
+        .attest(&attester(), &assignment("acme"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("has not opted in"), "{err}");
+}
+
+/// A broker that allows the software TEE but trusts no host key accepts no software evidence.
+#[tokio::test]
+async fn software_tee_without_trusted_hosts_accepts_nothing() {
+    let b = start_with(
+        |c| {
+            c.allow_insecure_software_tee = true;
+            c.software_tee_hosts.clear();
+        },
+        vec![],
+    )
+    .await;
+    let err = b
+        .client()
+        .attest(&attester(), &assignment("acme"))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("not endorsed by a host this broker trusts"),
+        "{err}"
+    );
 }

@@ -101,6 +101,32 @@ pub struct AttestationPlan {
     /// (its `keyPath`s name further broker resources: `kbs:///<repo>/<type>/<tag>`).
     #[serde(default)]
     pub signature_policy: Option<String>,
+    /// The host's credential for the INSECURE software TEE: a key for this sandbox and the
+    /// node's endorsement of it for this tenant and function. Only used where no SEV-SNP or
+    /// TDX device exists; without it the software TEE cannot attest.
+    #[serde(default)]
+    pub software_tee: Option<SoftwareTeeCredential>,
+}
+
+/// A sandbox's software-TEE credential, issued by the node at assignment (see
+/// `veil_attest::software`): what lets a broker tell the node's sandboxes from any local
+/// process. It trusts the host, like everything about the software TEE.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SoftwareTeeCredential {
+    /// The sandbox's Ed25519 signing key (hex seed). Never logged.
+    pub signing_key: String,
+    /// The node's endorsement of that key (`<payload>.<signature>`, base64url).
+    pub endorsement: String,
+}
+
+impl std::fmt::Debug for SoftwareTeeCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SoftwareTeeCredential")
+            .field("signing_key", &"<redacted>")
+            .field("endorsement", &self.endorsement)
+            .finish()
+    }
 }
 
 /// Timings of the phases of an assignment, in milliseconds, measured inside the sandbox.
