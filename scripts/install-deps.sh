@@ -12,6 +12,44 @@
 # The Rust toolchain (with cargo-nextest) is expected to be present already.
 # With the argument `build`, only what building veil needs (for `make demo`).
 set -euo pipefail
+
+# Print the URI of the apt source that serves this release's `main` component, read from the
+# machine's apt configuration (one-line .list files and deb822 .sources files).
+debian_mirror() {
+  python3 - <<'PY'
+import glob, re
+codename = ""
+for line in open("/etc/os-release"):
+    if line.startswith("VERSION_CODENAME="):
+        codename = line.split("=", 1)[1].strip().strip('"')
+files = ["/etc/apt/sources.list"] + sorted(glob.glob("/etc/apt/sources.list.d/*.list"))
+for f in files:
+    try:
+        lines = open(f).read().splitlines()
+    except OSError:
+        continue
+    for l in lines:
+        l = re.sub(r"\[[^]]*\]", " ", l.split("#", 1)[0]).split()
+        if len(l) >= 4 and l[0] == "deb" and l[2] == codename and "main" in l[3:]:
+            print(l[1]); raise SystemExit
+for f in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
+    try:
+        text = open(f).read()
+    except OSError:
+        continue
+    for para in re.split(r"\n\s*\n", text):
+        fields = {}
+        for l in para.splitlines():
+            if l.startswith("#") or ":" not in l:
+                continue
+            k, v = l.split(":", 1)
+            fields[k.strip().lower()] = v.split()
+        if (codename in fields.get("suites", []) and "main" in fields.get("components", [])
+                and "deb" in fields.get("types", []) and fields.get("enabled", ["yes"]) != ["no"]):
+            print(fields["uris"][0]); raise SystemExit
+PY
+}
+
 need=()
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 dpkg -s libssl-dev >/dev/null 2>&1 || need+=(libssl-dev)
@@ -32,7 +70,14 @@ if [ "${1:-}" != build ] && ! command -v cosign >/dev/null 2>&1; then
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
   mkdir -p "$tmp/lists/partial" "$tmp/cache/archives/partial"
-  echo "deb http://deb.debian.org/debian trixie main" >"$tmp/sources.list"
+  # The Debian archive this machine already uses (from its own apt sources), with trixie as
+  # the suite: no archive host name is written into this script.
+  mirror=$(debian_mirror)
+  if [ -z "$mirror" ]; then
+    echo "cannot find this machine's Debian archive in /etc/apt/sources.list{,.d/}" >&2
+    exit 1
+  fi
+  echo "deb $mirror trixie main" >"$tmp/sources.list"
   apt_opts=(-o Dir::Etc::SourceList="$tmp/sources.list" -o Dir::Etc::SourceParts=/dev/null
             -o Dir::State::Lists="$tmp/lists" -o Dir::Cache="$tmp/cache"
             -o APT::Sandbox::User=root)
