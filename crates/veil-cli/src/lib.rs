@@ -131,6 +131,7 @@ impl Platform {
                 cold_start_timeout: opts.cold_start_timeout,
                 state_dir: opts.state_dir.clone(),
                 default_kbs_url: kbs.as_ref().map(|_| format!("http://{addr}")),
+                local_store: veil_gateway::LocalStoreConfig::default(),
             },
         );
         let mut app = gateway.router();

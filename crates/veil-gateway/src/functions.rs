@@ -444,12 +444,7 @@ pub async fn deploy(gw: &Arc<Gateway>, name: &str, req: DeployRequest) -> Respon
     let image = match gw.node.resolve(&req.image).await {
         Ok(i) => i,
         Err(e) => {
-            let (status, code) = match &e {
-                NodeError::BadReference(_) => (StatusCode::BAD_REQUEST, "BAD_IMAGE_REFERENCE"),
-                NodeError::ImageNotFound(_) => (StatusCode::NOT_FOUND, "IMAGE_NOT_FOUND"),
-                NodeError::Image(_) => (StatusCode::UNPROCESSABLE_ENTITY, "BAD_IMAGE"),
-                _ => (StatusCode::BAD_GATEWAY, "REGISTRY_ERROR"),
-            };
+            let (status, code) = deploy_error_status(&e);
             tracing::warn!(function = name, image = %req.image, error = %e, "deploy failed");
             return api_error(status, code, e.to_string());
         }
@@ -799,6 +794,22 @@ pub fn spawn_autoscaler(gw: Weak<Gateway>) {
             }
         }
     });
+}
+
+/// The status and code of a deploy whose image did not resolve, by the error's kind (an
+/// upstream 404 is a 404, refused credentials a 403, a stalling registry a 504).
+pub(crate) fn deploy_error_status(e: &NodeError) -> (StatusCode, &'static str) {
+    use veil_node::ErrorKind;
+    match e.kind() {
+        ErrorKind::BadReference => (StatusCode::BAD_REQUEST, "BAD_IMAGE_REFERENCE"),
+        ErrorKind::NotFound => (StatusCode::NOT_FOUND, "IMAGE_NOT_FOUND"),
+        ErrorKind::BadImage => (StatusCode::UNPROCESSABLE_ENTITY, "BAD_IMAGE"),
+        ErrorKind::Unauthorized | ErrorKind::Denied => {
+            (StatusCode::FORBIDDEN, "IMAGE_ACCESS_DENIED")
+        }
+        ErrorKind::UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "REGISTRY_TIMEOUT"),
+        _ => (StatusCode::BAD_GATEWAY, "REGISTRY_ERROR"),
+    }
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ pub mod metrics;
 mod registry;
 
 pub use functions::{DeployRequest, FunctionRecord, FunctionStatus};
+pub use registry::LocalStoreConfig;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -42,6 +43,8 @@ pub struct GatewayConfig {
     pub state_dir: PathBuf,
     /// Key broker used by functions that name none (the embedded one in `veil up`).
     pub default_kbs_url: Option<String>,
+    /// Limits of the local store's uploads (blob size, expiry of abandoned uploads).
+    pub local_store: LocalStoreConfig,
 }
 
 /// JSON error body of every gateway error.

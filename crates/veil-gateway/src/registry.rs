@@ -1,30 +1,38 @@
 //! The local image store over the OCI distribution API (`/v2/`): `local/<repo>:<tag>` images
 //! pushed by `veil image push` (or any client that speaks the API) land in the node's blob
-//! store. Pull endpoints serve them back. Uploads stream to a temporary file and become visible
-//! only once their digest checks out.
+//! store. Pull endpoints serve them back.
+//!
+//! A blob or manifest is served only under a repository it was pushed to (or mounted into from
+//! a repository that holds it): the store records membership after verifying the bytes, so a
+//! digest alone proves nothing, and blobs the node cached from upstream registries for
+//! deployments are never served here at all. A manifest is accepted only if everything it
+//! names is already in its repository; a refused push writes nothing. Uploads are bounded in
+//! size, expire when abandoned and belong to the repository they were started in (see
+//! [`uploads`]).
+
+mod uploads;
+
+pub use uploads::{LocalStoreConfig, Uploads};
 
 use crate::Gateway;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, Method, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
-use futures::StreamExt;
 use http_body_util::BodyExt;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use tokio::io::AsyncWriteExt;
+use std::sync::Arc;
 use veil_image::manifest::{self, Manifest};
 use veil_image::{Digest, Reference};
-
-/// Uploads in progress: id → temporary file.
-#[derive(Default)]
-pub struct Uploads {
-    map: Mutex<HashMap<String, std::path::PathBuf>>,
-}
+use veil_node::store::Member;
+use veil_node::{ErrorKind, NodeError};
 
 const MAX_MANIFEST: usize = 4 << 20;
+/// Tags listed per page when the client does not say (`n`), and the most it may ask for.
+const MAX_TAGS_PAGE: usize = 1000;
 
 /// An error in the distribution API's JSON shape (`{"errors":[{"code","message"}]}`).
+#[derive(Debug)]
 pub struct RegError {
     status: StatusCode,
     code: &'static str,
@@ -51,6 +59,32 @@ fn reg_error(status: StatusCode, code: &'static str, message: impl Into<String>)
     }
 }
 
+/// A 401 in the distribution API's shape (the caller adds `WWW-Authenticate`).
+pub(crate) fn unauthorized(why: &str) -> Response {
+    reg_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", why).into_response()
+}
+
+/// A 403 in the distribution API's shape.
+pub(crate) fn denied(message: &str) -> Response {
+    reg_error(StatusCode::FORBIDDEN, "DENIED", message).into_response()
+}
+
+/// A store error as the distribution API reports it.
+fn store_error(e: &NodeError) -> RegError {
+    match e.kind() {
+        ErrorKind::BadReference => {
+            reg_error(StatusCode::BAD_REQUEST, "NAME_INVALID", e.to_string())
+        }
+        ErrorKind::Tampered => reg_error(StatusCode::BAD_REQUEST, "DIGEST_INVALID", e.to_string()),
+        ErrorKind::StoreFull => reg_error(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "BLOB_UPLOAD_INVALID",
+            e.to_string(),
+        ),
+        _ => reg_error(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", e.to_string()),
+    }
+}
+
 /// `GET /v2/`.
 pub async fn base() -> Response {
     let mut r = axum::Json(serde_json::json!({})).into_response();
@@ -61,11 +95,13 @@ pub async fn base() -> Response {
     r
 }
 
+#[derive(Debug, PartialEq, Eq)]
 enum Route {
     Manifest(String, String),
     Blob(String, String),
     StartUpload(String),
     Upload(String, String),
+    Tags(String),
 }
 
 fn parse(rest: &str) -> Option<Route> {
@@ -78,6 +114,9 @@ fn parse(rest: &str) -> Option<Route> {
     }
     if let Some(repo) = rest.strip_suffix("/blobs/uploads") {
         return Some(Route::StartUpload(repo.into()));
+    }
+    if let Some(repo) = rest.strip_suffix("/tags/list") {
+        return Some(Route::Tags(repo.into()));
     }
     if let Some((repo, d)) = rest.rsplit_once("/blobs/") {
         return Some(Route::Blob(repo.into(), d.into()));
@@ -120,13 +159,14 @@ pub async fn dispatch(
         (Route::Blob(repo, d), &Method::GET | &Method::HEAD) => {
             get_blob(&gw, &repo, &d, method == Method::HEAD).await
         }
-        (Route::StartUpload(repo), &Method::POST) => {
-            start_upload(&gw, &repo, q.get("digest"), req).await
-        }
-        (Route::Upload(repo, id), &Method::PATCH) => patch_upload(&gw, &repo, &id, req).await,
+        (Route::Tags(repo), &Method::GET) => list_tags(&gw, &repo, &q),
+        (Route::StartUpload(repo), &Method::POST) => uploads::start(&gw, &repo, &q, req).await,
+        (Route::Upload(repo, id), &Method::GET) => uploads::status(&gw, &repo, &id),
+        (Route::Upload(repo, id), &Method::PATCH) => uploads::patch(&gw, &repo, &id, req).await,
         (Route::Upload(repo, id), &Method::PUT) => {
-            finish_upload(&gw, &repo, &id, q.get("digest"), req).await
+            uploads::finish(&gw, &repo, &id, q.get("digest"), req).await
         }
+        (Route::Upload(repo, id), &Method::DELETE) => uploads::cancel(&gw, &repo, &id),
         _ => Err(reg_error(
             StatusCode::METHOD_NOT_ALLOWED,
             "UNSUPPORTED",
@@ -142,6 +182,14 @@ fn parse_digest(d: &str) -> Result<Digest, RegError> {
     })
 }
 
+fn manifest_unknown(repo: &str, r: &str) -> RegError {
+    reg_error(
+        StatusCode::NOT_FOUND,
+        "MANIFEST_UNKNOWN",
+        format!("manifest {r} is not in local/{repo} of the local image store"),
+    )
+}
+
 fn get_manifest(gw: &Gateway, repo: &str, r: &str, head: bool) -> Result<Response, RegError> {
     repo_ok(repo)?;
     let store = gw.node.cache().store();
@@ -150,39 +198,21 @@ fn get_manifest(gw: &Gateway, repo: &str, r: &str, head: bool) -> Result<Respons
     } else {
         store
             .get_tag(repo, r)
-            .map_err(|e| match e {
-                veil_node::NodeError::BadReference(m) => {
-                    reg_error(StatusCode::BAD_REQUEST, "TAG_INVALID", m)
+            .map_err(|e| match e.kind() {
+                ErrorKind::BadReference => {
+                    reg_error(StatusCode::BAD_REQUEST, "TAG_INVALID", e.to_string())
                 }
-                other => reg_error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "UNKNOWN",
-                    other.to_string(),
-                ),
+                _ => store_error(&e),
             })?
-            .ok_or_else(|| {
-                reg_error(
-                    StatusCode::NOT_FOUND,
-                    "MANIFEST_UNKNOWN",
-                    format!("local/{repo}:{r} is not in the local image store"),
-                )
-            })?
+            .ok_or_else(|| manifest_unknown(repo, r))?
     };
-    let bytes = store.read(&d).map_err(|_| {
-        reg_error(
-            StatusCode::NOT_FOUND,
-            "MANIFEST_UNKNOWN",
-            format!("manifest {d} is not in the local image store"),
-        )
-    })?;
-    let media = serde_json::from_slice::<serde_json::Value>(&bytes)
-        .ok()
-        .and_then(|v| {
-            v.get("mediaType")
-                .and_then(|m| m.as_str())
-                .map(String::from)
-        })
-        .unwrap_or_else(|| manifest::OCI_MANIFEST.to_string());
+    if !store.is_member(repo, Member::Manifest, &d) {
+        return Err(manifest_unknown(repo, d.as_str()));
+    }
+    let bytes = store
+        .read(&d)
+        .map_err(|_| manifest_unknown(repo, d.as_str()))?;
+    let media = media_type(&bytes);
     let len = bytes.len();
     let mut resp = if head {
         Response::new(Body::empty())
@@ -198,6 +228,21 @@ fn get_manifest(gw: &Gateway, repo: &str, r: &str, head: bool) -> Result<Respons
         h.insert("docker-content-digest", v);
     }
     Ok(resp)
+}
+
+/// A stored manifest's media type: its `mediaType`, else what its shape says.
+fn media_type(bytes: &[u8]) -> String {
+    let declared = serde_json::from_slice::<serde_json::Value>(bytes)
+        .ok()
+        .and_then(|v| {
+            v.get("mediaType")
+                .and_then(|m| m.as_str())
+                .map(String::from)
+        });
+    declared.unwrap_or_else(|| match manifest::parse_manifest(bytes, None) {
+        Ok(Manifest::Index(_)) => manifest::OCI_INDEX.to_string(),
+        _ => manifest::OCI_MANIFEST.to_string(),
+    })
 }
 
 async fn read_limited(req: Request<Body>, limit: usize) -> Result<bytes::Bytes, RegError> {
@@ -221,38 +266,48 @@ async fn put_manifest(
     req: Request<Body>,
 ) -> Result<Response, RegError> {
     repo_ok(repo)?;
+    // Everything is checked before anything is written: a refused push stores nothing.
+    let expected = if r.contains(':') {
+        Some(parse_digest(r)?)
+    } else {
+        format!("local/{repo}:{r}")
+            .parse::<Reference>()
+            .map_err(|e| reg_error(StatusCode::BAD_REQUEST, "TAG_INVALID", e.to_string()))?;
+        None
+    };
     let bytes = read_limited(req, MAX_MANIFEST).await?;
     let parsed = manifest::parse_manifest(&bytes, None)
         .map_err(|e| reg_error(StatusCode::BAD_REQUEST, "MANIFEST_INVALID", e.to_string()))?;
     let store = gw.node.cache().store();
-    let needed: Vec<Digest> = match &parsed {
+    let needed: Vec<(Member, Digest)> = match &parsed {
         Manifest::Image(m) => std::iter::once(m.config.digest.clone())
             .chain(m.layers.iter().map(|l| l.digest.clone()))
+            .map(|d| (Member::Blob, d))
             .collect(),
-        Manifest::Index(entries) => entries.iter().map(|e| e.digest.clone()).collect(),
+        Manifest::Index(entries) => entries
+            .iter()
+            .map(|e| (Member::Manifest, e.digest.clone()))
+            .collect(),
     };
-    if let Some(missing) = needed.iter().find(|d| !store.contains(d)) {
+    if let Some((member, missing)) = needed
+        .iter()
+        .find(|(member, d)| !store.is_member(repo, *member, d))
+    {
+        let what = match member {
+            Member::Blob => "blob",
+            Member::Manifest => "manifest",
+        };
         return Err(reg_error(
             StatusCode::BAD_REQUEST,
             "MANIFEST_BLOB_UNKNOWN",
-            format!("blob {missing} must be pushed before the manifest"),
+            format!("{what} {missing} must be pushed to local/{repo} before the manifest"),
         ));
     }
-    let expected = if r.contains(':') {
-        Some(parse_digest(r)?)
-    } else {
-        None
-    };
     let d = store
-        .put(&bytes, expected.as_ref())
-        .map_err(|e| reg_error(StatusCode::BAD_REQUEST, "DIGEST_INVALID", e.to_string()))?;
+        .put_manifest(repo, &bytes, expected.as_ref())
+        .map_err(|e| store_error(&e))?;
     if expected.is_none() {
-        format!("local/{repo}:{r}")
-            .parse::<Reference>()
-            .map_err(|e| reg_error(StatusCode::BAD_REQUEST, "TAG_INVALID", e.to_string()))?;
-        store
-            .set_tag(repo, r, &d)
-            .map_err(|e| reg_error(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", e.to_string()))?;
+        store.set_tag(repo, r, &d).map_err(|e| store_error(&e))?;
     }
     tracing::info!(repository = repo, reference = r, digest = %d, "manifest pushed to the local store");
     let mut resp = StatusCode::CREATED.into_response();
@@ -268,19 +323,25 @@ async fn put_manifest(
 async fn get_blob(gw: &Gateway, repo: &str, d: &str, head: bool) -> Result<Response, RegError> {
     repo_ok(repo)?;
     let d = parse_digest(d)?;
-    let path = gw.node.cache().store().path(&d);
-    let file = tokio::fs::File::open(&path).await.map_err(|_| {
+    let store = gw.node.cache().store();
+    let unknown = || {
         reg_error(
             StatusCode::NOT_FOUND,
             "BLOB_UNKNOWN",
-            format!("blob {d} is not in the local image store"),
+            format!("blob {d} is not in local/{repo} of the local image store"),
         )
-    })?;
+    };
+    if !(store.is_member(repo, Member::Blob, &d) || store.is_member(repo, Member::Manifest, &d)) {
+        return Err(unknown());
+    }
+    let file = tokio::fs::File::open(store.path(&d))
+        .await
+        .map_err(|_| unknown())?;
     let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
     let mut resp = if head {
         Response::new(Body::empty())
     } else {
-        Response::new(Body::from_stream(tokio_util_stream(file)))
+        Response::new(Body::from_stream(file_stream(file)))
     };
     resp.headers_mut()
         .insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
@@ -290,7 +351,7 @@ async fn get_blob(gw: &Gateway, repo: &str, d: &str, head: bool) -> Result<Respo
     Ok(resp)
 }
 
-fn tokio_util_stream(
+fn file_stream(
     file: tokio::fs::File,
 ) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> {
     futures::stream::unfold(file, |mut f| async move {
@@ -307,130 +368,123 @@ fn tokio_util_stream(
     })
 }
 
-async fn append(path: &std::path::Path, req: Request<Body>) -> Result<u64, RegError> {
-    let mut f = tokio::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .await
-        .map_err(|e| reg_error(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", e.to_string()))?;
-    let mut stream = req.into_body().into_data_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| {
+/// One page of a tag listing: at most `n` of the sorted `tags` after `last`, and the `last`
+/// of the next page if more remain.
+fn tags_page<'a>(
+    tags: &'a [String],
+    n: Option<usize>,
+    last: Option<&str>,
+) -> (&'a [String], Option<&'a str>) {
+    let start = match last {
+        Some(l) => tags.partition_point(|t| t.as_str() <= l),
+        None => 0,
+    };
+    let rest = &tags[start..];
+    let n = n.unwrap_or(MAX_TAGS_PAGE).min(MAX_TAGS_PAGE);
+    if rest.len() > n {
+        let page = &rest[..n];
+        (page, page.last().map(String::as_str).filter(|_| n > 0))
+    } else {
+        (rest, None)
+    }
+}
+
+/// `GET /v2/<name>/tags/list[?n=<n>&last=<tag>]`: the repository's tags in lexical order,
+/// paginated as the distribution spec says (a `Link: <…>; rel="next"` header when more
+/// remain).
+fn list_tags(gw: &Gateway, repo: &str, q: &HashMap<String, String>) -> Result<Response, RegError> {
+    repo_ok(repo)?;
+    let n = match q.get("n") {
+        Some(s) => Some(s.parse::<usize>().map_err(|_| {
             reg_error(
                 StatusCode::BAD_REQUEST,
-                "BLOB_UPLOAD_INVALID",
-                e.to_string(),
+                "PAGINATION_NUMBER_INVALID",
+                format!("n={s:?} is not a number"),
             )
-        })?;
-        f.write_all(&chunk)
-            .await
-            .map_err(|e| reg_error(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", e.to_string()))?;
-    }
-    f.flush()
-        .await
-        .map_err(|e| reg_error(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", e.to_string()))?;
-    let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
-    Ok(len)
-}
-
-async fn commit(gw: &Gateway, path: std::path::PathBuf, d: &Digest) -> Result<Response, RegError> {
-    let store = gw.node.cache().store().clone();
-    let d2 = d.clone();
-    tokio::task::spawn_blocking(move || store.import_file(&path, &d2))
-        .await
-        .map_err(|e| reg_error(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", e.to_string()))?
-        .map_err(|e| reg_error(StatusCode::BAD_REQUEST, "DIGEST_INVALID", e.to_string()))?;
-    let mut resp = StatusCode::CREATED.into_response();
-    if let Ok(v) = HeaderValue::from_str(d.as_str()) {
-        resp.headers_mut().insert("docker-content-digest", v);
-    }
-    Ok(resp)
-}
-
-async fn start_upload(
-    gw: &Gateway,
-    repo: &str,
-    digest: Option<&String>,
-    req: Request<Body>,
-) -> Result<Response, RegError> {
-    repo_ok(repo)?;
-    let path = gw.node.cache().store().temp_path();
-    if let Some(d) = digest {
-        // Monolithic upload in one POST.
-        let d = parse_digest(d)?;
-        append(&path, req).await?;
-        return commit(gw, path, &d).await;
-    }
-    let id = format!("{:032x}", rand::random::<u128>());
-    gw.uploads
-        .map
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(id.clone(), path);
-    let mut resp = StatusCode::ACCEPTED.into_response();
-    if let Ok(v) = HeaderValue::from_str(&format!("/v2/{repo}/blobs/uploads/{id}")) {
-        resp.headers_mut().insert(http::header::LOCATION, v);
-    }
-    resp.headers_mut()
-        .insert("range", HeaderValue::from_static("0-0"));
-    Ok(resp)
-}
-
-fn upload_path(gw: &Gateway, id: &str) -> Result<std::path::PathBuf, RegError> {
-    gw.uploads
-        .map
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(id)
-        .cloned()
+        })?),
+        None => None,
+    };
+    let tags = gw
+        .node
+        .cache()
+        .store()
+        .tags(repo)
+        .map_err(|e| store_error(&e))?
         .ok_or_else(|| {
             reg_error(
                 StatusCode::NOT_FOUND,
-                "BLOB_UPLOAD_UNKNOWN",
-                format!("no upload {id}"),
+                "NAME_UNKNOWN",
+                format!("repository local/{repo} is not in the local image store"),
             )
-        })
-}
-
-async fn patch_upload(
-    gw: &Gateway,
-    repo: &str,
-    id: &str,
-    req: Request<Body>,
-) -> Result<Response, RegError> {
-    let path = upload_path(gw, id)?;
-    let len = append(&path, req).await?;
-    let mut resp = StatusCode::ACCEPTED.into_response();
-    if let Ok(v) = HeaderValue::from_str(&format!("/v2/{repo}/blobs/uploads/{id}")) {
-        resp.headers_mut().insert(http::header::LOCATION, v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&format!("0-{}", len.saturating_sub(1))) {
-        resp.headers_mut().insert("range", v);
+        })?;
+    let (page, next) = tags_page(&tags, n, q.get("last").map(String::as_str));
+    let mut resp = axum::Json(serde_json::json!({ "name": repo, "tags": page })).into_response();
+    if let Some(last) = next {
+        let n = n.unwrap_or(MAX_TAGS_PAGE).min(MAX_TAGS_PAGE);
+        // Tags are [A-Za-z0-9_.-]: nothing to escape in the query.
+        let link = format!("</v2/{repo}/tags/list?n={n}&last={last}>; rel=\"next\"");
+        if let Ok(v) = HeaderValue::from_str(&link) {
+            resp.headers_mut().insert(http::header::LINK, v);
+        }
     }
     Ok(resp)
 }
 
-async fn finish_upload(
-    gw: &Gateway,
-    _repo: &str,
-    id: &str,
-    digest: Option<&String>,
-    req: Request<Body>,
-) -> Result<Response, RegError> {
-    let path = upload_path(gw, id)?;
-    let d = parse_digest(digest.ok_or_else(|| {
-        reg_error(
-            StatusCode::BAD_REQUEST,
-            "DIGEST_INVALID",
-            "the digest query parameter is required",
-        )
-    })?)?;
-    append(&path, req).await?;
-    gw.uploads
-        .map
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(id);
-    commit(gw, path, &d).await
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert_eq!(parse("a/b/tags/list"), Some(Route::Tags("a/b".into())));
+        assert_eq!(
+            parse("a/blobs/uploads/"),
+            Some(Route::StartUpload("a".into()))
+        );
+        assert_eq!(
+            parse("a/blobs/uploads/x1"),
+            Some(Route::Upload("a".into(), "x1".into()))
+        );
+        assert_eq!(
+            parse("a/b/blobs/sha256:00"),
+            Some(Route::Blob("a/b".into(), "sha256:00".into()))
+        );
+        assert_eq!(
+            parse("a/manifests/v1"),
+            Some(Route::Manifest("a".into(), "v1".into()))
+        );
+        assert_eq!(parse("a/other"), None);
+    }
+
+    #[test]
+    fn tag_pages() {
+        let tags: Vec<String> = ["a", "b", "c", "d", "e"].map(String::from).to_vec();
+        let page = |n, last| {
+            let (p, next) = tags_page(&tags, n, last);
+            (p.to_vec(), next.map(String::from))
+        };
+        assert_eq!(page(None, None), (tags.clone(), None));
+        assert_eq!(
+            page(Some(2), None),
+            (vec!["a".into(), "b".into()], Some("b".into()))
+        );
+        assert_eq!(
+            page(Some(2), Some("b")),
+            (vec!["c".into(), "d".into()], Some("d".into()))
+        );
+        assert_eq!(page(Some(2), Some("d")), (vec!["e".into()], None));
+        // `last` need not be a tag; exactly n remaining means no next page.
+        assert_eq!(
+            page(Some(2), Some("bb")),
+            (vec!["c".into(), "d".into()], Some("d".into()))
+        );
+        assert_eq!(page(Some(5), None), (tags.clone(), None));
+        assert_eq!(page(Some(3), Some("z")), (vec![], None));
+        assert_eq!(page(Some(0), None), (vec![], None));
+    }
+}
+
+/// 404 in the distribution API's error shape: to this token, the repository does not exist.
+pub(crate) fn unknown_repository(why: &str) -> Response {
+    reg_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN", why.to_string()).into_response()
 }

@@ -2,11 +2,12 @@
 //! fetched from upstream on a miss, verified before they become visible, and fetched once no
 //! matter how many sandboxes ask at the same time.
 
-use crate::store::BlobStore;
+use crate::store::{BlobStore, Member};
 use crate::NodeError;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::StreamExt;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use veil_image::manifest::{self, Manifest};
 use veil_image::{Digest, Reference};
@@ -62,7 +63,34 @@ pub struct BlobCache {
     in_use: Mutex<Option<InUse>>,
     /// Blobs held by cold starts in progress (count per digest).
     held: Arc<Mutex<HashMap<Digest, usize>>>,
+    /// Bytes reserved by uploads in progress to the local store (they count against `limit`).
+    uploading: Arc<AtomicU64>,
 }
+
+/// Space an upload in progress holds against the cache's size bound (see
+/// [`BlobCache::grow_upload`]); given back when dropped (the upload finished or was abandoned).
+#[derive(Debug)]
+pub struct UploadReservation {
+    uploading: Arc<AtomicU64>,
+    reserved: u64,
+    used: u64,
+}
+
+impl UploadReservation {
+    /// Bytes the upload has written so far.
+    pub fn used(&self) -> u64 {
+        self.used
+    }
+}
+
+impl Drop for UploadReservation {
+    fn drop(&mut self) {
+        self.uploading.fetch_sub(self.reserved, Ordering::SeqCst);
+    }
+}
+
+/// Uploads reserve space in steps of this size (each step may evict upstream blobs).
+const UPLOAD_STEP: u64 = 8 << 20;
 
 /// Keeps blobs from eviction while it lives (see [`BlobCache::hold`]).
 pub struct Hold {
@@ -97,7 +125,52 @@ impl BlobCache {
             client,
             inflight: Mutex::new(HashMap::new()),
             upstream_fetches: Default::default(),
+            uploading: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// A reservation for a new upload to the local store, holding nothing yet.
+    pub fn reserve_upload(&self) -> UploadReservation {
+        UploadReservation {
+            uploading: self.uploading.clone(),
+            reserved: 0,
+            used: 0,
+        }
+    }
+
+    /// Account `n` more bytes of the upload holding `r`. Uploads in progress and upstream blobs
+    /// share the size bound: room is made by evicting least recently used upstream blobs, and
+    /// if uploads in progress alone would exceed the bound the bytes are refused with
+    /// [`NodeError::StoreFull`] (the reservation is unchanged; the caller drops the upload).
+    pub fn grow_upload(&self, r: &mut UploadReservation, n: u64) -> Result<(), NodeError> {
+        let used = r.used.saturating_add(n);
+        if used > r.reserved {
+            let need = used - r.reserved;
+            let limit = self.limit;
+            let take = |amount: u64| {
+                self.uploading
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |cur| {
+                        cur.checked_add(amount).filter(|t| *t <= limit)
+                    })
+                    .map(|_| amount)
+            };
+            // A whole step if it fits, else just what this write needs.
+            let got = take(need.max(UPLOAD_STEP))
+                .or_else(|_| take(need))
+                .map_err(|_| NodeError::StoreFull {
+                    needed: need,
+                    limit,
+                })?;
+            r.reserved += got;
+            self.evict();
+        }
+        r.used = used;
+        Ok(())
+    }
+
+    /// Bytes reserved by uploads in progress.
+    pub fn uploading_bytes(&self) -> u64 {
+        self.uploading.load(Ordering::SeqCst)
     }
 
     /// Tell the cache which blobs are in use (never evicted).
@@ -138,13 +211,17 @@ impl BlobCache {
             .keys()
             .cloned()
             .collect();
-        let evicted = self.store.evict(self.limit, |d| {
+        // Uploads in progress take their share of the bound first.
+        let limit = self
+            .limit
+            .saturating_sub(self.uploading.load(Ordering::SeqCst));
+        let evicted = self.store.evict(limit, |d| {
             inflight.contains(d) || held.contains(d) || in_use.as_ref().is_some_and(|f| f(d))
         });
         if !evicted.is_empty() {
             tracing::info!(
                 count = evicted.len(),
-                limit = self.limit,
+                limit,
                 "evicted least recently used blobs"
             );
         }
@@ -179,9 +256,12 @@ impl BlobCache {
                     })?
                 }
             };
-            if !self.store.contains(&top) {
+            // Only what was pushed to this repository resolves under its name (not blobs of
+            // other repositories, nor manifests cached from upstream registries).
+            if !self.store.is_member(&r.repository, Member::Manifest, &top) {
                 return Err(NodeError::ImageNotFound(format!(
-                    "{image}: manifest {top} is not in the local image store"
+                    "{image}: manifest {top} is not in local/{} of the local image store",
+                    r.repository
                 )));
             }
             let bytes = self.store.read(&top)?;
@@ -200,12 +280,7 @@ impl BlobCache {
                 .client
                 .resolve_image_full(&r)
                 .await
-                .map_err(|e| match e {
-                    veil_registry::Error::NotFound { .. } => {
-                        NodeError::ImageNotFound(format!("{image}: {e}"))
-                    }
-                    other => NodeError::Upstream(format!("{image}: {other}")),
-                })?;
+                .map_err(|e| NodeError::upstream(image, e))?;
             let m = resolved.manifest;
             self.store.put(&m.bytes, Some(&m.digest))?;
             let index = match resolved.index {
@@ -239,7 +314,9 @@ impl BlobCache {
         let tag = veil_image::signature::signature_tag(d);
         if r.is_local() {
             return match self.store.get_tag(&r.repository, &tag) {
-                Ok(Some(sd)) if self.store.contains(&sd) => vec![sd.to_string()],
+                Ok(Some(sd)) if self.store.is_member(&r.repository, Member::Manifest, &sd) => {
+                    vec![sd.to_string()]
+                }
                 _ => Vec::new(),
             };
         }
@@ -317,6 +394,8 @@ impl BlobCache {
             return Ok(());
         }
         if img.registry == "local" {
+            // A local image's blobs were all in its repository when its manifest was pushed,
+            // and local blobs are never evicted.
             return Err(NodeError::ImageNotFound(format!(
                 "{}: blob {d} is missing from the local image store",
                 img.reference
@@ -367,7 +446,8 @@ impl BlobCache {
                 map.remove(d);
             }
         }
-        res.map_err(|e| NodeError::Shared(e.to_string()))
+        // Every waiter gets the fetch's own error, kind included.
+        res.map_err(NodeError::Shared)
     }
 }
 
@@ -381,7 +461,7 @@ async fn fetch(
     let mut blob = client
         .get_blob(&origin, d)
         .await
-        .map_err(|e| NodeError::Upstream(format!("{reference}: blob {d}: {e}")))?;
+        .map_err(|e| NodeError::upstream(format!("{reference}: blob {d}"), e))?;
     // Write on a blocking thread through a channel so disk I/O never stalls the runtime.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
     let d2 = d.clone();
@@ -413,9 +493,10 @@ async fn fetch(
         .await
         .map_err(|e| NodeError::Storage(format!("blob writer task: {e}")))?;
     if let Some(e) = stream_err {
-        return Err(NodeError::Upstream(format!(
-            "{reference}: blob {d}: download failed: {e}"
-        )));
+        return Err(NodeError::upstream(
+            format!("{reference}: blob {d}: download failed"),
+            e,
+        ));
     }
     match written {
         Ok(_) => {
@@ -427,5 +508,96 @@ async fn fetch(
             origin.registry
         ))),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+    use std::sync::atomic::AtomicUsize;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An upstream that answers every request with `status` and a distribution error body,
+    /// counting requests.
+    async fn upstream(status: u16, code: &'static str) -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let host = listener.local_addr().unwrap().to_string();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                h.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = sock.read(&mut buf).await;
+                    let body = format!(r#"{{"errors":[{{"code":"{code}","message":"no"}}]}}"#);
+                    let resp = format!(
+                        "HTTP/1.1 {status} X\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = sock.write_all(resp.as_bytes()).await;
+                });
+            }
+        });
+        (host, hits)
+    }
+
+    fn cache(dir: &std::path::Path) -> BlobCache {
+        let store = Arc::new(BlobStore::open(dir).unwrap());
+        let client = RegistryClient::new(veil_registry::RegistryConfig::default()).unwrap();
+        BlobCache::new(store, client, 1 << 30)
+    }
+
+    fn image(host: &str) -> ResolvedImage {
+        ResolvedImage {
+            reference: format!("{host}/app:v1"),
+            registry: host.to_string(),
+            repository: "app".into(),
+            manifest_digest: Digest::sha256(b"manifest").to_string(),
+            signatures: Vec::new(),
+            index_digest: None,
+        }
+    }
+
+    /// Two sandboxes waiting for one upstream fetch both get its error with its kind: a 404
+    /// stays "not found", a 401 "unauthorized" (not a string that maps to a generic 502).
+    #[tokio::test]
+    async fn waiters_of_a_shared_fetch_keep_the_error_kind() {
+        for (status, code, kind) in [
+            (404, "BLOB_UNKNOWN", ErrorKind::NotFound),
+            (401, "UNAUTHORIZED", ErrorKind::Unauthorized),
+            (403, "DENIED", ErrorKind::Denied),
+        ] {
+            let t = tempfile::tempdir().unwrap();
+            let c = cache(t.path());
+            let (host, hits) = upstream(status, code).await;
+            let img = image(&host);
+            let d = Digest::sha256(b"layer");
+            let (a, b) = futures::join!(c.ensure(&img, &d), c.ensure(&img, &d));
+            for e in [a.unwrap_err(), b.unwrap_err()] {
+                assert!(matches!(e, NodeError::Shared(_)), "{e:?}");
+                assert_eq!(e.kind(), kind, "HTTP {status}: {e}");
+                assert!(e.to_string().contains(d.as_str()), "{e}");
+            }
+            assert_eq!(c.upstream_fetches(), 1, "one fetch for both waiters");
+            assert_eq!(hits.load(Ordering::SeqCst), 1, "HTTP {status}");
+            assert!(!c.store().contains(&d));
+        }
+    }
+
+    /// A local reference resolves only to a manifest pushed to that repository: neither
+    /// another repository's manifest nor one cached from upstream.
+    #[tokio::test]
+    async fn local_references_resolve_only_within_their_repository() {
+        let t = tempfile::tempdir().unwrap();
+        let c = cache(t.path());
+        let cached = c.store().put(b"{}", None).unwrap();
+        let e = c
+            .resolve(&format!("local/anybody@{cached}"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+        assert!(e.to_string().contains("local/anybody"), "{e}");
     }
 }

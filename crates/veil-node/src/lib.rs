@@ -39,9 +39,15 @@ pub enum NodeError {
     /// Malformed image data.
     #[error("invalid image: {0}")]
     Image(String),
-    /// Upstream registry failure.
-    #[error("registry error: {0}")]
-    Upstream(String),
+    /// Upstream registry failure; `source` keeps its kind (not found, unauthorized, deadline …).
+    #[error("registry error: {context}: {source}")]
+    Upstream {
+        /// What was being fetched (image reference, blob digest).
+        context: String,
+        /// The registry client's error.
+        #[source]
+        source: veil_registry::Error,
+    },
     /// A blob from upstream did not match its digest.
     #[error("tampered blob: {0}")]
     Tampered(String),
@@ -56,9 +62,17 @@ pub enum NodeError {
     /// Local storage failure.
     #[error("storage: {0}")]
     Storage(String),
-    /// An error shared by several waiters of one fetch.
-    #[error("{0}")]
-    Shared(String),
+    /// An error shared by several waiters of one fetch; it has the kind of the shared error.
+    #[error(transparent)]
+    Shared(Arc<NodeError>),
+    /// The store cannot take more bytes: uploads in progress would exceed its size bound.
+    #[error("the store is full: {needed} more bytes would exceed its bound of {limit} bytes for uploads in progress and upstream blobs")]
+    StoreFull {
+        /// Bytes asked for.
+        needed: u64,
+        /// The bound (`cache_max_bytes`).
+        limit: u64,
+    },
     /// Sandbox backend failure.
     #[error("sandbox: {0}")]
     Sandbox(#[from] veil_sandbox::Error),
@@ -83,6 +97,71 @@ pub enum NodeError {
         /// Agent message.
         message: String,
     },
+}
+
+/// What kind of failure a [`NodeError`] is, whatever path it took (shared fetches included):
+/// callers map kinds to statuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The reference or name is malformed.
+    BadReference,
+    /// The image, manifest or blob does not exist (locally or upstream).
+    NotFound,
+    /// The upstream registry refused the node's credentials (or wants some).
+    Unauthorized,
+    /// The upstream registry denied access.
+    Denied,
+    /// The image data is malformed.
+    BadImage,
+    /// Bytes did not match their digest.
+    Tampered,
+    /// The upstream registry was too slow (deadline or timeout).
+    UpstreamTimeout,
+    /// Any other upstream registry failure.
+    Upstream,
+    /// The store is full.
+    StoreFull,
+    /// Local storage failed.
+    Storage,
+    /// Sandbox, channel or agent failure.
+    Sandbox,
+    /// The start was cancelled.
+    Cancelled,
+}
+
+impl NodeError {
+    /// The kind of this error; a [`NodeError::Shared`] error has its inner error's kind.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            NodeError::BadReference(_) => ErrorKind::BadReference,
+            NodeError::ImageNotFound(_) => ErrorKind::NotFound,
+            NodeError::Image(_) => ErrorKind::BadImage,
+            NodeError::Upstream { source, .. } => match source {
+                veil_registry::Error::NotFound { .. } => ErrorKind::NotFound,
+                veil_registry::Error::Unauthorized { .. } => ErrorKind::Unauthorized,
+                veil_registry::Error::Denied { .. } => ErrorKind::Denied,
+                veil_registry::Error::Deadline { .. } => ErrorKind::UpstreamTimeout,
+                veil_registry::Error::DigestMismatch { .. } => ErrorKind::Tampered,
+                veil_registry::Error::Manifest(_) => ErrorKind::BadImage,
+                _ => ErrorKind::Upstream,
+            },
+            NodeError::Tampered(_) | NodeError::DigestMismatch { .. } => ErrorKind::Tampered,
+            NodeError::Storage(_) => ErrorKind::Storage,
+            NodeError::StoreFull { .. } => ErrorKind::StoreFull,
+            NodeError::Shared(inner) => inner.kind(),
+            NodeError::Sandbox(_) | NodeError::Channel { .. } | NodeError::Assign { .. } => {
+                ErrorKind::Sandbox
+            }
+            NodeError::Cancelled(_) => ErrorKind::Cancelled,
+        }
+    }
+
+    pub(crate) fn upstream(context: impl Into<String>, source: veil_registry::Error) -> Self {
+        NodeError::Upstream {
+            context: context.into(),
+            source,
+        }
+    }
 }
 
 /// Node configuration.
@@ -317,7 +396,7 @@ impl Node {
     ) -> Result<Arc<Self>, NodeError> {
         let store = Arc::new(BlobStore::open(&config.state_dir.join("store"))?);
         let client = veil_registry::RegistryClient::new(config.registry.clone())
-            .map_err(|e| NodeError::Upstream(e.to_string()))?;
+            .map_err(|e| NodeError::upstream("registry client", e))?;
         let node = Arc::new(Self {
             cache: Arc::new(BlobCache::new(store, client, config.cache_max_bytes)),
             config,
@@ -942,7 +1021,12 @@ async fn registry_request(
         );
     }
     if let Err(e) = cache.ensure(&grant.image, &d).await {
-        return err_resp(StatusCode::BAD_GATEWAY, "BLOB_UNAVAILABLE", e.to_string());
+        let (status, code) = match e.kind() {
+            ErrorKind::NotFound => (StatusCode::NOT_FOUND, "BLOB_UNKNOWN"),
+            ErrorKind::UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "BLOB_UNAVAILABLE"),
+            _ => (StatusCode::BAD_GATEWAY, "BLOB_UNAVAILABLE"),
+        };
+        return err_resp(status, code, e.to_string());
     }
     cache.store().touch(&d);
     let path = cache.store().path(&d);

@@ -1,20 +1,35 @@
-//! The node's content-addressed blob store: blobs by digest, plus tags of the local image store.
+//! The node's content-addressed blob store: blobs by digest, plus the local image store's
+//! repositories and tags.
 //!
-//! Layout under the store directory: `blobs/sha256/<hex>` (complete, verified blobs only),
-//! `tmp/` (downloads in progress; renamed into place only after the digest checks out) and
+//! Layout under the store directory: `blobs/sha256/<hex>` (complete, verified blobs only, of
+//! both the local store and the upstream cache), `tmp/` (downloads and uploads in progress;
+//! renamed into place only after the digest checks out), `cached/<hex>` (marks blobs that came
+//! from an upstream registry: evictable, and never part of a local repository), `local/<hex>`
+//! (marks blobs some local repository holds: never evicted), `repos/<repository>/_blobs/<hex>`
+//! and `repos/<repository>/_manifests/<hex>` (which blobs and manifests were pushed to a
+//! repository of the local store: only those are served under its name) and
 //! `tags/<repository>/<tag>` (the local store's tags, each file holding a manifest digest).
-//! A crash mid-write leaves at most a stray file in `tmp/`, which is cleared on open.
+//! A crash mid-write leaves at most a stray file in `tmp/`, which is cleared on open, or a
+//! verified blob that no repository links yet (invisible; a later push links it).
 
 use crate::NodeError;
 use sha2::{Digest as _, Sha256};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use veil_image::Digest;
+
+mod repos;
+
+pub use repos::Member;
 
 /// Content-addressed blob storage on local disk.
 #[derive(Debug)]
 pub struct BlobStore {
     root: PathBuf,
+    /// Held while eviction removes blobs and while a local push publishes one, so a blob a
+    /// repository is about to link is never evicted under it.
+    publish: Mutex<()>,
 }
 
 fn io(path: &Path, e: std::io::Error) -> NodeError {
@@ -24,15 +39,18 @@ fn io(path: &Path, e: std::io::Error) -> NodeError {
 impl BlobStore {
     /// Open (creating if needed) a store rooted at `root`.
     pub fn open(root: &Path) -> Result<Self, NodeError> {
-        for d in ["blobs/sha256", "tags", "cached"] {
+        for d in ["blobs/sha256", "tags", "cached", "local"] {
             std::fs::create_dir_all(root.join(d)).map_err(|e| io(&root.join(d), e))?;
         }
         let tmp = root.join("tmp");
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-        Ok(Self {
+        let store = Self {
             root: root.to_path_buf(),
-        })
+            publish: Mutex::new(()),
+        };
+        store.migrate_repositories()?;
+        Ok(store)
     }
 
     /// Where the blob `d` lives (whether or not it is present).
@@ -75,7 +93,15 @@ impl BlobStore {
     /// Record that blob `d` came from an upstream registry and may be evicted (it can be
     /// fetched again), and mark it as just used.
     pub fn mark_cached(&self, d: &Digest) {
+        if self.is_local(d) {
+            return;
+        }
         let _ = std::fs::write(self.root.join("cached").join(d.hex()), b"");
+    }
+
+    /// Whether some local repository holds blob `d` (it is then never evicted).
+    fn is_local(&self, d: &Digest) -> bool {
+        self.root.join("local").join(d.hex()).exists()
     }
 
     /// Mark an evictable blob as just used (no-op for blobs that are not evictable).
@@ -111,6 +137,15 @@ impl BlobStore {
                 }
             }
         }
+        let _publishing = self.publish.lock().unwrap_or_else(|p| p.into_inner());
+        // A blob a local repository also holds is not the cache's to evict.
+        entries.retain(|(_, d, _)| {
+            let local = self.is_local(d);
+            if local {
+                let _ = std::fs::remove_file(dir.join(d.hex()));
+            }
+            !local
+        });
         let mut total: u64 = entries.iter().map(|e| e.2).sum();
         entries.sort_by_key(|e| e.0);
         let mut evicted = Vec::new();
@@ -137,10 +172,18 @@ impl BlobStore {
             .join(format!("up-{:016x}", rand::random::<u64>()))
     }
 
-    /// Publish a complete file written at `path` (under [`BlobStore::temp_path`]) if it hashes
-    /// to `expected`; the file is removed either way.
-    pub fn import_file(&self, path: &Path, expected: &Digest) -> Result<Digest, NodeError> {
+    /// Publish a complete upload written at `path` (under [`BlobStore::temp_path`]) as a blob
+    /// of the local repository `repository` if it hashes to `expected`: verified and synced
+    /// first, then renamed into place, then linked into the repository. The file is removed
+    /// either way.
+    pub fn import_file(
+        &self,
+        path: &Path,
+        expected: &Digest,
+        repository: &str,
+    ) -> Result<Digest, NodeError> {
         let res = (|| {
+            check_repository(repository)?;
             let mut f = std::fs::File::open(path).map_err(|e| io(path, e))?;
             let mut h = Sha256::new();
             std::io::copy(&mut f, &mut h).map_err(|e| io(path, e))?;
@@ -151,12 +194,43 @@ impl BlobStore {
                     actual,
                 });
             }
+            f.sync_all().map_err(|e| io(path, e))?;
+            let _publishing = self.publish.lock().unwrap_or_else(|p| p.into_inner());
+            self.mark_local(expected)?;
             let dest = self.path(expected);
             std::fs::rename(path, &dest).map_err(|e| io(&dest, e))?;
+            self.link(repository, Member::Blob, expected)?;
             Ok(expected.clone())
         })();
         let _ = std::fs::remove_file(path);
         res
+    }
+
+    /// Store manifest `bytes` in the local repository `repository` (refusing bytes that do not
+    /// hash to `expected`, if given) and link it there. The caller has checked that everything
+    /// the manifest names is in the repository.
+    pub fn put_manifest(
+        &self,
+        repository: &str,
+        bytes: &[u8],
+        expected: Option<&Digest>,
+    ) -> Result<Digest, NodeError> {
+        check_repository(repository)?;
+        let mut w = self.writer()?;
+        w.write(bytes)?;
+        let _publishing = self.publish.lock().unwrap_or_else(|p| p.into_inner());
+        let d = w.commit(expected)?;
+        self.mark_local(&d)?;
+        self.link(repository, Member::Manifest, &d)?;
+        Ok(d)
+    }
+
+    /// Mark blob `d` as held by the local store: never evicted, no longer an upstream blob.
+    fn mark_local(&self, d: &Digest) -> Result<(), NodeError> {
+        let p = self.root.join("local").join(d.hex());
+        std::fs::write(&p, b"").map_err(|e| io(&p, e))?;
+        let _ = std::fs::remove_file(self.root.join("cached").join(d.hex()));
+        Ok(())
     }
 
     /// Point `repository:tag` of the local store at a manifest digest.
@@ -183,6 +257,14 @@ impl BlobStore {
             Err(e) => Err(io(&p, e)),
         }
     }
+}
+
+/// A repository must be what an image reference allows (it becomes a path).
+fn check_repository(repository: &str) -> Result<(), NodeError> {
+    format!("local/{repository}:latest")
+        .parse::<veil_image::Reference>()
+        .map(|_| ())
+        .map_err(|e| NodeError::BadReference(format!("{repository}: {e}")))
 }
 
 /// Repository and tag must be what an image reference allows (lowercase path components, no
@@ -312,6 +394,24 @@ mod tests {
         assert!(!s.contains(&a) && !s.contains(&b));
         assert!(s.evict(0, |_| false) == vec![c]);
         assert!(s.contains(&local), "local-store blobs are never evicted");
+    }
+
+    #[test]
+    fn local_blobs_are_never_evicted_even_if_also_fetched_from_upstream() {
+        let t = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(t.path()).unwrap();
+        // Cached from upstream first, then pushed to a local repository.
+        let d = s.put(&[5u8; 100], None).unwrap();
+        s.mark_cached(&d);
+        let up = s.temp_path();
+        std::fs::write(&up, [5u8; 100]).unwrap();
+        s.import_file(&up, &d, "mine").unwrap();
+        assert!(s.evict(0, |_| false).is_empty());
+        assert!(s.contains(&d));
+        // And the other way round: a local blob fetched again is not marked evictable.
+        s.mark_cached(&d);
+        assert!(s.evict(0, |_| false).is_empty());
+        assert!(s.contains(&d));
     }
 
     #[test]
