@@ -4,7 +4,9 @@
 //! It listens on 0.0.0.0:$PORT and answers every request with a greeting that echoes the
 //! request's method, path and body. Test switches: `--exit <code>` exits at once (a function
 //! that crashes on start), `--never-listen` sleeps forever without listening, and a request to
-//! `/crash` makes it exit with status 42 after replying, `/sleep/<ms>` answers after a pause, and `/env/<NAME>` shows one environment variable.
+//! `/crash` makes it exit with status 42 after replying, `/sleep/<ms>` answers after a pause
+//! (`/sleep/<ms>/<rest>` then answers as `/<rest>`), and `/env/<NAME>` shows one environment
+//! variable.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -107,8 +109,16 @@ fn serve(conn: TcpStream) {
         if reader.read_exact(&mut body).is_err() {
             return;
         }
-        if let Some(ms) = path.strip_prefix("/sleep/").and_then(|m| m.parse::<u64>().ok()) {
-            std::thread::sleep(std::time::Duration::from_millis(ms.min(60_000)));
+        // `/sleep/<ms>` answers after a pause; `/sleep/<ms>/<rest>` then answers as `/<rest>`.
+        let mut path = path;
+        if let Some(rest) = path.strip_prefix("/sleep/") {
+            let (ms, then) = rest.split_once('/').unwrap_or((rest, ""));
+            if let Ok(ms) = ms.parse::<u64>() {
+                std::thread::sleep(std::time::Duration::from_millis(ms.min(60_000)));
+                if !then.is_empty() {
+                    path = format!("/{then}");
+                }
+            }
         }
         let text = if path == "/whoami" {
             whoami()

@@ -96,7 +96,9 @@ impl std::fmt::Debug for Credential {
 }
 
 fn secs(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn random_seed() -> [u8; 32] {
@@ -120,7 +122,8 @@ impl HostKey {
     /// Load the key from `path` (hex seed), creating it (mode 0600) with its public key beside
     /// it (`<path>.pub`) on first use.
     pub fn load_or_create(path: &Path) -> Result<Self, Error> {
-        let io = |e: std::io::Error| Error::Io(format!("software-TEE host key {}: {e}", path.display()));
+        let io =
+            |e: std::io::Error| Error::Io(format!("software-TEE host key {}: {e}", path.display()));
         match std::fs::read_to_string(path) {
             Ok(text) => {
                 let seed: [u8; 32] = hex::decode(text.trim())
@@ -277,11 +280,13 @@ impl SoftwareVerifier {
     pub fn trusting(hosts: &[String]) -> Result<Self, Error> {
         let hosts = hosts
             .iter()
-            .map(|h| parse_key(h).ok_or_else(|| {
-                Error::Io(format!(
-                    "software-TEE host key {h:?} is not a 32-byte Ed25519 public key in hex"
-                ))
-            }))
+            .map(|h| {
+                parse_key(h).ok_or_else(|| {
+                    Error::Io(format!(
+                        "software-TEE host key {h:?} is not a 32-byte Ed25519 public key in hex"
+                    ))
+                })
+            })
             .collect::<Result<_, _>>()?;
         Ok(Self { hosts })
     }
@@ -325,7 +330,11 @@ fn signature(b64: &str, what: &str) -> Result<Signature, Error> {
 
 impl SoftwareVerifier {
     /// Check an endorsement (`<payload>.<signature>`) against the trusted hosts and `now`.
-    pub fn check_endorsement(&self, endorsement: &str, now: SystemTime) -> Result<Endorsement, Error> {
+    pub fn check_endorsement(
+        &self,
+        endorsement: &str,
+        now: SystemTime,
+    ) -> Result<Endorsement, Error> {
         if endorsement.len() > MAX_ENDORSEMENT {
             return Err(malformed("endorsement is too long"));
         }
@@ -465,13 +474,22 @@ mod tests {
         let good = attester(&host).evidence(&rd).unwrap();
 
         // A verifier that trusts no host accepts nothing, not even genuine evidence.
-        let e = SoftwareVerifier::default().verify(&good, &rd, now()).unwrap_err();
-        assert!(e.to_string().contains("not endorsed by a host this broker trusts"), "{e}");
+        let e = SoftwareVerifier::default()
+            .verify(&good, &rd, now())
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("not endorsed by a host this broker trusts"),
+            "{e}"
+        );
 
         // The old, unsigned shape.
         let unsigned = serde_json::json!({"warning": WARNING, "measurement": "ab",
             "report_data": hex::encode(rd), "init_data": ""});
-        assert!(matches!(v.verify(&unsigned, &rd, now()), Err(Error::Malformed { .. })));
+        assert!(matches!(
+            v.verify(&unsigned, &rd, now()),
+            Err(Error::Malformed { .. })
+        ));
 
         // A self-made host key endorsing itself.
         let rogue = HostKey::generate();
@@ -488,18 +506,29 @@ mod tests {
         let p2 = B64.encode(serde_json::to_vec(&payload).unwrap());
         ev["endorsement"] = format!("{p2}.{s}").into();
         let e = v.verify(&ev, &rd, now()).unwrap_err();
-        assert!(e.to_string().contains("endorsement signature does not verify"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("endorsement signature does not verify"),
+            "{e}"
+        );
 
         // A genuine endorsement with evidence signed by another key.
         let mut ev = forged.clone();
         ev["endorsement"] = good["endorsement"].clone();
         let e = v.verify(&ev, &rd, now()).unwrap_err();
-        assert!(e.to_string().contains("not signed by the endorsed sandbox key"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("not signed by the endorsed sandbox key"),
+            "{e}"
+        );
 
         // A tampered measurement.
         let mut ev = good.clone();
         ev["measurement"] = "cd".into();
-        assert!(matches!(v.verify(&ev, &rd, now()), Err(Error::Invalid { .. })));
+        assert!(matches!(
+            v.verify(&ev, &rd, now()),
+            Err(Error::Invalid { .. })
+        ));
     }
 
     #[test]

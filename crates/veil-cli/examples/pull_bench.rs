@@ -250,7 +250,7 @@ fn layer_bytes(image: &BuiltImage) -> u64 {
 
 async fn push(p: &Platform, image: &BuiltImage, reference: &str) -> Result<String> {
     let reference: Reference = reference.parse()?;
-    let client = images::registry_client(&[])?;
+    let client = p.registry_client()?;
     let target = images::push_target(&reference, &p.url())?;
     let digest = images::push(&client, image, &target).await?;
     println!(
@@ -529,7 +529,7 @@ async fn run(
         ("encrypted", deploy(&enc_ref, &[IMAGE_KEY])),
     ];
 
-    let admin = AdminClient::new(&p.url())?;
+    let admin = p.admin_client()?;
     // One unmeasured cold start each (page cache, lazy initialisation, checks it works).
     for (name, req) in &variants {
         let s = cold_start(p, &admin, name, req).await?;

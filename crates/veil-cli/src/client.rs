@@ -9,6 +9,23 @@ use veil_gateway::{ApiError, DeployRequest, FunctionStatus};
 pub struct AdminClient {
     base: String,
     http: reqwest::Client,
+    token: Option<String>,
+}
+
+/// Percent-encode one URL path segment: everything but unreserved characters, and the dots of
+/// `.` and `..`, so that a name like `x/../victim` stays one segment and cannot be normalised
+/// into another path on the way.
+pub fn path_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let dots_only = !s.is_empty() && s.bytes().all(|b| b == b'.');
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_~".contains(&b) || (b == b'.' && !dots_only) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 async fn check(resp: reqwest::Response) -> Result<reqwest::Response> {
@@ -35,7 +52,8 @@ pub struct Invocation {
 }
 
 impl AdminClient {
-    /// A client for the gateway at `base` (e.g. `http://127.0.0.1:8080`).
+    /// A client for the gateway at `base` (e.g. `http://127.0.0.1:8080`), without a token
+    /// (the admin API then answers 401; see [`AdminClient::with_token`]).
     pub fn new(base: &str) -> Result<Self> {
         Ok(Self {
             base: base.trim_end_matches('/').to_string(),
@@ -43,7 +61,59 @@ impl AdminClient {
                 .no_proxy()
                 .build()
                 .context("http client")?,
+            token: None,
         })
+    }
+
+    /// The same client, authenticating with `token` (the operator's or a tenant's).
+    pub fn with_token(mut self, token: &str) -> Self {
+        self.token = Some(token.to_string());
+        self
+    }
+
+    fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let rb = self.http.request(method, self.url(path));
+        match &self.token {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        }
+    }
+
+    /// Create a token for `tenant` (operator only).
+    pub async fn create_token(&self, tenant: &str) -> Result<veil_gateway::auth::NewToken> {
+        let r = self
+            .admin(reqwest::Method::POST, "/v1/tokens")
+            .json(&veil_gateway::TokenRequest {
+                tenant: tenant.to_string(),
+            })
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Ok(check(r).await?.json().await?)
+    }
+
+    /// List tenant tokens (operator only; never their values).
+    pub async fn tokens(&self) -> Result<Vec<veil_gateway::auth::TokenInfo>> {
+        let r = self
+            .admin(reqwest::Method::GET, "/v1/tokens")
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Ok(check(r).await?.json().await?)
+    }
+
+    /// Revoke a tenant token by id (operator only).
+    pub async fn revoke_token(&self, id: &str) -> Result<()> {
+        let r = self
+            .admin(
+                reqwest::Method::DELETE,
+                &format!("/v1/tokens/{}", path_segment(id)),
+            )
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        check(r).await?;
+        Ok(())
     }
 
     fn url(&self, path: &str) -> String {
@@ -60,8 +130,10 @@ impl AdminClient {
     /// Deploy (create or update) a function.
     pub async fn deploy(&self, name: &str, req: &DeployRequest) -> Result<FunctionStatus> {
         let r = self
-            .http
-            .put(self.url(&format!("/v1/functions/{name}")))
+            .admin(
+                reqwest::Method::PUT,
+                &format!("/v1/functions/{}", path_segment(name)),
+            )
             .json(req)
             .send()
             .await
@@ -72,8 +144,7 @@ impl AdminClient {
     /// List functions.
     pub async fn list(&self) -> Result<Vec<FunctionStatus>> {
         let r = self
-            .http
-            .get(self.url("/v1/functions"))
+            .admin(reqwest::Method::GET, "/v1/functions")
             .send()
             .await
             .map_err(|e| self.unreachable(e))?;
@@ -83,8 +154,10 @@ impl AdminClient {
     /// Delete a function.
     pub async fn delete(&self, name: &str) -> Result<()> {
         let r = self
-            .http
-            .delete(self.url(&format!("/v1/functions/{name}")))
+            .admin(
+                reqwest::Method::DELETE,
+                &format!("/v1/functions/{}", path_segment(name)),
+            )
             .send()
             .await
             .map_err(|e| self.unreachable(e))?;
@@ -95,8 +168,10 @@ impl AdminClient {
     /// Recent log lines of a function.
     pub async fn logs(&self, name: &str, tail: usize) -> Result<Vec<serde_json::Value>> {
         let r = self
-            .http
-            .get(self.url(&format!("/v1/functions/{name}/logs?tail={tail}")))
+            .admin(
+                reqwest::Method::GET,
+                &format!("/v1/functions/{}/logs?tail={tail}", path_segment(name)),
+            )
             .send()
             .await
             .map_err(|e| self.unreachable(e))?;
@@ -106,8 +181,7 @@ impl AdminClient {
     /// Sandboxes on the node.
     pub async fn sandboxes(&self) -> Result<Vec<serde_json::Value>> {
         let r = self
-            .http
-            .get(self.url("/v1/sandboxes"))
+            .admin(reqwest::Method::GET, "/v1/sandboxes")
             .send()
             .await
             .map_err(|e| self.unreachable(e))?;
@@ -127,7 +201,10 @@ impl AdminClient {
         let path = path.trim_start_matches('/');
         let mut rb = self
             .http
-            .request(method, self.url(&format!("/f/{name}/{path}")))
+            .request(
+                method,
+                self.url(&format!("/f/{}/{path}", path_segment(name))),
+            )
             .body(body);
         for (k, v) in headers {
             rb = rb.header(k, v);
@@ -138,5 +215,22 @@ impl AdminClient {
             headers: r.headers().clone(),
             body: r.bytes().await?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::path_segment;
+
+    #[test]
+    fn segments_stay_segments() {
+        assert_eq!(path_segment("hello-1"), "hello-1");
+        assert_eq!(
+            path_segment("nonexistent/../victim"),
+            "nonexistent%2F..%2Fvictim"
+        );
+        assert_eq!(path_segment(".."), "%2E%2E");
+        assert_eq!(path_segment("."), "%2E");
+        assert_eq!(path_segment("a b?#"), "a%20b%3F%23");
     }
 }

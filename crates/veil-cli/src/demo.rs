@@ -3,7 +3,6 @@
 //! with a secret and a signature policy from the embedded key broker, invokes it twice (a cold
 //! start and a warm start), prints the answers and latencies, and shuts down.
 
-use crate::client::AdminClient;
 use crate::{images, Platform, UpOptions};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
@@ -44,7 +43,7 @@ async fn steps(p: &Platform, tmp: &std::path::Path) -> Result<()> {
     images::write_example(&ctx)?;
     let image = veil_image::build::build_image(&images::example_spec(&ctx))?;
     let reference: Reference = "local/hello:latest".parse()?;
-    let client = images::registry_client(&[])?;
+    let client = p.registry_client()?;
     let target = images::push_target(&reference, &p.url())?;
     let digest = images::push(&client, &image, &target).await?;
     let size: usize = image.layers.iter().map(|l| l.data.len()).sum();
@@ -59,7 +58,7 @@ async fn steps(p: &Platform, tmp: &std::path::Path) -> Result<()> {
     let (signed, _) = images::sign_image(&client, &target, &reference, &key).await?;
     println!("signed {reference} ({signed}) with a new cosign key");
 
-    let admin = AdminClient::new(&p.url())?;
+    let admin = p.admin_client()?;
     // A secret only the attested sandbox receives, and the tenant's signature policy with its
     // public key, all from the embedded key broker.
     let kbs = p

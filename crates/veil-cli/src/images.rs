@@ -71,6 +71,27 @@ pub fn registry_client(extra_insecure: &[String]) -> Result<RegistryClient> {
     Ok(RegistryClient::new(cfg)?)
 }
 
+/// Like [`registry_client`], authenticating to veil's local store at `server` with `token`
+/// (sent as the password of HTTP Basic credentials when the store asks for them).
+pub fn registry_client_with_token(
+    extra_insecure: &[String],
+    server: &str,
+    token: &str,
+) -> Result<RegistryClient> {
+    let host = server
+        .trim_start_matches("http://")
+        .trim_start_matches("https://")
+        .trim_end_matches('/')
+        .to_string();
+    let mut cfg = RegistryConfig {
+        insecure: extra_insecure.to_vec(),
+        ..RegistryConfig::default()
+    };
+    cfg.credentials
+        .insert(host, ("veil".to_string(), token.to_string()));
+    Ok(RegistryClient::new(cfg)?)
+}
+
 /// Push a built image to `target` (already mapped by [`push_target`]).
 pub async fn push(
     client: &RegistryClient,

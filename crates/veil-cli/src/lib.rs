@@ -40,6 +40,13 @@ pub struct UpOptions {
     pub embedded_kbs: bool,
     /// Bytes of upstream blobs the node cache keeps (least recently used are evicted).
     pub cache_max_bytes: u64,
+    /// Memory all sandboxes together may commit (default: derived from the machine).
+    pub capacity_memory: Option<u64>,
+    /// CPU all sandboxes together may commit, in thousandths of a core (default: derived from
+    /// the machine).
+    pub capacity_cpu_millis: Option<u64>,
+    /// How long instances taken out of service get to finish their requests.
+    pub drain_timeout: Duration,
 }
 
 impl UpOptions {
@@ -56,6 +63,9 @@ impl UpOptions {
             agent_log: "info".into(),
             embedded_kbs: true,
             cache_max_bytes: 10 << 30,
+            capacity_memory: None,
+            capacity_cpu_millis: None,
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -68,6 +78,7 @@ pub struct Platform {
     pub addr: SocketAddr,
     /// The embedded key broker, if any.
     pub kbs: Option<Arc<veil_kbs::Kbs>>,
+    operator_token: String,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
@@ -100,6 +111,8 @@ impl Platform {
         let mut ncfg = NodeConfig::with_state_dir(opts.state_dir.clone());
         ncfg.pool_size = opts.pool_size;
         ncfg.cache_max_bytes = opts.cache_max_bytes;
+        ncfg.capacity.memory_bytes = opts.capacity_memory.unwrap_or(ncfg.capacity.memory_bytes);
+        ncfg.capacity.cpu_millis = opts.capacity_cpu_millis.unwrap_or(ncfg.capacity.cpu_millis);
         ncfg.agent_log = opts.agent_log.clone();
         ncfg.registry.insecure = opts.insecure_registries.clone();
         let node = Node::new(ncfg).context("start the node")?;
@@ -108,14 +121,31 @@ impl Platform {
             .with_context(|| format!("listen on {}", opts.listen))?;
         let addr = listener.local_addr()?;
         let kbs = if opts.embedded_kbs {
-            let mut kcfg = veil_kbs::KbsConfig::new(opts.state_dir.join("kbs"));
+            let kdir = opts.state_dir.join("kbs");
+            let first_start = !kdir.join("kbs.db").exists();
+            let mut kcfg = veil_kbs::KbsConfig::new(kdir);
             // No SEV-SNP or TDX here: the embedded development broker accepts the insecure
-            // software TEE. A tenant's production broker (`veil kbs serve`) refuses it.
+            // software TEE, but only from sandboxes this node started and endorsed, and only for
+            // tenants that opted in. A tenant's production broker (`veil kbs serve`) refuses it.
             kcfg.allow_insecure_software_tee = true;
+            kcfg.software_tee_hosts = vec![node.software_tee_host_key()];
             let kbs = veil_kbs::Kbs::open(kcfg).context("start the embedded key broker")?;
+            if first_start {
+                // The development default: tenant `default` opts in. Other tenants opt in with
+                // `veil kbs set-reference-values software_tee_tenants default <tenant>…`.
+                kbs.set_reference_values(veil_kbs::SOFTWARE_TEE_TENANTS, &["default".into()])
+                    .context("opt tenant default in to the software TEE")?;
+            }
+            let tenants = kbs
+                .reference_values()
+                .ok()
+                .and_then(|mut r| r.remove(veil_kbs::SOFTWARE_TEE_TENANTS))
+                .unwrap_or_default();
             tracing::warn!(
+                tenants = ?tenants,
                 "embedded key broker at http://{addr}/kbs/v0 accepts the INSECURE software TEE \
-                 (development default); admin key: {}",
+                 (development default) for these tenants: {}; admin key: {}",
+                veil_attest::software::TRUSTS,
                 kbs.admin_key_path().display()
             );
             Some(kbs)
@@ -131,20 +161,29 @@ impl Platform {
                 cold_start_timeout: opts.cold_start_timeout,
                 state_dir: opts.state_dir.clone(),
                 default_kbs_url: kbs.as_ref().map(|_| format!("http://{addr}")),
+                drain_timeout: opts.drain_timeout,
                 local_store: veil_gateway::LocalStoreConfig::default(),
             },
-        );
+        )
+        .context("open the gateway's token store")?;
+        let operator_token = std::fs::read_to_string(gateway.operator_token_path())
+            .context("read the operator token")?
+            .trim()
+            .to_string();
         let mut app = gateway.router();
         if let Some(k) = &kbs {
             app = app.merge(k.embeddable_router());
         }
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.await;
-                })
-                .await
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move {
+                let _ = rx.await;
+            })
+            .await
         });
         let n = node.clone();
         tokio::spawn(async move { n.fill_pool().await });
@@ -152,6 +191,7 @@ impl Platform {
         Ok(Self {
             gateway,
             addr,
+            operator_token,
             kbs,
             stop: Some(tx),
             task: Some(task),
@@ -161,6 +201,22 @@ impl Platform {
     /// Base URL of the gateway.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The operator token (also in `<state dir>/auth/operator.token`).
+    pub fn operator_token(&self) -> &str {
+        &self.operator_token
+    }
+
+    /// An admin client with the operator token.
+    pub fn admin_client(&self) -> Result<client::AdminClient> {
+        Ok(client::AdminClient::new(&self.url())?.with_token(&self.operator_token))
+    }
+
+    /// A registry client that pushes to and pulls from this platform's local store with the
+    /// operator token.
+    pub fn registry_client(&self) -> Result<veil_registry::RegistryClient> {
+        images::registry_client_with_token(&[], &self.url(), &self.operator_token)
     }
 
     /// Stop serving and destroy every sandbox.

@@ -21,8 +21,25 @@ struct Cli {
         default_value = "http://127.0.0.1:8080"
     )]
     server: String,
+    /// Token for the admin API and the local image store (default: the operator token in
+    /// `$VEIL_STATE_DIR/auth/operator.token`, else `/var/lib/veil/auth/operator.token`).
+    #[arg(long, global = true, env = "VEIL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// The token the CLI authenticates with: `--token`/`$VEIL_TOKEN`, else the operator token of
+/// the default state directory when this user can read it.
+fn resolve_token(explicit: Option<String>) -> Option<String> {
+    explicit.or_else(|| {
+        std::fs::read_to_string(
+            veil_cli::default_state_dir().join(veil_gateway::auth::OPERATOR_TOKEN_FILE),
+        )
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+    })
 }
 
 #[derive(Subcommand)]
@@ -78,6 +95,26 @@ enum Cmd {
     /// Run or administer a key broker (KBS).
     #[command(subcommand)]
     Kbs(KbsCmd),
+    /// Create, list and revoke tenant tokens (needs the operator token).
+    #[command(subcommand)]
+    Token(TokenCmd),
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a token for a tenant and print it (the only time it is shown).
+    Create {
+        /// The tenant it acts for.
+        #[arg(long)]
+        tenant: String,
+    },
+    /// List tenant tokens (ids and tenants, never the tokens).
+    Ls,
+    /// Revoke a token by id.
+    Revoke {
+        /// Token id (from `veil token ls`).
+        id: String,
+    },
 }
 
 #[derive(Args)]
@@ -100,9 +137,16 @@ enum KbsCmd {
         /// State directory (database and keys).
         #[arg(long, default_value = "/var/lib/veil-kbs")]
         state_dir: PathBuf,
-        /// Accept the INSECURE software TEE (development only).
+        /// Accept the INSECURE software TEE (development only): evidence endorsed by a node
+        /// named with --software-tee-host, for tenants listed in the reference value
+        /// `software_tee_tenants`. It trusts those nodes' hosts completely.
         #[arg(long)]
         allow_insecure_software_tee: bool,
+        /// A node's software-TEE host public key (hex, or a file holding it, such as
+        /// `<state dir>/node/software-tee-host.key.pub`) whose sandboxes may use the software
+        /// TEE. Repeatable.
+        #[arg(long = "software-tee-host", requires = "allow_insecure_software_tee")]
+        software_tee_hosts: Vec<String>,
     },
     /// Store a resource (`<tenant>/<type>/<tag>`).
     SetResource {
@@ -189,6 +233,17 @@ struct UpArgs {
     /// Bytes of registry blobs the node cache keeps before evicting the least recently used.
     #[arg(long, default_value_t = 10 << 30)]
     cache_max_bytes: u64,
+    /// Memory all sandboxes together may commit (their limits, pooled ones included), e.g.
+    /// 8GiB [default: total memory less max(1 GiB, an eighth)].
+    #[arg(long, value_parser = veil_node::capacity::parse_size)]
+    capacity_memory: Option<u64>,
+    /// CPUs all sandboxes together may commit, e.g. 3 or 1.5 [default: 4 per CPU].
+    #[arg(long)]
+    capacity_cpus: Option<f64>,
+    /// Seconds instances taken out of service (redeploy, delete, scale-down) get to finish
+    /// their requests before they are destroyed anyway.
+    #[arg(long, default_value_t = 30)]
+    drain_timeout: u64,
 }
 
 #[derive(Args)]
@@ -254,11 +309,11 @@ enum ImageCmd {
         /// Image reference to push to (`local/<name>:<tag>` = the running veil).
         #[arg(short, long)]
         tag: String,
-        /// Entrypoint, e.g. --entrypoint /hello (repeat for arguments).
-        #[arg(long, num_args = 1.., allow_hyphen_values = true)]
+        /// Entrypoint, one word per flag: --entrypoint /hello --entrypoint --verbose.
+        #[arg(long, allow_hyphen_values = true)]
         entrypoint: Vec<String>,
-        /// Default arguments.
-        #[arg(long, num_args = 1.., allow_hyphen_values = true)]
+        /// Default arguments, one word per flag: --cmd --port --cmd 9000.
+        #[arg(long, allow_hyphen_values = true)]
         cmd: Vec<String>,
         /// Environment KEY=VALUE (repeatable).
         #[arg(long)]
@@ -415,12 +470,25 @@ async fn kbs_cmd(kc: KbsCmd, server: &str) -> Result<()> {
             listen,
             state_dir,
             allow_insecure_software_tee,
+            software_tee_hosts,
         } => {
             let mut cfg = veil_kbs::KbsConfig::new(state_dir);
             cfg.allow_insecure_software_tee = allow_insecure_software_tee;
-            if allow_insecure_software_tee {
-                tracing::warn!(
-                    "this key broker accepts the INSECURE software TEE: development only"
+            for h in software_tee_hosts {
+                let key = if std::path::Path::new(&h).is_file() {
+                    std::fs::read_to_string(&h)
+                        .with_context(|| format!("read software-TEE host key {h}"))?
+                        .trim()
+                        .to_string()
+                } else {
+                    h
+                };
+                cfg.software_tee_hosts.push(key);
+            }
+            if allow_insecure_software_tee && cfg.software_tee_hosts.is_empty() {
+                bail!(
+                    "--allow-insecure-software-tee needs at least one --software-tee-host: \
+                     without it any local process could make up software-TEE evidence"
                 );
             }
             let kbs = veil_kbs::Kbs::open(cfg)?;
@@ -531,7 +599,14 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
-    let admin = || AdminClient::new(&cli.server);
+    let token = resolve_token(cli.token.clone());
+    let admin = || -> Result<AdminClient> {
+        let c = AdminClient::new(&cli.server)?;
+        Ok(match &token {
+            Some(t) => c.with_token(t),
+            None => c,
+        })
+    };
     match cli.cmd {
         Cmd::Up(a) => {
             let mut opts =
@@ -540,8 +615,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             opts.pool_size = a.pool_size;
             opts.insecure_registries = a.insecure_registries;
             opts.cache_max_bytes = a.cache_max_bytes;
+            opts.capacity_memory = a.capacity_memory;
+            opts.capacity_cpu_millis = a.capacity_cpus.map(|c| (c * 1000.0).round() as u64);
+            opts.drain_timeout = std::time::Duration::from_secs(a.drain_timeout);
             if !a.listen.ip().is_loopback() {
-                tracing::warn!("the admin API has no authentication yet; listening on a non-loopback address exposes it");
+                tracing::warn!("listening on a non-loopback address: the admin API and the local store need tokens, but travel in plain HTTP; invocations are public");
             }
             let p = Platform::start(opts).await?;
             println!("veil is up at {} (Ctrl-C to stop)", p.url());
@@ -622,15 +700,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Ls => {
             let fns = admin()?.list().await?;
             println!(
-                "{:<20} {:<10} {:>9} {:>8}  IMAGE",
-                "NAME", "TENANT", "INSTANCES", "REV"
+                "{:<20} {:<10} {:>9} {:>8} {:>8}  IMAGE",
+                "NAME", "TENANT", "INSTANCES", "DRAINING", "REV"
             );
             for f in fns {
                 println!(
-                    "{:<20} {:<10} {:>9} {:>8}  {} ({})",
+                    "{:<20} {:<10} {:>9} {:>8} {:>8}  {} ({})",
                     f.record.name,
                     f.record.tenant,
                     f.instances.len(),
+                    f.draining.len(),
                     f.record.revision,
                     f.record.image.reference,
                     f.record.image.manifest_digest
@@ -650,7 +729,26 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             admin()?.delete(&name).await?;
             println!("deleted {name}");
         }
-        Cmd::Image(ic) => image_cmd(ic, &cli.server).await?,
+        Cmd::Image(ic) => image_cmd(ic, &cli.server, token.as_deref()).await?,
+        Cmd::Token(tc) => match tc {
+            TokenCmd::Create { tenant } => {
+                let t = admin()?.create_token(&tenant).await?;
+                println!("{}", t.token);
+                eprintln!(
+                    "token {} for tenant {} (shown once; use it as VEIL_TOKEN)",
+                    t.info.id, t.info.tenant
+                );
+            }
+            TokenCmd::Ls => {
+                for t in admin()?.tokens().await? {
+                    println!("{}\t{}\t{}", t.id, t.tenant, t.created);
+                }
+            }
+            TokenCmd::Revoke { id } => {
+                admin()?.revoke_token(&id).await?;
+                println!("revoked {id}");
+            }
+        },
         Cmd::Kbs(kc) => kbs_cmd(kc, &cli.server).await?,
         Cmd::Attest(AttestCmd::Verify {
             file,
@@ -707,7 +805,13 @@ fn passphrase(file: Option<&std::path::Path>) -> Result<zeroize::Zeroizing<Strin
     Ok(zeroize::Zeroizing::new(s))
 }
 
-async fn image_cmd(ic: ImageCmd, server: &str) -> Result<()> {
+async fn image_cmd(ic: ImageCmd, server: &str, token: Option<&str>) -> Result<()> {
+    // Pushes to and pulls from veil's local store authenticate with the token; other
+    // registries use their own credentials (none configured here).
+    let registry_client = || match token {
+        Some(t) => images::registry_client_with_token(&[], server, t),
+        None => images::registry_client(&[]),
+    };
     match ic {
         ImageCmd::Build {
             dir,
@@ -740,7 +844,7 @@ async fn image_cmd(ic: ImageCmd, server: &str) -> Result<()> {
                     println!("wrote {}:{t} ({})", out.display(), image.manifest.digest);
                 }
                 None => {
-                    let client = images::registry_client(&[])?;
+                    let client = registry_client()?;
                     let target = images::push_target(&reference, server)?;
                     let d = images::push(&client, &image, &target).await?;
                     println!("pushed {reference} ({d})");
@@ -753,7 +857,7 @@ async fn image_cmd(ic: ImageCmd, server: &str) -> Result<()> {
                 .unwrap_or((source.as_str(), "latest"));
             let image = images::read_layout(std::path::Path::new(dir), tag)?;
             let reference: Reference = reference.parse()?;
-            let client = images::registry_client(&[])?;
+            let client = registry_client()?;
             let target = images::push_target(&reference, server)?;
             let d = images::push(&client, &image, &target).await?;
             println!("pushed {reference} ({d})");
@@ -768,7 +872,7 @@ async fn image_cmd(ic: ImageCmd, server: &str) -> Result<()> {
         } => {
             let src: Reference = reference.parse()?;
             let dst: Reference = output.as_deref().unwrap_or(&reference).parse()?;
-            let client = images::registry_client(&[])?;
+            let client = registry_client()?;
             let image = images::pull_image(&client, &images::push_target(&src, server)?).await?;
             let n = image.layers.len();
             if let Some(bad) = layers.iter().find(|&&i| i >= n) {
@@ -824,7 +928,7 @@ async fn image_cmd(ic: ImageCmd, server: &str) -> Result<()> {
                     k.display().to_string(),
                 )?);
             }
-            let client = images::registry_client(&[])?;
+            let client = registry_client()?;
             let target = images::push_target(&reference, server)?;
             print!("{}", images::inspect(&client, &target, &keys).await?);
         }
@@ -846,7 +950,7 @@ async fn image_cmd(ic: ImageCmd, server: &str) -> Result<()> {
                 pass.as_bytes(),
                 &key.display().to_string(),
             )?;
-            let client = images::registry_client(&[])?;
+            let client = registry_client()?;
             let target = images::push_target(&reference, server)?;
             let (d, sd) = images::sign_image(&client, &target, &identity, &signing).await?;
             println!(

@@ -7,13 +7,36 @@ use std::time::{Duration, Instant};
 
 const VEIL: &str = env!("CARGO_BIN_EXE_veil");
 
+/// Operator tokens of the `veil up`s this test started, by server URL.
+static TOKENS: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+
+fn remember_token(server: &str, state_dir: &std::path::Path) {
+    let t = std::fs::read_to_string(state_dir.join("auth/operator.token")).unwrap();
+    TOKENS
+        .lock()
+        .unwrap()
+        .push((server.to_string(), t.trim().to_string()));
+}
+
+fn token_of(server: &str) -> Option<String> {
+    TOKENS
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(s, _)| s == server)
+        .map(|(_, t)| t.clone())
+}
+
 fn veil(server: &str, args: &[&str]) -> Output {
-    Command::new(VEIL)
-        .args(args)
+    let mut c = Command::new(VEIL);
+    c.args(args)
         .env("VEIL_SERVER", server)
         .env("VEIL_LOG", "warn")
-        .output()
-        .unwrap()
+        .env_remove("VEIL_TOKEN");
+    if let Some(t) = token_of(server) {
+        c.env("VEIL_TOKEN", t);
+    }
+    c.output().unwrap()
 }
 
 fn ok(server: &str, args: &[&str]) -> String {
@@ -65,6 +88,7 @@ fn readme_workflow_with_the_veil_command() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    remember_token(&server, &tmp.path().join("state"));
 
     let ctx = tmp.path().join("hello");
     ok(&server, &["image", "example", ctx.to_str().unwrap()]);
@@ -384,9 +408,108 @@ fn readme_workflow_with_the_veil_command() {
     assert!(!bad_image.status.success());
     assert!(String::from_utf8_lossy(&bad_image.stderr).contains("IMAGE_NOT_FOUND"));
 
-    let sandboxes: Vec<serde_json::Value> =
-        serde_json::from_str(&reqwest::blocking_get(&format!("{server}/v1/sandboxes")).unwrap())
-            .unwrap();
+    // Names are one URL path segment: this must not delete `hello`.
+    let sneaky = veil(&server, &["delete", "nonexistent/../hello"]);
+    assert!(!sneaky.status.success());
+    assert!(ok(&server, &["ls"]).contains("hello "));
+
+    // Tokens: nothing under /v1/ or /v2/ without one; a tenant reaches only its own functions
+    // and repositories.
+    let anon = Command::new(VEIL)
+        .args(["ls"])
+        .env("VEIL_SERVER", &server)
+        .env("VEIL_LOG", "warn")
+        .env("VEIL_STATE_DIR", tmp.path().join("elsewhere"))
+        .env_remove("VEIL_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!anon.status.success());
+    assert!(
+        String::from_utf8_lossy(&anon.stderr).contains("HTTP 401"),
+        "{}",
+        String::from_utf8_lossy(&anon.stderr)
+    );
+    assert!(reqwest::blocking_get(&format!("{server}/v1/functions")).is_err());
+    assert!(reqwest::blocking_get(&format!("{server}/v2/hello/tags/list")).is_err());
+    assert_eq!(
+        reqwest::blocking_get(&format!("{server}/healthz")).unwrap(),
+        "ok\n"
+    );
+    let tenant_b = ok(&server, &["token", "create", "--tenant", "b"])
+        .trim()
+        .to_string();
+    let as_b = |args: &[&str]| {
+        Command::new(VEIL)
+            .args(args)
+            .env("VEIL_SERVER", &server)
+            .env("VEIL_LOG", "warn")
+            .env("VEIL_TOKEN", &tenant_b)
+            .output()
+            .unwrap()
+    };
+    let out = |o: &Output| {
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+    };
+    let listed_b = as_b(&["ls"]);
+    assert!(listed_b.status.success(), "{}", out(&listed_b));
+    assert!(!out(&listed_b).contains("hello"), "{}", out(&listed_b));
+    for args in [
+        &["delete", "hello"][..],
+        &["logs", "hello"],
+        &["deploy", "hello", "--image", "local/hello:v1"],
+        &["deploy", "mine", "--image", "local/hello:v1"],
+        &[
+            "deploy",
+            "mine",
+            "--image",
+            "local/hello:v1",
+            "--tenant",
+            "default",
+        ],
+        &["token", "ls"],
+        &["image", "inspect", "local/hello:v1"],
+    ] {
+        let o = as_b(args);
+        assert!(
+            !o.status.success(),
+            "tenant b could run {args:?}: {}",
+            out(&o)
+        );
+    }
+    assert!(
+        ok(&server, &["ls"]).contains("hello "),
+        "b's delete must not succeed"
+    );
+    // b pushes its own repository and deploys from it; default's token cannot be guessed.
+    let pushed = as_b(&[
+        "image",
+        "build",
+        ctx.to_str().unwrap(),
+        "-t",
+        "local/b-app:v1",
+        "--entrypoint",
+        "/hello",
+    ]);
+    assert!(pushed.status.success(), "{}", out(&pushed));
+    let deployed_b = as_b(&["deploy", "bfn", "--image", "local/b-app:v1"]);
+    assert!(deployed_b.status.success(), "{}", out(&deployed_b));
+    let theirs = veil(&server, &["ls"]);
+    assert!(
+        out(&theirs).contains("bfn "),
+        "the operator sees every tenant"
+    );
+    let ids = ok(&server, &["token", "ls"]);
+    let id = ids.split_whitespace().next().unwrap().to_string();
+    ok(&server, &["token", "revoke", &id]);
+    let revoked = as_b(&["ls"]);
+    assert!(!revoked.status.success(), "{}", out(&revoked));
+    ok(&server, &["delete", "bfn"]);
+
+    let token = token_of(&server).unwrap();
+    let sandboxes: Vec<serde_json::Value> = serde_json::from_str(
+        &reqwest::blocking_get_with(&format!("{server}/v1/sandboxes"), Some(&token)).unwrap(),
+    )
+    .unwrap();
     assert!(!sandboxes.is_empty());
     ok(&server, &["delete", "hello"]);
     let gone = veil(&server, &["invoke", "hello"]);
@@ -416,12 +539,21 @@ fn readme_workflow_with_the_veil_command() {
 mod reqwest {
     /// A tiny blocking GET (the workspace's reqwest is built without its blocking client).
     pub fn blocking_get(url: &str) -> Result<String, String> {
+        blocking_get_with(url, None)
+    }
+
+    /// A blocking GET with a bearer token.
+    pub fn blocking_get_with(url: &str, token: Option<&str>) -> Result<String, String> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| e.to_string())?;
         rt.block_on(async {
-            let r = ::reqwest::get(url).await.map_err(|e| e.to_string())?;
+            let mut rb = ::reqwest::Client::new().get(url);
+            if let Some(t) = token {
+                rb = rb.bearer_auth(t);
+            }
+            let r = rb.send().await.map_err(|e| e.to_string())?;
             if !r.status().is_success() {
                 return Err(format!("HTTP {}", r.status()));
             }
@@ -529,4 +661,56 @@ fn attest_verify_real_vectors() {
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/report.bin"));
     let short = veil("-", &["attest", "verify", &snp, "--report-data", "abcd"]);
     assert!(String::from_utf8_lossy(&short.stderr).contains("64 bytes"));
+}
+
+/// `--entrypoint` takes one word per flag, so the flags after it keep their meaning (it used to
+/// swallow `--env A=1` and `--oci-layout DIR`, which then pushed to Docker Hub).
+#[test]
+fn image_build_flags_do_not_swallow_each_other() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ctx = tmp.path().join("ctx");
+    let out_dir = tmp.path().join("layout");
+    let server = "http://127.0.0.1:9";
+    ok(server, &["image", "example", ctx.to_str().unwrap()]);
+    let built = ok(
+        server,
+        &[
+            "image",
+            "build",
+            ctx.to_str().unwrap(),
+            "-t",
+            "hello:v1",
+            "--entrypoint",
+            "/hello",
+            "--entrypoint",
+            "--exit",
+            "--env",
+            "A=1",
+            "--oci-layout",
+            out_dir.to_str().unwrap(),
+        ],
+    );
+    assert!(built.contains("wrote "), "{built}");
+    let read = |d: &str| {
+        let (alg, hex) = d.split_once(':').unwrap();
+        serde_json::from_slice::<serde_json::Value>(
+            &std::fs::read(out_dir.join("blobs").join(alg).join(hex)).unwrap(),
+        )
+        .unwrap()
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("index.json")).unwrap()).unwrap();
+    let manifest = read(index["manifests"][0]["digest"].as_str().unwrap());
+    let config = read(manifest["config"]["digest"].as_str().unwrap());
+    assert_eq!(
+        config["config"]["Entrypoint"],
+        serde_json::json!(["/hello", "--exit"])
+    );
+    assert!(
+        config["config"]["Env"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("A=1")),
+        "{config}"
+    );
 }

@@ -32,7 +32,7 @@ async fn up_with(f: impl FnOnce(&mut UpOptions)) -> Env {
     opts.agent_log = "debug".into();
     f(&mut opts);
     let platform = Platform::start(opts).await.unwrap();
-    let admin = AdminClient::new(&platform.url()).unwrap();
+    let admin = platform.admin_client().unwrap();
     Env {
         platform,
         admin,
@@ -878,7 +878,7 @@ async fn push_local_spec(env: &Env, repo_tag: &str, f: impl FnOnce(&mut BuildSpe
     f(&mut spec);
     let image = build_image(&spec).unwrap();
     let reference: Reference = format!("local/{repo_tag}").parse().unwrap();
-    let client = images::registry_client(&[]).unwrap();
+    let client = env.platform.registry_client().unwrap();
     let target = images::push_target(&reference, &env.platform.url()).unwrap();
     images::push(&client, &image, &target).await.unwrap();
     reference.to_string()
@@ -1201,7 +1201,7 @@ async fn cache_evicts_unused_upstream_blobs_and_refetches_them() {
 /// Sign a local-store image (the signature goes to veil's own `/v2/` under the sigstore tag).
 async fn sign_local(env: &Env, image: &str, key: &veil_image::signature::SigningKey) {
     let reference: Reference = image.parse().unwrap();
-    let client = images::registry_client(&[]).unwrap();
+    let client = env.platform.registry_client().unwrap();
     let target = images::push_target(&reference, &env.platform.url()).unwrap();
     images::sign_image(&client, &target, &reference, key)
         .await
@@ -1400,7 +1400,7 @@ async fn coco_key_provider_layers_use_the_brokers_key() {
     let kbs = env.platform.kbs.clone().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let plain = hello_image(&tmp.path().join("ctx"), &["/hello"]);
-    let client = images::registry_client(&[]).unwrap();
+    let client = env.platform.registry_client().unwrap();
     let mut kek = [0u8; 32];
     for (i, b) in kek.iter_mut().enumerate() {
         *b = (i as u8).wrapping_mul(37).wrapping_add(11);

@@ -5,10 +5,16 @@
 //!   starts one (up to `max_scale`) and holds the request — bounded in time and in queue length,
 //!   then a 503 with a clear body and `Retry-After`, never a hang.
 //! * Admin (JSON): `PUT/GET/DELETE /v1/functions/<name>`, `GET /v1/functions`,
-//!   `GET /v1/functions/<name>/logs`, `GET /v1/sandboxes`, `GET /healthz`.
+//!   `GET /v1/functions/<name>/logs`, `GET /v1/sandboxes`, `GET /v1/node` (capacity and
+//!   usage), `GET /healthz`.
 //! * Local image store: the OCI distribution API under `/v2/` for `local/<repo>` images.
+//!
+//! `/v1/` and `/v2/` need a token ([`auth`]): the operator's, or a tenant's, which reaches only
+//! that tenant's functions and repositories. `/healthz` and `/metrics` are open to loopback
+//! peers only; invocations are public.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 mod functions;
 pub mod metrics;
 mod registry;
@@ -20,7 +26,7 @@ use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get};
+use axum::routing::{any, delete, get};
 use axum::{Json, Router};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -45,6 +51,9 @@ pub struct GatewayConfig {
     pub default_kbs_url: Option<String>,
     /// Limits of the local store's uploads (blob size, expiry of abandoned uploads).
     pub local_store: LocalStoreConfig,
+    /// How long instances taken out of service (redeploy, delete, scale-down) may take to
+    /// finish the requests they have before they are destroyed anyway.
+    pub drain_timeout: Duration,
 }
 
 /// JSON error body of every gateway error.
@@ -75,21 +84,30 @@ pub struct Gateway {
     pub(crate) functions: functions::Functions,
     pub(crate) uploads: registry::Uploads,
     pub(crate) metrics: metrics::Metrics,
+    pub(crate) auth: auth::Auth,
 }
 
 impl Gateway {
-    /// Create a gateway over `node`, restoring persisted deployments.
-    pub fn new(node: Arc<Node>, config: GatewayConfig) -> Arc<Self> {
-        let functions = functions::Functions::load(&config.state_dir);
+    /// Create a gateway over `node`, restoring persisted deployments and opening the token
+    /// store (creating the operator token on first start).
+    pub fn new(node: Arc<Node>, config: GatewayConfig) -> Result<Arc<Self>, auth::AuthError> {
+        let auth = auth::Auth::open(&config.state_dir)?;
+        let functions = functions::Functions::load(&config.state_dir, config.drain_timeout);
         let gw = Arc::new(Self {
             node,
             config,
             functions,
             uploads: registry::Uploads::default(),
             metrics: metrics::Metrics::default(),
+            auth,
         });
         functions::spawn_autoscaler(Arc::downgrade(&gw));
-        gw
+        Ok(gw)
+    }
+
+    /// Where the operator token is (`<state>/auth/operator.token`).
+    pub fn operator_token_path(&self) -> PathBuf {
+        self.config.state_dir.join(auth::OPERATOR_TOKEN_FILE)
     }
 
     /// The node behind this gateway.
@@ -97,11 +115,11 @@ impl Gateway {
         &self.node
     }
 
-    /// The HTTP router.
+    /// The HTTP router. Serve it with connect info
+    /// (`into_make_service_with_connect_info::<SocketAddr>()`), or `/healthz` and `/metrics`
+    /// need a token too, since the peer cannot be known to be on loopback.
     pub fn router(self: &Arc<Self>) -> Router {
-        Router::new()
-            .route("/healthz", get(|| async { "ok\n" }))
-            .route("/metrics", get(render_metrics))
+        let protected = Router::new()
             .route("/v1/functions", get(list_functions))
             .route(
                 "/v1/functions/{name}",
@@ -109,8 +127,25 @@ impl Gateway {
             )
             .route("/v1/functions/{name}/logs", get(logs))
             .route("/v1/sandboxes", get(sandboxes))
+            .route("/v1/node", get(node_status))
+            .route("/v1/tokens", get(list_tokens).post(create_token))
+            .route("/v1/tokens/{id}", delete(revoke_token))
             .route("/v2/", get(registry::base))
             .route("/v2/{*rest}", any(registry::dispatch))
+            .route_layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                require_token,
+            ));
+        let local = Router::new()
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/metrics", get(render_metrics))
+            .route_layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                loopback_or_token,
+            ));
+        Router::new()
+            .merge(protected)
+            .merge(local)
             .route("/f/{name}", any(invoke_root))
             .route("/f/{name}/", any(invoke_root))
             .route("/f/{name}/{*rest}", any(invoke_path))
@@ -136,9 +171,12 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = gw.router();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 type GwState = State<Arc<Gateway>>;
@@ -147,7 +185,7 @@ async fn render_metrics(State(gw): GwState) -> Response {
     let fns = gw.functions.list();
     let node = &gw.node;
     let sandboxes = node.sandboxes();
-    let gauges = [
+    let mut gauges = vec![
         (
             "veil_instances",
             "Ready instances per function.",
@@ -172,7 +210,13 @@ async fn render_metrics(State(gw): GwState) -> Response {
             "Blobs fetched from upstream registries since start.",
             vec![(String::new(), node.cache().upstream_fetches() as f64)],
         ),
+        (
+            "veil_instances_draining",
+            "Instances finishing their requests before they are destroyed.",
+            vec![(String::new(), gw.functions.draining() as f64)],
+        ),
     ];
+    gauges.extend(metrics::capacity_gauges(&node.capacity()));
     let mut r = gw.metrics.render(&gauges).into_response();
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
@@ -181,12 +225,24 @@ async fn render_metrics(State(gw): GwState) -> Response {
     r
 }
 
-async fn list_functions(State(gw): GwState) -> Response {
-    Json(gw.functions.list()).into_response()
+type CallerExt = axum::Extension<auth::Caller>;
+
+async fn list_functions(State(gw): GwState, caller: CallerExt) -> Response {
+    let mut all = gw.functions.list();
+    all.retain(|f| caller.may_act_for(&f.record.tenant));
+    Json(all).into_response()
 }
 
-async fn get_function(State(gw): GwState, Path(name): Path<String>) -> Response {
-    match gw.functions.status(&name) {
+/// The function's status if `caller` may see it. Another tenant's function is reported as not
+/// deployed, so tenants cannot probe each other's names through reads.
+fn visible(gw: &Gateway, caller: &auth::Caller, name: &str) -> Option<FunctionStatus> {
+    gw.functions
+        .status(name)
+        .filter(|s| caller.may_act_for(&s.record.tenant))
+}
+
+async fn get_function(State(gw): GwState, caller: CallerExt, Path(name): Path<String>) -> Response {
+    match visible(&gw, &caller, &name) {
         Some(s) => Json(s).into_response(),
         None => not_deployed(&name),
     }
@@ -200,8 +256,18 @@ pub(crate) fn not_deployed(name: &str) -> Response {
     )
 }
 
-async fn deploy(State(gw): GwState, Path(name): Path<String>, body: axum::body::Bytes) -> Response {
-    let req: DeployRequest = match serde_json::from_slice(&body) {
+/// Largest environment a deployment may carry (names and values together): the kernel refuses
+/// to exec a process whose environment exceeds its argument limits, so a bigger one could
+/// never start.
+pub const MAX_ENV_BYTES: usize = 64 << 10;
+
+async fn deploy(
+    State(gw): GwState,
+    caller: CallerExt,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let mut req: DeployRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
             return api_error(
@@ -211,10 +277,64 @@ async fn deploy(State(gw): GwState, Path(name): Path<String>, body: axum::body::
             )
         }
     };
+    if let Some(r) = authorize_deploy(&gw, &caller, &name, &mut req) {
+        return r;
+    }
+    let env_bytes: usize = req.env.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+    if env_bytes > MAX_ENV_BYTES {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "BAD_REQUEST",
+            format!(
+                "the environment is {env_bytes} bytes; at most {MAX_ENV_BYTES} bytes are allowed"
+            ),
+        );
+    }
     functions::deploy(&gw, &name, req).await
 }
 
-async fn delete_function(State(gw): GwState, Path(name): Path<String>) -> Response {
+/// A tenant deploys only as itself, never over another tenant's function, and only images of
+/// its own local-store repositories. `None` when allowed.
+fn authorize_deploy(
+    gw: &Gateway,
+    caller: &auth::Caller,
+    name: &str,
+    req: &mut DeployRequest,
+) -> Option<Response> {
+    let forbidden = |m: String| Some(api_error(StatusCode::FORBIDDEN, "FORBIDDEN", m));
+    if let Some(t) = caller.tenant() {
+        match &req.tenant {
+            Some(asked) if asked != t => {
+                return forbidden(format!(
+                    "a token of tenant {t:?} cannot deploy for tenant {asked:?}"
+                ))
+            }
+            _ => req.tenant = Some(t.to_string()),
+        }
+    }
+    if let Some(existing) = gw.functions.status(name) {
+        if !caller.may_act_for(&existing.record.tenant) {
+            return forbidden(format!("function name {name:?} is taken by another tenant"));
+        }
+    }
+    if let Ok(r) = req.image.parse::<veil_image::Reference>() {
+        if r.is_local() {
+            if let Err(d) = gw.auth.repository_access(caller, &r.repository, false) {
+                return forbidden(format!("image {}: {}", req.image, d.message()));
+            }
+        }
+    }
+    None
+}
+
+async fn delete_function(
+    State(gw): GwState,
+    caller: CallerExt,
+    Path(name): Path<String>,
+) -> Response {
+    if visible(&gw, &caller, &name).is_none() {
+        return not_deployed(&name);
+    }
     if gw.functions.delete(&name).await {
         gw.node.logs().forget(&name);
         Json(serde_json::json!({ "deleted": name })).into_response()
@@ -228,15 +348,188 @@ struct LogQuery {
     tail: Option<usize>,
 }
 
-async fn logs(State(gw): GwState, Path(name): Path<String>, Query(q): Query<LogQuery>) -> Response {
-    if gw.functions.status(&name).is_none() {
+async fn logs(
+    State(gw): GwState,
+    caller: CallerExt,
+    Path(name): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> Response {
+    if visible(&gw, &caller, &name).is_none() {
         return not_deployed(&name);
     }
     Json(gw.node.logs().tail(&name, q.tail.unwrap_or(200))).into_response()
 }
 
-async fn sandboxes(State(gw): GwState) -> Response {
+fn operator_only(caller: &auth::Caller) -> Option<Response> {
+    (*caller != auth::Caller::Operator).then(|| {
+        api_error(
+            StatusCode::FORBIDDEN,
+            "FORBIDDEN",
+            "only the operator token may do this",
+        )
+    })
+}
+
+async fn sandboxes(State(gw): GwState, caller: CallerExt) -> Response {
+    if let Some(r) = operator_only(&caller) {
+        return r;
+    }
     Json(gw.node.sandboxes()).into_response()
+}
+
+async fn node_status(State(gw): GwState, caller: CallerExt) -> Response {
+    if let Some(r) = operator_only(&caller) {
+        return r;
+    }
+    Json(gw.node.status()).into_response()
+}
+
+/// Body of `POST /v1/tokens`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    /// The tenant the new token acts for.
+    pub tenant: String,
+}
+
+async fn create_token(State(gw): GwState, caller: CallerExt, body: axum::body::Bytes) -> Response {
+    if let Some(r) = operator_only(&caller) {
+        return r;
+    }
+    let req: TokenRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "BAD_REQUEST",
+                format!("malformed token request: {e}"),
+            )
+        }
+    };
+    if !functions::valid_name(&req.tenant) {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "BAD_REQUEST",
+            format!(
+                "tenant {:?} must be 1-63 lowercase letters, digits or '-'",
+                req.tenant
+            ),
+        );
+    }
+    match gw.auth.create_token(&req.tenant) {
+        Ok(t) => {
+            tracing::info!(tenant = %req.tenant, id = %t.info.id, "tenant token created");
+            (StatusCode::CREATED, Json(t)).into_response()
+        }
+        Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, "STORAGE", e.to_string()),
+    }
+}
+
+async fn list_tokens(State(gw): GwState, caller: CallerExt) -> Response {
+    if let Some(r) = operator_only(&caller) {
+        return r;
+    }
+    Json(gw.auth.tokens()).into_response()
+}
+
+async fn revoke_token(State(gw): GwState, caller: CallerExt, Path(id): Path<String>) -> Response {
+    if let Some(r) = operator_only(&caller) {
+        return r;
+    }
+    match gw.auth.revoke(&id) {
+        Ok(true) => Json(serde_json::json!({ "revoked": id })).into_response(),
+        Ok(false) => api_error(
+            StatusCode::NOT_FOUND,
+            "TOKEN_NOT_FOUND",
+            format!("no token with id {id:?}"),
+        ),
+        Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, "STORAGE", e.to_string()),
+    }
+}
+
+fn unauthenticated(path: &str, why: &str) -> Response {
+    let mut r = if path.starts_with("/v2/") {
+        registry::unauthorized(why)
+    } else {
+        api_error(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            format!(
+                "{why}: send Authorization: Bearer <token> (the operator token is in \
+                 <state dir>/{}; tenants get theirs from the operator)",
+                auth::OPERATOR_TOKEN_FILE
+            ),
+        )
+    };
+    r.headers_mut().insert(
+        http::header::WWW_AUTHENTICATE,
+        http::HeaderValue::from_static("Basic realm=\"veil\""),
+    );
+    r
+}
+
+/// The repository a `/v2/<repo>/…` path names, with whether the request writes to it and the
+/// repository a cross-repository mount reads from.
+fn registry_target<'a>(
+    path: &'a str,
+    method: &http::Method,
+    query: Option<&'a str>,
+) -> Option<(&'a str, bool, Option<String>)> {
+    let rest = path.strip_prefix("/v2/")?;
+    let end = ["/blobs/", "/manifests/", "/tags/"]
+        .iter()
+        .filter_map(|m| rest.find(m))
+        .min()?;
+    let write = !matches!(*method, http::Method::GET | http::Method::HEAD);
+    let from = query.and_then(|q| {
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix("from="))
+            .map(|f| f.replace("%2F", "/").replace("%2f", "/"))
+    });
+    Some((&rest[..end], write, from))
+}
+
+/// Authenticate `/v1/` and `/v2/` requests, and confine tenants to their repositories.
+async fn require_token(
+    State(gw): GwState,
+    mut req: Request<Body>,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = req.uri().path().to_string();
+    let caller = match gw.auth.authenticate(req.headers()) {
+        Ok(c) => c,
+        Err(d) => return unauthenticated(&path, &d.message()),
+    };
+    if let Some((repo, write, from)) = registry_target(&path, req.method(), req.uri().query()) {
+        let checks = std::iter::once((repo.to_string(), write)).chain(from.map(|f| (f, false)));
+        for (repo, write) in checks {
+            match gw.auth.repository_access(&caller, &repo, write) {
+                Ok(()) => {}
+                Err(auth::Denied::Unknown(m)) => return registry::unknown_repository(&m),
+                Err(d) => return registry::denied(&d.message()),
+            }
+        }
+    }
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}
+
+/// `/healthz` and `/metrics`: open to loopback peers, a token otherwise.
+async fn loopback_or_token(
+    State(gw): GwState,
+    req: Request<Body>,
+    next: axum::middleware::Next,
+) -> Response {
+    let on_loopback = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .is_some_and(|c| c.0.ip().is_loopback());
+    if !on_loopback {
+        if let Err(d) = gw.auth.authenticate(req.headers()) {
+            return unauthenticated(req.uri().path(), &d.message());
+        }
+    }
+    next.run(req).await
 }
 
 async fn invoke_root(State(gw): GwState, Path(name): Path<String>, req: Request<Body>) -> Response {

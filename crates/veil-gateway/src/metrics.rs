@@ -103,6 +103,43 @@ impl Metrics {
     }
 }
 
+/// The node's capacity and what its sandboxes commit against it.
+pub fn capacity_gauges(c: &veil_node::capacity::CapacityStatus) -> Vec<Gauge<'static>> {
+    let one = |v: u64| vec![(String::new(), v as f64)];
+    vec![
+        (
+            "veil_capacity_memory_bytes",
+            "Memory the node may commit to sandboxes (their limits).",
+            one(c.capacity.memory_bytes),
+        ),
+        (
+            "veil_capacity_cpu_millis",
+            "CPU the node may commit to sandboxes, in thousandths of a core.",
+            one(c.capacity.cpu_millis),
+        ),
+        (
+            "veil_capacity_sandboxes",
+            "Sandboxes the node's capacity holds.",
+            one(c.max_sandboxes),
+        ),
+        (
+            "veil_committed_memory_bytes",
+            "Memory limits of the sandboxes that exist or are booting.",
+            one(c.used.memory_bytes),
+        ),
+        (
+            "veil_committed_cpu_millis",
+            "CPU limits of the sandboxes that exist or are booting.",
+            one(c.used.cpu_millis),
+        ),
+        (
+            "veil_committed_sandboxes",
+            "Sandboxes counted against the capacity (pooled, assigned, booting).",
+            one(c.sandboxes),
+        ),
+    ]
+}
+
 /// `{function="<name>"}`.
 pub fn fn_label(name: &str) -> String {
     format!("{{function=\"{}\"}}", esc(name))

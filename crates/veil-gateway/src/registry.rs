@@ -69,6 +69,11 @@ pub(crate) fn denied(message: &str) -> Response {
     reg_error(StatusCode::FORBIDDEN, "DENIED", message).into_response()
 }
 
+/// 404 in the distribution API's error shape: to this token, the repository does not exist.
+pub(crate) fn unknown_repository(why: &str) -> Response {
+    reg_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN", why.to_string()).into_response()
+}
+
 /// A store error as the distribution API reports it.
 fn store_error(e: &NodeError) -> RegError {
     match e.kind() {
@@ -482,9 +487,4 @@ mod tests {
         assert_eq!(page(Some(3), Some("z")), (vec![], None));
         assert_eq!(page(Some(0), None), (vec![], None));
     }
-}
-
-/// 404 in the distribution API's error shape: to this token, the repository does not exist.
-pub(crate) fn unknown_repository(why: &str) -> Response {
-    reg_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN", why.to_string()).into_response()
 }

@@ -59,7 +59,13 @@ fn host() -> &'static HostKey {
 
 /// A software attester endorsed by `host` for `tenant`'s function `hello`.
 fn attester_by(host: &HostKey, tenant: &str) -> SoftwareAttester {
-    let c = host.endorse("sb-test", tenant, "hello", SystemTime::now(), Duration::from_secs(600));
+    let c = host.endorse(
+        "sb-test",
+        tenant,
+        "hello",
+        SystemTime::now(),
+        Duration::from_secs(600),
+    );
     SoftwareAttester::new(MEASUREMENT, "", &c).unwrap()
 }
 
@@ -773,7 +779,8 @@ async fn made_up_software_evidence_gets_nothing() {
         .await
         .unwrap_err();
     assert!(
-        err.to_string().contains("not endorsed by a host this broker trusts"),
+        err.to_string()
+            .contains("not endorsed by a host this broker trusts"),
         "{err}"
     );
 
@@ -784,8 +791,10 @@ async fn made_up_software_evidence_gets_nothing() {
             TeeKind::Software
         }
         fn evidence(&self, rd: &[u8; REPORT_DATA_LEN]) -> Result<Value, veil_attest::Error> {
-            Ok(json!({"warning": veil_attest::software::WARNING, "measurement": MEASUREMENT,
-                "report_data": hex::encode(rd), "init_data": ""}))
+            Ok(
+                json!({"warning": veil_attest::software::WARNING, "measurement": MEASUREMENT,
+                "report_data": hex::encode(rd), "init_data": ""}),
+            )
         }
     }
     let (cookie, nonce) = b.auth("sample").await;
@@ -836,7 +845,8 @@ async fn software_tee_without_trusted_hosts_accepts_nothing() {
         .await
         .unwrap_err();
     assert!(
-        err.to_string().contains("not endorsed by a host this broker trusts"),
+        err.to_string()
+            .contains("not endorsed by a host this broker trusts"),
         "{err}"
     );
 }

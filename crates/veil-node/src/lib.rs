@@ -6,8 +6,12 @@
 #![forbid(unsafe_code)]
 
 pub mod cache;
+pub mod capacity;
 pub mod logs;
+mod pool;
 pub mod store;
+
+pub use pool::{Claim, NodeStatus};
 
 use bytes::Bytes;
 use cache::{BlobCache, ResolvedImage};
@@ -97,6 +101,9 @@ pub enum NodeError {
         /// Agent message.
         message: String,
     },
+    /// The node's capacity (memory and CPU budget) has no room, or is misconfigured.
+    #[error(transparent)]
+    Capacity(#[from] capacity::CapacityError),
 }
 
 /// What kind of failure a [`NodeError`] is, whatever path it took (shared fetches included):
@@ -127,6 +134,8 @@ pub enum ErrorKind {
     Sandbox,
     /// The start was cancelled.
     Cancelled,
+    /// The node is at capacity (or its capacity holds no sandbox).
+    Capacity,
 }
 
 impl NodeError {
@@ -153,6 +162,7 @@ impl NodeError {
                 ErrorKind::Sandbox
             }
             NodeError::Cancelled(_) => ErrorKind::Cancelled,
+            NodeError::Capacity(_) => ErrorKind::Capacity,
         }
     }
 
@@ -183,6 +193,9 @@ pub struct NodeConfig {
     pub rootfs_bytes: u64,
     /// Generic sandboxes kept booted ahead of demand.
     pub pool_size: usize,
+    /// What all sandboxes together may commit (their memory and CPU limits, pooled sandboxes
+    /// included); default [`capacity::Resources::of_this_machine`].
+    pub capacity: capacity::Resources,
     /// Bytes of upstream blobs the cache keeps before evicting least recently used ones.
     pub cache_max_bytes: u64,
     /// Log filter for agents.
@@ -205,6 +218,7 @@ impl NodeConfig {
             pids_max: 256,
             rootfs_bytes: 256 << 20,
             pool_size: 2,
+            capacity: capacity::Resources::of_this_machine(),
             cache_max_bytes: 10 << 30,
             agent_log: "info".into(),
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
@@ -284,6 +298,8 @@ struct SandboxEntry {
     function: Mutex<Option<String>>,
     /// The tenant's key broker this sandbox may reach through the node, set at assignment.
     kbs_url: Mutex<Option<String>>,
+    /// This sandbox's share of the node's budget, given back once it is destroyed.
+    reservation: Mutex<Option<capacity::Reservation>>,
 }
 
 #[derive(Clone)]
@@ -366,14 +382,25 @@ pub struct Node {
     backend: Arc<dyn Backend>,
     cache: Arc<BlobCache>,
     sandboxes: Mutex<HashMap<String, Arc<SandboxEntry>>>,
-    pool: tokio::sync::Mutex<Vec<Arc<SandboxEntry>>>,
+    pool: Mutex<Vec<Arc<SandboxEntry>>>,
+    /// Memory and CPU budget every sandbox counts against, booting or booted.
+    budget: Arc<capacity::Budget>,
     logs: Arc<logs::LogBook>,
     shutting_down: AtomicBool,
     /// One pool refill at a time, so a burst of cold starts does not overfill the pool.
     filling: AtomicBool,
+    /// Endorses the INSECURE software TEE's sandbox keys (see [`Node::software_tee_host_key`]).
+    software_tee_host: veil_attest::software::HostKey,
 }
 
 type RespBody = BoxBody<Bytes, std::io::Error>;
+
+/// The node's software-TEE host key, relative to its state directory (0600; its public key is
+/// beside it in `<name>.pub`).
+pub const SOFTWARE_TEE_HOST_KEY: &str = "node/software-tee-host.key";
+
+/// How long a sandbox's software-TEE endorsement is valid: it attests right after assignment.
+const SOFTWARE_TEE_ENDORSEMENT_TTL: Duration = Duration::from_secs(600);
 
 impl Node {
     /// Start a node with the namespace sandbox backend.
@@ -389,20 +416,57 @@ impl Node {
         Self::with_backend(config, Arc::new(backend))
     }
 
+    /// The public half of the key this node endorses its sandboxes' INSECURE software-TEE
+    /// evidence with (Ed25519, hex). A broker that accepts the software TEE from this node's
+    /// sandboxes must trust it; what that trusts is the host itself.
+    pub fn software_tee_host_key(&self) -> String {
+        self.software_tee_host.public_hex()
+    }
+
+    fn endorse_software_tee(
+        &self,
+        sandbox: &str,
+        spec: &InstanceSpec,
+    ) -> veil_proto::SoftwareTeeCredential {
+        let c = self.software_tee_host.endorse(
+            sandbox,
+            &spec.tenant,
+            &spec.function,
+            std::time::SystemTime::now(),
+            SOFTWARE_TEE_ENDORSEMENT_TTL,
+        );
+        veil_proto::SoftwareTeeCredential {
+            signing_key: c.signing_key,
+            endorsement: c.endorsement,
+        }
+    }
+
     /// Start a node with a given backend.
     pub fn with_backend(
         config: NodeConfig,
         backend: Arc<dyn Backend>,
     ) -> Result<Arc<Self>, NodeError> {
+        let budget = capacity::Budget::new(
+            config.capacity,
+            capacity::Resources {
+                memory_bytes: config.memory_bytes,
+                cpu_millis: u64::from(config.cpu_millis),
+            },
+        )?;
         let store = Arc::new(BlobStore::open(&config.state_dir.join("store"))?);
         let client = veil_registry::RegistryClient::new(config.registry.clone())
             .map_err(|e| NodeError::upstream("registry client", e))?;
+        let host_key = config.state_dir.join(SOFTWARE_TEE_HOST_KEY);
+        let software_tee_host = veil_attest::software::HostKey::load_or_create(&host_key)
+            .map_err(|e| NodeError::Storage(e.to_string()))?;
         let node = Arc::new(Self {
+            software_tee_host,
             cache: Arc::new(BlobCache::new(store, client, config.cache_max_bytes)),
             config,
             backend,
             sandboxes: Mutex::new(HashMap::new()),
-            pool: tokio::sync::Mutex::new(Vec::new()),
+            pool: Mutex::new(Vec::new()),
+            budget,
             logs: Arc::new(logs::LogBook::default()),
             shutting_down: AtomicBool::new(false),
             filling: AtomicBool::new(false),
@@ -442,49 +506,12 @@ impl Node {
         self.cache.resolve(image).await
     }
 
-    /// Generic sandboxes booted, prepared and waiting in the pool.
-    pub async fn pooled(&self) -> usize {
-        self.pool.lock().await.len()
-    }
-
-    /// Boot sandboxes until the generic pool holds `pool_size` of them.
-    pub async fn fill_pool(self: &Arc<Self>) {
-        if self.filling.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        self.fill_pool_inner().await;
-        self.filling.store(false, Ordering::SeqCst);
-    }
-
-    async fn fill_pool_inner(self: &Arc<Self>) {
-        loop {
-            if self.shutting_down.load(Ordering::SeqCst) {
-                return;
-            }
-            let have = {
-                let mut pool = self.pool.lock().await;
-                pool.retain(|sb| !sb.dead.load(Ordering::SeqCst));
-                pool.len()
-            };
-            if have >= self.config.pool_size {
-                return;
-            }
-            match self.boot().await {
-                Ok(sb) if self.shutting_down.load(Ordering::SeqCst) => {
-                    // Booted while the node shut down: it must not outlive the node.
-                    self.destroy_entry(&sb).await;
-                    return;
-                }
-                Ok(sb) => self.pool.lock().await.push(sb),
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not boot a pooled sandbox");
-                    return;
-                }
-            }
-        }
-    }
-
-    async fn boot(self: &Arc<Self>) -> Result<Arc<SandboxEntry>, NodeError> {
+    /// Boot a sandbox within `reservation`, which it keeps until destroyed (and gives back at
+    /// once if the boot fails).
+    async fn boot(
+        self: &Arc<Self>,
+        reservation: capacity::Reservation,
+    ) -> Result<Arc<SandboxEntry>, NodeError> {
         let id = format!("{:016x}", rand::random::<u64>());
         let spec = SandboxSpec {
             id: id.clone(),
@@ -505,6 +532,7 @@ impl Node {
             destroyed: tokio::sync::OnceCell::new(),
             function: Mutex::new(None),
             kbs_url: Mutex::new(None),
+            reservation: Mutex::new(Some(reservation)),
         });
         self.sandboxes
             .lock()
@@ -581,14 +609,16 @@ impl Node {
         Ok(entry)
     }
 
-    /// Cold-start an instance: take a pooled sandbox (or boot one), make the image's blobs
-    /// present in the cache, and assign the sandbox to the function.
+    /// Cold-start an instance in the room `claim` holds (a pooled sandbox, or budget to boot
+    /// one): make the image's blobs present in the cache, and assign the sandbox to the
+    /// function.
     ///
     /// If `cancel` fires first (the function was deleted or redeployed), the sandbox is
     /// destroyed and [`NodeError::Cancelled`] returned.
     pub async fn start_instance(
         self: &Arc<Self>,
         spec: &InstanceSpec,
+        claim: Claim,
         cancel: &CancellationToken,
     ) -> Result<Instance, NodeError> {
         let t0 = Instant::now();
@@ -610,25 +640,22 @@ impl Node {
                 .collect::<Result<Vec<()>, _>>()
                 .map(|_| t.elapsed())
         });
-        let pooled = {
-            let mut pool = self.pool.lock().await;
-            loop {
-                match pool.pop() {
-                    Some(sb) if sb.dead.load(Ordering::SeqCst) => continue,
-                    other => break other,
-                }
-            }
-        };
-        let sandbox = match pooled {
-            Some(sb) => {
+        let sandbox = match claim.take() {
+            Some(pool::Room::Pooled(sb)) => {
                 timings.pooled = true;
                 sb
             }
-            None => {
+            Some(pool::Room::Fresh(reservation)) => {
                 let t = Instant::now();
-                let sb = self.boot().await?;
+                let sb = self.boot(reservation).await?;
                 timings.boot_ms = t.elapsed().as_secs_f64() * 1000.0;
                 sb
+            }
+            None => {
+                return Err(NodeError::Channel {
+                    id: "-".into(),
+                    reason: "the claim was already used".into(),
+                })
             }
         };
         let refill = self.clone();
@@ -671,7 +698,12 @@ impl Node {
             port: spec.port,
             concurrency: spec.concurrency,
             ready_timeout_ms: spec.ready_timeout.as_millis() as u64,
-            attestation: spec.attestation.clone(),
+            attestation: spec.attestation.clone().map(|mut plan| {
+                if plan.allow_software_tee {
+                    plan.software_tee = Some(self.endorse_software_tee(&sandbox.id, spec));
+                }
+                plan
+            }),
             signatures: spec.image.signatures.clone(),
             index_digest: spec.image.index_digest.clone(),
         };
@@ -751,6 +783,8 @@ impl Node {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&e.id);
+                // Its processes are gone (or reported): its share of the budget comes back.
+                drop(lock(&e.reservation).take());
                 tracing::debug!(sandbox = %e.id, "sandbox destroyed");
             })
             .await;
@@ -774,7 +808,7 @@ impl Node {
     /// Destroy every sandbox (pooled ones too) and stop refilling the pool.
     pub async fn shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
-        self.pool.lock().await.clear();
+        lock(&self.pool).clear();
         let all: Vec<Arc<SandboxEntry>> = self
             .sandboxes
             .lock()
@@ -784,6 +818,10 @@ impl Node {
             .collect();
         futures::future::join_all(all.iter().map(|e| self.destroy_entry(e))).await;
     }
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Longest log line kept; the rest of a longer line is dropped.

@@ -1,0 +1,354 @@
+//! `PUT /v1/functions/<name>`: validation, capacity check, and the switch to a new revision.
+
+use super::{lock, FunctionRecord, Runtime};
+use crate::{api_error, Gateway};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use veil_node::NodeError;
+
+/// Body of `PUT /v1/functions/<name>`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployRequest {
+    /// Image reference (`local/<repo>:<tag>` for the node's store, or any registry).
+    pub image: String,
+    /// Owning tenant (default `default`).
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// Extra environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Concurrent requests per instance (default 100).
+    #[serde(default)]
+    pub concurrency: Option<u32>,
+    /// Instances kept even when idle (default 0: scale to zero).
+    #[serde(default)]
+    pub min_scale: Option<u32>,
+    /// Most instances (default 10).
+    #[serde(default)]
+    pub max_scale: Option<u32>,
+    /// Port the function listens on (default 8080).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Seconds the function may take to listen (default 30).
+    #[serde(default)]
+    pub ready_timeout_s: Option<u64>,
+    /// Seconds an instance may stay idle before it is removed (default 60).
+    #[serde(default)]
+    pub idle_timeout_s: Option<u64>,
+    /// Secrets released by the tenant's key broker to the sandbox after attestation, as
+    /// environment variable → resource (`kbs:///<tenant>/<type>/<tag>`). The host never sees
+    /// their values.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, String>,
+    /// Private keys (PEM) that decrypt the image's encrypted layers, as key-broker resources
+    /// (`kbs:///<tenant>/<type>/<tag>`), released to the sandbox after attestation.
+    #[serde(default)]
+    pub decryption_keys: Vec<String>,
+    /// The tenant's image signature policy (containers-policy.json) as a key-broker resource
+    /// (`kbs:///<tenant>/<type>/<tag>`): fetched and enforced inside the sandbox.
+    #[serde(default)]
+    pub signature_policy: Option<String>,
+    /// The tenant's key broker (default: the one embedded in `veil up`).
+    #[serde(default)]
+    pub kbs_url: Option<String>,
+    /// Let sandboxes without SEV-SNP/TDX attest with the INSECURE software TEE (development
+    /// only; the broker's policy must allow it too).
+    #[serde(default)]
+    pub allow_insecure_software_tee: bool,
+}
+
+impl DeployRequest {
+    /// A request for `image` with every setting at its default.
+    pub fn new(image: &str) -> Self {
+        Self {
+            image: image.to_string(),
+            tenant: None,
+            env: BTreeMap::new(),
+            concurrency: None,
+            min_scale: None,
+            max_scale: None,
+            port: None,
+            ready_timeout_s: None,
+            idle_timeout_s: None,
+            secrets: BTreeMap::new(),
+            decryption_keys: Vec::new(),
+            signature_policy: None,
+            kbs_url: None,
+            allow_insecure_software_tee: false,
+        }
+    }
+}
+
+/// `kbs:///<repo>/<type>/<tag>` or `<repo>/<type>/<tag>` → (repo, "repo/type/tag").
+fn parse_resource(uri: &str) -> Option<(String, String)> {
+    let path = uri.strip_prefix("kbs:///").unwrap_or(uri);
+    let parts: Vec<&str> = path.split('/').collect();
+    let ok = parts.len() == 3
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && *p != "."
+                && *p != ".."
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        });
+    ok.then(|| (parts[0].to_string(), path.to_string()))
+}
+
+pub(crate) fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+/// Handle `PUT /v1/functions/<name>`.
+pub async fn deploy(gw: &Arc<Gateway>, name: &str, req: DeployRequest) -> Response {
+    if !valid_name(name) {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "BAD_NAME",
+            format!("function name {name:?} must be 1-63 lowercase letters, digits or '-', not starting or ending with '-'"),
+        );
+    }
+    let concurrency = req.concurrency.unwrap_or(100);
+    let min_scale = req.min_scale.unwrap_or(0);
+    let max_scale = req.max_scale.unwrap_or(10);
+    let port = req.port.unwrap_or(8080);
+    let ready_timeout_s = req.ready_timeout_s.unwrap_or(30);
+    let idle_timeout_s = req.idle_timeout_s.unwrap_or(60);
+    let tenant = req.tenant.clone().unwrap_or_else(|| "default".into());
+    let problems: Vec<String> = [
+        (concurrency == 0 || concurrency > 10_000)
+            .then(|| "concurrency must be 1..=10000".to_string()),
+        (max_scale == 0 || max_scale > 1000).then(|| "max_scale must be 1..=1000".to_string()),
+        (min_scale > max_scale)
+            .then(|| format!("min_scale {min_scale} exceeds max_scale {max_scale}")),
+        (port == 0).then(|| "port must be 1..=65535".to_string()),
+        (ready_timeout_s == 0 || ready_timeout_s > 600)
+            .then(|| "ready_timeout_s must be 1..=600".to_string()),
+        (idle_timeout_s == 0).then(|| "idle_timeout_s must be at least 1".to_string()),
+        (!valid_name(&tenant))
+            .then(|| format!("tenant {tenant:?} must be lowercase letters, digits or '-'")),
+        req.env
+            .keys()
+            .find(|k| k.is_empty() || k.contains('=') || k.contains('\0') || k.as_str() == "PORT")
+            .map(|k| format!("environment variable name {k:?} is not allowed")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let mut problems = problems;
+    let mut secrets = BTreeMap::new();
+    for (env, uri) in &req.secrets {
+        if env.is_empty() || env.contains('=') || env.contains('\0') || env == "PORT" {
+            problems.push(format!("secret variable name {env:?} is not allowed"));
+            continue;
+        }
+        if req.env.contains_key(env) {
+            problems.push(format!("{env} is both a plain variable and a secret"));
+        }
+        match parse_resource(uri) {
+            Some((repo, path)) if repo == tenant => {
+                secrets.insert(env.clone(), path);
+            }
+            Some((repo, _)) => problems.push(format!(
+                "secret {env} refers to {uri}, a resource of tenant {repo:?}, not of {tenant:?}"
+            )),
+            None => problems.push(format!(
+                "secret {env}: {uri:?} is not a key-broker resource (kbs:///<tenant>/<type>/<tag>)"
+            )),
+        }
+    }
+    let mut image_keys = Vec::new();
+    for uri in &req.decryption_keys {
+        match parse_resource(uri) {
+            Some((repo, path)) if repo == tenant => image_keys.push(path),
+            Some((repo, _)) => problems.push(format!(
+                "decryption key {uri} is a resource of tenant {repo:?}, not of {tenant:?}"
+            )),
+            None => problems.push(format!(
+                "decryption key {uri:?} is not a key-broker resource (kbs:///<tenant>/<type>/<tag>)"
+            )),
+        }
+    }
+    let mut signature_policy = None;
+    if let Some(uri) = &req.signature_policy {
+        match parse_resource(uri) {
+            Some((repo, path)) if repo == tenant => signature_policy = Some(path),
+            Some((repo, _)) => problems.push(format!(
+                "signature policy {uri} is a resource of tenant {repo:?}, not of {tenant:?}"
+            )),
+            None => problems.push(format!(
+                "signature policy {uri:?} is not a key-broker resource (kbs:///<tenant>/<type>/<tag>)"
+            )),
+        }
+    }
+    let kbs_url = req
+        .kbs_url
+        .clone()
+        .or_else(|| gw.config.default_kbs_url.clone());
+    if (!secrets.is_empty() || !image_keys.is_empty() || signature_policy.is_some())
+        && kbs_url.is_none()
+    {
+        problems.push(
+            "the function has secrets, decryption keys or a signature policy but no key broker \
+             is configured (kbs_url)"
+                .into(),
+        );
+    }
+    if let Some(u) = &kbs_url {
+        if !(u.starts_with("http://") || u.starts_with("https://")) {
+            problems.push(format!("kbs_url {u:?} must be an http(s) URL"));
+        }
+    }
+    if !problems.is_empty() {
+        return api_error(StatusCode::BAD_REQUEST, "BAD_REQUEST", problems.join("; "));
+    }
+    let image = match gw.node.resolve(&req.image).await {
+        Ok(i) => i,
+        Err(e) => {
+            let (status, code) = deploy_error_status(&e);
+            tracing::warn!(function = name, image = %req.image, error = %e, "deploy failed");
+            return api_error(status, code, e.to_string());
+        }
+    };
+    let (status, created) = {
+        let mut map = lock(&gw.functions.map);
+        if let Some(refusal) = capacity_refusal(gw, &map, name, min_scale) {
+            return refusal;
+        }
+        let revision = map.get(name).map(|r| r.record.revision + 1).unwrap_or(1);
+        let record = FunctionRecord {
+            name: name.to_string(),
+            tenant,
+            image,
+            env: req.env,
+            concurrency,
+            min_scale,
+            max_scale,
+            port,
+            ready_timeout_s,
+            idle_timeout_s,
+            revision,
+            secrets,
+            image_keys,
+            signature_policy,
+            kbs_url,
+            allow_insecure_software_tee: req.allow_insecure_software_tee,
+        };
+        let created = !map.contains_key(name);
+        if let Some(old) = map.insert(name.to_string(), Runtime::new(record)) {
+            // New requests go to the new revision from now on; the old instances finish
+            // theirs and are destroyed in the background.
+            drop(gw.functions.retire(old, "redeployed"));
+        }
+        let status = map.get(name).map(|rt| gw.functions.status_of(rt));
+        gw.functions.persist(&map);
+        (status, created)
+    };
+    tracing::info!(function = name, "deployed");
+    let code = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    (code, Json(status)).into_response()
+}
+
+/// A deployment whose `min_scale` the node cannot keep up is refused: the `min_scale` of all
+/// functions together must fit the node's capacity (pooled sandboxes are not counted: an
+/// instance takes one from the pool). `max_scale` may exceed it; starts beyond it wait.
+fn capacity_refusal(
+    gw: &Gateway,
+    map: &HashMap<String, Runtime>,
+    name: &str,
+    min_scale: u32,
+) -> Option<Response> {
+    if min_scale == 0 {
+        return None;
+    }
+    let cap = gw.node.capacity();
+    let others: u64 = map
+        .iter()
+        .filter(|(n, _)| n.as_str() != name)
+        .map(|(_, rt)| u64::from(rt.record.min_scale))
+        .sum();
+    if others + u64::from(min_scale) <= cap.max_sandboxes {
+        return None;
+    }
+    tracing::warn!(
+        function = name,
+        min_scale,
+        others,
+        max_sandboxes = cap.max_sandboxes,
+        "deploy refused: min_scale exceeds the node's capacity"
+    );
+    Some(api_error(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "CAPACITY_EXCEEDED",
+        format!(
+            "min_scale {min_scale} does not fit the node's capacity: {} holds {} sandboxes of \
+             {} each, and other functions keep {others} of them up",
+            cap.capacity, cap.max_sandboxes, cap.per_sandbox
+        ),
+    ))
+}
+
+/// The status and code of a deploy whose image did not resolve, by the error's kind (an
+/// upstream 404 is a 404, refused credentials a 403, a stalling registry a 504).
+pub(crate) fn deploy_error_status(e: &NodeError) -> (StatusCode, &'static str) {
+    use veil_node::ErrorKind;
+    match e.kind() {
+        ErrorKind::BadReference => (StatusCode::BAD_REQUEST, "BAD_IMAGE_REFERENCE"),
+        ErrorKind::NotFound => (StatusCode::NOT_FOUND, "IMAGE_NOT_FOUND"),
+        ErrorKind::BadImage => (StatusCode::UNPROCESSABLE_ENTITY, "BAD_IMAGE"),
+        ErrorKind::Unauthorized | ErrorKind::Denied => {
+            (StatusCode::FORBIDDEN, "IMAGE_ACCESS_DENIED")
+        }
+        ErrorKind::UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "REGISTRY_TIMEOUT"),
+        _ => (StatusCode::BAD_GATEWAY, "REGISTRY_ERROR"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resources() {
+        assert_eq!(
+            parse_resource("kbs:///acme/key/db"),
+            Some(("acme".into(), "acme/key/db".into()))
+        );
+        assert_eq!(
+            parse_resource("acme/key/db").map(|r| r.0),
+            Some("acme".into())
+        );
+        for bad in [
+            "kbs:///acme/key",
+            "acme/../db",
+            "a/b/c/d",
+            "kbs:///a//c",
+            "a/b/c d",
+        ] {
+            assert_eq!(parse_resource(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn names() {
+        for ok in ["hello", "a", "fn-1", "x9"] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in ["", "-a", "a-", "Hello", "a_b", "a/b", "..", &"a".repeat(64)] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+}

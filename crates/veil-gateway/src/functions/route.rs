@@ -1,0 +1,245 @@
+//! Routing one invocation: the least-loaded ready instance of the current revision, or a
+//! place in the function's bounded queue while an instance starts (within the node's
+//! capacity), then the proxy to the instance.
+
+use super::autoscale::start_instance;
+use super::{lock, Slot};
+use crate::{api_error, not_deployed, Gateway};
+use axum::body::Body;
+use axum::http::{HeaderValue, Request, StatusCode};
+use axum::response::Response;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::watch;
+
+enum Pick {
+    Slot(Busy),
+    Wait(watch::Receiver<u64>, Counted),
+    Respond(Response),
+}
+
+/// Route one invocation of `name` with the function-relative `path_and_query`.
+pub async fn invoke(
+    gw: &Arc<Gateway>,
+    name: &str,
+    path_and_query: String,
+    req: Request<Body>,
+) -> Response {
+    let resp = route(gw, name, path_and_query, req).await;
+    if resp.status() != StatusCode::NOT_FOUND || lock(&gw.functions.map).contains_key(name) {
+        gw.metrics.request(name, resp.status().as_u16());
+    }
+    resp
+}
+
+async fn route(
+    gw: &Arc<Gateway>,
+    name: &str,
+    path_and_query: String,
+    req: Request<Body>,
+) -> Response {
+    let deadline = tokio::time::Instant::now() + gw.config.cold_start_timeout;
+    let mut seen_failures: Option<u64> = None;
+    let mut waited = false;
+    // Why the last attempt to start an instance found no room on the node, if it did.
+    let mut at_capacity: Option<String> = None;
+    let mut room = gw.node.capacity_changes();
+    let slot = loop {
+        let pick = {
+            let mut map = lock(&gw.functions.map);
+            let Some(rt) = map.get_mut(name) else {
+                return not_deployed(name);
+            };
+            let before = rt.instances.len();
+            rt.instances.retain(|s| s.inst.is_alive());
+            if rt.instances.len() != before {
+                tracing::info!(
+                    function = name,
+                    "dropped {} ended instance(s)",
+                    before - rt.instances.len()
+                );
+            }
+            let seen = *seen_failures.get_or_insert(rt.failures);
+            let limit = rt.record.concurrency;
+            let best = rt
+                .instances
+                .iter()
+                .filter(|s| s.inflight.load(Ordering::SeqCst) < limit)
+                .min_by_key(|s| s.inflight.load(Ordering::SeqCst))
+                .cloned();
+            if let Some(s) = best {
+                s.inflight.fetch_add(1, Ordering::SeqCst);
+                Pick::Slot(Busy {
+                    slot: s,
+                    changes: rt.changes.clone(),
+                })
+            } else if rt.failures > seen && rt.instances.is_empty() && rt.starting == 0 {
+                Pick::Respond(api_error(
+                    StatusCode::BAD_GATEWAY,
+                    "COLD_START_FAILED",
+                    format!(
+                        "function {name:?} could not be started: {}",
+                        rt.last_error.clone().unwrap_or_default()
+                    ),
+                ))
+            } else if rt.waiting.load(Ordering::SeqCst) >= gw.config.max_queue {
+                let mut r = api_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "QUEUE_FULL",
+                    format!(
+                        "function {name:?} has {} requests waiting for capacity; try again",
+                        rt.waiting.load(Ordering::SeqCst)
+                    ),
+                );
+                r.headers_mut()
+                    .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+                Pick::Respond(r)
+            } else {
+                if rt.instances.len() + rt.starting < rt.record.max_scale as usize
+                    && (rt.starting == 0
+                        || rt.waiting.load(Ordering::SeqCst)
+                            >= rt.starting * rt.record.concurrency as usize)
+                {
+                    // Seen before claiming, so room that appears after a refusal wakes us.
+                    room.borrow_and_update();
+                    match gw.node.claim() {
+                        Ok(claim) => {
+                            at_capacity = None;
+                            start_instance(gw, rt, claim);
+                        }
+                        Err(e) => at_capacity = Some(e.to_string()),
+                    }
+                }
+                rt.waiting.fetch_add(1, Ordering::SeqCst);
+                Pick::Wait(rt.changes.subscribe(), Counted(rt.waiting.clone()))
+            }
+        };
+        match pick {
+            Pick::Slot(s) => break s,
+            Pick::Respond(r) => return r,
+            Pick::Wait(mut rx, counted) => {
+                waited = true;
+                let blocked = at_capacity.is_some();
+                let woken = async {
+                    tokio::select! {
+                        _ = rx.changed() => {}
+                        _ = room.changed(), if blocked => {}
+                    }
+                };
+                let res = tokio::time::timeout_at(deadline, woken).await;
+                drop(counted);
+                if let (Err(_), Some(why)) = (&res, &at_capacity) {
+                    let mut r = api_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "AT_CAPACITY",
+                        format!(
+                            "function {name:?} had no free instance within {:?} and none could \
+                             be started: {why}; try again",
+                            gw.config.cold_start_timeout
+                        ),
+                    );
+                    r.headers_mut()
+                        .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+                    return r;
+                }
+                if res.is_err() {
+                    let mut r = api_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "COLD_START_TIMEOUT",
+                        format!(
+                            "function {name:?} had no ready instance within {:?}; try again",
+                            gw.config.cold_start_timeout
+                        ),
+                    );
+                    r.headers_mut()
+                        .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+                    return r;
+                }
+            }
+        }
+    };
+    proxy(slot, name, path_and_query, req, waited).await
+}
+
+/// One unit of a counter, given back on drop — also when the client disconnects and axum drops
+/// the request's future half-way.
+struct Counted(Arc<AtomicUsize>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A request in flight on an instance: the instance's slot is released (and waiters woken) when
+/// the response body is finished or dropped, whichever way the request ends.
+struct Busy {
+    slot: Arc<Slot>,
+    changes: Arc<watch::Sender<u64>>,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.slot.inflight.fetch_sub(1, Ordering::SeqCst);
+        *lock(&self.slot.last_used) = Instant::now();
+        self.changes.send_modify(|v| *v += 1);
+    }
+}
+
+async fn proxy(
+    busy: Busy,
+    name: &str,
+    path_and_query: String,
+    req: Request<Body>,
+    waited: bool,
+) -> Response {
+    let (mut parts, body) = req.into_parts();
+    parts.uri = match path_and_query.parse() {
+        Ok(u) => u,
+        Err(e) => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "BAD_REQUEST",
+                format!("bad path: {e}"),
+            )
+        }
+    };
+    for h in veil_proto::HOP_BY_HOP {
+        parts.headers.remove(*h);
+    }
+    let slot = busy.slot.clone();
+    let resp = match slot.inst.invoke(Request::from_parts(parts, body)).await {
+        Ok(r) => r,
+        Err(e) => {
+            return api_error(
+                StatusCode::BAD_GATEWAY,
+                "INSTANCE_FAILED",
+                format!("function {name:?}, instance {}: {e}", slot.inst.id()),
+            )
+        }
+    };
+    let (mut parts, body) = resp.into_parts();
+    for h in veil_proto::HOP_BY_HOP {
+        parts.headers.remove(*h);
+    }
+    if let Ok(v) = HeaderValue::from_str(slot.inst.id()) {
+        parts.headers.insert("x-veil-instance", v);
+    }
+    if waited && !slot.first_served.swap(true, Ordering::SeqCst) {
+        let t = &slot.inst.timings;
+        let v = format!(
+            "total={:.1};boot={:.1};pooled={};cache={:.1};attest={:.1};manifest={:.1};signature={:.1};layers={:.1};spawn={:.1};ready={:.1}",
+            t.total_ms, t.boot_ms, t.pooled, t.cache_ms, t.agent.attest_ms, t.agent.manifest_ms, t.agent.signature_ms, t.agent.layers_ms, t.agent.spawn_ms, t.agent.ready_ms
+        );
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            parts.headers.insert("x-veil-cold-start", v);
+        }
+    }
+    // The instance counts as busy until the response body is done (or the client is gone).
+    let body = http_body_util::BodyExt::map_err(body, move |e| {
+        let _held = &busy;
+        e
+    });
+    Response::from_parts(parts, Body::new(body))
+}

@@ -1,0 +1,164 @@
+//! The pool of generic sandboxes booted ahead of demand, and claims: room for one instance,
+//! taken synchronously (a pooled sandbox, or a reservation in the node's budget for booting
+//! one) before a cold start begins, so that no start goes past the node's capacity.
+
+use crate::capacity::{CapacityError, CapacityStatus, Reservation};
+use crate::{lock, Node, SandboxEntry};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+
+/// What `GET /v1/node` reports.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct NodeStatus {
+    /// Capacity and what is committed against it.
+    pub capacity: CapacityStatus,
+    /// Generic sandboxes the pool aims to hold.
+    pub pool_size: usize,
+    /// Generic sandboxes booted and waiting in the pool.
+    pub pooled: usize,
+    /// Sandboxes assigned to a function.
+    pub assigned: usize,
+}
+
+/// Room for one instance on the node, taken by [`Node::claim`] and consumed by
+/// [`Node::start_instance`]. Dropped unused, it gives its room back (a pooled sandbox returns
+/// to the pool).
+pub struct Claim {
+    pub(crate) room: Option<Room>,
+    node: Weak<Node>,
+}
+
+pub(crate) enum Room {
+    /// A booted, unassigned sandbox taken from the pool.
+    Pooled(Arc<SandboxEntry>),
+    /// The budget for booting a fresh sandbox.
+    Fresh(Reservation),
+}
+
+impl Claim {
+    pub(crate) fn take(mut self) -> Option<Room> {
+        self.room.take()
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if let (Some(Room::Pooled(sb)), Some(node)) = (self.room.take(), self.node.upgrade()) {
+            if !node.shutting_down.load(Ordering::SeqCst) {
+                lock(&node.pool).push(sb);
+                node.budget.bump();
+            }
+        }
+    }
+}
+
+impl Node {
+    /// Generic sandboxes booted, prepared and waiting in the pool.
+    pub async fn pooled(&self) -> usize {
+        lock(&self.pool)
+            .iter()
+            .filter(|sb| !sb.dead.load(Ordering::SeqCst))
+            .count()
+    }
+
+    /// Room for one more instance: a pooled sandbox if one is ready, else a reservation of one
+    /// sandbox's limits in the node's budget. Fails at once when neither exists; wait on
+    /// [`Node::capacity_changes`] to try again.
+    pub fn claim(self: &Arc<Self>) -> Result<Claim, CapacityError> {
+        let pooled = {
+            let mut pool = lock(&self.pool);
+            loop {
+                match pool.pop() {
+                    Some(sb) if sb.dead.load(Ordering::SeqCst) => continue,
+                    other => break other,
+                }
+            }
+        };
+        let room = match pooled {
+            Some(sb) => Room::Pooled(sb),
+            None => Room::Fresh(self.budget.reserve()?),
+        };
+        Ok(Claim {
+            room: Some(room),
+            node: Arc::downgrade(self),
+        })
+    }
+
+    /// The node's capacity and what is committed against it.
+    pub fn capacity(&self) -> CapacityStatus {
+        self.budget.status()
+    }
+
+    /// Capacity, usage and the pool, for `GET /v1/node`.
+    pub fn status(&self) -> NodeStatus {
+        let pooled = lock(&self.pool)
+            .iter()
+            .filter(|sb| !sb.dead.load(Ordering::SeqCst))
+            .count();
+        let assigned = lock(&self.sandboxes)
+            .values()
+            .filter(|e| lock(&e.function).is_some())
+            .count();
+        NodeStatus {
+            capacity: self.budget.status(),
+            pool_size: self.config.pool_size,
+            pooled,
+            assigned,
+        }
+    }
+
+    /// Changes whenever room for a claim may have appeared (a sandbox was destroyed, a pooled
+    /// one became ready).
+    pub fn capacity_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.budget.subscribe()
+    }
+
+    /// Boot sandboxes until the generic pool holds `pool_size` of them, as far as the node's
+    /// capacity allows.
+    pub async fn fill_pool(self: &Arc<Self>) {
+        if self.filling.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.fill_pool_inner().await;
+        self.filling.store(false, Ordering::SeqCst);
+    }
+
+    async fn fill_pool_inner(self: &Arc<Self>) {
+        loop {
+            if self.shutting_down.load(Ordering::SeqCst) {
+                return;
+            }
+            let have = {
+                let mut pool = lock(&self.pool);
+                pool.retain(|sb| !sb.dead.load(Ordering::SeqCst));
+                pool.len()
+            };
+            if have >= self.config.pool_size {
+                return;
+            }
+            let reservation = match self.budget.reserve() {
+                Ok(r) => r,
+                Err(e) => {
+                    // Assigned sandboxes use the capacity; the pool fills again when they go.
+                    tracing::debug!(pooled = have, error = %e, "pool not refilled");
+                    return;
+                }
+            };
+            match self.boot(reservation).await {
+                Ok(sb) if self.shutting_down.load(Ordering::SeqCst) => {
+                    // Booted while the node shut down: it must not outlive the node.
+                    self.destroy_entry(&sb).await;
+                    return;
+                }
+                Ok(sb) => {
+                    lock(&self.pool).push(sb);
+                    self.budget.bump();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not boot a pooled sandbox");
+                    return;
+                }
+            }
+        }
+    }
+}
