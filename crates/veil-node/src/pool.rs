@@ -154,6 +154,11 @@ impl Node {
                     lock(&self.pool).push(sb);
                     self.budget.bump();
                 }
+                // A boot that fails because the node is shutting down under it is expected.
+                Err(e) if self.shutting_down.load(Ordering::SeqCst) => {
+                    tracing::debug!(error = %e, "pooled sandbox not booted: shutting down");
+                    return;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "could not boot a pooled sandbox");
                     return;
