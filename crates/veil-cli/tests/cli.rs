@@ -313,6 +313,7 @@ fn readme_workflow_with_the_veil_command() {
         .args(["image", "sign", "local/hello:v1", "--key"])
         .arg(prefix.with_extension("key"))
         .env("VEIL_SERVER", &server)
+        .env("VEIL_TOKEN", token_of(&server).unwrap())
         .env("VEIL_SIGN_PASSPHRASE", "pw")
         .output()
         .unwrap();
