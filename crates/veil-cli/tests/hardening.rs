@@ -176,6 +176,16 @@ async fn tenants_reach_only_their_own_functions_and_repositories() {
     .unwrap_err();
     assert!(refused(&format!("{e:#}")), "{e:#}");
 
+    // Ownership is checked on the repository the registry itself parses from the path: tenant
+    // a owning `team` gets nothing of b's `team/blobs/app` (whose path starts like `team`'s).
+    let team_app = images::push_target(&"local/team/blobs/app:v1".parse().unwrap(), &url).unwrap();
+    images::push(&b_reg, &built, &team_app).await.unwrap();
+    let team = images::push_target(&"local/team:v1".parse().unwrap(), &url).unwrap();
+    images::push(&a_reg, &built, &team).await.unwrap();
+    let e = a_reg.resolve_image(&team_app).await.unwrap_err();
+    assert!(refused(&e.to_string()), "{e}");
+    b_reg.resolve_image(&team_app).await.unwrap();
+
     // a deploys from its repository, as itself.
     let mut req = DeployRequest::new("local/a-app:v1");
     let st = as_a.deploy("afn", &req).await.unwrap();

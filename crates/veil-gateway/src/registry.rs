@@ -109,27 +109,33 @@ enum Route {
     Tags(String),
 }
 
+/// Route `/v2/<rest>` by its last components, as the distribution spec lays them out
+/// (`<name>/blobs/<digest>`, `<name>/manifests/<reference>`, `<name>/blobs/uploads/[<id>]`,
+/// `<name>/tags/list`), so a repository whose name contains `blobs` or `manifests` cannot be
+/// read as another route of a shorter repository.
 fn parse(rest: &str) -> Option<Route> {
-    if let Some((repo, id)) = rest.split_once("/blobs/uploads/") {
-        return Some(if id.is_empty() {
-            Route::StartUpload(repo.into())
-        } else {
-            Route::Upload(repo.into(), id.into())
-        });
-    }
-    if let Some(repo) = rest.strip_suffix("/blobs/uploads") {
-        return Some(Route::StartUpload(repo.into()));
-    }
     if let Some(repo) = rest.strip_suffix("/tags/list") {
         return Some(Route::Tags(repo.into()));
     }
-    if let Some((repo, d)) = rest.rsplit_once("/blobs/") {
-        return Some(Route::Blob(repo.into(), d.into()));
+    if let Some(repo) = rest
+        .strip_suffix("/blobs/uploads/")
+        .or_else(|| rest.strip_suffix("/blobs/uploads"))
+    {
+        return Some(Route::StartUpload(repo.into()));
     }
-    if let Some((repo, r)) = rest.rsplit_once("/manifests/") {
-        return Some(Route::Manifest(repo.into(), r.into()));
+    let (head, last) = rest.rsplit_once('/')?;
+    if last.is_empty() {
+        return None;
     }
-    None
+    let (repo, kind) = head.rsplit_once('/')?;
+    match kind {
+        "blobs" => Some(Route::Blob(repo.into(), last.into())),
+        "manifests" => Some(Route::Manifest(repo.into(), last.into())),
+        "uploads" => repo
+            .strip_suffix("/blobs")
+            .map(|r| Route::Upload(r.into(), last.into())),
+        _ => None,
+    }
 }
 
 /// Check a repository name the way image references are checked.
@@ -156,6 +162,31 @@ pub async fn dispatch(
         .into_response();
     };
     let method = req.method().clone();
+    // Tenants reach only their repositories: checked on the repository this very parse
+    // found (and the source of a cross-repository mount), never on a second reading of the
+    // path that could disagree with it.
+    {
+        // Fails closed: without the authenticating middleware nothing is served.
+        let Some(caller) = req.extensions().get::<crate::auth::Caller>() else {
+            return unauthorized("this endpoint needs a token");
+        };
+        let repo = match &route {
+            Route::Manifest(r, _)
+            | Route::Blob(r, _)
+            | Route::StartUpload(r)
+            | Route::Upload(r, _)
+            | Route::Tags(r) => r.as_str(),
+        };
+        let write = !matches!(method, Method::GET | Method::HEAD);
+        let from = q.get("from").map(|f| (f.as_str(), false));
+        for (repo, write) in std::iter::once((repo, write)).chain(from) {
+            match gw.auth.repository_access(caller, repo, write) {
+                Ok(()) => {}
+                Err(crate::auth::Denied::Unknown(m)) => return unknown_repository(&m),
+                Err(d) => return denied(&d.message()),
+            }
+        }
+    }
     let res = match (route, &method) {
         (Route::Manifest(repo, r), &Method::GET | &Method::HEAD) => {
             get_manifest(&gw, &repo, &r, method == Method::HEAD)
@@ -486,5 +517,46 @@ mod tests {
         assert_eq!(page(Some(5), None), (tags.clone(), None));
         assert_eq!(page(Some(3), Some("z")), (vec![], None));
         assert_eq!(page(Some(0), None), (vec![], None));
+    }
+}
+
+#[cfg(test)]
+mod route_tests {
+    use super::*;
+
+    fn name(r: Option<Route>) -> Option<String> {
+        r.map(|r| match r {
+            Route::Manifest(n, x) => format!("manifest {n} {x}"),
+            Route::Blob(n, x) => format!("blob {n} {x}"),
+            Route::StartUpload(n) => format!("start {n}"),
+            Route::Upload(n, x) => format!("upload {n} {x}"),
+            Route::Tags(n) => format!("tags {n}"),
+        })
+    }
+
+    #[test]
+    fn routes_are_read_from_the_end() {
+        for (path, want) in [
+            ("app/manifests/v1", Some("manifest app v1")),
+            (
+                "team/blobs/app/manifests/v1",
+                Some("manifest team/blobs/app v1"),
+            ),
+            (
+                "team/manifests/app/blobs/sha256:ab",
+                Some("blob team/manifests/app sha256:ab"),
+            ),
+            ("a/b/blobs/uploads/", Some("start a/b")),
+            ("a/b/blobs/uploads", Some("start a/b")),
+            ("a/blobs/uploads/123", Some("upload a 123")),
+            ("a/blobs/uploads/tags/list", Some("tags a/blobs/uploads")),
+            ("a/tags/list", Some("tags a")),
+            ("a/blobs/", None),
+            ("a/uploads/1", None),
+            ("manifests/v1", None),
+            ("a/other/x", None),
+        ] {
+            assert_eq!(name(parse(path)).as_deref(), want, "{path}");
+        }
     }
 }
