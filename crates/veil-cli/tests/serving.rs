@@ -1,0 +1,536 @@
+//! End-to-end tests of serving under change and load, on the real platform (namespace
+//! sandboxes, the real agent, the example function): redeploys and deletes drain the instances
+//! they take out of service, and the node never runs more sandboxes than its capacity. They
+//! need root (`make test`).
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::{timeout, Instant};
+use veil_cli::client::{AdminClient, Invocation};
+use veil_cli::{images, Platform, UpOptions};
+use veil_gateway::{DeployRequest, FunctionStatus};
+use veil_image::build::build_image;
+use veil_image::Reference;
+
+struct Env {
+    platform: Platform,
+    admin: AdminClient,
+    _state: tempfile::TempDir,
+}
+
+async fn up_with(f: impl FnOnce(&mut UpOptions)) -> Env {
+    let state = tempfile::tempdir().unwrap();
+    let mut opts = UpOptions::defaults(state.path().join("state"));
+    opts.listen = "127.0.0.1:0".parse().unwrap();
+    opts.pool_size = 1;
+    f(&mut opts);
+    let platform = Platform::start(opts).await.unwrap();
+    let admin = platform.admin_client().unwrap();
+    Env {
+        platform,
+        admin,
+        _state: state,
+    }
+}
+
+/// Push the example function to the platform's local store as `local/<repo_tag>`.
+async fn push_hello(env: &Env, repo_tag: &str) -> String {
+    let tmp = tempfile::tempdir().unwrap();
+    let ctx = tmp.path().join("ctx");
+    images::write_example(&ctx).unwrap();
+    let image = build_image(&images::example_spec(&ctx)).unwrap();
+    let reference: Reference = format!("local/{repo_tag}").parse().unwrap();
+    let client = env.platform.registry_client().unwrap();
+    let target = images::push_target(&reference, &env.platform.url()).unwrap();
+    images::push(&client, &image, &target).await.unwrap();
+    reference.to_string()
+}
+
+async fn get(admin: &AdminClient, name: &str, path: &str) -> Invocation {
+    admin
+        .invoke(name, "GET", path, Vec::new(), &BTreeMap::new())
+        .await
+        .unwrap()
+}
+
+fn text(r: &Invocation) -> String {
+    String::from_utf8_lossy(&r.body).into_owned()
+}
+
+fn instance(r: &Invocation) -> String {
+    r.headers
+        .get("x-veil-instance")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+async fn status(env: &Env, name: &str) -> FunctionStatus {
+    env.admin
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|f| f.record.name == name)
+        .unwrap()
+}
+
+/// Wait (at most `within`) until `cond` holds of the function's status; panic with the last
+/// status otherwise.
+async fn wait_status(
+    env: &Env,
+    name: &str,
+    within: Duration,
+    what: &str,
+    cond: impl Fn(&FunctionStatus) -> bool,
+) -> FunctionStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        let st = status(env, name).await;
+        if cond(&st) {
+            return st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {within:?}: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn sandboxes(env: &Env) -> Vec<serde_json::Value> {
+    env.admin.sandboxes().await.unwrap()
+}
+
+/// Wait until no sandbox with one of `ids` exists any more.
+async fn wait_destroyed(env: &Env, ids: &[String], within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let live = sandboxes(env).await;
+        let left: Vec<&serde_json::Value> = live
+            .iter()
+            .filter(|s| ids.iter().any(|id| s["id"] == id.as_str()))
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sandboxes {ids:?} not destroyed within {within:?}: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `GET /v1/node` with the operator token.
+async fn node_status(env: &Env) -> serde_json::Value {
+    reqwest::Client::new()
+        .get(format!("{}/v1/node", env.platform.url()))
+        .bearer_auth(env.platform.operator_token())
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Stop the platform and check that no sandbox process survived.
+async fn stop_clean(env: Env) {
+    let pids: Vec<u64> = sandboxes(&env)
+        .await
+        .iter()
+        .flat_map(|s| s["pids"].as_array().cloned().unwrap_or_default())
+        .filter_map(|p| p.as_u64())
+        .collect();
+    env.platform.stop().await.unwrap();
+    for p in pids {
+        assert!(
+            !Path::new(&format!("/proc/{p}")).exists(),
+            "sandbox process {p} survived shutdown"
+        );
+    }
+}
+
+/// One response of the steady stream, and where it stood relative to the redeploy.
+struct Sample {
+    sent_after_redeploy: bool,
+    done_after_redeploy: bool,
+    status: u16,
+    body: String,
+    instance: String,
+}
+
+/// A steady stream of slow requests (each takes 500 ms in the function) while the function is
+/// redeployed with a new environment: no request fails — the old instance finishes the ones it
+/// has — and every request sent after the redeploy answered is served by the new revision. The
+/// old instance is destroyed once drained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redeploy_drains_requests_in_flight_and_routes_new_ones_to_the_new_revision() {
+    const WORKERS: usize = 6;
+    const MAX_PER_WORKER: usize = 60;
+    const AFTER_PER_WORKER: usize = 4;
+    let env = up_with(|_| {}).await;
+    let image = push_hello(&env, "rolling:v1").await;
+    let mut req = DeployRequest::new(&image);
+    req.env.insert("REV".into(), "one".into());
+    env.admin.deploy("rolling", &req).await.unwrap();
+    let warm = get(&env.admin, "rolling", "/env/REV").await;
+    assert_eq!(text(&warm), "REV=one\n", "{}", text(&warm));
+    let old_instance = instance(&warm);
+
+    let redeployed = Arc::new(AtomicBool::new(false));
+    let samples = Arc::new(Mutex::new(Vec::<Sample>::new()));
+    let (count_tx, mut count_rx) = tokio::sync::watch::channel(0usize);
+    let count_tx = Arc::new(count_tx);
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|_| {
+            let (admin, redeployed, samples, count_tx) = (
+                env.admin.clone(),
+                redeployed.clone(),
+                samples.clone(),
+                count_tx.clone(),
+            );
+            tokio::spawn(async move {
+                let mut after = 0;
+                for _ in 0..MAX_PER_WORKER {
+                    let sent_after_redeploy = redeployed.load(Ordering::SeqCst);
+                    let r = get(&admin, "rolling", "/sleep/500/env/REV").await;
+                    let done_after_redeploy = redeployed.load(Ordering::SeqCst);
+                    samples.lock().unwrap().push(Sample {
+                        sent_after_redeploy,
+                        done_after_redeploy,
+                        status: r.status,
+                        body: text(&r),
+                        instance: instance(&r),
+                    });
+                    count_tx.send_modify(|n| *n += 1);
+                    if sent_after_redeploy {
+                        after += 1;
+                        if after == AFTER_PER_WORKER {
+                            break;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+
+    // Redeploy once the stream is flowing, so that requests are in flight on the old instance.
+    timeout(
+        Duration::from_secs(30),
+        count_rx.wait_for(|n| *n >= 2 * WORKERS),
+    )
+    .await
+    .expect("the stream did not get going")
+    .unwrap();
+    req.env.insert("REV".into(), "two".into());
+    let st = env.admin.deploy("rolling", &req).await.unwrap();
+    redeployed.store(true, Ordering::SeqCst);
+    assert_eq!(st.record.revision, 2);
+    assert_eq!(st.draining, vec![old_instance.clone()], "{st:?}");
+
+    for w in workers {
+        timeout(Duration::from_secs(60), w)
+            .await
+            .expect("the stream did not finish")
+            .unwrap();
+    }
+    let samples = std::mem::take(&mut *samples.lock().unwrap());
+    let failed: Vec<(u16, &str)> = samples
+        .iter()
+        .filter(|s| s.status != 200)
+        .map(|s| (s.status, s.body.as_str()))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "requests failed across the redeploy: {failed:?}"
+    );
+    let across = samples
+        .iter()
+        .filter(|s| !s.sent_after_redeploy && s.done_after_redeploy)
+        .count();
+    assert!(across >= 1, "no request was in flight across the redeploy");
+    for s in samples.iter().filter(|s| s.sent_after_redeploy) {
+        assert_eq!(s.body, "REV=two\n", "a request sent after the redeploy");
+        assert_ne!(s.instance, old_instance);
+    }
+    assert!(
+        samples
+            .iter()
+            .any(|s| s.body == "REV=one\n" && s.done_after_redeploy),
+        "no request finished on the old revision after the redeploy"
+    );
+    assert_eq!(
+        samples.iter().filter(|s| s.sent_after_redeploy).count(),
+        WORKERS * AFTER_PER_WORKER
+    );
+
+    // Drained, the old instance is gone.
+    wait_destroyed(&env, &[old_instance], Duration::from_secs(10)).await;
+    wait_status(
+        &env,
+        "rolling",
+        Duration::from_secs(5),
+        "drain listed",
+        |s| s.draining.is_empty(),
+    )
+    .await;
+    env.admin.delete("rolling").await.unwrap();
+    stop_clean(env).await;
+}
+
+/// A delete takes the function out of routing at once but lets the request in flight finish;
+/// when it returns, the instance is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_lets_the_request_in_flight_finish() {
+    let env = up_with(|_| {}).await;
+    let image = push_hello(&env, "leaving:v1").await;
+    env.admin
+        .deploy("leaving", &DeployRequest::new(&image))
+        .await
+        .unwrap();
+    let warm = get(&env.admin, "leaving", "/").await;
+    assert_eq!(warm.status, 200, "{}", text(&warm));
+    let slow = {
+        let admin = env.admin.clone();
+        tokio::spawn(async move { get(&admin, "leaving", "/sleep/1500/env/PORT").await })
+    };
+    wait_status(
+        &env,
+        "leaving",
+        Duration::from_secs(10),
+        "request in flight",
+        |s| s.inflight == 1,
+    )
+    .await;
+    env.admin.delete("leaving").await.unwrap();
+    let after = get(&env.admin, "leaving", "/").await;
+    assert_eq!(after.status, 404, "{}", text(&after));
+    let r = timeout(Duration::from_secs(30), slow)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(text(&r), "PORT=8080\n");
+    // The delete returned after the drain: the instance is already gone.
+    let left: Vec<serde_json::Value> = sandboxes(&env)
+        .await
+        .into_iter()
+        .filter(|s| s["id"] == instance(&warm).as_str())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    stop_clean(env).await;
+}
+
+/// A request that outlives the drain timeout does not keep the old instance: it is destroyed
+/// at the deadline (and that request fails).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_is_bounded_by_the_drain_timeout() {
+    let env = up_with(|o| o.drain_timeout = Duration::from_secs(1)).await;
+    let image = push_hello(&env, "stuck:v1").await;
+    let mut req = DeployRequest::new(&image);
+    env.admin.deploy("stuck", &req).await.unwrap();
+    let warm = get(&env.admin, "stuck", "/").await;
+    let old = instance(&warm);
+    let endless = {
+        let admin = env.admin.clone();
+        tokio::spawn(async move { get(&admin, "stuck", "/sleep/60000").await })
+    };
+    wait_status(
+        &env,
+        "stuck",
+        Duration::from_secs(10),
+        "request in flight",
+        |s| s.inflight == 1,
+    )
+    .await;
+    req.env.insert("NEW".into(), "1".into());
+    let st = env.admin.deploy("stuck", &req).await.unwrap();
+    assert_eq!(st.draining, vec![old.clone()]);
+    // Far less than the request's 60 s: the drain deadline ends it.
+    let r = timeout(Duration::from_secs(30), endless)
+        .await
+        .expect("the drain did not end at its deadline")
+        .unwrap();
+    assert_eq!(r.status, 502, "{}", text(&r));
+    assert!(text(&r).contains("INSTANCE_FAILED"), "{}", text(&r));
+    wait_destroyed(&env, &[old], Duration::from_secs(10)).await;
+    let fresh = get(&env.admin, "stuck", "/env/NEW").await;
+    assert_eq!(text(&fresh), "NEW=1\n");
+    env.admin.delete("stuck").await.unwrap();
+    stop_clean(env).await;
+}
+
+/// A node with room for three sandboxes: a min_scale beyond it is refused with a message that
+/// names the capacity (alone, and together with other functions' min_scale); a function that
+/// finds no room waits in its queue and gets 503 + Retry-After saying so, or is served as soon
+/// as room appears. Capacity and usage show in `/v1/node` and `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_scale_beyond_the_capacity_is_refused_and_requests_wait_for_room() {
+    let env = up_with(|o| {
+        o.capacity_cpu_millis = Some(3000);
+        o.cold_start_timeout = Duration::from_secs(8);
+    })
+    .await;
+    let image = push_hello(&env, "big:v1").await;
+    let node = node_status(&env).await;
+    assert_eq!(node["capacity"]["max_sandboxes"], 3, "{node}");
+
+    let mut req = DeployRequest::new(&image);
+    req.min_scale = Some(4);
+    req.max_scale = Some(4);
+    let err = env.admin.deploy("big", &req).await.unwrap_err().to_string();
+    assert!(
+        err.contains("CAPACITY_EXCEEDED") && err.contains("HTTP 422"),
+        "{err}"
+    );
+    assert!(
+        err.contains("holds 3 sandboxes") && err.contains("3 CPU"),
+        "{err}"
+    );
+    assert!(env.admin.list().await.unwrap().is_empty());
+
+    // max_scale beyond the capacity is fine; min_scale 3 fills the node.
+    req.min_scale = Some(3);
+    req.max_scale = Some(50);
+    env.admin.deploy("big", &req).await.unwrap();
+    let mut other = DeployRequest::new(&image);
+    other.min_scale = Some(1);
+    let err = env
+        .admin
+        .deploy("other", &other)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("CAPACITY_EXCEEDED") && err.contains("other functions keep 3"),
+        "{err}"
+    );
+    other.min_scale = None;
+    env.admin.deploy("other", &other).await.unwrap();
+    wait_status(
+        &env,
+        "big",
+        Duration::from_secs(30),
+        "min_scale instances",
+        |s| s.instances.len() == 3,
+    )
+    .await;
+    let node = node_status(&env).await;
+    assert_eq!(node["capacity"]["sandboxes"], 3, "{node}");
+    assert_eq!(node["pooled"], 0, "{node}");
+
+    // No room for `other`: its request waits, then is told why.
+    let r = get(&env.admin, "other", "/").await;
+    assert_eq!(r.status, 503, "{}", text(&r));
+    assert_eq!(r.headers["retry-after"], "1");
+    assert!(
+        text(&r).contains("AT_CAPACITY") && text(&r).contains("at capacity"),
+        "{}",
+        text(&r)
+    );
+    let metrics = reqwest::get(format!("{}/metrics", env.platform.url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in ["veil_capacity_sandboxes 3", "veil_committed_sandboxes 3"] {
+        assert!(metrics.contains(line), "{line} missing from {metrics}");
+    }
+
+    // Room that appears while a request waits serves it.
+    let waiting = {
+        let admin = env.admin.clone();
+        tokio::spawn(async move { get(&admin, "other", "/").await })
+    };
+    wait_status(
+        &env,
+        "other",
+        Duration::from_secs(6),
+        "request waiting",
+        |s| s.waiting == 1,
+    )
+    .await;
+    env.admin.delete("big").await.unwrap();
+    let r = timeout(Duration::from_secs(30), waiting)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", text(&r));
+    env.admin.delete("other").await.unwrap();
+    stop_clean(env).await;
+}
+
+/// A burst against a function whose max_scale is beyond the node's capacity of three sandboxes
+/// never runs more than three; every request is answered with 200, or 503 + Retry-After.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_never_runs_more_sandboxes_than_the_capacity() {
+    const BURST: usize = 16;
+    let env = up_with(|o| {
+        o.capacity_cpu_millis = Some(3000);
+        o.cold_start_timeout = Duration::from_secs(4);
+    })
+    .await;
+    let image = push_hello(&env, "burst:v1").await;
+    let mut req = DeployRequest::new(&image);
+    req.concurrency = Some(1);
+    req.max_scale = Some(20);
+    env.admin.deploy("burst", &req).await.unwrap();
+
+    // Watch the node's sandbox list while the burst runs.
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (admin, done) = (env.admin.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut most = 0;
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !done.load(Ordering::SeqCst) && Instant::now() < deadline {
+                most = most.max(admin.sandboxes().await.unwrap().len());
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            most
+        })
+    };
+    let calls = (0..BURST).map(|_| get(&env.admin, "burst", "/sleep/400"));
+    let results = timeout(Duration::from_secs(90), futures::future::join_all(calls))
+        .await
+        .expect("the burst was not answered");
+    done.store(true, Ordering::SeqCst);
+    let most = sampler.await.unwrap();
+
+    // Checked first: without a capacity the node boots a sandbox per waiting request.
+    assert!(most <= 3, "{most} sandboxes on a node with room for 3");
+    let instances: BTreeSet<String> = results
+        .iter()
+        .filter(|r| r.status == 200)
+        .map(instance)
+        .collect();
+    assert!(
+        instances.len() <= 3,
+        "more instances than the capacity: {instances:?}"
+    );
+    let mut ok = 0;
+    for r in &results {
+        match r.status {
+            200 => ok += 1,
+            503 => assert_eq!(r.headers["retry-after"], "1", "{}", text(r)),
+            other => panic!("HTTP {other}: {}", text(r)),
+        }
+    }
+    assert!(ok >= 1, "nothing was served");
+    let node = node_status(&env).await;
+    assert!(
+        node["capacity"]["sandboxes"].as_u64().unwrap() <= 3,
+        "{node}"
+    );
+    env.admin.delete("burst").await.unwrap();
+    stop_clean(env).await;
+}
