@@ -137,21 +137,54 @@ pub enum Error {
     EmptyCommand,
 
     /// A layer entry tries to reach outside the unpack root.
-    #[error("layer entry {path:?} escapes the root: {reason}")]
+    #[error("layer entry {path} escapes the root: {reason}")]
     PathEscape {
-        /// The entry path as found in the layer.
+        /// The entry path as found in the layer, quoted for display: in double
+        /// quotes, unprintable characters and invalid UTF-8 escaped, and long
+        /// paths shortened.
         path: String,
         /// Why it was rejected.
         reason: String,
     },
 
     /// A layer entry is malformed or cannot be applied.
-    #[error("layer entry {path:?} is invalid: {reason}")]
+    #[error("layer entry {path} is invalid: {reason}")]
     InvalidEntry {
-        /// The entry path as found in the layer.
+        /// The entry path as found in the layer, quoted for display like
+        /// [`Error::PathEscape`]'s.
         path: String,
         /// Why it was rejected.
         reason: String,
+    },
+
+    /// A layer entry's path is deeper or longer than the unpacker accepts
+    /// (see [`crate::unpack::MAX_PATH_DEPTH`]).
+    #[error("layer entry {path} is too long: {what} exceeds the limit of {limit}")]
+    PathTooLong {
+        /// The entry path as found in the layer, quoted for display like
+        /// [`Error::PathEscape`]'s.
+        path: String,
+        /// Which bound it exceeds ("its number of path components", ...).
+        what: &'static str,
+        /// The bound.
+        limit: u64,
+    },
+
+    /// A layer's tar extension headers (GNU long name or long link name, PAX
+    /// records) for one entry claim more bytes than the unpacker reads into
+    /// memory (see [`crate::unpack::MAX_EXTENSION_HEADER_BYTES`]). Checked
+    /// before any of them is read.
+    #[error(
+        "a layer entry's tar extension headers are too large: with its {kind} header they \
+         hold {size} bytes, more than the limit of {limit} bytes"
+    )]
+    ExtensionHeaderTooLarge {
+        /// The header that crossed the bound ("PAX extended", "GNU long name", ...).
+        kind: &'static str,
+        /// The bytes the entry's extension headers claim, this one included.
+        size: u64,
+        /// The bound in bytes.
+        limit: u64,
     },
 
     /// A configured unpack limit was exceeded.
