@@ -286,42 +286,39 @@ mod tests {
         assert!(matches!(e, Error::InvalidLayout { .. }), "{e}");
     }
 
+    /// Run skopeo (from PATH) and return its stdout. Fails, not skips,
+    /// without skopeo, like the rest of the suite: scripts/install-deps.sh
+    /// installs it and CI has it.
+    fn skopeo(args: &[&str]) -> Vec<u8> {
+        let out = match std::process::Command::new("skopeo").args(args).output() {
+            Ok(out) => out,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+                "this test needs skopeo on PATH and it is not installed: run \
+                 scripts/install-deps.sh (or apt-get install skopeo)"
+            ),
+            Err(e) => panic!("running skopeo: {e}"),
+        };
+        assert!(
+            out.status.success(),
+            "skopeo {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+
     #[test]
     fn skopeo_can_read_layout() {
-        let skopeo = Path::new("/usr/bin/skopeo");
-        if !skopeo.exists() {
-            println!("note: /usr/bin/skopeo is not installed; skipping the skopeo check");
-            return;
-        }
         let ctx = sample_context();
         let img = build_image(&spec(ctx.path())).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let layout = OciLayout::create(dir.path()).unwrap();
         layout.write_image(&img, "v1").unwrap();
-        let out = std::process::Command::new(skopeo)
-            .arg("inspect")
-            .arg("--raw")
-            .arg(format!("oci:{}:v1", dir.path().display()))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "skopeo failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(out.stdout, img.manifest.data);
+        let reference = format!("oci:{}:v1", dir.path().display());
+        let raw = skopeo(&["inspect", "--raw", &reference]);
+        assert_eq!(raw, img.manifest.data);
         // Full inspect parses the config too.
-        let out = std::process::Command::new(skopeo)
-            .arg("inspect")
-            .arg(format!("oci:{}:v1", dir.path().display()))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "skopeo failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let out = skopeo(&["inspect", &reference]);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["Architecture"], "amd64");
         assert_eq!(v["Os"], "linux");
     }
