@@ -47,6 +47,8 @@ pub struct UpOptions {
     pub capacity_cpu_millis: Option<u64>,
     /// How long instances taken out of service get to finish their requests.
     pub drain_timeout: Duration,
+    /// Limits of the local image store's uploads.
+    pub local_store: veil_gateway::LocalStoreConfig,
 }
 
 impl UpOptions {
@@ -66,6 +68,7 @@ impl UpOptions {
             capacity_memory: None,
             capacity_cpu_millis: None,
             drain_timeout: Duration::from_secs(30),
+            local_store: veil_gateway::LocalStoreConfig::default(),
         }
     }
 }
@@ -162,7 +165,7 @@ impl Platform {
                 state_dir: opts.state_dir.clone(),
                 default_kbs_url: kbs.as_ref().map(|_| format!("http://{addr}")),
                 drain_timeout: opts.drain_timeout,
-                local_store: veil_gateway::LocalStoreConfig::default(),
+                local_store: opts.local_store.clone(),
             },
         )
         .context("open the gateway's token store")?;

@@ -244,6 +244,13 @@ struct UpArgs {
     /// their requests before they are destroyed anyway.
     #[arg(long, default_value_t = 30)]
     drain_timeout: u64,
+    /// Largest blob a push to the local store may upload, e.g. 512MiB (larger: 413).
+    #[arg(long, value_parser = veil_node::capacity::parse_size, default_value = "2GiB")]
+    max_blob_size: u64,
+    /// Seconds without activity after which an upload to the local store is abandoned (its
+    /// file deleted, its id forgotten).
+    #[arg(long, default_value_t = 600)]
+    upload_expiry: u64,
 }
 
 #[derive(Args)]
@@ -618,6 +625,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             opts.capacity_memory = a.capacity_memory;
             opts.capacity_cpu_millis = a.capacity_cpus.map(|c| (c * 1000.0).round() as u64);
             opts.drain_timeout = std::time::Duration::from_secs(a.drain_timeout);
+            opts.local_store.max_blob_bytes = a.max_blob_size;
+            opts.local_store.upload_expiry = std::time::Duration::from_secs(a.upload_expiry.max(1));
             if !a.listen.ip().is_loopback() {
                 tracing::warn!("listening on a non-loopback address: the admin API and the local store need tokens, but travel in plain HTTP; invocations are public");
             }
