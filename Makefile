@@ -35,7 +35,7 @@ lint:
 FUZZ_SECONDS ?= 30
 fuzz:
 	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
-	@for t in kbs_request manifest_parse layer_unpack enc_annotations signature_policy; do \
+	@for t in kbs_request manifest_parse layer_unpack enc_annotations signature_policy admin_request; do \
 	  echo "fuzzing $$t for $(FUZZ_SECONDS)s"; \
 	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
 	done

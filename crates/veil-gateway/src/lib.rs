@@ -19,7 +19,37 @@ mod functions;
 pub mod metrics;
 mod registry;
 
-pub use functions::{DeployRequest, FunctionRecord, FunctionStatus};
+pub use functions::{
+    validate as validate_deploy, DeployRequest, FunctionRecord, FunctionStatus, ValidDeploy,
+    MAX_ENV_BYTES,
+};
+
+/// The parsers of untrusted admin-API and local-store input, for the `admin_request` fuzz
+/// target: each runs without a node or a network.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Parse and validate a deployment body for function `name`, then a token request.
+    pub fn admin_body(name: &str, body: &[u8]) {
+        if let Ok(req) = serde_json::from_slice::<crate::DeployRequest>(body) {
+            let _ = crate::validate_deploy(name, &req, Some("http://127.0.0.1:1"));
+        }
+        let _ = serde_json::from_slice::<crate::TokenRequest>(body);
+    }
+
+    /// Route a `/v2/<rest>` path the way the local store does.
+    pub fn registry_path(rest: &str) -> bool {
+        crate::registry::route_is_known(rest)
+    }
+
+    /// Authenticate an `Authorization` header value against a token store in `state_dir`.
+    pub fn authorization(auth: &crate::auth::Auth, value: &[u8]) {
+        let mut h = http::HeaderMap::new();
+        if let Ok(v) = http::HeaderValue::from_bytes(value) {
+            h.insert(http::header::AUTHORIZATION, v);
+        }
+        let _ = auth.authenticate(&h);
+    }
+}
 pub use registry::LocalStoreConfig;
 
 use axum::body::Body;
@@ -256,11 +286,6 @@ pub(crate) fn not_deployed(name: &str) -> Response {
     )
 }
 
-/// Largest environment a deployment may carry (names and values together): the kernel refuses
-/// to exec a process whose environment exceeds its argument limits, so a bigger one could
-/// never start.
-pub const MAX_ENV_BYTES: usize = 64 << 10;
-
 async fn deploy(
     State(gw): GwState,
     caller: CallerExt,
@@ -279,16 +304,6 @@ async fn deploy(
     };
     if let Some(r) = authorize_deploy(&gw, &caller, &name, &mut req) {
         return r;
-    }
-    let env_bytes: usize = req.env.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
-    if env_bytes > MAX_ENV_BYTES {
-        return api_error(
-            StatusCode::BAD_REQUEST,
-            "BAD_REQUEST",
-            format!(
-                "the environment is {env_bytes} bytes; at most {MAX_ENV_BYTES} bytes are allowed"
-            ),
-        );
     }
     functions::deploy(&gw, &name, req).await
 }

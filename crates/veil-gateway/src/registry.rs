@@ -138,6 +138,11 @@ fn parse(rest: &str) -> Option<Route> {
     }
 }
 
+/// Whether `/v2/<rest>` names an endpoint of the local store (for fuzzing the route parser).
+pub(crate) fn route_is_known(rest: &str) -> bool {
+    parse(rest).is_some()
+}
+
 /// Check a repository name the way image references are checked.
 fn repo_ok(repo: &str) -> Result<(), RegError> {
     format!("local/{repo}:x")

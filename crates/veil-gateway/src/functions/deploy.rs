@@ -108,14 +108,52 @@ pub(crate) fn valid_name(name: &str) -> bool {
         && !name.ends_with('-')
 }
 
-/// Handle `PUT /v1/functions/<name>`.
-pub async fn deploy(gw: &Arc<Gateway>, name: &str, req: DeployRequest) -> Response {
+/// A deployment request that passed [`validate`]: every default applied, every resource
+/// parsed and checked to belong to the tenant.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidDeploy {
+    /// Owning tenant.
+    pub tenant: String,
+    /// Concurrent requests per instance.
+    pub concurrency: u32,
+    /// Minimum instances.
+    pub min_scale: u32,
+    /// Maximum instances.
+    pub max_scale: u32,
+    /// Function port.
+    pub port: u16,
+    /// Readiness timeout in seconds.
+    pub ready_timeout_s: u64,
+    /// Idle timeout in seconds.
+    pub idle_timeout_s: u64,
+    /// Environment variable → key-broker resource path.
+    pub secrets: BTreeMap<String, String>,
+    /// Key-broker resource paths of image decryption keys.
+    pub image_keys: Vec<String>,
+    /// Key-broker resource path of the signature policy.
+    pub signature_policy: Option<String>,
+    /// The key broker.
+    pub kbs_url: Option<String>,
+}
+
+/// Largest environment a deployment may carry (names and values together): the kernel refuses
+/// to exec a process whose environment exceeds its argument limits, so a bigger one could
+/// never start.
+pub const MAX_ENV_BYTES: usize = 64 << 10;
+
+/// Check a deployment of `name` without touching any state: the whole of what the admin API
+/// parses from a request (also the entry point of the `admin_request` fuzz target). Errors
+/// are (code, message) with every problem found, for a 400.
+pub fn validate(
+    name: &str,
+    req: &DeployRequest,
+    default_kbs_url: Option<&str>,
+) -> Result<ValidDeploy, (&'static str, String)> {
     if !valid_name(name) {
-        return api_error(
-            StatusCode::BAD_REQUEST,
+        return Err((
             "BAD_NAME",
             format!("function name {name:?} must be 1-63 lowercase letters, digits or '-', not starting or ending with '-'"),
-        );
+        ));
     }
     let concurrency = req.concurrency.unwrap_or(100);
     let min_scale = req.min_scale.unwrap_or(0);
@@ -193,7 +231,7 @@ pub async fn deploy(gw: &Arc<Gateway>, name: &str, req: DeployRequest) -> Respon
     let kbs_url = req
         .kbs_url
         .clone()
-        .or_else(|| gw.config.default_kbs_url.clone());
+        .or_else(|| default_kbs_url.map(str::to_string));
     if (!secrets.is_empty() || !image_keys.is_empty() || signature_policy.is_some())
         && kbs_url.is_none()
     {
@@ -208,9 +246,52 @@ pub async fn deploy(gw: &Arc<Gateway>, name: &str, req: DeployRequest) -> Respon
             problems.push(format!("kbs_url {u:?} must be an http(s) URL"));
         }
     }
-    if !problems.is_empty() {
-        return api_error(StatusCode::BAD_REQUEST, "BAD_REQUEST", problems.join("; "));
+    let env_bytes: usize = req.env.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+    if env_bytes > MAX_ENV_BYTES {
+        problems.push(format!(
+            "the environment is {env_bytes} bytes; at most {MAX_ENV_BYTES} bytes are allowed"
+        ));
     }
+    if req.image.len() > 1024 {
+        problems.push("the image reference is longer than 1024 characters".into());
+    }
+    if !problems.is_empty() {
+        return Err(("BAD_REQUEST", problems.join("; ")));
+    }
+    Ok(ValidDeploy {
+        tenant,
+        concurrency,
+        min_scale,
+        max_scale,
+        port,
+        ready_timeout_s,
+        idle_timeout_s,
+        secrets,
+        image_keys,
+        signature_policy,
+        kbs_url,
+    })
+}
+
+/// Handle `PUT /v1/functions/<name>`.
+pub async fn deploy(gw: &Arc<Gateway>, name: &str, req: DeployRequest) -> Response {
+    let v = match validate(name, &req, gw.config.default_kbs_url.as_deref()) {
+        Ok(v) => v,
+        Err((code, message)) => return api_error(StatusCode::BAD_REQUEST, code, message),
+    };
+    let ValidDeploy {
+        tenant,
+        concurrency,
+        min_scale,
+        max_scale,
+        port,
+        ready_timeout_s,
+        idle_timeout_s,
+        secrets,
+        image_keys,
+        signature_policy,
+        kbs_url,
+    } = v;
     let image = match gw.node.resolve(&req.image).await {
         Ok(i) => i,
         Err(e) => {
@@ -221,6 +302,20 @@ pub async fn deploy(gw: &Arc<Gateway>, name: &str, req: DeployRequest) -> Respon
     };
     let (status, created) = {
         let mut map = lock(&gw.functions.map);
+        // A function keeps its tenant for life: checked under the lock, so two tenants racing
+        // to create one name cannot replace each other's function.
+        if let Some(existing) = map.get(name) {
+            if existing.record.tenant != tenant {
+                return api_error(
+                    StatusCode::FORBIDDEN,
+                    "FORBIDDEN",
+                    format!(
+                        "function name {name:?} is taken by another tenant (a function keeps \
+                         its tenant; delete it first to reuse the name)"
+                    ),
+                );
+            }
+        }
         if let Some(refusal) = capacity_refusal(gw, &map, name, min_scale) {
             return refusal;
         }

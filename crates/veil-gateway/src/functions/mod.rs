@@ -14,7 +14,7 @@ mod route;
 
 pub use autoscale::spawn_autoscaler;
 pub(crate) use deploy::valid_name;
-pub use deploy::{deploy, DeployRequest};
+pub use deploy::{deploy, validate, DeployRequest, ValidDeploy, MAX_ENV_BYTES};
 pub use route::invoke;
 
 use std::collections::{BTreeMap, HashMap};
