@@ -7,11 +7,13 @@
 //! chosen by the byte % 3). From 0x80 the rest is a program that builds a tar archive from
 //! hostile pieces the raw form rarely reaches: directories with other owners and modes whose
 //! parents are later replaced by symlinks to `outside/` (absolute or relative), hard links
-//! through such symlinks, whiteouts, nesting hundreds of levels deep, and GNU long-name/link and
-//! PAX headers claiming huge sizes.
+//! through such symlinks, whiteouts, nesting hundreds of levels deep, GNU long-name/link and PAX
+//! headers claiming huge sizes (and followed by that many bytes), PAX path and size records, and
+//! raw bytes that break the framing.
 #![no_main]
 
 use std::fs;
+use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
@@ -27,7 +29,9 @@ fn snapshot(dir: &Path) -> Vec<(String, u32, u32, u32, i64, u64)> {
         let Ok(rd) = fs::read_dir(&d) else { continue };
         for e in rd.flatten() {
             let p = e.path();
-            let Ok(m) = fs::symlink_metadata(&p) else { continue };
+            let Ok(m) = fs::symlink_metadata(&p) else {
+                continue;
+            };
             if m.is_dir() {
                 todo.push(p.clone());
             }
@@ -42,12 +46,19 @@ fn snapshot(dir: &Path) -> Vec<(String, u32, u32, u32, i64, u64)> {
 /// A tar archive written block by block, so that headers can lie.
 struct Tar(Vec<u8>);
 
-fn octal(field: &mut [u8], v: u64) {
-    let s = format!("{:0w$o}", v, w = field.len() - 1);
-    let b = s.as_bytes();
-    let b = &b[b.len().saturating_sub(field.len() - 1)..];
-    field[..b.len()].copy_from_slice(b);
-    field[b.len()] = 0;
+/// A numeric header field: octal, or GNU base-256 when it does not fit.
+fn number(field: &mut [u8], v: u64) {
+    let digits = field.len() - 1;
+    if digits < 22 && v >= 1u64 << (3 * digits) {
+        field.fill(0);
+        field[0] = 0x80;
+        let at = field.len() - 8;
+        field[at..].copy_from_slice(&v.to_be_bytes());
+        return;
+    }
+    let s = format!("{v:0digits$o}");
+    field[..digits].copy_from_slice(s.as_bytes());
+    field[digits] = 0;
 }
 
 impl Tar {
@@ -56,18 +67,18 @@ impl Tar {
         let mut h = [0u8; 512];
         let n = name.len().min(100);
         h[..n].copy_from_slice(&name[..n]);
-        octal(&mut h[100..108], u64::from(mode));
-        octal(&mut h[108..116], u64::from(uid));
-        octal(&mut h[116..124], u64::from(uid));
-        octal(&mut h[124..136], size);
-        octal(&mut h[136..148], 1_700_000_000);
+        number(&mut h[100..108], u64::from(mode));
+        number(&mut h[108..116], u64::from(uid));
+        number(&mut h[116..124], u64::from(uid));
+        number(&mut h[124..136], size);
+        number(&mut h[136..148], 1_700_000_000);
         h[156] = kind;
         let l = link.len().min(100);
         h[157..157 + l].copy_from_slice(&link[..l]);
         h[257..265].copy_from_slice(b"ustar  \0");
         h[148..156].fill(b' ');
         let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
-        octal(&mut h[148..155], u64::from(sum));
+        number(&mut h[148..155], u64::from(sum));
         h[155] = b' ';
         self.0.extend_from_slice(&h);
     }
@@ -123,7 +134,9 @@ struct Program<'a>(&'a [u8]);
 
 impl Program<'_> {
     fn byte(&mut self) -> u8 {
-        let Some((&b, rest)) = self.0.split_first() else { return 0 };
+        let Some((&b, rest)) = self.0.split_first() else {
+            return 0;
+        };
         self.0 = rest;
         b
     }
@@ -133,8 +146,18 @@ impl Program<'_> {
     /// A path of 1 to 4 components from a small vocabulary, so entries collide.
     fn path(&mut self) -> Vec<u8> {
         const PARTS: [&[u8]; 12] = [
-            b"x", b"tmp", b"acpi", b"a", b"b", b"outside", b"..", b".", b".wh.x", b".wh..wh..opq",
-            b"d", b"",
+            b"x",
+            b"tmp",
+            b"acpi",
+            b"a",
+            b"b",
+            b"outside",
+            b"..",
+            b".",
+            b".wh.x",
+            b".wh..wh..opq",
+            b"d",
+            b"",
         ];
         let n = 1 + self.byte() % 4;
         let mut p = Vec::new();
@@ -148,7 +171,13 @@ impl Program<'_> {
     }
 }
 
-fn build(mut prog: Program<'_>, outside: &Path) -> Vec<u8> {
+/// A built layer: the archive, then `tail` bytes of `p` (produced as read, never stored).
+struct Layer {
+    tar: Vec<u8>,
+    tail: u64,
+}
+
+fn build(mut prog: Program<'_>, outside: &Path) -> Layer {
     let outside_abs = outside.display().to_string();
     let targets: [&[u8]; 8] = [
         outside_abs.as_bytes(),
@@ -196,11 +225,16 @@ fn build(mut prog: Program<'_>, outside: &Path) -> Vec<u8> {
                 }
             }
             5 => {
-                // An extension header claiming a huge size, followed by little or nothing.
+                // An extension header claiming up to 512 GiB, and that many bytes after it (see
+                // `Layer`): the last thing in the layer. The unpacker must refuse it before
+                // reading them, or hold them in memory (the fuzzer's RSS limit) or take its time.
                 let kind = [b'L', b'K', b'x', b'g'][usize::from(prog.byte()) % 4];
                 let size = 1u64 << (prog.byte() % 40);
                 tar.block(kind, b"././@LongLink", b"", size, 0o644, 0);
-                tar.data(&vec![b'p'; usize::from(prog.byte()) * 8]);
+                return Layer {
+                    tar: tar.0,
+                    tail: size,
+                };
             }
             6 => {
                 // A PAX header with path and size records.
@@ -221,11 +255,16 @@ fn build(mut prog: Program<'_>, outside: &Path) -> Vec<u8> {
         }
     }
     tar.0.extend_from_slice(&[0u8; 1024]);
-    tar.0
+    Layer {
+        tar: tar.0,
+        tail: 0,
+    }
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(outer) = tempfile::tempdir() else { return };
+    let Ok(outer) = tempfile::tempdir() else {
+        return;
+    };
     let root = outer.path().join("root");
     let outside = outer.path().join("outside");
     if fs::create_dir(&root).is_err()
@@ -251,21 +290,41 @@ fuzz_target!(|data: &[u8]| {
                 2 => Compression::Zstd,
                 _ => Compression::None,
             };
-            (c, rest.to_vec())
+            (
+                c,
+                Layer {
+                    tar: rest.to_vec(),
+                    tail: 0,
+                },
+            )
         }
-        None => (Compression::None, Vec::new()),
+        None => (
+            Compression::None,
+            Layer {
+                tar: Vec::new(),
+                tail: 0,
+            },
+        ),
     };
-    let _ = unpack_layer(&layer[..], compression, &root, &opts);
+    let blob = io::Read::chain(&layer.tar[..], io::repeat(b'p').take(layer.tail));
+    let _ = unpack_layer(blob, compression, &root, &opts);
     let mut siblings: Vec<_> = fs::read_dir(outer.path())
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     siblings.sort();
-    assert_eq!(siblings, ["outside", "root"], "unpack wrote outside its root");
+    assert_eq!(
+        siblings,
+        ["outside", "root"],
+        "unpack wrote outside its root"
+    );
     let after: Vec<_> = snapshot(outer.path())
         .into_iter()
         .filter(|e| !e.0.starts_with("root"))
         .collect();
-    let before: Vec<_> = before.into_iter().filter(|e| !e.0.starts_with("root")).collect();
+    let before: Vec<_> = before
+        .into_iter()
+        .filter(|e| !e.0.starts_with("root"))
+        .collect();
     assert_eq!(after, before, "unpack changed something outside its root");
     // Read-only directories from the layer would keep the temp dir from being removed.
     unlock(&root);
