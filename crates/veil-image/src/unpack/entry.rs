@@ -82,13 +82,20 @@ impl<'a> Unpacker<'a> {
         e: impl Into<io::Error>,
     ) -> Error {
         let mut rel = self.tree.path(node);
-        rel.push(name);
-        Error::Io {
-            path: format!(
+        if !name.is_empty() {
+            rel.push(name);
+        }
+        let path = if rel.as_os_str().is_empty() {
+            self.root.display().to_string()
+        } else {
+            format!(
                 "{} in {}",
                 quote(rel.as_os_str().as_bytes()),
                 self.root.display()
-            ),
+            )
+        };
+        Error::Io {
+            path,
             action,
             source: e.into(),
         }
