@@ -4,7 +4,6 @@
 use anyhow::{anyhow, bail, Context, Result};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -192,7 +191,8 @@ fn resolve_program(rootfs: &Path, argv0: &str, env: &[String]) -> Result<String>
 }
 
 /// Spawn the function chrooted into `rootfs`, with no capabilities, no new privileges and the
-/// function seccomp filter. Its stdout and stderr go to the agent's stdout (the function log).
+/// function seccomp filter. Its stdout and stderr go through pipes to the sandbox's log
+/// substream (see [`crate::logsink`]).
 pub fn spawn(rootfs: &Path, launch: &Launch) -> Result<u32> {
     let argv0 = launch
         .argv
@@ -207,8 +207,8 @@ pub fn spawn(rootfs: &Path, launch: &Launch) -> Result<u32> {
     let program = resolve_program(rootfs, argv0, &launch.env)?;
     let filter =
         crate::seccomp::function_filter().context("compile the function's seccomp filter")?;
-    let out = std::io::stdout().as_fd().try_clone_to_owned()?;
-    let err = out.try_clone()?;
+    let (out_r, out) = std::io::pipe()?;
+    let (err_r, err) = std::io::pipe()?;
     let root_c = std::ffi::CString::new(rootfs.as_os_str().as_encoded_bytes())?;
     let cwd_c = std::ffi::CString::new(launch.cwd.as_bytes())?;
     let (uid, gid) = (launch.uid, launch.gid);
@@ -257,6 +257,11 @@ pub fn spawn(rootfs: &Path, launch: &Launch) -> Result<u32> {
         FUNCTION_PID.store(child.id() as i32, Ordering::SeqCst);
         child
     };
+    // Our copies of the pipes' write ends live in `cmd`: drop them, so the forwarders see
+    // the end of the function's output when it exits.
+    drop(cmd);
+    crate::logsink::forward_pipe(out_r, veil_proto::LogSource::Stdout);
+    crate::logsink::forward_pipe(err_r, veil_proto::LogSource::Stderr);
     // The reaper owns waiting; dropping Child neither kills nor waits.
     let pid = child.id();
     drop(child);

@@ -10,6 +10,7 @@
 
 pub mod attest;
 pub mod function;
+pub mod logsink;
 pub mod nsinit;
 pub mod pull;
 pub mod seccomp;
@@ -115,16 +116,30 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Where this agent runs: `namespace` (a namespace sandbox) or `guest` (a VM's `/init`).
+pub fn platform() -> &'static str {
+    if std::process::id() == 1 && std::env::args().next().as_deref() == Some("/init") {
+        "guest"
+    } else {
+        "namespace"
+    }
+}
+
 fn veil_proto_channel_fd() -> i32 {
     3
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("VEIL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // The log travels over the channel it would otherwise describe: the channel's own
+    // machinery (yamux, hyper) logs at most warnings, or every line would beget more.
+    let base = std::env::var("VEIL_LOG").unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_new(format!(
+        "{base},yamux=warn,hyper=warn,hyper_util=warn"
+    ))
+    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(logsink::agent_writer)
         .with_ansi(false)
         .with_target(false)
         .init();

@@ -63,6 +63,9 @@ where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (mux, mut incoming) = mux::start(io, Side::Agent);
+    if let Err(e) = crate::logsink::install(&mux).await {
+        tracing::warn!(error = %e, "cannot open the log substream; logging to stderr");
+    }
     let agent = Arc::new(Agent {
         mux,
         state: Mutex::new(State::Idle),
@@ -93,7 +96,7 @@ async fn handle_substream(agent: Arc<Agent>, mut s: Substream) -> Result<()> {
             let resp = match kind {
                 StreamKind::Control => control(agent, req).await,
                 StreamKind::Invoke => invoke(agent, req).await,
-                StreamKind::Registry | StreamKind::Kbs => error(
+                StreamKind::Registry | StreamKind::Kbs | StreamKind::Log => error(
                     StatusCode::BAD_REQUEST,
                     "BAD_STREAM",
                     "the agent serves no registry",
@@ -148,7 +151,14 @@ async fn control(agent: Arc<Agent>, req: hyper::Request<Incoming>) -> hyper::Res
                 State::Running(r) => format!("running {}", r.function),
                 State::Failed(e) => format!("failed: {e}"),
             };
-            json(&serde_json::json!({ "state": state }))
+            let mut v = serde_json::to_value(veil_proto::Health {
+                protocol: veil_proto::PROTOCOL_VERSION,
+                agent: env!("CARGO_PKG_VERSION").into(),
+                platform: crate::platform().into(),
+            })
+            .unwrap_or_default();
+            v["state"] = state.into();
+            json(&v)
         }
         ("POST", veil_proto::ASSIGN_PATH) => {
             let body = match mux::read_body_limited(req.into_body(), 256 << 10).await {

@@ -265,6 +265,8 @@ struct SandboxEntry {
     kbs_url: Mutex<Option<String>>,
     /// This sandbox's share of the node's budget, given back once it is destroyed.
     reservation: Mutex<Option<capacity::Reservation>>,
+    /// Whether the agent opened its (single) log substream.
+    log_opened: AtomicBool,
 }
 
 #[derive(Clone)]
@@ -280,8 +282,11 @@ pub struct SandboxInfo {
     pub id: String,
     /// Function it is assigned to, if any.
     pub function: Option<String>,
-    /// Host pids in it.
+    /// Host pids of its processes (the agent's, or the VMM's).
     pub pids: Vec<u32>,
+    /// Backend and accelerator.
+    #[serde(flatten)]
+    pub kind: veil_sandbox::SandboxKind,
 }
 
 /// The node.
@@ -428,7 +433,7 @@ impl Node {
             pids_max: self.config.pids_max,
             rootfs_bytes: self.config.rootfs_bytes,
         };
-        let mut sb = self.backend.create(spec).await?;
+        let sb = self.backend.create(spec).await?;
         let (mux, incoming) = mux::start(sb.channel, Side::Node);
         let entry = Arc::new(SandboxEntry {
             id: id.clone(),
@@ -441,33 +446,34 @@ impl Node {
             function: Mutex::new(None),
             kbs_url: Mutex::new(None),
             reservation: Mutex::new(Some(reservation)),
+            log_opened: AtomicBool::new(false),
         });
         self.sandboxes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.clone(), entry.clone());
-        // Function output and agent logs.
-        if let Some(out) = sb.stdout.take() {
+        // What the backend saw outside the channel (a namespace agent's early errors, a VM's
+        // console): diagnostics, kept under the function once assigned.
+        if let Some(console) = sb.console {
             let logs = self.logs.clone();
             let e = entry.clone();
-            tokio::spawn(read_lines(out, move |line| {
+            tokio::spawn(read_lines(console, move |line| {
+                tracing::debug!(sandbox = %e.id, "console: {line}");
                 let f = e.function.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                logs.push(f.as_deref().unwrap_or("-"), &e.id, line);
-            }));
-        }
-        if let Some(err) = sb.stderr.take() {
-            let logs = self.logs.clone();
-            let e = entry.clone();
-            tokio::spawn(read_lines(err, move |line| {
-                tracing::debug!(sandbox = %e.id, "agent: {line}");
-                let f = e.function.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                if let Some(f) = f {
-                    logs.push(&f, &e.id, &format!("[agent] {line}"));
-                }
+                logs.push(
+                    f.as_deref().unwrap_or("-"),
+                    &e.id,
+                    &format!("[console] {line}"),
+                );
             }));
         }
         // Requests the agent makes (image blobs).
-        tokio::spawn(serve_agent(self.cache.clone(), entry.clone(), incoming));
+        tokio::spawn(serve_agent(
+            self.cache.clone(),
+            self.logs.clone(),
+            entry.clone(),
+            incoming,
+        ));
         // Notice when the sandbox ends on its own.
         let me = Arc::downgrade(self);
         let e = entry.clone();
@@ -481,9 +487,9 @@ impl Node {
                 }
             }
         });
-        // Wait until the agent answers.
+        // Wait until the agent answers, and speaks this node's protocol.
         let t = Instant::now();
-        let deadline = Duration::from_secs(10);
+        let deadline = self.backend.boot_timeout();
         loop {
             let req = hyper::Request::get(veil_proto::HEALTH_PATH)
                 .header(http::header::HOST, "agent")
@@ -493,7 +499,35 @@ impl Node {
                     reason: e.to_string(),
                 })?;
             match entry.mux.request(StreamKind::Control, req).await {
-                Ok(r) if r.status().is_success() => break,
+                Ok(r) if r.status().is_success() => {
+                    let body = r.into_body().collect().await.map(|b| b.to_bytes());
+                    let health = body
+                        .ok()
+                        .and_then(|b| serde_json::from_slice::<veil_proto::Health>(&b).ok());
+                    match health {
+                        Some(h) if h.protocol == veil_proto::PROTOCOL_VERSION => break,
+                        other => {
+                            self.destroy_entry(&entry).await;
+                            let theirs = other.map_or(
+                                "an unknown protocol (no version in its health answer)".to_string(),
+                                |h| {
+                                    format!(
+                                        "protocol {} (agent {}, {})",
+                                        h.protocol, h.agent, h.platform
+                                    )
+                                },
+                            );
+                            return Err(NodeError::Channel {
+                                id,
+                                reason: format!(
+                                    "the agent speaks {theirs}, this node speaks protocol {}: \
+                                     rebuild the agent (or the guest image) from this veil",
+                                    veil_proto::PROTOCOL_VERSION
+                                ),
+                            });
+                        }
+                    }
+                }
                 Ok(r) => {
                     self.destroy_entry(&entry).await;
                     return Err(NodeError::Channel {
@@ -545,6 +579,7 @@ impl Node {
                 id: e.id.clone(),
                 function: e.function.lock().unwrap_or_else(|p| p.into_inner()).clone(),
                 pids: e.handle.pids(),
+                kind: self.backend.kind(),
             })
             .collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));
@@ -603,18 +638,68 @@ async fn read_lines<R: tokio::io::AsyncRead + Unpin>(mut r: R, mut on_line: impl
     }
 }
 
+/// The sandbox's log substream: function output and the agent's own log, rate-limited (a
+/// guest can write as fast as it likes; the node keeps [`logs::LINES_PER_SEC`] lines a second
+/// and counts the rest).
+async fn read_log_stream(logs: Arc<logs::LogBook>, e: Arc<SandboxEntry>, s: Substream) {
+    let mut limit = logs::RateLimit::new(Instant::now());
+    read_lines(s, move |line| {
+        let (source, text) = match line
+            .as_bytes()
+            .first()
+            .copied()
+            .and_then(veil_proto::LogSource::from_byte)
+        {
+            Some(src) => (src, &line[1..]),
+            None => (veil_proto::LogSource::Agent, line),
+        };
+        let f = e.function.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let f = f.as_deref().unwrap_or("-");
+        match limit.admit(Instant::now()) {
+            logs::Admit::Drop => return,
+            logs::Admit::KeepAfterDropping(n) => {
+                tracing::warn!(sandbox = %e.id, dropped = n, "sandbox log rate-limited");
+                logs.push(
+                    f,
+                    &e.id,
+                    &format!("[veil] {n} log lines dropped (rate limit)"),
+                );
+            }
+            logs::Admit::Keep => {}
+        }
+        match source {
+            veil_proto::LogSource::Agent => {
+                tracing::debug!(sandbox = %e.id, "agent: {text}");
+                logs.push(f, &e.id, &format!("[agent] {text}"));
+            }
+            _ => logs.push(f, &e.id, text),
+        }
+    })
+    .await;
+}
+
 /// Serve the registry subset to one sandbox: only the blobs of the image it was assigned.
 async fn serve_agent(
     cache: Arc<BlobCache>,
+    logs: Arc<logs::LogBook>,
     entry: Arc<SandboxEntry>,
     mut incoming: tokio::sync::mpsc::UnboundedReceiver<Substream>,
 ) {
     while let Some(mut s) = incoming.recv().await {
         let cache = cache.clone();
+        let logs = logs.clone();
         let entry = entry.clone();
         tokio::spawn(async move {
             let kind = match mux::accept_kind(&mut s).await {
                 Ok(k @ (StreamKind::Registry | StreamKind::Kbs)) => k,
+                Ok(StreamKind::Log) => {
+                    if entry.log_opened.swap(true, Ordering::SeqCst) {
+                        tracing::warn!(sandbox = %entry.id, "agent opened a second log substream; ignored");
+                        return;
+                    }
+                    read_log_stream(logs, entry, s).await;
+                    return;
+                }
                 Ok(other) => {
                     tracing::warn!(sandbox = %entry.id, ?other, "agent opened an unexpected substream");
                     return;

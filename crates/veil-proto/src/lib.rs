@@ -23,6 +23,66 @@ pub enum StreamKind {
     Registry = b'R',
     /// Agent → node: HTTP requests the node relays, unread, to the tenant's key broker.
     Kbs = b'K',
+    /// Agent → node: the sandbox's log, one line per record ([`LogSource`] byte, text,
+    /// newline). Not HTTP: a plain line stream, opened once by the agent.
+    Log = b'L',
+}
+
+/// The version of the node–agent protocol (this crate's wire types and substream kinds). The
+/// agent reports it in its health answer and the node refuses an agent that speaks another:
+/// an agent baked into a measured guest image cannot be swapped silently.
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The agent's answer to `GET /health`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Health {
+    /// [`PROTOCOL_VERSION`] of the agent.
+    pub protocol: u32,
+    /// The agent's own version (its crate version).
+    pub agent: String,
+    /// Where the agent runs: `namespace` or `guest`.
+    pub platform: String,
+}
+
+/// Who wrote a log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogSource {
+    /// The function's stdout.
+    Stdout,
+    /// The function's stderr.
+    Stderr,
+    /// The agent itself.
+    Agent,
+}
+
+impl LogSource {
+    /// The record's first byte.
+    pub fn byte(self) -> u8 {
+        match self {
+            LogSource::Stdout => b'O',
+            LogSource::Stderr => b'E',
+            LogSource::Agent => b'A',
+        }
+    }
+
+    /// Decode a record's first byte.
+    pub fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            b'O' => Some(Self::Stdout),
+            b'E' => Some(Self::Stderr),
+            b'A' => Some(Self::Agent),
+            _ => None,
+        }
+    }
+}
+
+/// One log record on the `L` substream: source byte, the line (newlines replaced), newline.
+pub fn log_record(source: LogSource, line: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(line.len() + 2);
+    v.push(source.byte());
+    v.extend(line.iter().map(|&b| if b == b'\n' { b' ' } else { b }));
+    v.push(b'\n');
+    v
 }
 
 impl StreamKind {
@@ -33,6 +93,7 @@ impl StreamKind {
             b'I' => Some(Self::Invoke),
             b'R' => Some(Self::Registry),
             b'K' => Some(Self::Kbs),
+            b'L' => Some(Self::Log),
             _ => None,
         }
     }

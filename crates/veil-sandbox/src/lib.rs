@@ -1,16 +1,22 @@
 //! Sandbox backends: where a veil-agent runs, isolated from the host.
 //!
-//! One trait, [`Backend`], with one implementation per kind. Today: [`process::ProcessBackend`]
-//! (Linux namespaces + cgroups + seccomp, the runc-like baseline). The microVM and confidential-VM
-//! backends come later behind the same trait. A backend starts the agent and hands the node the
-//! node's end of the agent's one channel; it knows nothing about images or functions.
+//! One trait, [`Backend`], with one implementation per kind: [`process::ProcessBackend`]
+//! (Linux namespaces + cgroups + seccomp, the runc-like baseline) and, behind the `microvm`
+//! feature, [`microvm::MicroVmBackend`] (a QEMU microVM whose `/init` is the agent). A backend
+//! starts the agent and hands the node the node's end of the agent's one channel — any byte
+//! stream: a socket pair, or the host side of a virtio-serial port — and reports when the
+//! sandbox ends and what it left behind. It knows nothing about images or functions; logs
+//! travel over the channel, not through the backend.
 
 pub mod cgroup;
+#[cfg(feature = "microvm")]
+pub mod microvm;
 pub mod process;
 
 use futures::future::BoxFuture;
 use std::path::PathBuf;
-use tokio::net::UnixStream;
+use std::pin::Pin;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Errors of sandbox backends.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +50,17 @@ pub enum Error {
         id: String,
         /// Processes still present.
         pids: Vec<u32>,
+    },
+    /// Something the backend needs is not installed or built.
+    #[error("missing: {0}")]
+    Missing(String),
+    /// A sandbox did not come up.
+    #[error("sandbox {id} did not boot: {reason}")]
+    Boot {
+        /// Sandbox id.
+        id: String,
+        /// Why, with what the VMM said.
+        reason: String,
     },
     /// Other I/O error.
     #[error("sandbox {id}: {source}")]
@@ -88,27 +105,52 @@ impl std::fmt::Display for Exit {
     }
 }
 
+/// A byte stream to an agent: whatever the backend connects (a socket pair, the host side of a
+/// virtio-serial port, vsock). Nothing above the backend depends on which.
+pub trait ChannelIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> ChannelIo for T {}
+
+/// The node's end of an agent's channel.
+pub type Channel = Box<dyn ChannelIo>;
+
+/// What a backend captured outside the channel: a namespace agent's stderr, a VM's serial
+/// console. For diagnosing a sandbox that never reached its channel; it carries no function
+/// output (that goes over the channel's log substream).
+pub type Console = Pin<Box<dyn AsyncRead + Send>>;
+
 /// A started sandbox. The node owns it and must call [`SandboxHandle::destroy`].
 pub struct Sandbox {
     /// Sandbox id.
     pub id: String,
     /// The node's end of the agent's channel.
-    pub channel: UnixStream,
-    /// Function output (the agent's stdout), line by line.
-    pub stdout: Option<tokio::process::ChildStdout>,
-    /// The agent's own log (its stderr).
-    pub stderr: Option<tokio::process::ChildStderr>,
+    pub channel: Channel,
+    /// Diagnostic output from outside the channel, line by line, if the backend has any.
+    pub console: Option<Console>,
     /// Control of the running sandbox.
     pub handle: Box<dyn SandboxHandle>,
 }
 
+/// Where a sandbox runs, for listings and metrics.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SandboxKind {
+    /// The backend (`process`, `microvm`, `cvm`).
+    pub backend: String,
+    /// The accelerator actually used (`kvm`, `tcg`), for VM backends.
+    pub accelerator: Option<String>,
+}
+
 /// Control of a running sandbox.
 pub trait SandboxHandle: Send + Sync {
-    /// Kill everything in the sandbox, wait for it, and release its resources. Idempotent.
+    /// Kill everything in the sandbox, wait for it, check nothing is left, and release its
+    /// resources. Idempotent.
     fn destroy(&self) -> BoxFuture<'_, Result<(), Error>>;
     /// Resolves when the sandbox has ended on its own or was destroyed.
     fn exited(&self) -> BoxFuture<'_, Exit>;
-    /// Host pids of processes still in the sandbox (empty once destroyed).
+    /// What of the sandbox is still on the host (processes, VMMs, sockets), as short
+    /// descriptions; empty once destroyed. The leak check of tests and of `destroy`.
+    fn leftovers(&self) -> Vec<String>;
+    /// Host pids of the sandbox's processes (the agent's, or the VMM's), for listings.
     fn pids(&self) -> Vec<u32>;
 }
 
@@ -116,6 +158,17 @@ pub trait SandboxHandle: Send + Sync {
 pub trait Backend: Send + Sync {
     /// Short name (`process`, `microvm`, `cvm`).
     fn name(&self) -> &'static str;
+    /// Backend and accelerator of the sandboxes it makes.
+    fn kind(&self) -> SandboxKind {
+        SandboxKind {
+            backend: self.name().to_string(),
+            accelerator: None,
+        }
+    }
+    /// How long a new sandbox may take until its agent answers on the channel.
+    fn boot_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(10)
+    }
     /// Boot a sandbox whose agent waits for an assignment on its channel.
     fn create(&self, spec: SandboxSpec) -> BoxFuture<'_, Result<Sandbox, Error>>;
 }

@@ -124,7 +124,7 @@ impl ProcessBackend {
             .env_clear()
             .env("VEIL_LOG", &self.config.agent_log)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
+            .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         // SAFETY: the closure runs in the forked child before exec and only makes raw,
@@ -138,8 +138,7 @@ impl ProcessBackend {
         drop(procs);
         node_end.set_nonblocking(true).map_err(io_err)?;
         let channel = tokio::net::UnixStream::from_std(node_end).map_err(io_err)?;
-        let stdout = child.stdout.take();
-        let stderr = child.stderr.take();
+        let console = child.stderr.take().map(|e| Box::pin(e) as crate::Console);
         let pid = child.id();
         tracing::debug!(sandbox = %spec.id, ?pid, "sandbox started");
 
@@ -163,9 +162,8 @@ impl ProcessBackend {
         dir_guard.0 = None;
         Ok(Sandbox {
             id: spec.id.clone(),
-            channel,
-            stdout,
-            stderr,
+            channel: Box::new(channel),
+            console,
             handle: Box::new(ProcessSandbox {
                 id: spec.id,
                 cgroup: Mutex::new(cg),
@@ -353,6 +351,23 @@ impl SandboxHandle for ProcessSandbox {
             }
         }
         .boxed()
+    }
+
+    fn leftovers(&self) -> Vec<String> {
+        let mut left: Vec<String> = self
+            .cgroup_pids()
+            .into_iter()
+            .map(|p| format!("process {p}"))
+            .collect();
+        if let Ok(g) = self.cgroup.lock() {
+            if let Some(c) = g.0.as_ref() {
+                left.extend(c.dirs().iter().map(|d| format!("cgroup {}", d.display())));
+            }
+        }
+        if self.mount_dir.exists() {
+            left.push(format!("directory {}", self.mount_dir.display()));
+        }
+        left
     }
 
     fn pids(&self) -> Vec<u32> {
