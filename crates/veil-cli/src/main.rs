@@ -709,14 +709,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Ls => {
             let fns = admin()?.list().await?;
             println!(
-                "{:<20} {:<10} {:>9} {:>8} {:>8}  IMAGE",
-                "NAME", "TENANT", "INSTANCES", "DRAINING", "REV"
+                "{:<20} {:<10} {:<12} {:>9} {:>8} {:>8}  IMAGE",
+                "NAME", "TENANT", "BACKEND", "INSTANCES", "DRAINING", "REV"
             );
             for f in fns {
                 println!(
-                    "{:<20} {:<10} {:>9} {:>8} {:>8}  {} ({})",
+                    "{:<20} {:<10} {:<12} {:>9} {:>8} {:>8}  {} ({})",
                     f.record.name,
                     f.record.tenant,
+                    f.backend,
                     f.instances.len(),
                     f.draining.len(),
                     f.record.revision,

@@ -122,7 +122,11 @@ impl Gateway {
     /// store (creating the operator token on first start).
     pub fn new(node: Arc<Node>, config: GatewayConfig) -> Result<Arc<Self>, auth::AuthError> {
         let auth = auth::Auth::open(&config.state_dir)?;
-        let functions = functions::Functions::load(&config.state_dir, config.drain_timeout);
+        let functions = functions::Functions::load(
+            &config.state_dir,
+            config.drain_timeout,
+            node.backend_label(),
+        );
         let gw = Arc::new(Self {
             node,
             config,
@@ -232,8 +236,11 @@ async fn render_metrics(State(gw): GwState) -> Response {
         ),
         (
             "veil_sandboxes",
-            "Sandboxes on the node (assigned and pooled).",
-            vec![(String::new(), sandboxes.len() as f64)],
+            "Sandboxes on the node (assigned and pooled), by backend and accelerator.",
+            vec![(
+                format!("backend=\"{}\"", node.backend_label()),
+                sandboxes.len() as f64,
+            )],
         ),
         (
             "veil_blob_upstream_fetches",

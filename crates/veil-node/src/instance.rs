@@ -52,6 +52,8 @@ pub struct StartTimings {
     pub agent: PhaseTimings,
     /// Total from request to ready.
     pub total_ms: f64,
+    /// Where it runs: the backend, and the accelerator for VMs (`microvm/tcg`).
+    pub backend: String,
 }
 
 /// A running instance of a function: one assigned sandbox.
@@ -125,7 +127,10 @@ impl Node {
         cancel: &CancellationToken,
     ) -> Result<Instance, NodeError> {
         let t0 = Instant::now();
-        let mut timings = StartTimings::default();
+        let mut timings = StartTimings {
+            backend: self.backend_label(),
+            ..StartTimings::default()
+        };
         let blobs = self.cache.manifest_blobs(&spec.image)?;
         let _hold = self
             .cache

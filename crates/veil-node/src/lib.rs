@@ -354,6 +354,15 @@ impl Node {
         }
     }
 
+    /// The backend and accelerator its sandboxes run on, e.g. `process` or `microvm/tcg`.
+    pub fn backend_label(&self) -> String {
+        let k = self.backend.kind();
+        match k.accelerator {
+            Some(a) => format!("{}/{a}", k.backend),
+            None => k.backend,
+        }
+    }
+
     /// Start a node with a given backend.
     pub fn with_backend(
         config: NodeConfig,

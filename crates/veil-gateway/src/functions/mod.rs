@@ -89,6 +89,9 @@ pub struct FunctionStatus {
     pub waiting: usize,
     /// The last cold-start failure, if any.
     pub last_error: Option<String>,
+    /// Where its instances run: the backend and, for VMs, the accelerator (`microvm/tcg`).
+    #[serde(default)]
+    pub backend: String,
 }
 
 /// One ready instance and the requests it carries.
@@ -145,6 +148,8 @@ pub struct Functions {
     file: PathBuf,
     /// Instances that take no new requests and finish the ones they have.
     drains: drain::Drains,
+    /// The node's backend label, for status.
+    backend: String,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -154,7 +159,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Functions {
     /// Load persisted deployments from `state_dir/functions.json`; instances that stop taking
     /// requests get `drain_timeout` to finish the ones they have.
-    pub fn load(state_dir: &Path, drain_timeout: Duration) -> Self {
+    pub fn load(state_dir: &Path, drain_timeout: Duration, backend: String) -> Self {
         let file = state_dir.join("functions.json");
         let mut map = HashMap::new();
         match std::fs::read(&file) {
@@ -177,6 +182,7 @@ impl Functions {
             map: Mutex::new(map),
             file,
             drains: drain::Drains::new(drain_timeout),
+            backend,
         }
     }
 
@@ -211,6 +217,7 @@ impl Functions {
             starting: rt.starting,
             waiting: rt.waiting.load(Ordering::SeqCst),
             last_error: rt.last_error.clone(),
+            backend: self.backend.clone(),
         }
     }
 

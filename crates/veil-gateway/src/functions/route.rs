@@ -229,8 +229,8 @@ async fn proxy(
     if waited && !slot.first_served.swap(true, Ordering::SeqCst) {
         let t = &slot.inst.timings;
         let v = format!(
-            "total={:.1};boot={:.1};pooled={};cache={:.1};attest={:.1};manifest={:.1};signature={:.1};layers={:.1};spawn={:.1};ready={:.1}",
-            t.total_ms, t.boot_ms, t.pooled, t.cache_ms, t.agent.attest_ms, t.agent.manifest_ms, t.agent.signature_ms, t.agent.layers_ms, t.agent.spawn_ms, t.agent.ready_ms
+            "total={:.1};boot={:.1};pooled={};cache={:.1};attest={:.1};manifest={:.1};signature={:.1};layers={:.1};spawn={:.1};ready={:.1};backend={}",
+            t.total_ms, t.boot_ms, t.pooled, t.cache_ms, t.agent.attest_ms, t.agent.manifest_ms, t.agent.signature_ms, t.agent.layers_ms, t.agent.spawn_ms, t.agent.ready_ms, t.backend
         );
         if let Ok(v) = HeaderValue::from_str(&v) {
             parts.headers.insert("x-veil-cold-start", v);
