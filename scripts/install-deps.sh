@@ -9,6 +9,11 @@
 #                    ("Debian-local change: sigstore disabled"), so the binary is taken from
 #                    Debian trixie's cosign package (a static Go binary; only libc) into
 #                    /usr/local/bin without installing the package or touching apt's sources.
+#   ovmf             Debian's OVMF firmware (/usr/share/OVMF), which the SNP launch measurement
+#                    tests measure
+#   sev-snp-measure  the reference SEV-SNP launch measurement tool (PyPI, pinned version) that
+#                    those tests compare against, in a venv at /usr/local/lib/sev-snp-measure
+#                    linked as /usr/local/bin/sev-snp-measure (python3-venv provides the venv)
 # The Rust toolchain (with cargo-nextest) is expected to be present already.
 # With the argument `build`, only what building veil needs (for `make demo`).
 set -euo pipefail
@@ -57,6 +62,9 @@ if [ "${1:-}" != build ]; then
   command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
   command -v skopeo >/dev/null 2>&1 || need+=(skopeo)
   command -v openssl >/dev/null 2>&1 || need+=(openssl)
+  [ -f /usr/share/OVMF/OVMF_CODE.fd ] || need+=(ovmf)
+  command -v python3 >/dev/null 2>&1 || need+=(python3)
+  python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
@@ -88,6 +96,17 @@ if [ "${1:-}" != build ] && ! command -v cosign >/dev/null 2>&1; then
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO install -m 0755 "$tmp/x/usr/bin/cosign" /usr/local/bin/cosign
   cosign version >/dev/null
+fi
+sev_snp_measure=0.0.13
+if [ "${1:-}" != build ] &&
+   [ "$(sev-snp-measure --version 2>/dev/null)" != "sev-snp-measure $sev_snp_measure" ]; then
+  echo "installing: sev-snp-measure $sev_snp_measure (PyPI) into /usr/local/lib/sev-snp-measure"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO python3 -m venv /usr/local/lib/sev-snp-measure
+  $SUDO /usr/local/lib/sev-snp-measure/bin/pip install -q "sev-snp-measure==$sev_snp_measure"
+  $SUDO ln -sf /usr/local/lib/sev-snp-measure/bin/sev-snp-measure /usr/local/bin/sev-snp-measure
+  sev-snp-measure --version >/dev/null
 fi
 # The registry package starts a system service on :5000 on some hosts; tests start their own.
 exit 0

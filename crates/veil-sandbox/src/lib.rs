@@ -9,6 +9,8 @@
 //! travel over the channel, not through the backend.
 
 pub mod cgroup;
+#[cfg(feature = "cvm")]
+pub mod cvm;
 #[cfg(feature = "microvm")]
 pub mod microvm;
 pub mod process;
