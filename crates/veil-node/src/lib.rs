@@ -302,6 +302,8 @@ pub struct Node {
     shutting_down: AtomicBool,
     /// One pool refill at a time, so a burst of cold starts does not overfill the pool.
     filling: AtomicBool,
+    /// Pool boots that failed in a row (the retry backs off with it).
+    pool_failures: std::sync::atomic::AtomicU32,
     /// Endorses the INSECURE software TEE's sandbox keys (see [`Node::software_tee_host_key`]).
     software_tee_host: veil_attest::software::HostKey,
 }
@@ -392,6 +394,7 @@ impl Node {
             logs: Arc::new(logs::LogBook::default()),
             shutting_down: AtomicBool::new(false),
             filling: AtomicBool::new(false),
+            pool_failures: std::sync::atomic::AtomicU32::new(0),
         });
         // Blobs of images assigned to live sandboxes are never evicted.
         let weak = Arc::downgrade(&node);
@@ -493,6 +496,10 @@ impl Node {
                 if !e.destroying.load(Ordering::SeqCst) {
                     tracing::warn!(sandbox = %e.id, %exit, "sandbox ended");
                     node.destroy_entry(&e).await;
+                    // A pooled sandbox that died is replaced.
+                    if !node.shutting_down.load(Ordering::SeqCst) {
+                        tokio::spawn(pool::refill_later(Arc::downgrade(&node), Duration::ZERO));
+                    }
                 }
             }
         });

@@ -52,6 +52,22 @@ impl Drop for Claim {
     }
 }
 
+/// Fill the pool of `node` after `delay` (a named, boxed future: the pool's own tasks spawn it,
+/// and a recursive `async fn` type could not be shown to be `Send`).
+pub(crate) fn refill_later(
+    node: Weak<Node>,
+    delay: std::time::Duration,
+) -> futures::future::BoxFuture<'static, ()> {
+    use futures::FutureExt;
+    async move {
+        tokio::time::sleep(delay).await;
+        if let Some(node) = node.upgrade() {
+            node.fill_pool().await;
+        }
+    }
+    .boxed()
+}
+
 impl Node {
     /// Generic sandboxes booted, prepared and waiting in the pool.
     pub async fn pooled(&self) -> usize {
@@ -151,6 +167,7 @@ impl Node {
                     return;
                 }
                 Ok(sb) => {
+                    self.pool_failures.store(0, Ordering::SeqCst);
                     lock(&self.pool).push(sb);
                     self.budget.bump();
                 }
@@ -160,7 +177,12 @@ impl Node {
                     return;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "could not boot a pooled sandbox");
+                    // Try again later, backing off, so a pool that lost a sandbox to a failed
+                    // boot fills again without waiting for the next cold start.
+                    let n = self.pool_failures.fetch_add(1, Ordering::SeqCst).min(5);
+                    let backoff = std::time::Duration::from_secs(1 << n);
+                    tracing::warn!(error = %e, retry_in_s = backoff.as_secs(), "could not boot a pooled sandbox");
+                    tokio::spawn(refill_later(Arc::downgrade(self), backoff));
                     return;
                 }
             }

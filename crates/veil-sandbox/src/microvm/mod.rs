@@ -278,7 +278,7 @@ impl MicroVmBackend {
             source,
         })?;
         let pid = child.id();
-        let stdout = child.stdout.take();
+        let mut stdout = child.stdout.take();
         let mut stderr = child.stderr.take();
         let (exit_tx, exit_rx) = watch::channel(None);
         let wid = id.to_string();
@@ -320,12 +320,18 @@ impl MicroVmBackend {
                         said = String::from_utf8_lossy(&buf[..n]).trim().to_string();
                     }
                 }
-                let _ = handle.do_destroy().await;
-                let reason = if said.is_empty() {
-                    e.to_string()
-                } else {
-                    format!("{e}; QEMU said: {said}")
+                let console = match stdout.as_mut() {
+                    Some(out) => console_tail(out).await,
+                    None => String::new(),
                 };
+                let _ = handle.do_destroy().await;
+                let mut reason = e.to_string();
+                if !said.is_empty() {
+                    reason.push_str(&format!("; QEMU said: {said}"));
+                }
+                if !console.is_empty() {
+                    reason.push_str(&format!("; guest console ends: {console}"));
+                }
                 return Err(boot_failed(id, reason));
             }
         };
@@ -393,6 +399,22 @@ impl MicroVmBackend {
             exit = handle.exited() => Err(format!("QEMU exited ({exit}) before the guest's agent was up")),
         }
     }
+}
+
+/// The last lines the guest printed on its console (what is buffered now), for an error.
+async fn console_tail(out: &mut tokio::process::ChildStdout) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut all = Vec::new();
+    let mut buf = vec![0u8; 16 << 10];
+    while all.len() < (256 << 10) {
+        match tokio::time::timeout(Duration::from_millis(100), out.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => all.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&all);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(6)..].join(" | ")
 }
 
 fn rand_u32() -> u32 {
