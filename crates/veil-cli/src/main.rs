@@ -10,6 +10,8 @@ use veil_cli::{images, Platform, UpOptions};
 use veil_gateway::DeployRequest;
 use veil_image::Reference;
 
+mod measure;
+
 #[derive(Parser)]
 #[command(name = "veil", version, about = "Serverless confidential functions")]
 struct Cli {
@@ -95,6 +97,9 @@ enum Cmd {
     /// Run or administer a key broker (KBS).
     #[command(subcommand)]
     Kbs(KbsCmd),
+    /// Print the expected SEV-SNP launch measurement of a guest (flags and output as
+    /// sev-snp-measure's).
+    Measure(measure::MeasureArgs),
     /// Create, list and revoke tenant tokens (needs the operator token).
     #[command(subcommand)]
     Token(TokenCmd),
@@ -760,6 +765,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
         },
         Cmd::Kbs(kc) => kbs_cmd(kc, &cli.server).await?,
+        Cmd::Measure(a) => measure::run(&a)?,
         Cmd::Attest(AttestCmd::Verify {
             file,
             vcek,
