@@ -2,9 +2,9 @@
 //! installed by scripts/install-deps.sh) run on the same inputs, and values it computed once,
 //! recorded here.
 //!
-//! Firmware: Debian's own OVMF (`ovmf` package: OVMF_CODE.fd has SEV metadata without the
-//! kernel-hashes section, OVMF_CODE_4M.fd has no SEV metadata at all) for firmware-only
-//! boot, and the AmdSevX64 OVMF in testdata/ovmf-amdsev (a real build; see its README) for
+//! Firmware: Debian's own OVMF (`ovmf` package: OVMF_CODE.fd and the unified ovmf/OVMF.fd
+//! have SEV metadata without the kernel-hashes section, OVMF_CODE_4M.fd has no SEV metadata
+//! at all) for firmware-only boot, and the AmdSevX64 OVMF in testdata/ovmf-amdsev (a real build; see its README) for
 //! measured direct boot. A missing tool or firmware fails these tests; nothing is skipped.
 
 use flate2::read::GzDecoder;
@@ -193,7 +193,7 @@ const VCPUS: [u32; 4] = [1, 2, 4, 16];
 const TYPES: [&str; 5] = ["EPYC", "EPYC-v4", "EPYC-Rome", "EPYC-Milan", "EPYC-Genoa"];
 
 fn debian_ovmf(name: &str) -> PathBuf {
-    let path = Path::new("/usr/share/OVMF").join(name);
+    let path = Path::new("/usr/share").join(name);
     assert!(
         path.exists(),
         "{} is missing: install Debian's ovmf package (scripts/install-deps.sh)",
@@ -204,8 +204,9 @@ fn debian_ovmf(name: &str) -> PathBuf {
 
 #[test]
 fn firmware_only_with_debian_ovmf_matches_sev_snp_measure() {
-    let code = debian_ovmf("OVMF_CODE.fd");
-    let code_4m = debian_ovmf("OVMF_CODE_4M.fd");
+    let code = debian_ovmf("OVMF/OVMF_CODE.fd");
+    let code_4m = debian_ovmf("OVMF/OVMF_CODE_4M.fd");
+    let unified = debian_ovmf("ovmf/OVMF.fd");
     let mut cases = Vec::new();
     for vcpus in VCPUS {
         for t in TYPES {
@@ -213,6 +214,7 @@ fn firmware_only_with_debian_ovmf_matches_sev_snp_measure() {
         }
         cases.push(Case::new(&code_4m, vcpus, "EPYC-v4"));
         cases.push(Case::new(&code_4m, vcpus, "EPYC-Milan"));
+        cases.push(Case::new(&unified, vcpus, "EPYC-Genoa"));
     }
     compare_all(&cases);
 }
@@ -313,7 +315,7 @@ fn recorded_measurements() {
 fn kernel_with_firmware_lacking_the_hashes_section_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (kernel, _) = boot_blobs(dir.path());
-    let code = debian_ovmf("OVMF_CODE.fd");
+    let code = debian_ovmf("OVMF/OVMF_CODE.fd");
     let err = measure_files(&MeasureFiles {
         ovmf: &code,
         kernel: Some(&kernel),
