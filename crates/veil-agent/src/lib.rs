@@ -10,6 +10,7 @@
 
 pub mod attest;
 pub mod function;
+pub mod guest;
 pub mod logsink;
 pub mod nsinit;
 pub mod pull;
@@ -66,6 +67,11 @@ fn parse_args(args: &[String]) -> Result<SandboxArgs, String> {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let argv0 = std::env::args().next();
+    if guest::is_guest_init(argv0.as_deref(), args.first().map(String::as_str)) {
+        // The initrd's /init: mounts, modules, the virtio-serial channel; never returns.
+        guest::main();
+    }
     match args.first().map(String::as_str) {
         Some("sandbox") => {}
         Some("--version") => {

@@ -135,8 +135,9 @@ fn make_devices(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Set IFF_UP on `lo`, the only interface in the sandbox's network namespace.
-fn loopback_up() -> Result<()> {
+/// Set IFF_UP on `lo`, the only interface in the sandbox's network namespace (or, in a VM
+/// guest, the only interface the guest has).
+pub fn loopback_up() -> Result<()> {
     // SAFETY: plain socket(2) call; the descriptor is wrapped in an OwnedFd right away.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
