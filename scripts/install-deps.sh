@@ -9,6 +9,12 @@
 #                    ("Debian-local change: sigstore disabled"), so the binary is taken from
 #                    Debian trixie's cosign package (a static Go binary; only libc) into
 #                    /usr/local/bin without installing the package or touching apt's sources.
+#   qemu-system-x86  boots the microVM guests (under TCG where KVM does not run them)
+#   guest kernel     Debian's cloud kernel (the image package that linux-image-cloud-amd64
+#                    depends on), downloaded with apt-get and unpacked with dpkg-deb into
+#                    /var/cache/veil/guest-kernel (boot/vmlinuz-*, boot/config-*,
+#                    lib/modules/*), where `veil guest build` finds it. Nothing is installed
+#                    into this machine's /boot and no package is registered with dpkg.
 #   ovmf             Debian's OVMF firmware (/usr/share/OVMF), which the SNP launch measurement
 #                    tests measure
 #   sev-snp-measure  the reference SEV-SNP launch measurement tool (PyPI, pinned version) that
@@ -65,6 +71,7 @@ if [ "${1:-}" != build ]; then
   [ -f /usr/share/OVMF/OVMF_CODE.fd ] || need+=(ovmf)
   command -v python3 >/dev/null 2>&1 || need+=(python3)
   python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+  command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
@@ -96,6 +103,38 @@ if [ "${1:-}" != build ] && ! command -v cosign >/dev/null 2>&1; then
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO install -m 0755 "$tmp/x/usr/bin/cosign" /usr/local/bin/cosign
   cosign version >/dev/null
+fi
+if [ "${1:-}" != build ]; then
+  # The guest kernel: the image package the cloud kernel's metapackage depends on right now
+  # (for example linux-image-6.1.0-NN-cloud-amd64), unpacked unless that version already is.
+  dir=/var/cache/veil/guest-kernel
+  kernel_pkg() {
+    apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+      awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ { print $2; exit }'
+  }
+  pkg=$(kernel_pkg)
+  if [ -z "$pkg" ]; then
+    apt-get update -qq
+    pkg=$(kernel_pkg)
+  fi
+  if [ -z "$pkg" ]; then
+    echo "cannot resolve linux-image-cloud-amd64 with this machine's apt sources" >&2
+    exit 1
+  fi
+  version=${pkg#linux-image-}
+  if [ ! -f "$dir/boot/vmlinuz-$version" ] || [ ! -d "$dir/lib/modules/$version" ]; then
+    echo "installing: guest kernel $pkg into $dir (not into /boot)"
+    ktmp=$(mktemp -d)
+    (cd "$ktmp" && apt-get -o APT::Sandbox::User=root download -qq "$pkg")
+    dpkg-deb -x "$ktmp"/"$pkg"_*.deb "$ktmp/x"
+    rm -rf "$ktmp/x/usr/share"
+    mkdir -p "$(dirname "$dir")"
+    rm -rf "$dir.old"
+    [ ! -e "$dir" ] || mv "$dir" "$dir.old"
+    mv "$ktmp/x" "$dir"
+    rm -rf "$dir.old" "$ktmp"
+    test -f "$dir/boot/vmlinuz-$version"
+  fi
 fi
 sev_snp_measure=0.0.13
 if [ "${1:-}" != build ] &&
