@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod demo;
+pub mod guest;
 pub mod images;
 
 use anyhow::{bail, Context, Result};

@@ -103,6 +103,37 @@ enum Cmd {
     /// Create, list and revoke tenant tokens (needs the operator token).
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Build the microVM guest (kernel, initrd with veil-agent as /init, command line).
+    #[command(subcommand)]
+    Guest(GuestCmd),
+}
+
+#[derive(Subcommand)]
+enum GuestCmd {
+    /// Build the guest artifacts and print their paths, sizes and SHA-256 digests.
+    Build {
+        /// Output directory (default: <state dir>/guest).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The veil-agent binary (default: $VEIL_AGENT, else next to this executable).
+        #[arg(long)]
+        agent: Option<PathBuf>,
+        /// Kernel image (default: the newest boot/vmlinuz-* in --kernel-dir).
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// The kernel's lib/modules/<version> directory (default: beside the kernel image).
+        #[arg(long)]
+        modules_dir: Option<PathBuf>,
+        /// Where scripts/install-deps.sh unpacked Debian's cloud kernel.
+        #[arg(long, default_value = veil_guest::DEFAULT_KERNEL_DIR)]
+        kernel_dir: PathBuf,
+        /// Kernel command line.
+        #[arg(long, default_value = veil_guest::DEFAULT_CMDLINE)]
+        cmdline: String,
+        /// Keep the agent's symbols and debug information.
+        #[arg(long)]
+        no_strip: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -766,6 +797,28 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         },
         Cmd::Kbs(kc) => kbs_cmd(kc, &cli.server).await?,
         Cmd::Measure(a) => measure::run(&a)?,
+        Cmd::Guest(GuestCmd::Build {
+            out,
+            agent,
+            kernel,
+            modules_dir,
+            kernel_dir,
+            cmdline,
+            no_strip,
+        }) => {
+            let opts = veil_cli::guest::BuildOptions {
+                out,
+                agent,
+                kernel,
+                modules_dir,
+                kernel_dir: Some(kernel_dir),
+                cmdline: Some(cmdline),
+                no_strip,
+            };
+            let built =
+                tokio::task::spawn_blocking(move || veil_cli::guest::build(&opts)).await??;
+            print!("{}", veil_cli::guest::report(&built));
+        }
         Cmd::Attest(AttestCmd::Verify {
             file,
             vcek,
