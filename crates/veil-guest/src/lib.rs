@@ -40,6 +40,48 @@ pub const MODULES_LIST: &str = "/etc/veil/modules";
 /// The agent also reads `veil.log=<filter>` (like `VEIL_LOG`) from the command line.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet panic=-1 8250.nr_uarts=1 veil.port=veil.0";
 
+/// The kernel parameter a guest needs under TCG to know its TSC frequency: `tsc_early_khz=`
+/// with this host's TSC rate, or `None` where it cannot be measured (not x86-64).
+///
+/// Under TCG the guest's TSC is the host's, but the guest has no kvmclock to learn its rate,
+/// and a microvm has no HPET or ACPI PM timer to calibrate it against: when the PIT
+/// calibration fails — it does whenever the host is busy — the kernel marks the TSC unstable
+/// and hangs before `/init`. Append this to the command line for TCG guests (KVM guests get
+/// the rate from kvmclock and must not be given it). It is host-specific, so it never belongs
+/// in [`DEFAULT_CMDLINE`] or a measured command line.
+pub fn tcg_clock_param() -> Option<String> {
+    host_tsc_khz().map(|khz| format!("tsc_early_khz={khz}"))
+}
+
+/// This host's TSC rate in kHz, measured against the monotonic clock (median of three 20 ms
+/// windows, so a preemption in one of them does not count).
+#[cfg(target_arch = "x86_64")]
+pub fn host_tsc_khz() -> Option<u64> {
+    fn rdtsc() -> u64 {
+        // SAFETY: RDTSC exists on every x86-64 CPU; it only reads the time-stamp counter and
+        // touches no memory.
+        unsafe { std::arch::x86_64::_rdtsc() }
+    }
+    let mut rates: Vec<u64> = (0..3)
+        .filter_map(|_| {
+            let t0 = std::time::Instant::now();
+            let c0 = rdtsc();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let c1 = rdtsc();
+            let us = t0.elapsed().as_micros() as u64;
+            (us > 0 && c1 > c0).then(|| (c1 - c0) * 1000 / us)
+        })
+        .collect();
+    rates.sort_unstable();
+    rates.get(rates.len() / 2).copied().filter(|&k| k > 0)
+}
+
+/// This host's TSC rate in kHz (not measurable on this architecture).
+#[cfg(not(target_arch = "x86_64"))]
+pub fn host_tsc_khz() -> Option<u64> {
+    None
+}
+
 /// Errors of building the guest.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -334,4 +376,18 @@ pub fn artifact(path: &Path) -> Result<Artifact, Error> {
         size,
         sha256: hex::encode(h.finalize()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn tsc_rate_is_plausible() {
+        // Any x86-64 host of the last two decades: between 500 MHz and 10 GHz.
+        let khz = super::host_tsc_khz().unwrap();
+        assert!((500_000..10_000_000).contains(&khz), "{khz}");
+        assert!(super::tcg_clock_param()
+            .unwrap()
+            .starts_with("tsc_early_khz="));
+    }
 }

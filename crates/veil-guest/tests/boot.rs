@@ -131,7 +131,12 @@ fn qemu_args(g: &veil_guest::GuestArtifacts, sock: &Path, console: &Path) -> Vec
         "-initrd".into(),
         g.initrd.path.display().to_string(),
         "-append".into(),
-        g.cmdline.clone(),
+        // Under TCG the guest learns the TSC rate from the command line (see
+        // veil_guest::tcg_clock_param); without it a busy host makes the boot hang.
+        match veil_guest::tcg_clock_param() {
+            Some(p) => format!("{} {p}", g.cmdline),
+            None => g.cmdline.clone(),
+        },
         "-serial".into(),
         format!("file:{}", console.display()),
         "-chardev".into(),
