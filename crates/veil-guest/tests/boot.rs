@@ -79,18 +79,21 @@ impl Qemu {
     }
 
     /// Wait (polling, bounded) for QEMU to exit by itself.
-    fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+    async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Ok(Some(st)) = self.child.try_wait() {
                 return Some(st);
             }
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         None
     }
 
-    fn stderr(&mut self) -> String {
+    /// Kill QEMU, then read what it wrote to stderr (only then does the pipe end).
+    fn kill_and_stderr(&mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
         let mut s = String::new();
         if let Some(mut e) = self.child.stderr.take() {
             let _ = std::io::Read::read_to_string(&mut e, &mut s);
@@ -177,8 +180,8 @@ async fn microvm_guest_boots_the_agent_as_init_and_answers_health() {
     match result {
         Ok(()) => eprintln!("guest console:\n{log}"),
         Err(e) => {
-            let said = qemu.stderr();
-            drop(qemu);
+            let said = qemu.kill_and_stderr();
+            let _ = std::fs::remove_dir_all(&dir);
             panic!("{e}\nQEMU said: {said}\nguest console:\n{log}");
         }
     }
@@ -246,7 +249,7 @@ async fn talk(qemu: &mut Qemu, sock: &Path, started: Instant) -> Result<(), Stri
     mux.close().await;
     drop(mux);
     let t = Instant::now();
-    match qemu.wait_exit(POWEROFF_TIMEOUT) {
+    match qemu.wait_exit(POWEROFF_TIMEOUT).await {
         Some(st) if st.success() => {
             eprintln!(
                 "guest powered off {} ms after the channel closed",
