@@ -124,7 +124,7 @@ pub fn main() -> ExitCode {
 
 /// Where this agent runs: `namespace` (a namespace sandbox) or `guest` (a VM's `/init`).
 pub fn platform() -> &'static str {
-    if std::process::id() == 1 && std::env::args().next().as_deref() == Some("/init") {
+    if guest::in_guest() {
         "guest"
     } else {
         "namespace"

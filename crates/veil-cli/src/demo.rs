@@ -10,13 +10,17 @@ use std::time::Instant;
 use veil_gateway::DeployRequest;
 use veil_image::Reference;
 
-/// Run the demo. `state_dir` defaults to a fresh temporary directory.
-pub async fn run(state_dir: Option<std::path::PathBuf>) -> Result<()> {
+/// Run the demo on `backend`. `state_dir` defaults to a fresh temporary directory.
+pub async fn run(
+    state_dir: Option<std::path::PathBuf>,
+    backend: crate::backend::BackendChoice,
+) -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let state = state_dir.unwrap_or_else(|| tmp.path().join("state"));
     let mut opts = UpOptions::defaults(state);
     opts.listen = "127.0.0.1:0".parse()?;
     opts.pool_size = 1;
+    opts.backend = backend;
     let platform = Platform::start(opts).await?;
     let res = steps(&platform, tmp.path()).await;
     let stop = platform.stop().await;
@@ -26,13 +30,19 @@ pub async fn run(state_dir: Option<std::path::PathBuf>) -> Result<()> {
 }
 
 async fn steps(p: &Platform, tmp: &std::path::Path) -> Result<()> {
+    let backend = p.gateway.node().backend_label();
     println!(
-        "veil demo: gateway, node and namespace sandboxes on {}",
+        "veil demo: gateway, node and {} sandboxes on {}",
+        match backend.as_str() {
+            "process" => "namespace".to_string(),
+            other => other.to_string(),
+        },
         p.url()
     );
     // Steady state: sandboxes are booted ahead of demand; wait for the first one.
     let t = Instant::now();
-    while p.gateway.node().pooled().await == 0 && t.elapsed() < std::time::Duration::from_secs(20) {
+    while p.gateway.node().pooled().await == 0 && t.elapsed() < std::time::Duration::from_secs(120)
+    {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     println!(

@@ -66,11 +66,27 @@ pub fn report(a: &GuestArtifacts) -> String {
         a.kernel_version,
         a.modules.join(" ")
     );
-    // TODO(measurement): the SNP launch measurement and the broker hint belong here. The lead
-    // wires them in by calling `veil_sandbox::cvm::measure::measure_files(&MeasureFiles {
-    // ovmf, kernel: Some(&a.kernel.path), initrd: Some(&a.initrd.path),
-    // append: Some(&a.cmdline), vcpus, cpu_signature, .. })` for the default vCPU count and
-    // firmware, and appending `snp-measurement <hex>` and the
-    // `veil kbs set-reference-values … snp_launch_measurement=<hex>` command to this report.
     s
+}
+
+/// The SEV-SNP launch measurement of this guest booted with `firmware` (an OVMF built from
+/// edk2's AmdSevX64, which has the kernel-hashes section measured direct boot needs) on
+/// `vcpus` vCPUs of QEMU's default `EPYC-v4` model, and the broker command that registers it.
+pub fn measurement_report(
+    a: &GuestArtifacts,
+    firmware: &std::path::Path,
+    vcpus: u32,
+) -> anyhow::Result<String> {
+    let mut g = veil_sandbox::cvm::qemu::SnpGuest::new(firmware, &a.kernel.path, 256, vcpus);
+    g.initrd = Some(&a.initrd.path);
+    g.append = Some(&a.cmdline);
+    let m = g.measurement().map_err(|e| {
+        anyhow::anyhow!("SNP measurement with firmware {}: {e}", firmware.display())
+    })?;
+    Ok(format!(
+        "snp-measurement {m}  ({vcpus} vCPU, {}, firmware {})\n\
+         register it: veil kbs set-reference-values measurement {m}\n",
+        g.cpu_model,
+        firmware.display()
+    ))
 }

@@ -2,6 +2,7 @@
 //! client, image commands and the demo. Tests drive the platform through this crate.
 #![forbid(unsafe_code)]
 
+pub mod backend;
 pub mod client;
 pub mod demo;
 pub mod guest;
@@ -13,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use veil_gateway::{Gateway, GatewayConfig};
-use veil_node::{Node, NodeConfig};
+use veil_node::NodeConfig;
 
 /// The example function, built by build.rs as a static binary.
 pub const HELLO_BINARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hello-fn"));
@@ -50,6 +51,8 @@ pub struct UpOptions {
     pub drain_timeout: Duration,
     /// Limits of the local image store's uploads.
     pub local_store: veil_gateway::LocalStoreConfig,
+    /// Which sandboxes functions run in.
+    pub backend: backend::BackendChoice,
 }
 
 impl UpOptions {
@@ -70,6 +73,7 @@ impl UpOptions {
             capacity_cpu_millis: None,
             drain_timeout: Duration::from_secs(30),
             local_store: veil_gateway::LocalStoreConfig::default(),
+            backend: backend::BackendChoice::Process,
         }
     }
 }
@@ -112,6 +116,13 @@ impl Platform {
         preflight()?;
         std::fs::create_dir_all(&opts.state_dir)
             .with_context(|| format!("create state dir {}", opts.state_dir.display()))?;
+        // Blobs of every tenant (plaintext for unencrypted images), deployments with their
+        // environments, keys and tokens live here: no other local user may read any of it.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&opts.state_dir, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("make {} private", opts.state_dir.display()))?;
+        }
         let mut ncfg = NodeConfig::with_state_dir(opts.state_dir.clone());
         ncfg.pool_size = opts.pool_size;
         ncfg.cache_max_bytes = opts.cache_max_bytes;
@@ -119,7 +130,7 @@ impl Platform {
         ncfg.capacity.cpu_millis = opts.capacity_cpu_millis.unwrap_or(ncfg.capacity.cpu_millis);
         ncfg.agent_log = opts.agent_log.clone();
         ncfg.registry.insecure = opts.insecure_registries.clone();
-        let node = Node::new(ncfg).context("start the node")?;
+        let node = backend::start_node(&opts.backend, ncfg).await?;
         let listener = tokio::net::TcpListener::bind(opts.listen)
             .await
             .with_context(|| format!("listen on {}", opts.listen))?;

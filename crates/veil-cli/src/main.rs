@@ -53,6 +53,8 @@ enum Cmd {
         /// State directory (default: a fresh temporary one).
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        backend: BackendArgs,
     },
     /// Deploy (or update) a function.
     Deploy(DeployArgs),
@@ -133,6 +135,13 @@ enum GuestCmd {
         /// Keep the agent's symbols and debug information.
         #[arg(long)]
         no_strip: bool,
+        /// Firmware for the SNP launch measurement: an OVMF built from edk2's AmdSevX64 (with
+        /// the SNP kernel-hashes section). Without it no measurement is printed.
+        #[arg(long)]
+        firmware: Option<PathBuf>,
+        /// vCPUs of the measured guest.
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
     },
 }
 
@@ -287,6 +296,43 @@ struct UpArgs {
     /// file deleted, its id forgotten).
     #[arg(long, default_value_t = 600)]
     upload_expiry: u64,
+    #[command(flatten)]
+    backend: BackendArgs,
+}
+
+/// Where functions run.
+#[derive(Args)]
+struct BackendArgs {
+    /// Sandbox backend: process (namespaces; the host can read them), microvm (QEMU
+    /// microVMs), cvm (SEV-SNP or TDX confidential VMs, with --tee).
+    #[arg(long, default_value = "process")]
+    backend: String,
+    /// The TEE of --backend cvm: snp or tdx.
+    #[arg(long)]
+    tee: Option<veil_cli::backend::Tee>,
+    /// Accelerator of VM backends: auto (KVM if a probe guest boots under it in time, else
+    /// TCG), kvm or tcg.
+    #[arg(long, default_value = "auto")]
+    accel: veil_sandbox::microvm::Accel,
+    /// A guest built with `veil guest build --out DIR` (default: built at start into
+    /// <state dir>/guest from this veil's agent).
+    #[arg(long)]
+    guest_dir: Option<PathBuf>,
+    /// Firmware of --backend cvm (an OVMF with SNP kernel hashes, or TDVF).
+    #[arg(long)]
+    firmware: Option<PathBuf>,
+}
+
+impl BackendArgs {
+    fn choice(&self) -> Result<veil_cli::backend::BackendChoice> {
+        veil_cli::backend::BackendChoice::parse(
+            &self.backend,
+            self.tee,
+            self.accel,
+            self.guest_dir.clone(),
+            self.firmware.clone(),
+        )
+    }
 }
 
 #[derive(Args)]
@@ -661,6 +707,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             opts.capacity_memory = a.capacity_memory;
             opts.capacity_cpu_millis = a.capacity_cpus.map(|c| (c * 1000.0).round() as u64);
             opts.drain_timeout = std::time::Duration::from_secs(a.drain_timeout);
+            opts.backend = a.backend.choice()?;
             opts.local_store.max_blob_bytes = a.max_blob_size;
             opts.local_store.upload_expiry = std::time::Duration::from_secs(a.upload_expiry.max(1));
             if !a.listen.ip().is_loopback() {
@@ -677,7 +724,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             println!("stopping: destroying sandboxes");
             p.stop().await?;
         }
-        Cmd::Demo { state_dir } => veil_cli::demo::run(state_dir).await?,
+        Cmd::Demo { state_dir, backend } => {
+            veil_cli::demo::run(state_dir, backend.choice()?).await?
+        }
         Cmd::Deploy(a) => {
             let st = admin()?
                 .deploy(
@@ -805,6 +854,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             kernel_dir,
             cmdline,
             no_strip,
+            firmware,
+            vcpus,
         }) => {
             let opts = veil_cli::guest::BuildOptions {
                 out,
@@ -818,6 +869,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let built =
                 tokio::task::spawn_blocking(move || veil_cli::guest::build(&opts)).await??;
             print!("{}", veil_cli::guest::report(&built));
+            match firmware {
+                Some(f) => print!(
+                    "{}",
+                    veil_cli::guest::measurement_report(&built, &f, vcpus)?
+                ),
+                None => println!(
+                    "snp-measurement: pass --firmware <AmdSevX64 OVMF> to compute the SEV-SNP \
+                     launch measurement of this guest (Debian's ovmf lacks the kernel-hashes \
+                     section measured direct boot needs)"
+                ),
+            }
         }
         Cmd::Attest(AttestCmd::Verify {
             file,

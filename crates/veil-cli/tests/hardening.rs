@@ -18,6 +18,14 @@ async fn up() -> (Platform, tempfile::TempDir) {
 }
 
 async fn push_hello(p: &Platform, repo_tag: &str) -> String {
+    push_hello_with(p, &p.registry_client().unwrap(), repo_tag).await
+}
+
+async fn push_hello_with(
+    p: &Platform,
+    client: &veil_registry::RegistryClient,
+    repo_tag: &str,
+) -> String {
     let tmp = tempfile::tempdir().unwrap();
     let ctx = tmp.path().join("ctx");
     images::write_example(&ctx).unwrap();
@@ -26,9 +34,7 @@ async fn push_hello(p: &Platform, repo_tag: &str) -> String {
     let image = veil_image::build::build_image(&spec).unwrap();
     let reference: Reference = format!("local/{repo_tag}").parse().unwrap();
     let target = images::push_target(&reference, &p.url()).unwrap();
-    images::push(&p.registry_client().unwrap(), &image, &target)
-        .await
-        .unwrap();
+    images::push(client, &image, &target).await.unwrap();
     reference.to_string()
 }
 
@@ -70,8 +76,10 @@ async fn made_up_software_evidence_gets_no_secret_from_the_embedded_broker() {
     }
 
     // A real sandbox of tenant b: refused until b opts in, then served.
-    let image = push_hello(&p, "hello:v1").await;
     let admin = p.admin_client().unwrap();
+    let b_token = admin.create_token("b").await.unwrap().token;
+    let b_reg = images::registry_client_with_token(&[], &p.url(), &b_token).unwrap();
+    let image = push_hello_with(&p, &b_reg, "b-hello:v1").await;
     let mut req = DeployRequest::new(&image);
     req.tenant = Some("b".into());
     req.secrets
@@ -151,7 +159,11 @@ async fn tenants_reach_only_their_own_functions_and_repositories() {
         .with_token(&b.token);
 
     // Tenant a pushes its own repository; b can neither read nor overwrite it.
-    let refused = |m: &str| m.contains("HTTP 403") || m.contains("belongs to another tenant");
+    let refused = |m: &str| {
+        m.contains("HTTP 403")
+            || m.contains("belongs to another tenant")
+            || m.contains("belongs to tenant")
+    };
     let a_reg = images::registry_client_with_token(&[], &url, &a.token).unwrap();
     let b_reg = images::registry_client_with_token(&[], &url, &b.token).unwrap();
     let tmp = tempfile::tempdir().unwrap();
@@ -163,6 +175,13 @@ async fn tenants_reach_only_their_own_functions_and_repositories() {
     let a_ref: Reference = "local/a-app:v1".parse().unwrap();
     let target = images::push_target(&a_ref, &url).unwrap();
     images::push(&a_reg, &built, &target).await.unwrap();
+    let e = images::push(&p.registry_client().unwrap(), &built, &target)
+        .await
+        .unwrap_err();
+    assert!(
+        refused(&format!("{e:#}")),
+        "the operator overwrote a tenant's repository: {e:#}"
+    );
     let e = images::push(&b_reg, &built, &target).await.unwrap_err();
     assert!(refused(&format!("{e:#}")), "{e:#}");
     let e = b_reg.resolve_image(&target).await.unwrap_err();
@@ -198,6 +217,15 @@ async fn tenants_reach_only_their_own_functions_and_repositories() {
     let e = as_b.deploy("afn", &req).await.unwrap_err().to_string();
     assert!(e.contains("taken by another tenant"), "{e}");
     let e = as_b.deploy("bfn", &req).await.unwrap_err().to_string();
+    assert!(e.contains("belongs to another tenant"), "{e}");
+    // Nor may the operator run a tenant's repository for another tenant.
+    let mut for_default = DeployRequest::new("local/a-app:v1");
+    for_default.tenant = Some("default".into());
+    let e = op
+        .deploy("opsa", &for_default)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("belongs to another tenant"), "{e}");
     let e = as_b
         .deploy("bfn", &DeployRequest::new(&image))

@@ -18,6 +18,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+/// Most local-store repositories one tenant may own (each claim is a record in the token
+/// store, so they are bounded like everything else a tenant can create).
+pub const MAX_REPOSITORIES_PER_TENANT: usize = 1000;
+
 /// Where the operator token lives, relative to the state directory.
 pub const OPERATOR_TOKEN_FILE: &str = "auth/operator.token";
 
@@ -334,6 +338,11 @@ impl Auth {
         Ok(true)
     }
 
+    /// The tenant that owns local-store repository `repo`, if any.
+    pub fn repository_owner(&self, repo: &str) -> Option<String> {
+        lock(&self.state).repositories.get(repo).cloned()
+    }
+
     /// May `caller` read (or, with `write`, push to) local-store repository `repo`? A tenant's
     /// first push to a repository nobody owns makes it that tenant's.
     pub fn repository_access(
@@ -342,35 +351,31 @@ impl Auth {
         repo: &str,
         write: bool,
     ) -> Result<(), Denied> {
-        // The operator may use every repository; a repository it creates belongs to tenant
-        // `default` (the operator's own deployments), so no tenant can claim it later.
+        // The operator reads every repository; it writes as tenant `default` (the operator's
+        // own deployments), so it cannot overwrite, by accident or otherwise, a repository a
+        // tenant owns — and what it creates no tenant can claim later.
         let tenant = match caller {
             Caller::Operator if !write => return Ok(()),
             Caller::Operator => "default",
             Caller::Tenant(t) => t.as_str(),
         };
         let mut state = lock(&self.state);
-        if *caller == Caller::Operator {
-            if !state.repositories.contains_key(repo) {
-                state
-                    .repositories
-                    .insert(repo.to_string(), tenant.to_string());
-                if let Err(e) = self.persist(&state) {
-                    state.repositories.remove(repo);
-                    tracing::error!(error = %e, "cannot record the repository's owner");
-                    return Err(Denied::Forbidden(
-                        "cannot record the repository's owner".into(),
-                    ));
-                }
-            }
-            return Ok(());
-        }
         match state.repositories.get(repo) {
             Some(owner) if owner == tenant => Ok(()),
+            Some(owner) if *caller == Caller::Operator => Err(Denied::Forbidden(format!(
+                "repository {repo:?} belongs to tenant {owner:?}: the operator's pushes go to \
+                 tenant default's repositories; push with that tenant's token or pick another name"
+            ))),
             Some(_) => Err(Denied::Forbidden(format!(
                 "repository {repo:?} belongs to another tenant"
             ))),
             None if write => {
+                let owned = state.repositories.values().filter(|o| *o == tenant).count();
+                if owned >= MAX_REPOSITORIES_PER_TENANT {
+                    return Err(Denied::Forbidden(format!(
+                        "tenant {tenant:?} already owns {owned} repositories, the most allowed"
+                    )));
+                }
                 state
                     .repositories
                     .insert(repo.to_string(), tenant.to_string());
@@ -471,8 +476,14 @@ mod tests {
             Err(Denied::Forbidden(_))
         ));
         assert!(auth.repository_access(&b, "app", true).is_err());
-        auth.repository_access(&Caller::Operator, "app", true)
+        // The operator reads a tenant's repository but does not write into it.
+        auth.repository_access(&Caller::Operator, "app", false)
             .unwrap();
+        let e = auth
+            .repository_access(&Caller::Operator, "app", true)
+            .unwrap_err();
+        assert!(e.message().contains("belongs to tenant \"a\""), "{e:?}");
+        assert_eq!(auth.repository_owner("app").as_deref(), Some("a"));
         // What the operator pushes first belongs to tenant default.
         auth.repository_access(&Caller::Operator, "ops", true)
             .unwrap();

@@ -182,9 +182,22 @@ pub async fn dispatch(
             | Route::Upload(r, _)
             | Route::Tags(r) => r.as_str(),
         };
-        let write = !matches!(method, Method::GET | Method::HEAD);
+        // Only a valid name and a write the store supports may claim a repository; anything
+        // else is checked as a read (and then refused below as unsupported).
+        let write = matches!(
+            (&route, &method),
+            (Route::Manifest(..), &Method::PUT)
+                | (Route::StartUpload(_), &Method::POST)
+                | (
+                    Route::Upload(..),
+                    &Method::PATCH | &Method::PUT | &Method::DELETE
+                )
+        );
         let from = q.get("from").map(|f| (f.as_str(), false));
         for (repo, write) in std::iter::once((repo, write)).chain(from) {
+            if let Err(e) = repo_ok(repo) {
+                return e.into_response();
+            }
             match gw.auth.repository_access(caller, repo, write) {
                 Ok(()) => {}
                 Err(crate::auth::Denied::Unknown(m)) => return unknown_repository(&m),

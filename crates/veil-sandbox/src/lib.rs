@@ -173,4 +173,9 @@ pub trait Backend: Send + Sync {
     }
     /// Boot a sandbox whose agent waits for an assignment on its channel.
     fn create(&self, spec: SandboxSpec) -> BoxFuture<'_, Result<Sandbox, Error>>;
+    /// The node is stopping: end every sandbox this backend started that is still running,
+    /// including ones still booting, and return once they are gone.
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }

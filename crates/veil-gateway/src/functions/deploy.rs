@@ -136,6 +136,10 @@ pub struct ValidDeploy {
     pub kbs_url: Option<String>,
 }
 
+/// Longest an idle instance may be kept (seconds): a week. Without a bound one tenant could
+/// hold sandboxes forever.
+pub const MAX_IDLE_TIMEOUT_S: u64 = 7 * 24 * 3600;
+
 /// Largest environment a deployment may carry (names and values together): the kernel refuses
 /// to exec a process whose environment exceeds its argument limits, so a bigger one could
 /// never start.
@@ -171,13 +175,18 @@ pub fn validate(
         (port == 0).then(|| "port must be 1..=65535".to_string()),
         (ready_timeout_s == 0 || ready_timeout_s > 600)
             .then(|| "ready_timeout_s must be 1..=600".to_string()),
-        (idle_timeout_s == 0).then(|| "idle_timeout_s must be at least 1".to_string()),
+        (idle_timeout_s == 0 || idle_timeout_s > MAX_IDLE_TIMEOUT_S)
+            .then(|| format!("idle_timeout_s must be 1..={MAX_IDLE_TIMEOUT_S} (a week)")),
         (!valid_name(&tenant))
             .then(|| format!("tenant {tenant:?} must be lowercase letters, digits or '-'")),
         req.env
             .keys()
             .find(|k| k.is_empty() || k.contains('=') || k.contains('\0') || k.as_str() == "PORT")
             .map(|k| format!("environment variable name {k:?} is not allowed")),
+        req.env
+            .iter()
+            .find(|(_, v)| v.contains('\0'))
+            .map(|(k, _)| format!("environment variable {k:?} has a NUL byte in its value")),
     ]
     .into_iter()
     .flatten()

@@ -73,6 +73,10 @@ pub struct MicroVmConfig {
     pub boot_timeout: Duration,
     /// How long the KVM probe may take before KVM is declared unusable.
     pub kvm_probe_timeout: Duration,
+    /// Appended to the kernel command line under TCG only (e.g. `tsc_early_khz=…`: a microvm
+    /// has no kvmclock, HPET or PM timer, and a busy host can make the kernel's TSC
+    /// calibration fail and the boot hang). Never part of a measured command line.
+    pub tcg_append: Option<String>,
 }
 
 impl MicroVmConfig {
@@ -91,6 +95,7 @@ impl MicroVmConfig {
             state_dir,
             boot_timeout: Duration::from_secs(60),
             kvm_probe_timeout: Duration::from_secs(20),
+            tcg_append: None,
         }
     }
 }
@@ -100,6 +105,8 @@ pub struct MicroVmBackend {
     config: MicroVmConfig,
     /// `kvm` or `tcg`, as decided at start.
     accel: &'static str,
+    /// Every QEMU started and not yet reaped (booting ones too), by sandbox id.
+    live: std::sync::Arc<Mutex<std::collections::HashMap<String, u32>>>,
 }
 
 fn io_err(id: &str) -> impl Fn(std::io::Error) -> Error + '_ {
@@ -147,6 +154,7 @@ impl MicroVmBackend {
         let mut me = Self {
             config,
             accel: "tcg",
+            live: Default::default(),
         };
         me.accel = match me.config.accel {
             Accel::Tcg => "tcg",
@@ -225,7 +233,10 @@ impl MicroVmBackend {
             "-initrd".into(),
             c.initrd.display().to_string(),
             "-append".into(),
-            c.append.clone(),
+            match (&c.tcg_append, accel) {
+                (Some(extra), "tcg") => format!("{} {extra}", c.append),
+                _ => c.append.clone(),
+            },
             "-serial".into(),
             "stdio".into(),
             "-chardev".into(),
@@ -278,6 +289,10 @@ impl MicroVmBackend {
             source,
         })?;
         let pid = child.id();
+        if let (Some(p), Ok(mut live)) = (pid, self.live.lock()) {
+            live.insert(id.to_string(), p);
+        }
+        let live = self.live.clone();
         let mut stdout = child.stdout.take();
         let mut stderr = child.stderr.take();
         let (exit_tx, exit_rx) = watch::channel(None);
@@ -294,6 +309,9 @@ impl MicroVmBackend {
                 }
             };
             tracing::debug!(sandbox = %wid, %exit, "QEMU exited");
+            if let Ok(mut l) = live.lock() {
+                l.remove(&wid);
+            }
             let _ = exit_tx.send(Some(exit));
         });
         let handle = VmHandle {
@@ -593,6 +611,32 @@ impl Backend for MicroVmBackend {
         Duration::from_secs(10)
     }
 
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        async move {
+            let pids: Vec<u32> = match self.live.lock() {
+                Ok(l) => l.values().copied().collect(),
+                Err(_) => Vec::new(),
+            };
+            for pid in pids {
+                if let Ok(pid) = i32::try_from(pid) {
+                    // SAFETY: kill(2) on a QEMU this backend spawned and has not reaped yet
+                    // (its waiter removes it from `live` only after reaping).
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                }
+            }
+            for _ in 0..1000 {
+                if self.live.lock().map(|l| l.is_empty()).unwrap_or(true) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            tracing::warn!("some QEMU processes did not end within 10 s of the shutdown");
+        }
+        .boxed()
+    }
+
     fn create(&self, spec: SandboxSpec) -> BoxFuture<'_, Result<Sandbox, Error>> {
         async move {
             let vcpus = spec.cpu_millis.div_ceil(1000).max(1);
@@ -621,9 +665,12 @@ mod tests {
             "console=ttyS0".into(),
             "/state".into(),
         );
+        let mut cfg = cfg;
+        cfg.tcg_append = Some("tsc_early_khz=2000000".into());
         let b = MicroVmBackend {
             config: cfg,
             accel: "tcg",
+            live: Default::default(),
         };
         let a = b
             .args(Path::new("/state/ab12"), "tcg", 2, 256 << 20)
@@ -644,8 +691,13 @@ mod tests {
             assert!(a.contains(want), "{want} missing from {a}");
         }
         assert!(!a.contains("-netdev") && !a.contains("-nic"), "{a}");
+        assert!(a.contains("console=ttyS0 tsc_early_khz=2000000"), "{a}");
         let k = b.args(Path::new("/state/x"), "kvm", 1, 1 << 20).join(" ");
         assert!(k.contains("-cpu host") && k.contains("-m 64M"), "{k}");
+        assert!(
+            !k.contains("tsc_early_khz"),
+            "TCG-only parameter under KVM: {k}"
+        );
     }
 
     #[test]

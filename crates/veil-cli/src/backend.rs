@@ -1,0 +1,247 @@
+//! Which sandboxes `veil up` runs functions in, and how each backend is started.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use veil_node::{Node, NodeConfig};
+use veil_sandbox::microvm::{Accel, MicroVmBackend, MicroVmConfig};
+
+/// The backend choice of `veil up --backend`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// Namespace sandboxes (the default): the host can read them.
+    Process,
+    /// QEMU microVMs booting the veil guest (kernel + initrd whose `/init` is veil-agent).
+    MicroVm(MicroVmOptions),
+    /// Confidential VMs (SEV-SNP or TDX guests with measured direct boot).
+    Cvm(CvmOptions),
+}
+
+/// Options of the microVM backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MicroVmOptions {
+    /// A prebuilt guest (`veil guest build --out DIR`); default: built afresh into
+    /// `<state dir>/guest` at every start from the running veil's agent.
+    pub guest_dir: Option<PathBuf>,
+    /// Accelerator: auto (KVM if a probe guest boots under it in time, else TCG), kvm, tcg.
+    pub accel: Accel,
+    /// Memory of each VM in bytes.
+    pub memory_bytes: u64,
+}
+
+impl Default for MicroVmOptions {
+    fn default() -> Self {
+        Self {
+            guest_dir: None,
+            accel: Accel::Auto,
+            memory_bytes: 256 << 20,
+        }
+    }
+}
+
+/// The TEE of a confidential VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tee {
+    /// AMD SEV-SNP.
+    Snp,
+    /// Intel TDX.
+    Tdx,
+}
+
+impl std::str::FromStr for Tee {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "snp" => Ok(Self::Snp),
+            "tdx" => Ok(Self::Tdx),
+            o => Err(format!("TEE {o:?} is not snp or tdx")),
+        }
+    }
+}
+
+/// Options of the confidential-VM backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CvmOptions {
+    /// Which TEE.
+    pub tee: Tee,
+    /// The firmware (an OVMF with the SNP kernel-hashes section, or TDVF).
+    pub firmware: Option<PathBuf>,
+}
+
+impl BackendChoice {
+    /// Parse `--backend` with its companion flags.
+    pub fn parse(
+        backend: &str,
+        tee: Option<Tee>,
+        accel: Accel,
+        guest_dir: Option<PathBuf>,
+        firmware: Option<PathBuf>,
+    ) -> Result<Self> {
+        Ok(match backend {
+            "process" | "namespace" => Self::Process,
+            "microvm" => Self::MicroVm(MicroVmOptions {
+                guest_dir,
+                accel,
+                ..MicroVmOptions::default()
+            }),
+            "cvm" => match tee {
+                Some(tee) => Self::Cvm(CvmOptions { tee, firmware }),
+                None => bail!("--backend cvm needs --tee snp or --tee tdx"),
+            },
+            o => bail!("--backend {o:?} is not process, microvm or cvm"),
+        })
+    }
+}
+
+/// Build the guest into `out` from the agent next to this veil.
+fn build_guest(out: &Path) -> Result<veil_guest::GuestArtifacts> {
+    let agent = veil_node::find_agent();
+    let cfg = veil_guest::GuestConfig::new(agent, out.to_path_buf());
+    let built = veil_guest::build(&cfg).with_context(|| {
+        format!(
+            "build the microVM guest into {} (the kernel comes from scripts/install-deps.sh)",
+            out.display()
+        )
+    })?;
+    tracing::info!(
+        kernel = %built.kernel.path.display(),
+        initrd = %built.initrd.path.display(),
+        initrd_bytes = built.initrd.size,
+        initrd_sha256 = %built.initrd.sha256,
+        "guest built"
+    );
+    Ok(built)
+}
+
+/// Start the node on the chosen backend.
+pub async fn start_node(choice: &BackendChoice, mut ncfg: NodeConfig) -> Result<Arc<Node>> {
+    match choice {
+        BackendChoice::Process => Ok(Node::new(ncfg).context("start the node")?),
+        BackendChoice::MicroVm(o) => {
+            let state = ncfg.state_dir.clone();
+            let (kernel, initrd, cmdline) = match &o.guest_dir {
+                Some(dir) => {
+                    let cmdline =
+                        std::fs::read_to_string(dir.join("cmdline")).with_context(|| {
+                            format!(
+                                "read {} (build the guest with `veil guest build --out {}`)",
+                                dir.join("cmdline").display(),
+                                dir.display()
+                            )
+                        })?;
+                    (dir.join("vmlinuz"), dir.join("initrd.img"), cmdline)
+                }
+                None => {
+                    let g = build_guest(&state.join("guest"))?;
+                    (g.kernel.path, g.initrd.path, g.cmdline)
+                }
+            };
+            let mut vcfg = MicroVmConfig::new(kernel, initrd, cmdline, state.join("vms"));
+            vcfg.accel = o.accel;
+            vcfg.tcg_append = veil_guest::tcg_clock_param();
+            let backend = MicroVmBackend::start(vcfg)
+                .await
+                .context("start the microVM backend")?;
+            ncfg.memory_bytes = o.memory_bytes;
+            // The function's root is unpacked into guest memory, within the VM's memory.
+            ncfg.rootfs_bytes = ncfg.rootfs_bytes.min(o.memory_bytes / 2);
+            Ok(Node::with_backend(ncfg, Arc::new(backend)).context("start the node")?)
+        }
+        BackendChoice::Cvm(o) => Err(cvm_unavailable(o)),
+    }
+}
+
+/// Confidential VMs need SEV-SNP or TDX hardware, a kernel that exposes it to KVM, a QEMU
+/// that launches such guests and the matching firmware; say which of them this host lacks.
+fn cvm_unavailable(o: &CvmOptions) -> anyhow::Error {
+    let mut missing = Vec::new();
+    match o.tee {
+        Tee::Snp => {
+            if !Path::new("/dev/sev").exists() {
+                missing.push("the AMD SEV device /dev/sev (no SEV-SNP host, or the ccp driver is not loaded)".to_string());
+            }
+            match std::fs::read_to_string("/sys/module/kvm_amd/parameters/sev_snp") {
+                Ok(v) if v.trim() == "Y" || v.trim() == "1" => {}
+                _ => missing
+                    .push("kvm_amd with sev_snp=Y (/sys/module/kvm_amd/parameters/sev_snp)".into()),
+            }
+        }
+        Tee::Tdx => match std::fs::read_to_string("/sys/module/kvm_intel/parameters/tdx") {
+            Ok(v) if v.trim() == "Y" || v.trim() == "1" => {}
+            _ => missing.push("kvm_intel with tdx=Y (/sys/module/kvm_intel/parameters/tdx)".into()),
+        },
+    }
+    if !Path::new("/dev/kvm").exists() {
+        missing.push("/dev/kvm".into());
+    }
+    match &o.firmware {
+        Some(f) if f.is_file() => {}
+        Some(f) => missing.push(format!("the firmware {}", f.display())),
+        None => missing.push(match o.tee {
+            Tee::Snp => "--firmware: an OVMF built from edk2's AmdSevX64 (with the SNP kernel-hashes section)".into(),
+            Tee::Tdx => "--firmware: a TDVF (edk2's IntelTdx OVMF)".into(),
+        }),
+    }
+    if missing.is_empty() {
+        return anyhow::anyhow!(
+            "this host seems to have what {tee:?} guests need, but veil's confidential launch is \
+             not wired to the node yet",
+            tee = o.tee
+        );
+    }
+    anyhow::anyhow!(
+        "--backend cvm --tee {}: this host cannot launch confidential guests; missing: {}",
+        match o.tee {
+            Tee::Snp => "snp",
+            Tee::Tdx => "tdx",
+        },
+        missing.join("; ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_flags() {
+        assert_eq!(
+            BackendChoice::parse("process", None, Accel::Auto, None, None).unwrap(),
+            BackendChoice::Process
+        );
+        assert!(matches!(
+            BackendChoice::parse("microvm", None, Accel::Tcg, None, None).unwrap(),
+            BackendChoice::MicroVm(MicroVmOptions {
+                accel: Accel::Tcg,
+                ..
+            })
+        ));
+        let e = BackendChoice::parse("cvm", None, Accel::Auto, None, None).unwrap_err();
+        assert!(e.to_string().contains("--tee"), "{e}");
+        let e = BackendChoice::parse("firecracker", None, Accel::Auto, None, None).unwrap_err();
+        assert!(e.to_string().contains("process, microvm or cvm"), "{e}");
+    }
+
+    /// This machine has no SEV-SNP or TDX: the refusal names what is missing.
+    #[test]
+    fn cvm_refuses_naming_what_is_missing() {
+        let e = cvm_unavailable(&CvmOptions {
+            tee: Tee::Snp,
+            firmware: None,
+        })
+        .to_string();
+        assert!(
+            e.contains("missing") && e.contains("sev_snp") && e.contains("--firmware"),
+            "{e}"
+        );
+        let e = cvm_unavailable(&CvmOptions {
+            tee: Tee::Tdx,
+            firmware: Some("/nonexistent/tdvf.fd".into()),
+        })
+        .to_string();
+        assert!(
+            e.contains("tdx=Y") && e.contains("/nonexistent/tdvf.fd"),
+            "{e}"
+        );
+    }
+}
