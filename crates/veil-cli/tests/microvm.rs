@@ -242,3 +242,88 @@ async fn a_vmm_that_dies_is_replaced() {
     p.stop().await.unwrap();
     assert!(qemus_under(&state).is_empty());
 }
+
+fn guest(out: &Path) -> veil_guest::GuestArtifacts {
+    veil_guest::build(&veil_guest::GuestConfig::new(
+        veil_node::find_agent(),
+        out.to_path_buf(),
+    ))
+    .unwrap()
+}
+
+/// A missing kernel, initrd or QEMU: the backend says what to run or install.
+#[tokio::test]
+async fn missing_guest_or_qemu_says_what_to_do() {
+    use veil_sandbox::microvm::{MicroVmBackend, MicroVmConfig};
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = MicroVmConfig::new(
+        tmp.path().join("vmlinuz"),
+        tmp.path().join("initrd.img"),
+        String::new(),
+        tmp.path().join("vms"),
+    );
+    let e = MicroVmBackend::start(cfg.clone())
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("guest kernel") && e.contains("veil guest build"),
+        "{e}"
+    );
+    let g = guest(&tmp.path().join("guest"));
+    let mut cfg = MicroVmConfig::new(
+        g.kernel.path,
+        g.initrd.path,
+        g.cmdline,
+        tmp.path().join("vms"),
+    );
+    cfg.qemu = "/nonexistent/qemu-system-x86_64".into();
+    let e = MicroVmBackend::start(cfg).await.err().unwrap().to_string();
+    assert!(e.contains("qemu-system-x86"), "{e}");
+}
+
+/// The accelerator is chosen by booting a probe guest under KVM with a time bound: where KVM
+/// hangs standard guests (this machine), the probe gives up and the backend uses TCG; either
+/// way the backend then boots sandboxes with what it chose and leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kvm_probe_is_bounded_and_the_choice_boots() {
+    use veil_sandbox::microvm::{MicroVmBackend, MicroVmConfig};
+    use veil_sandbox::Backend;
+    let tmp = tempfile::tempdir().unwrap();
+    let g = guest(&tmp.path().join("guest"));
+    let vms = tmp.path().join("vms");
+    let mut cfg = MicroVmConfig::new(g.kernel.path, g.initrd.path, g.cmdline, vms.clone());
+    cfg.accel = Accel::Auto;
+    cfg.kvm_probe_timeout = Duration::from_secs(8);
+    cfg.tcg_append = veil_guest::tcg_clock_param();
+    let backend = MicroVmBackend::start(cfg).await.unwrap();
+    let accel = backend.kind().accelerator.unwrap();
+    assert!(accel == "kvm" || accel == "tcg", "{accel}");
+    eprintln!("accelerator chosen by the probe: {accel}");
+    if !Path::new("/dev/kvm").exists() {
+        assert_eq!(accel, "tcg");
+    }
+    assert!(
+        qemus_under(&vms).is_empty(),
+        "the probe VM was left running"
+    );
+    let sb = backend
+        .create(veil_sandbox::SandboxSpec {
+            id: "0123456789abcdef".into(),
+            memory_bytes: 256 << 20,
+            cpu_millis: 1000,
+            pids_max: 256,
+            rootfs_bytes: 64 << 20,
+        })
+        .await
+        .unwrap();
+    assert!(!sb.handle.pids().is_empty());
+    sb.handle.destroy().await.unwrap();
+    assert!(
+        sb.handle.leftovers().is_empty(),
+        "{:?}",
+        sb.handle.leftovers()
+    );
+    assert!(qemus_under(&vms).is_empty());
+}
