@@ -1,11 +1,19 @@
 //! The node's blob cache: blobs as the registry serves them (ciphertext for encrypted layers),
-//! fetched from upstream on a miss, verified before they become visible, and fetched once no
-//! matter how many sandboxes ask at the same time.
+//! fetched from upstream on a miss, verified before they become visible, and fetched once per
+//! source no matter how many sandboxes ask at the same time.
+//!
+//! The blob directory is shared by every tenant, so a digest proves nothing: a blob counts as
+//! present for an upstream image only if it was downloaded from that image's source (registry
+//! host and repository) and verified there — otherwise it is fetched from that source, even
+//! if the same bytes are stored already (a registry cannot produce bytes it does not have).
+//! For an image of the local store, a blob is present only if it is a member of the image's
+//! repository. Manifests, configs, layers and signatures alike.
 
-use crate::store::{BlobStore, Member};
+mod fetch;
+
+use crate::store::{BlobStore, Member, Source};
 use crate::NodeError;
 use futures::future::{BoxFuture, FutureExt, Shared};
-use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,6 +22,9 @@ use veil_image::{Digest, Reference};
 use veil_registry::RegistryClient;
 
 type Flight = Shared<BoxFuture<'static, Result<(), Arc<NodeError>>>>;
+
+/// The registry name of the node's own store in a [`ResolvedImage`].
+const LOCAL: &str = "local";
 
 /// What a deployment pins: the image as written, where it lives and the manifest digest.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -37,17 +48,38 @@ pub struct ResolvedImage {
 }
 
 impl ResolvedImage {
-    fn origin(&self) -> Result<Reference, NodeError> {
-        let d: Digest = self
-            .manifest_digest
+    /// The pinned manifest digest.
+    fn manifest(&self) -> Result<Digest, NodeError> {
+        self.manifest_digest
             .parse()
-            .map_err(|e: veil_image::Error| NodeError::Image(e.to_string()))?;
-        Ok(Reference {
+            .map_err(|e: veil_image::Error| NodeError::Image(format!("{}: {e}", self.reference)))
+    }
+
+    /// `d` in the image's repository, as the registry client names it.
+    fn origin(&self, d: &Digest) -> Reference {
+        Reference {
             registry: self.registry.clone(),
             repository: self.repository.clone(),
             tag: None,
-            digest: Some(d),
-        })
+            digest: Some(d.clone()),
+        }
+    }
+
+    /// Where the image's blobs come from (an upstream registry's repository).
+    pub fn source(&self) -> Source {
+        Source {
+            registry: self.registry.clone(),
+            repository: self.repository.clone(),
+        }
+    }
+
+    /// Whether the image names `d` as a manifest (its manifest, index or a signature
+    /// manifest), fetched from the `manifests` endpoint rather than `blobs`.
+    fn is_manifest(&self, d: &Digest) -> bool {
+        let is = |s: &str| s == d.as_str();
+        is(&self.manifest_digest)
+            || self.index_digest.as_deref().is_some_and(is)
+            || self.signatures.iter().any(|s| is(s))
     }
 }
 
@@ -55,7 +87,8 @@ impl ResolvedImage {
 pub struct BlobCache {
     store: Arc<BlobStore>,
     client: RegistryClient,
-    inflight: Mutex<HashMap<Digest, Flight>>,
+    /// Fetches in progress, one per (source, digest).
+    inflight: Mutex<HashMap<(Source, Digest), Flight>>,
     upstream_fetches: std::sync::atomic::AtomicU64,
     /// Bytes of upstream blobs kept before least-recently-used ones are evicted.
     limit: u64,
@@ -209,7 +242,7 @@ impl BlobCache {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .keys()
-            .cloned()
+            .map(|(_, d)| d.clone())
             .collect();
         // Uploads in progress take their share of the bound first.
         let limit = self
@@ -281,11 +314,18 @@ impl BlobCache {
                 .resolve_image_full(&r)
                 .await
                 .map_err(|e| NodeError::upstream(image, e))?;
+            // Fetched from this source and verified (the client hashes what it reads).
+            let source = Source {
+                registry: r.registry.clone(),
+                repository: r.repository.clone(),
+            };
             let m = resolved.manifest;
             self.store.put(&m.bytes, Some(&m.digest))?;
+            self.store.record_source(&source, &m.digest)?;
             let index = match resolved.index {
                 Some(ix) => {
                     self.store.put(&ix.bytes, Some(&ix.digest))?;
+                    self.store.record_source(&source, &ix.digest)?;
                     Some(ix.digest)
                 }
                 None => None,
@@ -321,9 +361,17 @@ impl BlobCache {
             };
         }
         let sig_ref = veil_image::signature::signature_reference(r, d);
+        let source = Source {
+            registry: r.registry.clone(),
+            repository: r.repository.clone(),
+        };
         match self.client.get_manifest(&sig_ref).await {
-            Ok(f) => match self.store.put(&f.bytes, Some(&f.digest)) {
-                Ok(_) => vec![f.digest.to_string()],
+            Ok(f) => match self
+                .store
+                .put(&f.bytes, Some(&f.digest))
+                .and_then(|_| self.store.record_source(&source, &f.digest))
+            {
+                Ok(()) => vec![f.digest.to_string()],
                 Err(e) => {
                     tracing::warn!(image = %r, error = %e, "could not cache the signature manifest");
                     Vec::new()
@@ -339,11 +387,7 @@ impl BlobCache {
 
     /// The blobs (config and layers) a cached image manifest refers to.
     pub fn manifest_blobs(&self, img: &ResolvedImage) -> Result<Vec<(Digest, u64)>, NodeError> {
-        let origin = img.origin()?;
-        let md = origin
-            .digest
-            .clone()
-            .ok_or_else(|| NodeError::Image("no digest".into()))?;
+        let md = img.manifest()?;
         let bytes = self.store.read(&md)?;
         match manifest::parse_manifest(&bytes, None)
             .map_err(|e| NodeError::Image(format!("{}: {e}", img.reference)))?
@@ -387,40 +431,52 @@ impl BlobCache {
         }
     }
 
-    /// Make sure blob `d` of `img` is in the store, fetching it from upstream once.
+    /// Make sure blob (or manifest) `d` of `img` is in the store *for `img`*: for a local
+    /// image, a member of its repository; for an upstream image, downloaded from its source
+    /// and verified — fetched from there now (once per source, however many ask at a time) if
+    /// it was not, whether or not the store holds the same bytes for someone else.
     pub async fn ensure(&self, img: &ResolvedImage, d: &Digest) -> Result<(), NodeError> {
-        if self.store.contains(d) {
+        if img.registry == LOCAL {
+            // A local image's blobs were all in its repository when its manifest was pushed,
+            // and local blobs are never evicted; a blob of another repository is not its own.
+            let member = |m| self.store.is_member(&img.repository, m, d);
+            return if member(Member::Blob) || member(Member::Manifest) {
+                Ok(())
+            } else {
+                Err(NodeError::ImageNotFound(format!(
+                    "{}: blob {d} is not in local/{} of the local image store",
+                    img.reference, img.repository
+                )))
+            };
+        }
+        let source = img.source();
+        if self.store.has_source(&source, d) {
             self.store.touch(d);
             return Ok(());
         }
-        if img.registry == "local" {
-            // A local image's blobs were all in its repository when its manifest was pushed,
-            // and local blobs are never evicted.
-            return Err(NodeError::ImageNotFound(format!(
-                "{}: blob {d} is missing from the local image store",
-                img.reference
-            )));
-        }
+        let key = (source, d.clone());
         let flight = {
             let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-            if self.store.contains(d) {
+            // A fetch that finished since the check above has removed its entry.
+            if self.store.has_source(&key.0, d) {
                 return Ok(());
             }
-            map.entry(d.clone())
+            map.entry(key.clone())
                 .or_insert_with(|| {
-                    let store = self.store.clone();
-                    let client = self.client.clone();
-                    let origin = img.origin();
-                    let reference = img.reference.clone();
-                    let d = d.clone();
                     self.upstream_fetches
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let job = fetch::Job {
+                        store: self.store.clone(),
+                        client: self.client.clone(),
+                        origin: img.origin(d),
+                        reference: img.reference.clone(),
+                        source: key.0.clone(),
+                        digest: d.clone(),
+                        manifest: img.is_manifest(d),
+                    };
                     // The fetch runs on its own task: it completes (and caches the blob) even if
                     // every sandbox that asked for it goes away meanwhile.
-                    let task =
-                        tokio::spawn(
-                            async move { fetch(store, client, origin?, &reference, &d).await },
-                        );
+                    let task = tokio::spawn(job.run());
                     async move {
                         match task.await {
                             Ok(r) => r.map_err(Arc::new),
@@ -442,8 +498,8 @@ impl BlobCache {
             // Remove the entry only if it is still this flight (a later one may have replaced
             // it after this one failed).
             let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-            if map.get(d).is_some_and(|f| f.ptr_eq(&flight)) {
-                map.remove(d);
+            if map.get(&key).is_some_and(|f| f.ptr_eq(&flight)) {
+                map.remove(&key);
             }
         }
         // Every waiter gets the fetch's own error, kind included.
@@ -451,153 +507,5 @@ impl BlobCache {
     }
 }
 
-async fn fetch(
-    store: Arc<BlobStore>,
-    client: RegistryClient,
-    origin: Reference,
-    reference: &str,
-    d: &Digest,
-) -> Result<(), NodeError> {
-    let mut blob = client
-        .get_blob(&origin, d)
-        .await
-        .map_err(|e| NodeError::upstream(format!("{reference}: blob {d}"), e))?;
-    // Write on a blocking thread through a channel so disk I/O never stalls the runtime.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
-    let d2 = d.clone();
-    let writer = tokio::task::spawn_blocking(move || -> Result<Digest, NodeError> {
-        let mut w = store.writer()?;
-        while let Some(chunk) = rx.blocking_recv() {
-            w.write(&chunk)?;
-        }
-        let d = w.commit(Some(&d2))?;
-        store.mark_cached(&d);
-        Ok(d)
-    });
-    let mut stream_err = None;
-    while let Some(chunk) = blob.stream.next().await {
-        match chunk {
-            Ok(c) => {
-                if tx.send(c).await.is_err() {
-                    break;
-                }
-            }
-            Err(e) => {
-                stream_err = Some(e);
-                break;
-            }
-        }
-    }
-    drop(tx);
-    let written = writer
-        .await
-        .map_err(|e| NodeError::Storage(format!("blob writer task: {e}")))?;
-    if let Some(e) = stream_err {
-        return Err(NodeError::upstream(
-            format!("{reference}: blob {d}: download failed"),
-            e,
-        ));
-    }
-    match written {
-        Ok(_) => {
-            tracing::debug!(blob = %d, "cached blob from upstream");
-            Ok(())
-        }
-        Err(NodeError::DigestMismatch { expected, actual }) => Err(NodeError::Tampered(format!(
-            "{reference}: blob {expected} from {} hashes to {actual}; it was not cached",
-            origin.registry
-        ))),
-        Err(e) => Err(e),
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ErrorKind;
-    use std::sync::atomic::AtomicUsize;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    /// An upstream that answers every request with `status` and a distribution error body,
-    /// counting requests.
-    async fn upstream(status: u16, code: &'static str) -> (String, Arc<AtomicUsize>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let host = listener.local_addr().unwrap().to_string();
-        let hits = Arc::new(AtomicUsize::new(0));
-        let h = hits.clone();
-        tokio::spawn(async move {
-            while let Ok((mut sock, _)) = listener.accept().await {
-                h.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 4096];
-                    let _ = sock.read(&mut buf).await;
-                    let body = format!(r#"{{"errors":[{{"code":"{code}","message":"no"}}]}}"#);
-                    let resp = format!(
-                        "HTTP/1.1 {status} X\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = sock.write_all(resp.as_bytes()).await;
-                });
-            }
-        });
-        (host, hits)
-    }
-
-    fn cache(dir: &std::path::Path) -> BlobCache {
-        let store = Arc::new(BlobStore::open(dir).unwrap());
-        let client = RegistryClient::new(veil_registry::RegistryConfig::default()).unwrap();
-        BlobCache::new(store, client, 1 << 30)
-    }
-
-    fn image(host: &str) -> ResolvedImage {
-        ResolvedImage {
-            reference: format!("{host}/app:v1"),
-            registry: host.to_string(),
-            repository: "app".into(),
-            manifest_digest: Digest::sha256(b"manifest").to_string(),
-            signatures: Vec::new(),
-            index_digest: None,
-        }
-    }
-
-    /// Two sandboxes waiting for one upstream fetch both get its error with its kind: a 404
-    /// stays "not found", a 401 "unauthorized" (not a string that maps to a generic 502).
-    #[tokio::test]
-    async fn waiters_of_a_shared_fetch_keep_the_error_kind() {
-        for (status, code, kind) in [
-            (404, "BLOB_UNKNOWN", ErrorKind::NotFound),
-            (401, "UNAUTHORIZED", ErrorKind::Unauthorized),
-            (403, "DENIED", ErrorKind::Denied),
-        ] {
-            let t = tempfile::tempdir().unwrap();
-            let c = cache(t.path());
-            let (host, hits) = upstream(status, code).await;
-            let img = image(&host);
-            let d = Digest::sha256(b"layer");
-            let (a, b) = futures::join!(c.ensure(&img, &d), c.ensure(&img, &d));
-            for e in [a.unwrap_err(), b.unwrap_err()] {
-                assert!(matches!(e, NodeError::Shared(_)), "{e:?}");
-                assert_eq!(e.kind(), kind, "HTTP {status}: {e}");
-                assert!(e.to_string().contains(d.as_str()), "{e}");
-            }
-            assert_eq!(c.upstream_fetches(), 1, "one fetch for both waiters");
-            assert_eq!(hits.load(Ordering::SeqCst), 1, "HTTP {status}");
-            assert!(!c.store().contains(&d));
-        }
-    }
-
-    /// A local reference resolves only to a manifest pushed to that repository: neither
-    /// another repository's manifest nor one cached from upstream.
-    #[tokio::test]
-    async fn local_references_resolve_only_within_their_repository() {
-        let t = tempfile::tempdir().unwrap();
-        let c = cache(t.path());
-        let cached = c.store().put(b"{}", None).unwrap();
-        let e = c
-            .resolve(&format!("local/anybody@{cached}"))
-            .await
-            .unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
-        assert!(e.to_string().contains("local/anybody"), "{e}");
-    }
-}
+mod tests;

@@ -131,6 +131,14 @@ impl Node {
             backend: self.backend_label(),
             ..StartTimings::default()
         };
+        // The manifest first, as this image's (a manifest of the same digest stored for
+        // another image or tenant does not count), then what it names.
+        let md: Digest = spec
+            .image
+            .manifest_digest
+            .parse()
+            .map_err(|e: veil_image::Error| NodeError::Image(e.to_string()))?;
+        self.cache.ensure(&spec.image, &md).await?;
         let blobs = self.cache.manifest_blobs(&spec.image)?;
         let _hold = self
             .cache
@@ -183,11 +191,6 @@ impl Node {
             self.destroy_entry(&sandbox).await;
             return Err(NodeError::Cancelled(spec.function.clone()));
         }
-        let md: Digest = spec
-            .image
-            .manifest_digest
-            .parse()
-            .map_err(|e: veil_image::Error| NodeError::Image(e.to_string()))?;
         let mut digests: HashSet<Digest> = blobs.into_iter().map(|(d, _)| d).collect();
         digests.insert(md);
         *sandbox.grant.lock().unwrap_or_else(|p| p.into_inner()) = Some(Grant {

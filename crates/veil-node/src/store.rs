@@ -7,7 +7,9 @@
 //! from an upstream registry: evictable, and never part of a local repository), `local/<hex>`
 //! (marks blobs some local repository holds: never evicted), `repos/<repository>/_blobs/<hex>`
 //! and `repos/<repository>/_manifests/<hex>` (which blobs and manifests were pushed to a
-//! repository of the local store: only those are served under its name) and
+//! repository of the local store: only those are served under its name),
+//! `sources/<hex>/<source key>` (which upstream repositories a blob or manifest was downloaded
+//! from: only those images count it as present, see [`sources`]) and
 //! `tags/<repository>/<tag>` (the local store's tags, each file holding a manifest digest).
 //! A crash mid-write leaves at most a stray file in `tmp/`, which is cleared on open, or a
 //! verified blob that no repository links yet (invisible; a later push links it).
@@ -20,8 +22,10 @@ use std::sync::Mutex;
 use veil_image::Digest;
 
 mod repos;
+mod sources;
 
 pub use repos::Member;
+pub use sources::Source;
 
 /// Content-addressed blob storage on local disk.
 #[derive(Debug)]
@@ -39,7 +43,7 @@ fn io(path: &Path, e: std::io::Error) -> NodeError {
 impl BlobStore {
     /// Open (creating if needed) a store rooted at `root`.
     pub fn open(root: &Path) -> Result<Self, NodeError> {
-        for d in ["blobs/sha256", "tags", "cached", "local"] {
+        for d in ["blobs/sha256", "tags", "cached", "local", "sources"] {
             std::fs::create_dir_all(root.join(d)).map_err(|e| io(&root.join(d), e))?;
         }
         let tmp = root.join("tmp");
@@ -158,6 +162,7 @@ impl BlobStore {
             }
             if std::fs::remove_file(self.path(&d)).is_ok() {
                 let _ = std::fs::remove_file(dir.join(d.hex()));
+                self.forget_sources(&d);
                 total = total.saturating_sub(size);
                 evicted.push(d);
             }
