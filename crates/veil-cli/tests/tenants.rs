@@ -1,6 +1,7 @@
 //! Isolation between tenants where they share the node: the blob directory (a tenant's
 //! layers are never served to another tenant's sandbox because its image names their
-//! digest). Each test plays the attacker against a real `veil up` (in process) with real
+//! digest) and function names (logs of a deleted function and of a new one of the same name
+//! stay apart). Each test plays the attacker against a real `veil up` (in process) with real
 //! namespace sandboxes and the real agent. Needs root and docker-registry.
 #![allow(clippy::unwrap_used)]
 
@@ -257,5 +258,132 @@ async fn a_digest_named_in_a_foreign_manifest_does_not_serve_another_tenants_lay
         .await
         .unwrap();
     assert_eq!(r.status, 200, "{}", text(&r));
+    p.stop().await.unwrap();
+}
+
+/// Poll `t`'s logs of `name` until a line contains `needle` (the agent forwards output
+/// asynchronously); the lines read last.
+async fn logs_until(t: &Tenant, name: &str, needle: &str) -> String {
+    let mut logs = String::new();
+    for _ in 0..200 {
+        logs = format!("{:?}", t.admin.logs(name, 500).await.unwrap());
+        if logs.contains(needle) {
+            return logs;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "{needle:?} never reached {}'s logs of {name}: {logs}",
+        t.name
+    );
+}
+
+/// Alice deletes `shared` while a request keeps her instance draining; bob deploys his own
+/// `shared` at once. Bob's logs hold only his lines (none of alice's request paths), and when
+/// alice's drain ends, her delete forgets her logs, not bob's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_of_a_function_name_reused_by_another_tenant_stay_apart() {
+    let (p, _state) = up(Duration::from_secs(120)).await;
+    let op = p.admin_client().unwrap();
+    let alice = tenant(&p, "alice").await;
+    let bob = tenant(&p, "bob").await;
+    let hello = image(vec![hello_layer()]);
+    let alice_img = push_local(&p, &alice, "alice-hello:v1", &hello).await;
+    let bob_img = push_local(&p, &bob, "bob-hello:v1", &hello).await;
+
+    alice
+        .admin
+        .deploy("shared", &deploy_as(&alice, &alice_img))
+        .await
+        .unwrap();
+    let r = op
+        .invoke(
+            "shared",
+            "GET",
+            "/alice-private-path",
+            Vec::new(),
+            &BTreeMap::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", text(&r));
+    logs_until(&alice, "shared", "/alice-private-path").await;
+
+    // A request that keeps alice's instance busy, so her delete drains.
+    let slow = {
+        let op = p.admin_client().unwrap();
+        tokio::spawn(async move {
+            op.invoke(
+                "shared",
+                "GET",
+                "/sleep/60000",
+                Vec::new(),
+                &BTreeMap::new(),
+            )
+            .await
+        })
+    };
+    let alice_sandbox = loop {
+        let s = op.list().await.unwrap();
+        let s = s.iter().find(|s| s.record.name == "shared").unwrap();
+        if s.inflight > 0 {
+            break s.instances[0].clone();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let deleting = {
+        let admin = alice.admin.clone();
+        tokio::spawn(async move { admin.delete("shared").await })
+    };
+    // Alice's deployment is gone at once (her instance drains): bob takes the name.
+    while op
+        .list()
+        .await
+        .unwrap()
+        .iter()
+        .any(|s| s.record.name == "shared")
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!deleting.is_finished(), "alice's drain ended early");
+    bob.admin
+        .deploy("shared", &deploy_as(&bob, &bob_img))
+        .await
+        .unwrap();
+    let r = op
+        .invoke("shared", "GET", "/bob-path", Vec::new(), &BTreeMap::new())
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let logs = logs_until(&bob, "shared", "/bob-path").await;
+    assert!(
+        !logs.contains("alice-private-path"),
+        "bob reads alice's logs: {logs}"
+    );
+
+    // End alice's drain: her sandbox dies, the slow request fails, her delete completes.
+    let sandboxes = op.sandboxes().await.unwrap();
+    let pids: Vec<u64> = sandboxes
+        .iter()
+        .filter(|s| s["id"] == alice_sandbox.as_str())
+        .flat_map(|s| s["pids"].as_array().cloned().unwrap_or_default())
+        .map(|p| p.as_u64().unwrap())
+        .collect();
+    assert!(!pids.is_empty(), "{sandboxes:?}");
+    let killed = std::process::Command::new("kill")
+        .arg("-KILL")
+        .args(pids.iter().map(|p| p.to_string()))
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let _ = slow.await.unwrap();
+    deleting.await.unwrap().unwrap();
+    let logs = format!("{:?}", bob.admin.logs("shared", 500).await.unwrap());
+    assert!(
+        logs.contains("/bob-path"),
+        "alice's delete cleared bob's logs: {logs}"
+    );
+    assert!(!logs.contains("alice-private-path"), "{logs}");
+    bob.admin.delete("shared").await.unwrap();
     p.stop().await.unwrap();
 }

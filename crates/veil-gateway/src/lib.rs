@@ -354,11 +354,12 @@ async fn delete_function(
     caller: CallerExt,
     Path(name): Path<String>,
 ) -> Response {
-    if visible(&gw, &caller, &name).is_none() {
+    let Some(status) = visible(&gw, &caller, &name) else {
         return not_deployed(&name);
-    }
+    };
     if gw.functions.delete(&name).await {
-        gw.node.logs().forget(&name);
+        // Only this tenant's logs: another tenant may already have deployed the name again.
+        gw.node.logs().forget(&status.record.tenant, &name);
         Json(serde_json::json!({ "deleted": name })).into_response()
     } else {
         not_deployed(&name)
@@ -376,10 +377,11 @@ async fn logs(
     Path(name): Path<String>,
     Query(q): Query<LogQuery>,
 ) -> Response {
-    if visible(&gw, &caller, &name).is_none() {
+    let Some(status) = visible(&gw, &caller, &name) else {
         return not_deployed(&name);
-    }
-    Json(gw.node.logs().tail(&name, q.tail.unwrap_or(200))).into_response()
+    };
+    let tail = q.tail.unwrap_or(200);
+    Json(gw.node.logs().tail(&status.record.tenant, &name, tail)).into_response()
 }
 
 fn operator_only(caller: &auth::Caller) -> Option<Response> {

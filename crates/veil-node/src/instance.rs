@@ -197,7 +197,7 @@ impl Node {
             image: spec.image.clone(),
             digests,
         });
-        *sandbox.function.lock().unwrap_or_else(|p| p.into_inner()) = Some(spec.function.clone());
+        *crate::lock(&sandbox.owner) = Some(crate::logs::Owner::new(&spec.tenant, &spec.function));
         *sandbox.kbs_url.lock().unwrap_or_else(|p| p.into_inner()) = spec.kbs_url.clone();
         let assignment = Assignment {
             tenant: spec.tenant.clone(),

@@ -260,13 +260,23 @@ struct SandboxEntry {
     dead: AtomicBool,
     destroying: AtomicBool,
     destroyed: tokio::sync::OnceCell<()>,
-    function: Mutex<Option<String>>,
+    /// The tenant and function it is assigned to, set at assignment (its log lines go there).
+    owner: Mutex<Option<logs::Owner>>,
     /// The tenant's key broker this sandbox may reach through the node, set at assignment.
     kbs_url: Mutex<Option<String>>,
     /// This sandbox's share of the node's budget, given back once it is destroyed.
     reservation: Mutex<Option<capacity::Reservation>>,
     /// Whether the agent opened its (single) log substream.
     log_opened: AtomicBool,
+}
+
+impl SandboxEntry {
+    /// Whose logs this sandbox's lines go to.
+    fn log_owner(&self) -> logs::Owner {
+        lock(&self.owner)
+            .clone()
+            .unwrap_or_else(logs::Owner::unassigned)
+    }
 }
 
 #[derive(Clone)]
@@ -455,7 +465,7 @@ impl Node {
             dead: AtomicBool::new(false),
             destroying: AtomicBool::new(false),
             destroyed: tokio::sync::OnceCell::new(),
-            function: Mutex::new(None),
+            owner: Mutex::new(None),
             kbs_url: Mutex::new(None),
             reservation: Mutex::new(Some(reservation)),
             log_opened: AtomicBool::new(false),
@@ -471,12 +481,7 @@ impl Node {
             let e = entry.clone();
             tokio::spawn(read_lines(console, move |line| {
                 tracing::debug!(sandbox = %e.id, "console: {line}");
-                let f = e.function.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                logs.push(
-                    f.as_deref().unwrap_or("-"),
-                    &e.id,
-                    &format!("[console] {line}"),
-                );
+                logs.push(&e.log_owner(), &e.id, &format!("[console] {line}"));
             }));
         }
         // Requests the agent makes (image blobs).
@@ -593,7 +598,7 @@ impl Node {
             .values()
             .map(|e| SandboxInfo {
                 id: e.id.clone(),
-                function: e.function.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                function: lock(&e.owner).as_ref().map(|o| o.function.clone()),
                 pids: e.handle.pids(),
                 kind: self.backend.kind(),
             })
@@ -669,26 +674,25 @@ async fn read_log_stream(logs: Arc<logs::LogBook>, e: Arc<SandboxEntry>, s: Subs
             Some(src) => (src, &line[1..]),
             None => (veil_proto::LogSource::Agent, line),
         };
-        let f = e.function.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let f = f.as_deref().unwrap_or("-");
-        match limit.admit(Instant::now()) {
-            logs::Admit::Drop => return,
-            logs::Admit::KeepAfterDropping(n) => {
-                tracing::warn!(sandbox = %e.id, dropped = n, "sandbox log rate-limited");
-                logs.push(
-                    f,
-                    &e.id,
-                    &format!("[veil] {n} log lines dropped (rate limit)"),
-                );
-            }
-            logs::Admit::Keep => {}
+        let admit = limit.admit(Instant::now());
+        if admit == logs::Admit::Drop {
+            return;
+        }
+        let owner = e.log_owner();
+        if let logs::Admit::KeepAfterDropping(n) = admit {
+            tracing::warn!(sandbox = %e.id, dropped = n, "sandbox log rate-limited");
+            logs.push(
+                &owner,
+                &e.id,
+                &format!("[veil] {n} log lines dropped (rate limit)"),
+            );
         }
         match source {
             veil_proto::LogSource::Agent => {
                 tracing::debug!(sandbox = %e.id, "agent: {text}");
-                logs.push(f, &e.id, &format!("[agent] {text}"));
+                logs.push(&owner, &e.id, &format!("[agent] {text}"));
             }
-            _ => logs.push(f, &e.id, text),
+            _ => logs.push(&owner, &e.id, text),
         }
     })
     .await;

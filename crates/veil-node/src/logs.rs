@@ -1,9 +1,12 @@
-//! Function logs: the last lines each function's sandboxes wrote, kept in memory.
+//! Function logs: the last lines each function's sandboxes wrote, kept in memory per tenant
+//! and function (a function name is unique only among the live deployments: once one
+//! tenant's function is deleted, another tenant may deploy one of the same name while the
+//! first one's sandboxes still drain, and neither sees or clears the other's lines).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
-/// Lines kept per function.
+/// Lines kept per (tenant, function).
 pub const KEEP: usize = 2000;
 
 /// One log line.
@@ -17,15 +20,40 @@ pub struct Line {
     pub text: String,
 }
 
-/// Per-function ring buffers of log lines.
+/// Whose lines: the tenant and the function a sandbox was assigned to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Owner {
+    /// The function's tenant.
+    pub tenant: String,
+    /// The function's name.
+    pub function: String,
+}
+
+impl Owner {
+    /// The owner of `tenant`'s function `function`.
+    pub fn new(tenant: &str, function: &str) -> Self {
+        Self {
+            tenant: tenant.to_string(),
+            function: function.to_string(),
+        }
+    }
+
+    /// Where the lines of a sandbox not assigned yet go (only [`LogBook::tail_sandbox`]
+    /// reads them: `-` is no function name).
+    pub fn unassigned() -> Self {
+        Self::new("-", "-")
+    }
+}
+
+/// Ring buffers of log lines, one per (tenant, function).
 #[derive(Default)]
 pub struct LogBook {
-    inner: Mutex<HashMap<String, VecDeque<Line>>>,
+    inner: Mutex<HashMap<Owner, VecDeque<Line>>>,
 }
 
 impl LogBook {
-    /// Append a line (lines longer than 8 KiB are cut).
-    pub fn push(&self, function: &str, sandbox: &str, text: &str) {
+    /// Append a line of `owner`'s function (lines longer than 8 KiB are cut).
+    pub fn push(&self, owner: &Owner, sandbox: &str, text: &str) {
         let mut text = text.to_string();
         if text.len() > 8192 {
             let mut cut = 8192;
@@ -39,7 +67,10 @@ impl LogBook {
             .map(|d| d.as_millis())
             .unwrap_or(0);
         let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let q = m.entry(function.to_string()).or_default();
+        let q = match m.get_mut(owner) {
+            Some(q) => q,
+            None => m.entry(owner.clone()).or_default(),
+        };
         if q.len() >= KEEP {
             q.pop_front();
         }
@@ -50,10 +81,10 @@ impl LogBook {
         });
     }
 
-    /// The last `n` lines of a function.
-    pub fn tail(&self, function: &str, n: usize) -> Vec<Line> {
+    /// The last `n` lines of `tenant`'s function `function`.
+    pub fn tail(&self, tenant: &str, function: &str, n: usize) -> Vec<Line> {
         let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        m.get(function)
+        m.get(&Owner::new(tenant, function))
             .map(|q| q.iter().skip(q.len().saturating_sub(n)).cloned().collect())
             .unwrap_or_default()
     }
@@ -74,12 +105,13 @@ impl LogBook {
         v
     }
 
-    /// Forget a function's logs.
-    pub fn forget(&self, function: &str) {
+    /// Forget the logs of `tenant`'s function `function` (another tenant's function of the
+    /// same name keeps its lines).
+    pub fn forget(&self, tenant: &str, function: &str) {
         self.inner
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(function);
+            .remove(&Owner::new(tenant, function));
     }
 }
 
@@ -140,6 +172,33 @@ impl RateLimit {
 mod tests {
     use super::*;
     use std::time::{Duration, Instant};
+
+    /// Two tenants' functions of one name have separate logs: neither reads the other's
+    /// lines, and forgetting one leaves the other's alone.
+    #[test]
+    fn logs_are_kept_per_tenant_and_function() {
+        let book = LogBook::default();
+        let alice = Owner::new("alice", "shared");
+        let bob = Owner::new("bob", "shared");
+        book.push(&alice, "sb-a", "GET /alice/private/path");
+        book.push(&bob, "sb-b", "GET /bob");
+        let texts = |tenant: &str| -> Vec<String> {
+            book.tail(tenant, "shared", 10)
+                .into_iter()
+                .map(|l| l.text)
+                .collect()
+        };
+        assert_eq!(texts("alice"), ["GET /alice/private/path"]);
+        assert_eq!(texts("bob"), ["GET /bob"]);
+        book.forget("alice", "shared");
+        assert!(texts("alice").is_empty());
+        assert_eq!(
+            texts("bob"),
+            ["GET /bob"],
+            "alice's delete cleared bob's logs"
+        );
+        assert!(book.tail("carol", "shared", 10).is_empty());
+    }
 
     #[test]
     fn a_flood_is_cut_to_the_rate_and_counted() {

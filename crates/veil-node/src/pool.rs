@@ -113,7 +113,7 @@ impl Node {
             .count();
         let assigned = lock(&self.sandboxes)
             .values()
-            .filter(|e| lock(&e.function).is_some())
+            .filter(|e| lock(&e.owner).is_some())
             .count();
         NodeStatus {
             capacity: self.budget.status(),
