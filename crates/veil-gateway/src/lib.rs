@@ -334,15 +334,41 @@ fn authorize_deploy(
             _ => req.tenant = Some(t.to_string()),
         }
     }
+    // Bad requests are 400 whoever sends them, before anything about ownership.
+    if let Err((code, message)) = validate_deploy(name, req, gw.config.default_kbs_url.as_deref()) {
+        return Some(api_error(StatusCode::BAD_REQUEST, code, message));
+    }
     if let Some(existing) = gw.functions.status(name) {
         if !caller.may_act_for(&existing.record.tenant) {
             return forbidden(format!("function name {name:?} is taken by another tenant"));
         }
     }
+    // A local image runs only for the tenant that owns its repository — also when the
+    // operator deploys, so a tenant's repository can never feed another tenant's function
+    // (and its secrets).
     if let Ok(r) = req.image.parse::<veil_image::Reference>() {
         if r.is_local() {
-            if let Err(d) = gw.auth.repository_access(caller, &r.repository, false) {
-                return forbidden(format!("image {}: {}", req.image, d.message()));
+            let tenant = req.tenant.as_deref().unwrap_or("default");
+            match gw.auth.repository_owner(&r.repository) {
+                Some(owner) if owner == tenant => {}
+                Some(_) => {
+                    return forbidden(format!(
+                        "image {}: repository {:?} belongs to another tenant than {tenant:?}",
+                        req.image, r.repository
+                    ))
+                }
+                // To this tenant, a repository nobody owns does not exist.
+                None => {
+                    return Some(api_error(
+                        StatusCode::NOT_FOUND,
+                        "IMAGE_NOT_FOUND",
+                        format!(
+                            "image {}: tenant {tenant:?} has no repository {:?} in the local \
+                             store (push it with that tenant's token)",
+                            req.image, r.repository
+                        ),
+                    ))
+                }
             }
         }
     }
@@ -519,8 +545,17 @@ async fn loopback_or_token(
         .get::<axum::extract::ConnectInfo<SocketAddr>>()
         .is_some_and(|c| c.0.ip().is_loopback());
     if !on_loopback {
-        if let Err(d) = gw.auth.authenticate(req.headers()) {
-            return unauthenticated(req.uri().path(), &d.message());
+        // Metrics name every tenant's functions: from elsewhere, the operator's token only.
+        match gw.auth.authenticate(req.headers()) {
+            Ok(auth::Caller::Operator) => {}
+            Ok(auth::Caller::Tenant(_)) => {
+                return api_error(
+                    StatusCode::FORBIDDEN,
+                    "FORBIDDEN",
+                    "only the operator token may read this from outside loopback",
+                )
+            }
+            Err(d) => return unauthenticated(req.uri().path(), &d.message()),
         }
     }
     next.run(req).await
