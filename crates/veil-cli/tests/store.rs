@@ -443,6 +443,108 @@ async fn uploads_are_bounded_in_size_and_by_the_store() {
     assert_eq!(s, StatusCode::OK);
 }
 
+/// Finished pushes count against the local store's bound, not just uploads in progress:
+/// with a 2 MiB store (and a 1 MiB cache, 512 KiB blobs), twelve monolithic pushes of 400 KiB
+/// fill it after five and the rest are refused with 507, storing nothing; chunked uploads and
+/// manifests are refused the same way once it is full, while re-tagging a manifest the
+/// repository holds still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_pushes_count_against_the_local_store_bound() {
+    let limit: u64 = 2 << 20;
+    let env = up(
+        LocalStoreConfig {
+            max_blob_bytes: 512 << 10,
+            max_store_bytes: limit,
+            ..LocalStoreConfig::default()
+        },
+        1 << 20,
+    )
+    .await;
+    let mut stored = 0u64;
+    let mut pushed = Vec::new();
+    for i in 0..12u8 {
+        let data = vec![i; 400 << 10];
+        let d = Digest::sha256(&data);
+        // The server may refuse before it has read the body: no connection reuse after that.
+        let r = env
+            .req(
+                reqwest::Method::POST,
+                &format!("/v2/app/blobs/uploads/?digest={d}"),
+            )
+            .header("connection", "close")
+            .body(data.clone())
+            .send()
+            .await;
+        let fits = stored + data.len() as u64 <= limit;
+        match r {
+            Ok(r) => {
+                let status = r.status();
+                let body = r.text().await.unwrap_or_default();
+                if fits {
+                    assert_eq!(status, StatusCode::CREATED, "push {i}: {body}");
+                } else {
+                    assert_eq!(status, StatusCode::INSUFFICIENT_STORAGE, "push {i}: {body}");
+                    assert!(body.contains("local image store is full"), "{body}");
+                }
+            }
+            Err(e) => assert!(!fits, "push {i}: {e}"),
+        }
+        let (head, _) = env.status(HEAD, &format!("/v2/app/blobs/{d}")).await;
+        if fits {
+            assert_eq!(head, StatusCode::OK);
+            stored += data.len() as u64;
+            pushed.push(d);
+        } else {
+            assert_eq!(
+                head,
+                StatusCode::NOT_FOUND,
+                "a refused push stored its blob"
+            );
+        }
+    }
+    assert_eq!(pushed.len(), 5);
+    assert_eq!(env.tmp_files(), 0, "refused pushes left files behind");
+    assert_eq!(env.gw.node().cache().store().local_bytes(), stored);
+
+    // An image manifest of what was pushed, then a blob that leaves 10 bytes of room.
+    let config = env.push_blob("app", b"{}").await;
+    let manifest = |note: &str| {
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": veil_image::manifest::OCI_CONFIG, "digest": config, "size": 2},
+            "layers": [{"mediaType": OCI_LAYER_TAR_GZIP, "digest": pushed[0], "size": 400 << 10}],
+            "annotations": {"note": note},
+        }))
+        .unwrap()
+    };
+    let first = manifest("first");
+    let (s, body) = env.put_manifest("app", "v1", &first).await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    stored += 2 + first.len() as u64;
+    let fill = vec![0xffu8; (limit - stored - 10) as usize];
+    env.push_blob("app", &fill).await;
+
+    let loc = env.start_upload("app").await;
+    let r = env
+        .req(reqwest::Method::PATCH, &loc)
+        .header("connection", "close")
+        .body(vec![7u8; 20])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::INSUFFICIENT_STORAGE);
+    let (s, _) = env.status(GET, &loc).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "the refused upload lives on");
+    let (s, body) = env.put_manifest("app", "v2", &manifest("second")).await;
+    assert_eq!(s, StatusCode::INSUFFICIENT_STORAGE, "{body}");
+    let (s, _) = env.status(GET, "/v2/app/manifests/v2").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, body) = env.put_manifest("app", "again", &first).await;
+    assert_eq!(s, StatusCode::CREATED, "re-tagging: {body}");
+    assert_eq!(env.tmp_files(), 0);
+}
+
 /// `skopeo inspect` of a local image works (it lists the repository's tags), and `tags/list`
 /// pages with `n` and `last` and a `Link: rel="next"` header.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

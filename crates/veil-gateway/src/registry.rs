@@ -357,6 +357,7 @@ async fn put_manifest(
             format!("{what} {missing} must be pushed to local/{repo} before the manifest"),
         ));
     }
+    uploads::manifest_room(gw, repo, &bytes)?;
     let d = store
         .put_manifest(repo, &bytes, expected.as_ref())
         .map_err(|e| store_error(&e))?;

@@ -98,13 +98,17 @@ pub struct BlobCache {
     held: Arc<Mutex<HashMap<Digest, usize>>>,
     /// Bytes reserved by uploads in progress to the local store (they count against `limit`).
     uploading: Arc<AtomicU64>,
+    /// Bytes written by uploads in progress (they count against the local store's bound).
+    writing: Arc<AtomicU64>,
 }
 
-/// Space an upload in progress holds against the cache's size bound (see
-/// [`BlobCache::grow_upload`]); given back when dropped (the upload finished or was abandoned).
+/// Space an upload in progress holds against the cache's size bound and the local store's
+/// (see [`BlobCache::grow_upload`]); given back when dropped (the upload finished or was
+/// abandoned).
 #[derive(Debug)]
 pub struct UploadReservation {
     uploading: Arc<AtomicU64>,
+    writing: Arc<AtomicU64>,
     reserved: u64,
     used: u64,
 }
@@ -119,6 +123,7 @@ impl UploadReservation {
 impl Drop for UploadReservation {
     fn drop(&mut self) {
         self.uploading.fetch_sub(self.reserved, Ordering::SeqCst);
+        self.writing.fetch_sub(self.used, Ordering::SeqCst);
     }
 }
 
@@ -159,6 +164,7 @@ impl BlobCache {
             inflight: Mutex::new(HashMap::new()),
             upstream_fetches: Default::default(),
             uploading: Arc::new(AtomicU64::new(0)),
+            writing: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -166,16 +172,48 @@ impl BlobCache {
     pub fn reserve_upload(&self) -> UploadReservation {
         UploadReservation {
             uploading: self.uploading.clone(),
+            writing: self.writing.clone(),
             reserved: 0,
             used: 0,
         }
     }
 
-    /// Account `n` more bytes of the upload holding `r`. Uploads in progress and upstream blobs
-    /// share the size bound: room is made by evicting least recently used upstream blobs, and
-    /// if uploads in progress alone would exceed the bound the bytes are refused with
-    /// [`NodeError::StoreFull`] (the reservation is unchanged; the caller drops the upload).
-    pub fn grow_upload(&self, r: &mut UploadReservation, n: u64) -> Result<(), NodeError> {
+    /// Account `n` more bytes of the upload holding `r`, within two bounds:
+    ///
+    /// - the local store's, `store_limit`: the blobs it holds (never evicted) plus what
+    ///   uploads in progress have written may not exceed it, else
+    ///   [`NodeError::LocalStoreFull`];
+    /// - the cache's: uploads in progress and upstream blobs share it; room is made by
+    ///   evicting least recently used upstream blobs, and if uploads in progress alone would
+    ///   exceed it, [`NodeError::StoreFull`].
+    ///
+    /// On an error the reservation is unchanged (the caller drops the upload).
+    pub fn grow_upload(
+        &self,
+        r: &mut UploadReservation,
+        n: u64,
+        store_limit: u64,
+    ) -> Result<(), NodeError> {
+        let stored = self.store.local_bytes();
+        self.writing
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
+                w.checked_add(n)
+                    .filter(|t| t.saturating_add(stored) <= store_limit)
+            })
+            .map_err(|w| NodeError::LocalStoreFull {
+                needed: n,
+                stored: stored.saturating_add(w),
+                limit: store_limit,
+            })?;
+        if let Err(e) = self.reserve(r, n) {
+            self.writing.fetch_sub(n, Ordering::SeqCst);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// The cache's share of [`BlobCache::grow_upload`].
+    fn reserve(&self, r: &mut UploadReservation, n: u64) -> Result<(), NodeError> {
         let used = r.used.saturating_add(n);
         if used > r.reserved {
             let need = used - r.reserved;

@@ -80,6 +80,17 @@ pub enum NodeError {
         /// The bound (`cache_max_bytes`).
         limit: u64,
     },
+    /// The local image store cannot take more bytes: what it holds plus uploads in progress
+    /// would exceed its bound.
+    #[error("the local image store is full: {needed} more bytes would exceed its bound of {limit} bytes ({stored} bytes stored or being uploaded)")]
+    LocalStoreFull {
+        /// Bytes asked for.
+        needed: u64,
+        /// Bytes held and being uploaded now.
+        stored: u64,
+        /// The bound (`max_store_bytes` of the local store).
+        limit: u64,
+    },
     /// Sandbox backend failure.
     #[error("sandbox: {0}")]
     Sandbox(#[from] veil_sandbox::Error),
@@ -159,7 +170,9 @@ impl NodeError {
             },
             NodeError::Tampered(_) | NodeError::DigestMismatch { .. } => ErrorKind::Tampered,
             NodeError::Storage(_) => ErrorKind::Storage,
-            NodeError::StoreFull { .. } => ErrorKind::StoreFull,
+            NodeError::StoreFull { .. } | NodeError::LocalStoreFull { .. } => {
+                ErrorKind::StoreFull
+            }
             NodeError::Shared(inner) => inner.kind(),
             NodeError::Sandbox(_) | NodeError::Channel { .. } | NodeError::Assign { .. } => {
                 ErrorKind::Sandbox

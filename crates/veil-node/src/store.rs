@@ -18,6 +18,7 @@ use crate::NodeError;
 use sha2::{Digest as _, Sha256};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use veil_image::Digest;
 
@@ -34,6 +35,9 @@ pub struct BlobStore {
     /// Held while eviction removes blobs and while a local push publishes one, so a blob a
     /// repository is about to link is never evicted under it.
     publish: Mutex<()>,
+    /// Bytes of the blobs (and manifests) the local store holds, each counted once however
+    /// many repositories link it. They are never evicted; this is what bounds them.
+    local_bytes: AtomicU64,
 }
 
 fn io(path: &Path, e: std::io::Error) -> NodeError {
@@ -52,8 +56,10 @@ impl BlobStore {
         let store = Self {
             root: root.to_path_buf(),
             publish: Mutex::new(()),
+            local_bytes: AtomicU64::new(0),
         };
         store.migrate_repositories()?;
+        store.count_local_bytes();
         Ok(store)
     }
 
@@ -106,6 +112,29 @@ impl BlobStore {
     /// Whether some local repository holds blob `d` (it is then never evicted).
     fn is_local(&self, d: &Digest) -> bool {
         self.root.join("local").join(d.hex()).exists()
+    }
+
+    /// Bytes of the blobs and manifests the local store holds (each counted once, however
+    /// many repositories link it; uploads in progress not included).
+    pub fn local_bytes(&self) -> u64 {
+        self.local_bytes.load(Ordering::SeqCst)
+    }
+
+    /// Sum the sizes of the local store's blobs (at open).
+    fn count_local_bytes(&self) {
+        let dir = self.root.join("local");
+        let total = std::fs::read_dir(&dir)
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        let d = format!("sha256:{name}").parse::<Digest>().ok()?;
+                        std::fs::metadata(self.path(&d)).ok().map(|m| m.len())
+                    })
+                    .sum()
+            })
+            .unwrap_or(0);
+        self.local_bytes.store(total, Ordering::SeqCst);
     }
 
     /// Mark an evictable blob as just used (no-op for blobs that are not evictable).
@@ -200,10 +229,15 @@ impl BlobStore {
                 });
             }
             f.sync_all().map_err(|e| io(path, e))?;
+            let size = f.metadata().map_err(|e| io(path, e))?.len();
             let _publishing = self.publish.lock().unwrap_or_else(|p| p.into_inner());
+            let had = self.is_local_blob(expected);
             self.mark_local(expected)?;
             let dest = self.path(expected);
             std::fs::rename(path, &dest).map_err(|e| io(&dest, e))?;
+            if !had {
+                self.local_bytes.fetch_add(size, Ordering::SeqCst);
+            }
             self.link(repository, Member::Blob, expected)?;
             Ok(expected.clone())
         })();
@@ -224,10 +258,21 @@ impl BlobStore {
         let mut w = self.writer()?;
         w.write(bytes)?;
         let _publishing = self.publish.lock().unwrap_or_else(|p| p.into_inner());
+        let had = self.is_local_blob(&Digest::sha256(bytes));
         let d = w.commit(expected)?;
         self.mark_local(&d)?;
+        if !had {
+            self.local_bytes
+                .fetch_add(bytes.len() as u64, Ordering::SeqCst);
+        }
         self.link(repository, Member::Manifest, &d)?;
         Ok(d)
+    }
+
+    /// Whether `d` is a local-store blob present in the store (counted in
+    /// [`BlobStore::local_bytes`]; a publish that finds it so adds nothing).
+    fn is_local_blob(&self, d: &Digest) -> bool {
+        self.is_local(d) && self.contains(d)
     }
 
     /// Mark blob `d` as held by the local store: never evicted, no longer an upstream blob.
@@ -417,6 +462,40 @@ mod tests {
         s.mark_cached(&d);
         assert!(s.evict(0, |_| false).is_empty());
         assert!(s.contains(&d));
+    }
+
+    /// The local store's size counts each blob and manifest it holds once: not a second
+    /// push or a mount of the same bytes, not upstream blobs (until pushed), and the same
+    /// after reopening.
+    #[test]
+    fn local_bytes_count_what_the_local_store_holds() {
+        let t = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(t.path()).unwrap();
+        let import = |repo: &str, data: &[u8]| {
+            let p = s.temp_path();
+            std::fs::write(&p, data).unwrap();
+            s.import_file(&p, &Digest::sha256(data), repo).unwrap()
+        };
+        import("a", &[1u8; 100]);
+        assert_eq!(s.local_bytes(), 100);
+        let d = import("a", &[1u8; 100]);
+        import("b", &[1u8; 100]);
+        assert!(s.mount("c", "a", &d).unwrap());
+        assert_eq!(s.local_bytes(), 100, "the same bytes counted twice");
+        let up = s.put(&[2u8; 50], None).unwrap();
+        s.mark_cached(&up);
+        assert_eq!(s.local_bytes(), 100, "an upstream blob counted");
+        import("a", &[2u8; 50]);
+        assert_eq!(s.local_bytes(), 150);
+        // A failed push adds nothing.
+        let p = s.temp_path();
+        std::fs::write(&p, b"tampered").unwrap();
+        assert!(s.import_file(&p, &Digest::sha256(b"x"), "a").is_err());
+        s.put_manifest("a", br#"{"m":1}"#, None).unwrap();
+        s.put_manifest("b", br#"{"m":1}"#, None).unwrap();
+        assert_eq!(s.local_bytes(), 157);
+        drop(s);
+        assert_eq!(BlobStore::open(t.path()).unwrap().local_bytes(), 157);
     }
 
     #[test]

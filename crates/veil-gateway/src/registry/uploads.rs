@@ -5,9 +5,12 @@
 //! An upload streams into a temporary file of the store and becomes a blob of its repository
 //! only once its digest checks out. Its id works only under the repository it was started in.
 //! It may grow to [`LocalStoreConfig::max_blob_bytes`] (beyond: `413 SIZE_INVALID`, and the
-//! upload is gone), its bytes count against the node's store bound together with upstream
-//! blobs (`507` when uploads alone would exceed it), and an upload with no activity for
-//! [`LocalStoreConfig::upload_expiry`] is abandoned: its file is deleted and its id forgotten.
+//! upload is gone); its bytes count against the local store's bound
+//! [`LocalStoreConfig::max_store_bytes`] together with every blob the store holds already
+//! (`507` when they would exceed it: local blobs are never evicted, so this is what bounds
+//! them), and against the node's cache bound together with upstream blobs (`507` when uploads
+//! alone would exceed it). An upload with no activity for [`LocalStoreConfig::upload_expiry`]
+//! is abandoned: its file is deleted and its id forgotten.
 
 use super::{parse_digest, reg_error, repo_ok, store_error, RegError};
 use crate::Gateway;
@@ -22,6 +25,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use veil_image::Digest;
 use veil_node::cache::UploadReservation;
+use veil_node::store::Member;
 use veil_node::NodeError;
 
 /// Limits of the local store's uploads (part of [`crate::GatewayConfig`]).
@@ -34,6 +38,11 @@ pub struct LocalStoreConfig {
     /// An upload with no request for this long is abandoned (file deleted, id forgotten); a
     /// request body that sends nothing for this long ends the same way. Default 10 minutes.
     pub upload_expiry: Duration,
+    /// Most bytes the local store may hold: the blobs and manifests of all its repositories
+    /// (each counted once) plus the uploads in progress. A push that would exceed it is
+    /// refused with `507` and stores nothing. Local-store blobs are never evicted, so this is
+    /// their only bound. Default 20 GiB.
+    pub max_store_bytes: u64,
 }
 
 impl Default for LocalStoreConfig {
@@ -41,6 +50,7 @@ impl Default for LocalStoreConfig {
         Self {
             max_blob_bytes: 2 << 30,
             upload_expiry: Duration::from_secs(600),
+            max_store_bytes: 20 << 30,
         }
     }
 }
@@ -263,6 +273,27 @@ fn ensure_sweeper(gw: &Arc<Gateway>) {
     });
 }
 
+/// Refuse (`507`) manifest `bytes` for `repo` that the local store has no room for under
+/// [`LocalStoreConfig::max_store_bytes`] (manifests are small, so no reservation is taken). A
+/// manifest the repository holds already (a new tag for it) adds nothing.
+pub(super) fn manifest_room(gw: &Gateway, repo: &str, bytes: &[u8]) -> Result<(), RegError> {
+    let store = gw.node.cache().store();
+    if store.is_member(repo, Member::Manifest, &Digest::sha256(bytes)) {
+        return Ok(());
+    }
+    let limit = config(gw).max_store_bytes;
+    let stored = store.local_bytes();
+    let needed = bytes.len() as u64;
+    if stored.saturating_add(needed) > limit {
+        return Err(store_error(&NodeError::LocalStoreFull {
+            needed,
+            stored,
+            limit,
+        }));
+    }
+    Ok(())
+}
+
 fn too_large(max: u64) -> RegError {
     reg_error(
         StatusCode::PAYLOAD_TOO_LARGE,
@@ -327,7 +358,7 @@ async fn append(
         }
         gw.node
             .cache()
-            .grow_upload(reservation, n)
+            .grow_upload(reservation, n, config(gw).max_store_bytes)
             .map_err(|e| store_error(&e))?;
         f.write_all(&chunk).await.map_err(internal)?;
     }
@@ -648,18 +679,47 @@ mod tests {
     fn uploads_in_progress_count_against_the_store_bound() {
         let f = fixture(20 << 20);
         let mut a = f.cache.reserve_upload();
-        f.cache.grow_upload(&mut a, 12 << 20).unwrap();
+        f.cache.grow_upload(&mut a, 12 << 20, u64::MAX).unwrap();
         assert!(f.cache.uploading_bytes() >= 12 << 20);
         let mut b = f.cache.reserve_upload();
-        let e = f.cache.grow_upload(&mut b, 12 << 20).unwrap_err();
+        let e = f.cache.grow_upload(&mut b, 12 << 20, u64::MAX).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::StoreFull, "{e}");
         assert_eq!(b.used(), 0);
-        f.cache.grow_upload(&mut b, 4 << 20).unwrap();
+        f.cache.grow_upload(&mut b, 4 << 20, u64::MAX).unwrap();
         drop(a);
         assert!(f.cache.uploading_bytes() <= 8 << 20);
-        f.cache.grow_upload(&mut b, 12 << 20).unwrap();
+        f.cache.grow_upload(&mut b, 12 << 20, u64::MAX).unwrap();
         drop(b);
         assert_eq!(f.cache.uploading_bytes(), 0, "reservations are given back");
+    }
+
+    /// The local store's bound counts the blobs it holds and what uploads in progress wrote;
+    /// a refused write changes nothing, and a finished or abandoned upload gives its share
+    /// back.
+    #[test]
+    fn the_local_store_bound_counts_stored_blobs_and_uploads_in_progress() {
+        let f = fixture(1 << 30);
+        let limit = 1000;
+        let p = f.store.temp_path();
+        std::fs::write(&p, [1u8; 600]).unwrap();
+        f.store
+            .import_file(&p, &Digest::sha256(&[1u8; 600]), "app")
+            .unwrap();
+        let mut a = f.cache.reserve_upload();
+        f.cache.grow_upload(&mut a, 300, limit).unwrap();
+        let mut b = f.cache.reserve_upload();
+        let e = f.cache.grow_upload(&mut b, 101, limit).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::StoreFull, "{e}");
+        assert!(e.to_string().contains("local image store is full"), "{e}");
+        assert_eq!(b.used(), 0);
+        f.cache.grow_upload(&mut b, 100, limit).unwrap();
+        let e = f.cache.grow_upload(&mut a, 1, limit).unwrap_err();
+        assert_eq!(a.used(), 300, "{e}");
+        drop(a);
+        f.cache.grow_upload(&mut b, 300, limit).unwrap();
+        drop(b);
+        let mut c = f.cache.reserve_upload();
+        f.cache.grow_upload(&mut c, 400, limit).unwrap();
     }
 
     #[test]
@@ -668,7 +728,7 @@ mod tests {
         let cached = f.store.put(&vec![7u8; 10 << 20], None).unwrap();
         f.store.mark_cached(&cached);
         let mut a = f.cache.reserve_upload();
-        f.cache.grow_upload(&mut a, 15 << 20).unwrap();
+        f.cache.grow_upload(&mut a, 15 << 20, u64::MAX).unwrap();
         assert!(
             !f.store.contains(&cached),
             "the upstream blob was not evicted"
