@@ -170,9 +170,7 @@ impl NodeError {
             },
             NodeError::Tampered(_) | NodeError::DigestMismatch { .. } => ErrorKind::Tampered,
             NodeError::Storage(_) => ErrorKind::Storage,
-            NodeError::StoreFull { .. } | NodeError::LocalStoreFull { .. } => {
-                ErrorKind::StoreFull
-            }
+            NodeError::StoreFull { .. } | NodeError::LocalStoreFull { .. } => ErrorKind::StoreFull,
             NodeError::Shared(inner) => inner.kind(),
             NodeError::Sandbox(_) | NodeError::Channel { .. } | NodeError::Assign { .. } => {
                 ErrorKind::Sandbox
