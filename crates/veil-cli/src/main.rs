@@ -296,6 +296,10 @@ struct UpArgs {
     /// file deleted, its id forgotten).
     #[arg(long, default_value_t = 600)]
     upload_expiry: u64,
+    /// Most bytes the local image store holds (finished pushes and uploads in progress);
+    /// pushes beyond it get 507.
+    #[arg(long, value_parser = veil_node::capacity::parse_size, default_value = "20GiB")]
+    max_store_size: u64,
     #[command(flatten)]
     backend: BackendArgs,
 }
@@ -709,6 +713,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             opts.drain_timeout = std::time::Duration::from_secs(a.drain_timeout);
             opts.backend = a.backend.choice()?;
             opts.local_store.max_blob_bytes = a.max_blob_size;
+            opts.local_store.max_store_bytes = a.max_store_size;
             opts.local_store.upload_expiry = std::time::Duration::from_secs(a.upload_expiry.max(1));
             if !a.listen.ip().is_loopback() {
                 tracing::warn!("listening on a non-loopback address: the admin API and the local store need tokens, but travel in plain HTTP; invocations are public");

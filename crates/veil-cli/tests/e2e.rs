@@ -281,7 +281,7 @@ async fn image_references_that_do_not_resolve_are_refused_at_deploy() {
         ),
         (
             "local/never-pushed:v1".to_string(),
-            "in the local image store",
+            "has no repository \"never-pushed\" in the local store",
         ),
         ("Not A Reference".to_string(), "invalid image reference"),
         ("127.0.0.1:1/refused:v1".to_string(), "registry error"),

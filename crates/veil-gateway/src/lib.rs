@@ -383,7 +383,7 @@ async fn delete_function(
     let Some(status) = visible(&gw, &caller, &name) else {
         return not_deployed(&name);
     };
-    if gw.functions.delete(&name).await {
+    if gw.functions.delete(&status.record.tenant, &name).await {
         // Only this tenant's logs: another tenant may already have deployed the name again.
         gw.node.logs().forget(&status.record.tenant, &name);
         Json(serde_json::json!({ "deleted": name })).into_response()

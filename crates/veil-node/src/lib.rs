@@ -630,6 +630,8 @@ impl Node {
             .cloned()
             .collect();
         futures::future::join_all(all.iter().map(|e| self.destroy_entry(e))).await;
+        // Sandboxes still booting are not registered yet: the backend ends those.
+        self.backend.shutdown().await;
     }
 }
 

@@ -257,9 +257,13 @@ impl Functions {
     /// Delete a function: it takes no new requests at once, and returns when its instances
     /// have finished the requests they have (or the drain deadline destroyed them). False if
     /// it was not deployed.
-    pub async fn delete(&self, name: &str) -> bool {
+    pub async fn delete(&self, tenant: &str, name: &str) -> bool {
         let drained = {
             let mut map = lock(&self.map);
+            // Checked under the lock: the name may have changed hands since the caller looked.
+            if map.get(name).is_none_or(|rt| rt.record.tenant != tenant) {
+                return false;
+            }
             let Some(rt) = map.remove(name) else {
                 return false;
             };
