@@ -370,12 +370,13 @@ async fn logs_of_a_function_name_reused_by_another_tenant_stay_apart() {
         .map(|p| p.as_u64().unwrap())
         .collect();
     assert!(!pids.is_empty(), "{sandboxes:?}");
-    let killed = std::process::Command::new("kill")
+    // Some of them may end by themselves meanwhile (kill then fails for those): what matters
+    // is that the sandbox goes, which the delete below waits for.
+    let _ = std::process::Command::new("kill")
         .arg("-KILL")
         .args(pids.iter().map(|p| p.to_string()))
         .status()
         .unwrap();
-    assert!(killed.success());
     let _ = slow.await.unwrap();
     deleting.await.unwrap().unwrap();
     let logs = format!("{:?}", bob.admin.logs("shared", 500).await.unwrap());
