@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use veil_node::{Node, NodeConfig};
-use veil_sandbox::microvm::{Accel, MicroVmBackend, MicroVmConfig};
+use veil_sandbox::microvm::{Accel, Confidential, MicroVmBackend, MicroVmConfig};
 
 /// The backend choice of `veil up --backend`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +66,8 @@ pub struct CvmOptions {
     pub tee: Tee,
     /// The firmware (an OVMF with the SNP kernel-hashes section, or TDVF).
     pub firmware: Option<PathBuf>,
+    /// A prebuilt (measured) guest; default: built at start like the microVM backend's.
+    pub guest_dir: Option<PathBuf>,
 }
 
 impl BackendChoice {
@@ -85,7 +87,11 @@ impl BackendChoice {
                 ..MicroVmOptions::default()
             }),
             "cvm" => match tee {
-                Some(tee) => Self::Cvm(CvmOptions { tee, firmware }),
+                Some(tee) => Self::Cvm(CvmOptions {
+                    tee,
+                    firmware,
+                    guest_dir,
+                }),
                 None => bail!("--backend cvm needs --tee snp or --tee tdx"),
             },
             o => bail!("--backend {o:?} is not process, microvm or cvm"),
@@ -114,89 +120,89 @@ fn build_guest(out: &Path) -> Result<veil_guest::GuestArtifacts> {
 }
 
 /// Start the node on the chosen backend.
-pub async fn start_node(choice: &BackendChoice, mut ncfg: NodeConfig) -> Result<Arc<Node>> {
+pub async fn start_node(choice: &BackendChoice, ncfg: NodeConfig) -> Result<Arc<Node>> {
     match choice {
         BackendChoice::Process => Ok(Node::new(ncfg).context("start the node")?),
-        BackendChoice::MicroVm(o) => {
-            let state = ncfg.state_dir.clone();
-            let (kernel, initrd, cmdline) = match &o.guest_dir {
-                Some(dir) => {
-                    let cmdline =
-                        std::fs::read_to_string(dir.join("cmdline")).with_context(|| {
-                            format!(
-                                "read {} (build the guest with `veil guest build --out {}`)",
-                                dir.join("cmdline").display(),
-                                dir.display()
-                            )
-                        })?;
-                    (dir.join("vmlinuz"), dir.join("initrd.img"), cmdline)
-                }
-                None => {
-                    let g = build_guest(&state.join("guest"))?;
-                    (g.kernel.path, g.initrd.path, g.cmdline)
-                }
+        BackendChoice::MicroVm(o) => vm_node(ncfg, o, None).await,
+        BackendChoice::Cvm(o) => {
+            // Refuse before building anything, naming what this host lacks.
+            cvm_host_check(o)?;
+            let firmware = o.firmware.clone().unwrap_or_default();
+            let confidential = match o.tee {
+                Tee::Snp => Confidential::Snp {
+                    firmware,
+                    cpu_model: "EPYC-v4".into(),
+                },
+                Tee::Tdx => Confidential::Tdx { firmware },
             };
-            let mut vcfg = MicroVmConfig::new(kernel, initrd, cmdline, state.join("vms"));
-            vcfg.accel = o.accel;
-            vcfg.tcg_append = veil_guest::tcg_clock_param();
-            let backend = MicroVmBackend::start(vcfg)
-                .await
-                .context("start the microVM backend")?;
-            ncfg.memory_bytes = o.memory_bytes;
-            // The function's root is unpacked into guest memory, within the VM's memory.
-            ncfg.rootfs_bytes = ncfg.rootfs_bytes.min(o.memory_bytes / 2);
-            Ok(Node::with_backend(ncfg, Arc::new(backend)).context("start the node")?)
+            let vm = MicroVmOptions {
+                guest_dir: o.guest_dir.clone(),
+                accel: Accel::Kvm,
+                ..MicroVmOptions::default()
+            };
+            vm_node(ncfg, &vm, Some(confidential)).await
         }
-        BackendChoice::Cvm(o) => Err(cvm_unavailable(o)),
     }
 }
 
-/// Confidential VMs need SEV-SNP or TDX hardware, a kernel that exposes it to KVM, a QEMU
-/// that launches such guests and the matching firmware; say which of them this host lacks.
-fn cvm_unavailable(o: &CvmOptions) -> anyhow::Error {
-    let mut missing = Vec::new();
-    match o.tee {
-        Tee::Snp => {
-            if !Path::new("/dev/sev").exists() {
-                missing.push("the AMD SEV device /dev/sev (no SEV-SNP host, or the ccp driver is not loaded)".to_string());
-            }
-            match std::fs::read_to_string("/sys/module/kvm_amd/parameters/sev_snp") {
-                Ok(v) if v.trim() == "Y" || v.trim() == "1" => {}
-                _ => missing
-                    .push("kvm_amd with sev_snp=Y (/sys/module/kvm_amd/parameters/sev_snp)".into()),
-            }
+/// A node whose sandboxes are VMs booting the veil guest: plain microVMs, or confidential
+/// guests launched with measured direct boot.
+async fn vm_node(
+    mut ncfg: NodeConfig,
+    o: &MicroVmOptions,
+    confidential: Option<Confidential>,
+) -> Result<Arc<Node>> {
+    let state = ncfg.state_dir.clone();
+    let (kernel, initrd, cmdline) = match &o.guest_dir {
+        Some(dir) => {
+            let cmdline = std::fs::read_to_string(dir.join("cmdline")).with_context(|| {
+                format!(
+                    "read {} (build the guest with `veil guest build --out {}`)",
+                    dir.join("cmdline").display(),
+                    dir.display()
+                )
+            })?;
+            (dir.join("vmlinuz"), dir.join("initrd.img"), cmdline)
         }
-        Tee::Tdx => match std::fs::read_to_string("/sys/module/kvm_intel/parameters/tdx") {
-            Ok(v) if v.trim() == "Y" || v.trim() == "1" => {}
-            _ => missing.push("kvm_intel with tdx=Y (/sys/module/kvm_intel/parameters/tdx)".into()),
-        },
-    }
-    if !Path::new("/dev/kvm").exists() {
-        missing.push("/dev/kvm".into());
-    }
-    match &o.firmware {
-        Some(f) if f.is_file() => {}
-        Some(f) => missing.push(format!("the firmware {}", f.display())),
-        None => missing.push(match o.tee {
-            Tee::Snp => "--firmware: an OVMF built from edk2's AmdSevX64 (with the SNP kernel-hashes section)".into(),
-            Tee::Tdx => "--firmware: a TDVF (edk2's IntelTdx OVMF)".into(),
-        }),
-    }
-    if missing.is_empty() {
-        return anyhow::anyhow!(
-            "this host seems to have what {tee:?} guests need, but veil's confidential launch is \
-             not wired to the node yet",
-            tee = o.tee
+        None => {
+            let g = build_guest(&state.join("guest"))?;
+            (g.kernel.path, g.initrd.path, g.cmdline)
+        }
+    };
+    let mut vcfg = MicroVmConfig::new(kernel, initrd, cmdline, state.join("vms"));
+    vcfg.accel = o.accel;
+    // Only ever added under TCG, and never to a confidential (measured) command line.
+    vcfg.tcg_append = veil_guest::tcg_clock_param();
+    vcfg.confidential = confidential;
+    let backend = MicroVmBackend::start(vcfg)
+        .await
+        .context("start the VM backend")?;
+    ncfg.memory_bytes = o.memory_bytes;
+    // The function's root is unpacked into guest memory, within the VM's memory.
+    ncfg.rootfs_bytes = ncfg.rootfs_bytes.min(o.memory_bytes / 2);
+    Node::with_backend(ncfg, Arc::new(backend)).context("start the node")
+}
+
+/// Confidential VMs need SEV-SNP or TDX hardware, a kernel that exposes it to KVM, a QEMU
+/// that launches such guests and the matching firmware: refuse, naming what is missing.
+fn cvm_host_check(o: &CvmOptions) -> Result<()> {
+    let Some(firmware) = &o.firmware else {
+        bail!(
+            "--backend cvm needs --firmware: {}",
+            match o.tee {
+                Tee::Snp =>
+                    "an OVMF built from edk2's AmdSevX64 (with the SNP kernel-hashes section)",
+                Tee::Tdx => "a TDVF (edk2's IntelTdx OVMF)",
+            }
         );
-    }
-    anyhow::anyhow!(
-        "--backend cvm --tee {}: this host cannot launch confidential guests; missing: {}",
-        match o.tee {
-            Tee::Snp => "snp",
-            Tee::Tdx => "tdx",
-        },
-        missing.join("; ")
-    )
+    };
+    let tee = match o.tee {
+        Tee::Snp => veil_sandbox::cvm::Tee::Snp,
+        Tee::Tdx => veil_sandbox::cvm::Tee::Tdx,
+    };
+    let probe = veil_sandbox::cvm::HostProbe::system("qemu-system-x86_64", firmware);
+    veil_sandbox::cvm::check_host(tee, &probe).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -225,23 +231,35 @@ mod tests {
     /// This machine has no SEV-SNP or TDX: the refusal names what is missing.
     #[test]
     fn cvm_refuses_naming_what_is_missing() {
-        let e = cvm_unavailable(&CvmOptions {
+        let e = cvm_host_check(&CvmOptions {
             tee: Tee::Snp,
             firmware: None,
+            guest_dir: None,
         })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--firmware"), "{e}");
+        if Path::new("/dev/sev").exists() {
+            return; // a real SNP host: what follows is this machine's refusal
+        }
+        let e = cvm_host_check(&CvmOptions {
+            tee: Tee::Snp,
+            firmware: Some("/nonexistent/OVMF.fd".into()),
+            guest_dir: None,
+        })
+        .unwrap_err()
         .to_string();
         assert!(
-            e.contains("missing") && e.contains("sev_snp") && e.contains("--firmware"),
+            e.contains("/dev/sev") && e.contains("/nonexistent/OVMF.fd"),
             "{e}"
         );
-        let e = cvm_unavailable(&CvmOptions {
+        let e = cvm_host_check(&CvmOptions {
             tee: Tee::Tdx,
             firmware: Some("/nonexistent/tdvf.fd".into()),
+            guest_dir: None,
         })
+        .unwrap_err()
         .to_string();
-        assert!(
-            e.contains("tdx=Y") && e.contains("/nonexistent/tdvf.fd"),
-            "{e}"
-        );
+        assert!(e.contains("tdx"), "{e}");
     }
 }

@@ -77,6 +77,30 @@ pub struct MicroVmConfig {
     /// has no kvmclock, HPET or PM timer, and a busy host can make the kernel's TSC
     /// calibration fail and the boot hang). Never part of a measured command line.
     pub tcg_append: Option<String>,
+    /// Launch every guest as a confidential VM (SEV-SNP or TDX, with measured direct boot)
+    /// instead of a plain microVM; needs the hardware, the kvm parameter, a recent QEMU and
+    /// the firmware, which [`MicroVmBackend::start`] checks first.
+    #[cfg(feature = "cvm")]
+    pub confidential: Option<Confidential>,
+}
+
+/// How a confidential guest is launched.
+#[cfg(feature = "cvm")]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Confidential {
+    /// AMD SEV-SNP: an OVMF built from edk2's AmdSevX64 and QEMU's CPU model (its signature is
+    /// part of the launch measurement, so it must match what the broker registered).
+    Snp {
+        /// The firmware.
+        firmware: PathBuf,
+        /// QEMU's CPU model, e.g. `EPYC-v4`.
+        cpu_model: String,
+    },
+    /// Intel TDX with a TDVF.
+    Tdx {
+        /// The firmware.
+        firmware: PathBuf,
+    },
 }
 
 impl MicroVmConfig {
@@ -96,6 +120,8 @@ impl MicroVmConfig {
             boot_timeout: Duration::from_secs(60),
             kvm_probe_timeout: Duration::from_secs(20),
             tcg_append: None,
+            #[cfg(feature = "cvm")]
+            confidential: None,
         }
     }
 }
@@ -146,6 +172,18 @@ impl MicroVmBackend {
                 ))
             })?;
         let version = String::from_utf8_lossy(&version.stdout);
+        #[cfg(feature = "cvm")]
+        if let Some(c) = &config.confidential {
+            let (tee, firmware) = match c {
+                Confidential::Snp { firmware, .. } => (crate::cvm::Tee::Snp, firmware),
+                Confidential::Tdx { firmware } => (crate::cvm::Tee::Tdx, firmware),
+            };
+            let probe = crate::cvm::HostProbe::system(&config.qemu, firmware);
+            let checked = tokio::task::spawn_blocking(move || crate::cvm::check_host(tee, &probe))
+                .await
+                .map_err(|e| Error::Missing(e.to_string()))?;
+            checked.map_err(|e| Error::Missing(e.to_string()))?;
+        }
         std::fs::create_dir_all(&config.state_dir).map_err(io_err("-"))?;
         let cleaned = clean_leftovers(&config.state_dir);
         if cleaned > 0 {
@@ -157,6 +195,7 @@ impl MicroVmBackend {
             live: Default::default(),
         };
         me.accel = match me.config.accel {
+            _ if me.confidential() => "kvm",
             Accel::Tcg => "tcg",
             Accel::Kvm => "kvm",
             Accel::Auto => me.probe_kvm().await,
@@ -199,6 +238,81 @@ impl MicroVmBackend {
                 "tcg"
             }
         }
+    }
+
+    fn confidential(&self) -> bool {
+        #[cfg(feature = "cvm")]
+        return self.config.confidential.is_some();
+        #[cfg(not(feature = "cvm"))]
+        false
+    }
+
+    /// The launch arguments: a plain microVM's, or — for a confidential guest — the SNP/TDX
+    /// arguments (q35, memfd memory, the guest object, firmware and measured direct boot)
+    /// followed by the same channel, QMP and console as a microVM's (virtio-serial on PCI).
+    fn launch_args(
+        &self,
+        dir: &Path,
+        accel: &str,
+        vcpus: u32,
+        memory_bytes: u64,
+    ) -> Result<Vec<String>, Error> {
+        #[cfg(feature = "cvm")]
+        if let Some(conf) = &self.config.confidential {
+            let c = &self.config;
+            let mib = (memory_bytes >> 20).max(64);
+            let base = match conf {
+                Confidential::Snp {
+                    firmware,
+                    cpu_model,
+                } => {
+                    let mut g = crate::cvm::qemu::SnpGuest::new(firmware, &c.kernel, mib, vcpus);
+                    g.initrd = Some(&c.initrd);
+                    g.append = Some(&c.append);
+                    g.cpu_model = cpu_model;
+                    crate::cvm::qemu::snp_args(&g)
+                }
+                Confidential::Tdx { firmware } => {
+                    crate::cvm::qemu::tdx_args(&crate::cvm::qemu::TdxGuest {
+                        memory_mib: mib,
+                        vcpus,
+                        firmware,
+                        kernel: &c.kernel,
+                        initrd: Some(&c.initrd),
+                        append: Some(&c.append),
+                    })
+                }
+            }
+            .map_err(|e| Error::Missing(e.to_string()))?;
+            let mut args: Vec<String> = base
+                .into_iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            // The plain microVM's arguments after its machine, CPU and boot ones.
+            let plain = self.args(dir, accel, vcpus, memory_bytes);
+            let mut it = plain.into_iter();
+            while let Some(a) = it.next() {
+                match a.as_str() {
+                    "-machine" | "-accel" | "-cpu" | "-smp" | "-m" | "-kernel" | "-initrd"
+                    | "-append" => {
+                        it.next();
+                    }
+                    "-device" => {
+                        let v = it.next().unwrap_or_default();
+                        let v = if v == c.serial_controller {
+                            "virtio-serial-pci".to_string()
+                        } else {
+                            v
+                        };
+                        args.push(a);
+                        args.push(v);
+                    }
+                    _ => args.push(a),
+                }
+            }
+            return Ok(args);
+        }
+        Ok(self.args(dir, accel, vcpus, memory_bytes))
     }
 
     fn args(&self, dir: &Path, accel: &str, vcpus: u32, memory_bytes: u64) -> Vec<String> {
@@ -267,7 +381,7 @@ impl MicroVmBackend {
         std::fs::create_dir_all(&dir).map_err(io_err(id))?;
         let mut guard = DirGuard(Some(dir.clone()));
         let mut cmd = tokio::process::Command::new(&self.config.qemu);
-        cmd.args(self.args(&dir, accel, vcpus, memory_bytes))
+        cmd.args(self.launch_args(&dir, accel, vcpus, memory_bytes)?)
             .env_clear()
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -595,12 +709,16 @@ impl SandboxHandle for VmHandle {
 
 impl Backend for MicroVmBackend {
     fn name(&self) -> &'static str {
-        "microvm"
+        if self.confidential() {
+            "cvm"
+        } else {
+            "microvm"
+        }
     }
 
     fn kind(&self) -> SandboxKind {
         SandboxKind {
-            backend: "microvm".into(),
+            backend: self.name().into(),
             accelerator: Some(self.accel.into()),
         }
     }
@@ -698,6 +816,95 @@ mod tests {
             !k.contains("tsc_early_khz"),
             "TCG-only parameter under KVM: {k}"
         );
+    }
+
+    /// A confidential guest gets the SNP (or TDX) launch arguments and the same channel, QMP
+    /// and console as a microVM, with virtio-serial on PCI (q35), and never a debug policy.
+    #[cfg(feature = "cvm")]
+    #[test]
+    fn confidential_guests_keep_the_channel_on_q35() {
+        let mut cfg = MicroVmConfig::new(
+            "/k".into(),
+            "/i".into(),
+            "console=ttyS0".into(),
+            "/state".into(),
+        );
+        cfg.tcg_append = Some("tsc_early_khz=1".into());
+        cfg.confidential = Some(Confidential::Snp {
+            firmware: "/fw/OVMF.amdsev.fd".into(),
+            cpu_model: "EPYC-Milan".into(),
+        });
+        let b = MicroVmBackend {
+            config: cfg.clone(),
+            accel: "kvm",
+            live: Default::default(),
+        };
+        assert_eq!(b.name(), "cvm");
+        let a = b
+            .launch_args(Path::new("/state/ab12"), "kvm", 2, 512 << 20)
+            .unwrap()
+            .join(" ");
+        for want in [
+            "-accel kvm",
+            "-machine q35,confidential-guest-support=sev0,memory-backend=ram1",
+            "sev-snp-guest,id=sev0,cbitpos=51,reduced-phys-bits=1,kernel-hashes=on,policy=0x30000",
+            "-cpu EPYC-Milan",
+            "-bios /fw/OVMF.amdsev.fd",
+            "-device virtio-serial-pci",
+            "-device virtserialport,chardev=veil0,name=veil.0,id=veilport",
+            "-qmp unix:/state/ab12/qmp.sock,server=on,wait=off",
+            " -S ",
+        ] {
+            assert!(a.contains(want), "{want} missing from {a}");
+        }
+        for never in [
+            "virtio-serial-device",
+            "-cpu max",
+            "-cpu host",
+            "microvm",
+            "tsc_early_khz",
+        ] {
+            assert!(!a.contains(never), "{never} in {a}");
+        }
+        assert_eq!(a.matches("-machine").count(), 1, "{a}");
+        cfg.confidential = Some(Confidential::Tdx {
+            firmware: "/fw/TDVF.fd".into(),
+        });
+        let b = MicroVmBackend {
+            config: cfg,
+            accel: "kvm",
+            live: Default::default(),
+        };
+        let a = b
+            .launch_args(Path::new("/state/cd34"), "kvm", 1, 256 << 20)
+            .unwrap()
+            .join(" ");
+        assert!(
+            a.contains("tdx-guest,id=tdx0") && a.contains("-device virtio-serial-pci"),
+            "{a}"
+        );
+    }
+
+    /// On a host without SEV-SNP (this one), starting a confidential backend refuses, naming
+    /// what is missing.
+    #[cfg(feature = "cvm")]
+    #[tokio::test]
+    async fn a_confidential_backend_refuses_a_host_without_the_hardware() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = dir.path().join("vmlinuz");
+        let i = dir.path().join("initrd.img");
+        std::fs::write(&k, b"k").unwrap();
+        std::fs::write(&i, b"i").unwrap();
+        let mut cfg = MicroVmConfig::new(k, i, String::new(), dir.path().join("vms"));
+        cfg.confidential = Some(Confidential::Snp {
+            firmware: dir.path().join("missing-ovmf.fd"),
+            cpu_model: "EPYC-v4".into(),
+        });
+        if std::path::Path::new("/dev/sev").exists() {
+            return; // a real SNP host: the refusal below is not what happens there
+        }
+        let e = MicroVmBackend::start(cfg).await.err().unwrap().to_string();
+        assert!(e.contains("SEV-SNP") && e.contains("/dev/sev"), "{e}");
     }
 
     #[test]
