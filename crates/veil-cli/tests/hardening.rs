@@ -162,6 +162,8 @@ async fn tenants_reach_only_their_own_functions_and_repositories() {
     let refused = |m: &str| {
         m.contains("HTTP 403")
             || m.contains("belongs to another tenant")
+            || m.contains("HTTP 404")
+            || m.contains("does not belong to tenant")
             || m.contains("belongs to tenant")
     };
     let a_reg = images::registry_client_with_token(&[], &url, &a.token).unwrap();

@@ -366,8 +366,10 @@ impl Auth {
                 "repository {repo:?} belongs to tenant {owner:?}: the operator's pushes go to \
                  tenant default's repositories; push with that tenant's token or pick another name"
             ))),
-            Some(_) => Err(Denied::Forbidden(format!(
-                "repository {repo:?} belongs to another tenant"
+            // Another tenant's repository does not exist to this one (as its functions do
+            // not), so tenants cannot probe each other's names.
+            Some(_) => Err(Denied::Unknown(format!(
+                "repository {repo:?} does not belong to tenant {tenant:?}"
             ))),
             None if write => {
                 let owned = state.repositories.values().filter(|o| *o == tenant).count();
@@ -473,7 +475,7 @@ mod tests {
         auth.repository_access(&a, "app", false).unwrap();
         assert!(matches!(
             auth.repository_access(&b, "app", false),
-            Err(Denied::Forbidden(_))
+            Err(Denied::Unknown(_))
         ));
         assert!(auth.repository_access(&b, "app", true).is_err());
         // The operator reads a tenant's repository but does not write into it.
