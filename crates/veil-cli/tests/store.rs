@@ -368,10 +368,13 @@ async fn uploads_are_bounded_in_size_and_by_the_store() {
         .req(reqwest::Method::PATCH, &loc)
         .body(big.clone())
         .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
-    assert_eq!(code(&r.text().await.unwrap()), "SIZE_INVALID");
+        .await;
+    // The server answers (and closes) before reading the body, so the client may see its
+    // write fail instead of the answer; either way nothing is stored.
+    if let Ok(r) = r {
+        assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(code(&r.text().await.unwrap()), "SIZE_INVALID");
+    }
     let (s, body) = env.status(reqwest::Method::PATCH, &loc).await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{body}");
     assert_eq!(code(&body), "BLOB_UPLOAD_UNKNOWN");
@@ -400,9 +403,10 @@ async fn uploads_are_bounded_in_size_and_by_the_store() {
         )
         .body(big.clone())
         .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        .await;
+    if let Ok(r) = r {
+        assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
     assert_eq!(env.tmp_files(), 0, "partial uploads were not deleted");
 
     // Two uploads in progress of 1 MiB each fit a 2.5 MiB bound, a third does not.
@@ -424,10 +428,14 @@ async fn uploads_are_bounded_in_size_and_by_the_store() {
         .req(reqwest::Method::PATCH, &loc)
         .body(part.clone())
         .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::INSUFFICIENT_STORAGE);
-    assert!(r.text().await.unwrap().contains("store is full"));
+        .await;
+    // As above: the refusal may come before the body is read.
+    if let Ok(r) = r {
+        assert_eq!(r.status(), StatusCode::INSUFFICIENT_STORAGE);
+        assert!(r.text().await.unwrap().contains("store is full"));
+    }
+    let (s, _) = env.status(GET, &loc).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "a refused upload must be gone");
     // Finishing one gives its share back.
     let r = env
         .req(
