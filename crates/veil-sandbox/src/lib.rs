@@ -121,6 +121,48 @@ pub type Channel = Box<dyn ChannelIo>;
 /// output (that goes over the channel's log substream).
 pub type Console = Pin<Box<dyn AsyncRead + Send>>;
 
+/// Reap `child` on its own task and publish how it ended, after `on_exit` ran (so a reader of
+/// the receiver knows the process is gone and `on_exit`'s bookkeeping done). `what` names the
+/// process in logs.
+pub(crate) fn watch_exit(
+    mut child: tokio::process::Child,
+    id: String,
+    what: &'static str,
+    on_exit: impl FnOnce() + Send + 'static,
+) -> tokio::sync::watch::Receiver<Option<Exit>> {
+    use std::os::unix::process::ExitStatusExt;
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    tokio::spawn(async move {
+        let exit = match child.wait().await {
+            Ok(status) => match status.code() {
+                Some(code) => Exit::Code(code),
+                None => Exit::Signal(status.signal().unwrap_or(0)),
+            },
+            Err(e) => {
+                tracing::warn!(sandbox = %id, error = %e, "waiting for the {what} failed");
+                Exit::Code(-1)
+            }
+        };
+        tracing::debug!(sandbox = %id, %exit, "the {what} exited");
+        on_exit();
+        let _ = tx.send(Some(exit));
+    });
+    rx
+}
+
+/// Resolves with the exit [`watch_exit`] publishes (`Exit::Code(-1)` if it never can).
+pub(crate) fn wait_exit(
+    rx: &tokio::sync::watch::Receiver<Option<Exit>>,
+) -> BoxFuture<'static, Exit> {
+    let mut rx = rx.clone();
+    Box::pin(async move {
+        match rx.wait_for(|e| e.is_some()).await {
+            Ok(v) => v.clone().unwrap_or(Exit::Code(-1)),
+            Err(_) => Exit::Code(-1),
+        }
+    })
+}
+
 /// A started sandbox. The node owns it and must call [`SandboxHandle::destroy`].
 pub struct Sandbox {
     /// Sandbox id.

@@ -13,7 +13,6 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Mutex;
@@ -142,22 +141,7 @@ impl ProcessBackend {
         let pid = child.id();
         tracing::debug!(sandbox = %spec.id, ?pid, "sandbox started");
 
-        let (exit_tx, exit_rx) = watch::channel(None);
-        let wid = spec.id.clone();
-        tokio::spawn(async move {
-            let exit = match child.wait().await {
-                Ok(status) => match status.code() {
-                    Some(code) => Exit::Code(code),
-                    None => Exit::Signal(status.signal().unwrap_or(0)),
-                },
-                Err(e) => {
-                    tracing::warn!(sandbox = %wid, error = %e, "waiting for sandbox failed");
-                    Exit::Code(-1)
-                }
-            };
-            tracing::debug!(sandbox = %wid, %exit, "sandbox agent exited");
-            let _ = exit_tx.send(Some(exit));
-        });
+        let exit_rx = crate::watch_exit(child, spec.id.clone(), "sandbox agent", || {});
 
         dir_guard.0 = None;
         Ok(Sandbox {
@@ -343,14 +327,7 @@ impl SandboxHandle for ProcessSandbox {
     }
 
     fn exited(&self) -> BoxFuture<'_, Exit> {
-        let mut rx = self.exit_rx.clone();
-        async move {
-            match rx.wait_for(|e| e.is_some()).await {
-                Ok(v) => v.clone().unwrap_or(Exit::Code(-1)),
-                Err(_) => Exit::Code(-1),
-            }
-        }
-        .boxed()
+        crate::wait_exit(&self.exit_rx)
     }
 
     fn leftovers(&self) -> Vec<String> {

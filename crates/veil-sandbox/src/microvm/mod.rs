@@ -14,7 +14,6 @@ mod qmp;
 
 use crate::{Backend, Error, Exit, Sandbox, SandboxHandle, SandboxKind, SandboxSpec};
 use futures::future::{BoxFuture, FutureExt};
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Mutex;
@@ -288,45 +287,20 @@ impl MicroVmBackend {
                 .into_iter()
                 .map(|a| a.to_string_lossy().into_owned())
                 .collect();
-            // The plain microVM's arguments after its machine, CPU and boot ones.
-            let plain = self.args(dir, accel, vcpus, memory_bytes);
-            let mut it = plain.into_iter();
-            while let Some(a) = it.next() {
-                match a.as_str() {
-                    "-machine" | "-accel" | "-cpu" | "-smp" | "-m" | "-kernel" | "-initrd"
-                    | "-append" => {
-                        it.next();
-                    }
-                    "-device" => {
-                        let v = it.next().unwrap_or_default();
-                        let v = if v == c.serial_controller {
-                            "virtio-serial-pci".to_string()
-                        } else {
-                            v
-                        };
-                        args.push(a);
-                        args.push(v);
-                    }
-                    _ => args.push(a),
-                }
-            }
+            // q35 has PCI, not microvm's virtio-mmio.
+            args.extend(self.host_args(dir, "virtio-serial-pci"));
             return Ok(args);
         }
         Ok(self.args(dir, accel, vcpus, memory_bytes))
     }
 
+    /// A plain microVM's arguments: its machine, CPU, memory and boot, then the host side
+    /// every guest shares ([`Self::host_args`]).
     fn args(&self, dir: &Path, accel: &str, vcpus: u32, memory_bytes: u64) -> Vec<String> {
         let c = &self.config;
-        let channel = dir.join("channel.sock");
-        let qmp = dir.join("qmp.sock");
         let mib = (memory_bytes >> 20).max(64);
         let cpu = if accel == "kvm" { "host" } else { "max" };
-        vec![
-            "-name".into(),
-            format!(
-                "veil-{}",
-                dir.file_name().and_then(|n| n.to_str()).unwrap_or("vm")
-            ),
+        let mut args: Vec<String> = vec![
             "-machine".into(),
             c.machine.clone(),
             "-accel".into(),
@@ -337,11 +311,6 @@ impl MicroVmBackend {
             vcpus.max(1).to_string(),
             "-m".into(),
             format!("{mib}M"),
-            "-nodefaults".into(),
-            "-no-user-config".into(),
-            "-nographic".into(),
-            "-no-reboot".into(),
-            "-S".into(),
             "-kernel".into(),
             c.kernel.display().to_string(),
             "-initrd".into(),
@@ -351,6 +320,28 @@ impl MicroVmBackend {
                 (Some(extra), "tcg") => format!("{} {extra}", c.append),
                 _ => c.append.clone(),
             },
+        ];
+        args.extend(self.host_args(dir, &c.serial_controller));
+        args
+    }
+
+    /// What every guest has on the host side, plain or confidential: its name, no default
+    /// devices, a paused start, the serial console on stdout, the agent's virtio-serial
+    /// channel (on `serial_controller`), QMP and a pid file.
+    fn host_args(&self, dir: &Path, serial_controller: &str) -> Vec<String> {
+        let channel = dir.join("channel.sock");
+        let qmp = dir.join("qmp.sock");
+        vec![
+            "-name".into(),
+            format!(
+                "veil-{}",
+                dir.file_name().and_then(|n| n.to_str()).unwrap_or("vm")
+            ),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-nographic".into(),
+            "-no-reboot".into(),
+            "-S".into(),
             "-serial".into(),
             "stdio".into(),
             "-chardev".into(),
@@ -359,7 +350,7 @@ impl MicroVmBackend {
                 channel.display()
             ),
             "-device".into(),
-            c.serial_controller.clone(),
+            serial_controller.into(),
             "-device".into(),
             format!("virtserialport,chardev=veil0,name={PORT_NAME},id=veilport"),
             "-qmp".into(),
@@ -409,24 +400,11 @@ impl MicroVmBackend {
         let live = self.live.clone();
         let mut stdout = child.stdout.take();
         let mut stderr = child.stderr.take();
-        let (exit_tx, exit_rx) = watch::channel(None);
         let wid = id.to_string();
-        tokio::spawn(async move {
-            let exit = match child.wait().await {
-                Ok(status) => match status.code() {
-                    Some(code) => Exit::Code(code),
-                    None => Exit::Signal(status.signal().unwrap_or(0)),
-                },
-                Err(e) => {
-                    tracing::warn!(sandbox = %wid, error = %e, "waiting for QEMU failed");
-                    Exit::Code(-1)
-                }
-            };
-            tracing::debug!(sandbox = %wid, %exit, "QEMU exited");
+        let exit_rx = crate::watch_exit(child, id.to_string(), "QEMU", move || {
             if let Ok(mut l) = live.lock() {
                 l.remove(&wid);
             }
-            let _ = exit_tx.send(Some(exit));
         });
         let handle = VmHandle {
             id: id.to_string(),
@@ -677,14 +655,7 @@ impl SandboxHandle for VmHandle {
     }
 
     fn exited(&self) -> BoxFuture<'_, Exit> {
-        let mut rx = self.exit_rx.clone();
-        async move {
-            match rx.wait_for(|e| e.is_some()).await {
-                Ok(v) => v.clone().unwrap_or(Exit::Code(-1)),
-                Err(_) => Exit::Code(-1),
-            }
-        }
-        .boxed()
+        crate::wait_exit(&self.exit_rx)
     }
 
     fn leftovers(&self) -> Vec<String> {
