@@ -39,25 +39,8 @@ impl Default for MicroVmOptions {
     }
 }
 
-/// The TEE of a confidential VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tee {
-    /// AMD SEV-SNP.
-    Snp,
-    /// Intel TDX.
-    Tdx,
-}
-
-impl std::str::FromStr for Tee {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "snp" => Ok(Self::Snp),
-            "tdx" => Ok(Self::Tdx),
-            o => Err(format!("TEE {o:?} is not snp or tdx")),
-        }
-    }
-}
+/// The TEE of a confidential VM (the sandbox crate's, which its host check takes).
+pub use veil_sandbox::cvm::Tee;
 
 /// Options of the confidential-VM backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,12 +179,8 @@ fn cvm_host_check(o: &CvmOptions) -> Result<()> {
             }
         );
     };
-    let tee = match o.tee {
-        Tee::Snp => veil_sandbox::cvm::Tee::Snp,
-        Tee::Tdx => veil_sandbox::cvm::Tee::Tdx,
-    };
     let probe = veil_sandbox::cvm::HostProbe::system("qemu-system-x86_64", firmware);
-    veil_sandbox::cvm::check_host(tee, &probe).map_err(|e| anyhow::anyhow!("{e}"))?;
+    veil_sandbox::cvm::check_host(o.tee, &probe).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }
 

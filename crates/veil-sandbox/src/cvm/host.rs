@@ -31,6 +31,18 @@ impl Tee {
     }
 }
 
+impl std::str::FromStr for Tee {
+    type Err = String;
+    /// `snp` or `tdx`, as the command line spells them.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "snp" => Ok(Self::Snp),
+            "tdx" => Ok(Self::Tdx),
+            o => Err(format!("TEE {o:?} is not snp or tdx")),
+        }
+    }
+}
+
 impl fmt::Display for Tee {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
