@@ -309,21 +309,22 @@ async fn deploy(
             )
         }
     };
-    if let Some(r) = authorize_deploy(&gw, &caller, &name, &mut req) {
-        return r;
+    match authorize_deploy(&gw, &caller, &name, &mut req) {
+        Ok(v) => functions::deploy(&gw, &name, req, v).await,
+        Err(r) => *r,
     }
-    functions::deploy(&gw, &name, req).await
 }
 
 /// A tenant deploys only as itself, never over another tenant's function, and only images of
-/// its own local-store repositories. `None` when allowed.
+/// its own local-store repositories. The validated deployment when allowed (validated once,
+/// here, so that bad input is a 400 before anything about ownership).
 fn authorize_deploy(
     gw: &Gateway,
     caller: &auth::Caller,
     name: &str,
     req: &mut DeployRequest,
-) -> Option<Response> {
-    let forbidden = |m: String| Some(api_error(StatusCode::FORBIDDEN, "FORBIDDEN", m));
+) -> Result<ValidDeploy, Box<Response>> {
+    let forbidden = |m: String| Err(Box::new(api_error(StatusCode::FORBIDDEN, "FORBIDDEN", m)));
     if let Some(t) = caller.tenant() {
         match &req.tenant {
             Some(asked) if asked != t => {
@@ -334,10 +335,8 @@ fn authorize_deploy(
             _ => req.tenant = Some(t.to_string()),
         }
     }
-    // Bad requests are 400 whoever sends them, before anything about ownership.
-    if let Err((code, message)) = validate_deploy(name, req, gw.config.default_kbs_url.as_deref()) {
-        return Some(api_error(StatusCode::BAD_REQUEST, code, message));
-    }
+    let v = validate_deploy(name, req, gw.config.default_kbs_url.as_deref())
+        .map_err(|(code, message)| Box::new(api_error(StatusCode::BAD_REQUEST, code, message)))?;
     if let Some(existing) = gw.functions.status(name) {
         if !caller.may_act_for(&existing.record.tenant) {
             return forbidden(format!("function name {name:?} is taken by another tenant"));
@@ -348,7 +347,7 @@ fn authorize_deploy(
     // (and its secrets).
     if let Ok(r) = req.image.parse::<veil_image::Reference>() {
         if r.is_local() {
-            let tenant = req.tenant.as_deref().unwrap_or("default");
+            let tenant = v.tenant.as_str();
             match gw.auth.repository_owner(&r.repository) {
                 Some(owner) if owner == tenant => {}
                 Some(_) => {
@@ -359,7 +358,7 @@ fn authorize_deploy(
                 }
                 // To this tenant, a repository nobody owns does not exist.
                 None => {
-                    return Some(api_error(
+                    return Err(Box::new(api_error(
                         StatusCode::NOT_FOUND,
                         "IMAGE_NOT_FOUND",
                         format!(
@@ -367,12 +366,12 @@ fn authorize_deploy(
                              store (push it with that tenant's token)",
                             req.image, r.repository
                         ),
-                    ))
+                    )))
                 }
             }
         }
     }
-    None
+    Ok(v)
 }
 
 async fn delete_function(

@@ -283,11 +283,7 @@ pub fn validate(
 }
 
 /// Handle `PUT /v1/functions/<name>`.
-pub async fn deploy(gw: &Arc<Gateway>, name: &str, req: DeployRequest) -> Response {
-    let v = match validate(name, &req, gw.config.default_kbs_url.as_deref()) {
-        Ok(v) => v,
-        Err((code, message)) => return api_error(StatusCode::BAD_REQUEST, code, message),
-    };
+pub async fn deploy(gw: &Arc<Gateway>, name: &str, req: DeployRequest, v: ValidDeploy) -> Response {
     let ValidDeploy {
         tenant,
         concurrency,
