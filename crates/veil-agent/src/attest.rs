@@ -207,14 +207,18 @@ pub async fn attest_and_fetch(
         "signature_policy": plan.signature_policy,
         "env": a.env,
     });
-    let init_hash = {
-        use sha2::Digest;
-        hex::encode(sha2::Sha256::digest(init_data.to_string().as_bytes()))
-    };
+    // As a CoCo init-data document (`veil.*` data), which veil's broker and trustee both read;
+    // its digest is bound into the evidence through the runtime data where the broker takes it
+    // (veil's), since this sandbox learned its assignment after launch.
+    let init_doc = veil_kbs::veil_init_data(&init_data)
+        .map_err(|e| format!("could not write the init-data document: {e}"))?;
+    let init_hash = veil_kbs::parse_init_data(&init_doc)
+        .map(|p| hex::encode(p.digest))
+        .map_err(|e| format!("init-data document: {}", e.detail))?;
     let attester = attester(plan, &init_hash)?;
     let mut client = KbsClient::new(MuxTransport { mux: mux.clone() });
     client
-        .attest(attester.as_ref(), &init_data)
+        .attest(attester.as_ref(), Some(&init_doc))
         .await
         .map_err(|e| format!("attestation to the key broker failed: {e}"))?;
     // Everything is released over the one attested session; the fetches do not depend on each

@@ -111,8 +111,10 @@ pub enum Error {
 pub trait Attester: Send + Sync {
     /// The TEE this attester speaks for.
     fn tee(&self) -> TeeKind;
-    /// Evidence (JSON) whose report data is exactly `report_data`.
-    fn evidence(&self, report_data: &[u8; REPORT_DATA_LEN]) -> Result<serde_json::Value, Error>;
+    /// Evidence (JSON) whose report data is `report_data` (at most [`REPORT_DATA_LEN`] bytes;
+    /// hardware TEEs pad it with zeros to their 64-byte field, as Confidential Containers'
+    /// attesters do).
+    fn evidence(&self, report_data: &[u8]) -> Result<serde_json::Value, Error>;
 }
 
 /// Checks evidence of one TEE kind.
@@ -127,6 +129,20 @@ pub trait Verifier: Send + Sync {
         expected_report_data: &[u8; REPORT_DATA_LEN],
         now: SystemTime,
     ) -> Result<Claims, Error>;
+}
+
+/// `report_data` padded with zeros to the 64-byte report-data field (what Confidential
+/// Containers' attesters put into SNP and TDX reports); longer input is an error.
+pub fn pad_report_data(tee: TeeKind, report_data: &[u8]) -> Result<[u8; REPORT_DATA_LEN], Error> {
+    if report_data.len() > REPORT_DATA_LEN {
+        return Err(Error::Io(format!(
+            "{tee}: report data is {} bytes, at most {REPORT_DATA_LEN} fit",
+            report_data.len()
+        )));
+    }
+    let mut out = [0u8; REPORT_DATA_LEN];
+    out[..report_data.len()].copy_from_slice(report_data);
+    Ok(out)
 }
 
 /// Compare report data in constant shape and produce the standard mismatch error.

@@ -169,13 +169,18 @@ fn recognize(path: &Path, opts: &VerifyOptions) -> Result<(Input, String), Error
             ));
         }
         if v.get("quote").is_some() {
+            let ev_is_coco = v.get("cc_eventlog").is_some();
             let ev: TdxEvidence = serde_json::from_value(v).map_err(|e| Error::Malformed {
                 tee: TeeKind::Tdx,
                 reason: e.to_string(),
             })?;
             return Ok((
                 Input::Tdx(tdx_evidence_with_options(ev, opts)?),
-                "TDX evidence JSON".into(),
+                if ev_is_coco {
+                    "TDX evidence JSON (Confidential Containers form)".into()
+                } else {
+                    "TDX evidence JSON".into()
+                },
             ));
         }
         if v.get("attestation_report").is_some() {
@@ -212,6 +217,7 @@ fn recognize(path: &Path, opts: &VerifyOptions) -> Result<(Input, String), Error
                 base64::engine::general_purpose::STANDARD.encode(&raw)
             },
             collateral: None,
+            cc_eventlog: None,
         };
         return Ok((
             Input::Tdx(tdx_evidence_with_options(ev, opts)?),

@@ -12,6 +12,11 @@
 //! and no configfs `auxblob`), both are null and the verifier needs the certificate from its own
 //! configuration ([`SnpVerifier::with_endorsement_certs`]).
 //!
+//! The verifier also takes the shape Confidential Containers' attester (guest-components) sends
+//! and trustee verifies: `{"attestation_report": {…}, "cert_chain": [{"cert_type": "VCEK",
+//! "data": [bytes]}]}` (the serde form of the `sev` crate's types), and the [`SnpAttester`]
+//! produces that shape, so that a sandbox's evidence is accepted by either broker.
+//!
 //! # Trust
 //! The AMD root keys (ARK) of Milan, Genoa and Turin are compiled in (`certs/snp/`), together
 //! with their ASKs and (Milan, Genoa) ASVKs. An ARK inside `ca_chain` is never trusted as a root:
@@ -310,6 +315,13 @@ impl SnpVerifier {
         expected: Option<&[u8; REPORT_DATA_LEN]>,
         now: SystemTime,
     ) -> Result<Claims, Error> {
+        let converted;
+        let evidence = if evidence.get("attestation_report").is_some() {
+            converted = evidence_from_coco(evidence)?;
+            &converted
+        } else {
+            evidence
+        };
         let ev: SnpEvidence = serde_json::from_value(evidence.clone())
             .map_err(|e| malformed(format!("evidence: {e}")))?;
         let raw = decode_b64("report", &ev.report)?;
@@ -706,6 +718,40 @@ pub fn evidence_from_coco(v: &serde_json::Value) -> Result<serde_json::Value, Er
     Ok(certs.into_evidence(&raw))
 }
 
+/// Convert veil's [`SnpEvidence`] JSON into the Confidential Containers shape (see
+/// [`evidence_from_coco`]): the parsed report and a certificate chain naming each certificate's
+/// role (a self-signed CA certificate is the ARK, any other the ASK or ASVK).
+pub fn evidence_to_coco(v: &serde_json::Value) -> Result<serde_json::Value, Error> {
+    let ev: SnpEvidence =
+        serde_json::from_value(v.clone()).map_err(|e| malformed(format!("evidence: {e}")))?;
+    let raw = decode_b64("report", &ev.report)?;
+    let report = parse_report(&raw)?;
+    let mut chain = Vec::new();
+    for (role, c) in [("VCEK", &ev.vcek), ("VLEK", &ev.vlek)] {
+        if let Some(c) = c {
+            chain.push(json!({"cert_type": role, "data": decode_b64(role, c)?}));
+        }
+    }
+    if let Some(pem) = &ev.ca_chain {
+        for c in Cert::from_pem_bundle(pem, "ca_chain")? {
+            let tbs = &c.x509.tbs_certificate;
+            let role = if tbs.issuer == tbs.subject {
+                "ARK"
+            } else {
+                "ASK"
+            };
+            let der = c
+                .x509
+                .to_der()
+                .map_err(|e| malformed(format!("ca_chain: {e}")))?;
+            chain.push(json!({"cert_type": role, "data": der}));
+        }
+    }
+    let report =
+        serde_json::to_value(&report).map_err(|e| malformed(format!("attestation_report: {e}")))?;
+    Ok(json!({"attestation_report": report, "cert_chain": chain}))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Attester
 
@@ -894,11 +940,14 @@ impl Attester for SnpAttester {
         TeeKind::Snp
     }
 
-    fn evidence(&self, report_data: &[u8; REPORT_DATA_LEN]) -> Result<serde_json::Value, Error> {
-        if self.configfs.is_dir() {
-            return self.via_configfs(report_data);
-        }
-        self.via_device(report_data)
+    fn evidence(&self, report_data: &[u8]) -> Result<serde_json::Value, Error> {
+        let rd = crate::pad_report_data(TeeKind::Snp, report_data)?;
+        let ev = if self.configfs.is_dir() {
+            self.via_configfs(&rd)?
+        } else {
+            self.via_device(&rd)?
+        };
+        evidence_to_coco(&ev)
     }
 }
 

@@ -1,7 +1,10 @@
 //! The software TEE: **insecure**, for development and tests only.
 //!
-//! Its evidence is a JSON object holding the report data and a self-declared measurement (by
-//! default the SHA-384 of the running agent binary). No hardware signs it, so it proves nothing
+//! On the wire it is Confidential Containers' *sample* TEE (`"tee": "sample"`): the evidence is
+//! trustee's sample evidence `{"svn", "report_data"}` (report data in base64, exactly as bound,
+//! not padded), so trustee's KBS accepts it where its policy allows sample evidence, extended
+//! with veil's part under `veil`: a self-declared measurement (by default the SHA-384 of the
+//! running agent binary) and the endorsement below. No hardware signs it, so it proves nothing
 //! about the sandbox's memory; that is why the claims are marked `insecure` and a key broker
 //! accepts them only when its policy explicitly allows the software TEE.
 //!
@@ -15,13 +18,17 @@
 //! The broker then requires the endorsed tenant and function to be the ones the sandbox asks
 //! for. A local process without the host key cannot produce acceptable evidence.
 //!
+//! Plain sample evidence without veil's part (what trustee's client sends) is refused, unless
+//! the verifier is told to accept it ([`SoftwareVerifier::accepting_unendorsed`]): then it
+//! proves nothing at all, which its claims say.
+//!
 //! What this still trusts is exactly **the host**: whoever holds the host key (the node's
 //! operator, or anyone who can read the node's state directory or its memory) can endorse
 //! anything, and can read the sandbox's memory anyway. Only SEV-SNP or TDX evidence protects a
 //! function from the host.
 
 use crate::{check_report_data, Attester, Claims, Error, TeeKind, Verifier, REPORT_DATA_LEN};
-use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::engine::general_purpose::{STANDARD as STD_B64, URL_SAFE_NO_PAD as B64};
 use base64::Engine;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier as _, VerifyingKey};
 use serde::{Deserialize, Serialize};
@@ -37,25 +44,45 @@ sandboxes a trusted node started and endorsed for the tenant, but that node (and
 its host key) can read the sandbox and endorse anything";
 
 /// Domain separation of the two signed messages.
-const EVIDENCE_CONTEXT: &[u8] = b"veil software-TEE evidence v1\0";
+const EVIDENCE_CONTEXT: &[u8] = b"veil software-TEE evidence v2\0";
 const ENDORSEMENT_CONTEXT: &[u8] = b"veil software-TEE endorsement v1\0";
 
 /// Largest endorsement the verifier parses (it is a few hundred bytes).
 const MAX_ENDORSEMENT: usize = 4096;
 
+/// The evidence on the wire: the *sample* evidence of Confidential Containers (`svn` and the
+/// base64 `report_data`, what trustee's client sends and trustee's KBS accepts), extended with
+/// veil's host endorsement under `veil`. Trustee ignores the extension; veil's broker requires
+/// it unless its operator accepts unendorsed sample evidence from anyone.
+#[derive(Debug, Serialize, Deserialize)]
+struct Evidence {
+    svn: String,
+    #[serde(default)]
+    report_data: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    veil: Option<Endorsed>,
+}
+
+/// veil's extension of sample evidence.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Evidence {
+struct Endorsed {
     warning: String,
     measurement: String,
-    report_data: String,
     #[serde(default)]
     init_data: String,
     /// The host's endorsement of the sandbox key (`<payload>.<signature>`, base64url).
     endorsement: String,
-    /// The sandbox key's signature over this evidence (base64url).
+    /// The sandbox key's signature over the evidence (base64url).
     signature: String,
 }
+
+/// The `svn` veil's software attester declares (trustee's sample attester declares the same).
+pub const SAMPLE_SVN: &str = "1";
+
+/// What unendorsed sample evidence trusts.
+pub const UNENDORSED_TRUSTS: &str =
+    "nothing: unendorsed sample evidence can be made up by anyone who can reach the broker";
 
 /// What a host vouches for: a sandbox it started, the tenant and function it assigned it to,
 /// and the key that sandbox signs its evidence with.
@@ -211,9 +238,9 @@ impl HostKey {
     }
 }
 
-fn evidence_message(report_data: &str, measurement: &str, init_data: &str) -> Vec<u8> {
+fn evidence_message(svn: &str, report_data: &str, measurement: &str, init_data: &str) -> Vec<u8> {
     let mut m = EVIDENCE_CONTEXT.to_vec();
-    for part in [report_data, measurement, init_data] {
+    for part in [svn, report_data, measurement, init_data] {
         m.extend_from_slice(&(part.len() as u32).to_be_bytes());
         m.extend_from_slice(part.as_bytes());
     }
@@ -251,28 +278,44 @@ impl Attester for SoftwareAttester {
         TeeKind::Software
     }
 
-    fn evidence(&self, report_data: &[u8; REPORT_DATA_LEN]) -> Result<serde_json::Value, Error> {
-        let rd = hex::encode(report_data);
-        let sig = self
-            .key
-            .sign(&evidence_message(&rd, &self.measurement, &self.init_data));
+    /// Sample evidence carrying `report_data` as given (not padded: trustee's sample verifier
+    /// compares it byte for byte with its binding), signed and endorsed.
+    fn evidence(&self, report_data: &[u8]) -> Result<serde_json::Value, Error> {
+        if report_data.len() > REPORT_DATA_LEN {
+            return Err(malformed(format!(
+                "report data is {} bytes, at most {REPORT_DATA_LEN}",
+                report_data.len()
+            )));
+        }
+        let rd = STD_B64.encode(report_data);
+        let sig = self.key.sign(&evidence_message(
+            SAMPLE_SVN,
+            &rd,
+            &self.measurement,
+            &self.init_data,
+        ));
         serde_json::to_value(Evidence {
-            warning: WARNING.into(),
-            measurement: self.measurement.clone(),
+            svn: SAMPLE_SVN.into(),
             report_data: rd,
-            init_data: self.init_data.clone(),
-            endorsement: self.endorsement.clone(),
-            signature: B64.encode(sig.to_bytes()),
+            veil: Some(Endorsed {
+                warning: WARNING.into(),
+                measurement: self.measurement.clone(),
+                init_data: self.init_data.clone(),
+                endorsement: self.endorsement.clone(),
+                signature: B64.encode(sig.to_bytes()),
+            }),
         })
         .map_err(|e| Error::Io(e.to_string()))
     }
 }
 
 /// The software verifier: checks the host's endorsement and the evidence signature, the
-/// binding, and marks the claims insecure. With no trusted host keys it accepts nothing.
+/// binding, and marks the claims insecure. With no trusted host keys it accepts nothing, unless
+/// told to accept unendorsed sample evidence ([`SoftwareVerifier::accepting_unendorsed`]).
 #[derive(Default)]
 pub struct SoftwareVerifier {
     hosts: Vec<VerifyingKey>,
+    accept_unendorsed: bool,
 }
 
 impl SoftwareVerifier {
@@ -288,7 +331,19 @@ impl SoftwareVerifier {
                 })
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self { hosts })
+        Ok(Self {
+            hosts,
+            accept_unendorsed: false,
+        })
+    }
+
+    /// Also accept sample evidence that carries no endorsement (what trustee's sample attester
+    /// sends), with claims that say it is unendorsed. It proves nothing, and anyone can make it
+    /// up: the equivalent of trustee's KBS accepting sample evidence. Evidence that carries an
+    /// endorsement must still verify: a bad endorsement is never downgraded to none.
+    pub fn accepting_unendorsed(mut self, yes: bool) -> Self {
+        self.accept_unendorsed = yes;
+        self
     }
 }
 
@@ -384,31 +439,74 @@ impl Verifier for SoftwareVerifier {
     ) -> Result<Claims, Error> {
         let ev: Evidence =
             serde_json::from_value(evidence.clone()).map_err(|e| malformed(e.to_string()))?;
-        if ev.warning != WARNING {
+        if ev.svn.len() > 64 {
+            return Err(malformed("svn is longer than 64 characters"));
+        }
+        let rd = STD_B64
+            .decode(ev.report_data.trim())
+            .map_err(|e| malformed(format!("report_data is not base64: {e}")))?;
+        if rd.len() > REPORT_DATA_LEN {
+            return Err(malformed(format!(
+                "report_data is longer than {REPORT_DATA_LEN} bytes"
+            )));
+        }
+        let Some(veil) = ev.veil else {
+            if !self.accept_unendorsed {
+                return Err(invalid(
+                    "sample evidence without a host endorsement: anyone can make it up, and this \
+                     broker accepts software evidence only from sandboxes a trusted node \
+                     started and endorsed",
+                ));
+            }
+            check_report_data(
+                TeeKind::Software,
+                &crate::pad_report_data(TeeKind::Software, &rd)?,
+                expected_report_data,
+            )?;
+            return Ok(Claims {
+                tee: TeeKind::Software,
+                insecure: true,
+                measurement: String::new(),
+                report_data: hex::encode(&rd),
+                init_data: String::new(),
+                debug: false,
+                details: serde_json::json!({
+                    "warning": WARNING,
+                    "trusts": UNENDORSED_TRUSTS,
+                    "svn": ev.svn,
+                    "endorsement": null,
+                }),
+            });
+        };
+        if veil.warning != WARNING {
             return Err(malformed("missing the insecure-TEE warning"));
         }
-        let rd = hex_field("report_data", &ev.report_data, REPORT_DATA_LEN)?;
-        hex_field("measurement", &ev.measurement, 64)?;
-        hex_field("init_data", &ev.init_data, 64)?;
-        let endorsement = self.check_endorsement(&ev.endorsement, now)?;
+        hex_field("measurement", &veil.measurement, 64)?;
+        hex_field("init_data", &veil.init_data, 64)?;
+        let endorsement = self.check_endorsement(&veil.endorsement, now)?;
         let key = parse_key(&endorsement.key)
             .ok_or_else(|| malformed("the endorsed sandbox key is not an Ed25519 public key"))?;
         key.verify(
-            &evidence_message(&ev.report_data, &ev.measurement, &ev.init_data),
-            &signature(&ev.signature, "evidence signature")?,
+            &evidence_message(&ev.svn, &ev.report_data, &veil.measurement, &veil.init_data),
+            &signature(&veil.signature, "evidence signature")?,
         )
         .map_err(|_| invalid("the evidence is not signed by the endorsed sandbox key"))?;
-        check_report_data(TeeKind::Software, &rd, expected_report_data)?;
+        check_report_data(
+            TeeKind::Software,
+            &crate::pad_report_data(TeeKind::Software, &rd)?,
+            expected_report_data,
+        )?;
         Ok(Claims {
             tee: TeeKind::Software,
             insecure: true,
-            measurement: ev.measurement.to_lowercase(),
-            report_data: ev.report_data.to_lowercase(),
-            init_data: ev.init_data.to_lowercase(),
+            measurement: veil.measurement.to_lowercase(),
+            report_data: hex::encode(&rd),
+            init_data: veil.init_data.to_lowercase(),
             debug: false,
             details: serde_json::json!({
                 "warning": WARNING,
                 "trusts": TRUSTS,
+                "svn": ev.svn,
                 "endorsement": {
                     "host": endorsement.host,
                     "sandbox": endorsement.sandbox,
@@ -483,13 +581,21 @@ mod tests {
             "{e}"
         );
 
-        // The old, unsigned shape.
-        let unsigned = serde_json::json!({"warning": WARNING, "measurement": "ab",
-            "report_data": hex::encode(rd), "init_data": ""});
-        assert!(matches!(
-            v.verify(&unsigned, &rd, now()),
-            Err(Error::Malformed { .. })
-        ));
+        // Plain sample evidence (what trustee's sample attester sends): refused unless the
+        // verifier accepts unendorsed evidence, and then marked as such.
+        let unsigned = serde_json::json!({"svn": "1", "report_data": STD_B64.encode(&rd[..48])});
+        let e = v.verify(&unsigned, &rd, now()).unwrap_err();
+        assert!(matches!(e, Error::Invalid { .. }), "{e}");
+        assert!(e.to_string().contains("without a host endorsement"), "{e}");
+        let open = SoftwareVerifier::default().accepting_unendorsed(true);
+        let mut padded = [0u8; 64];
+        padded[..48].copy_from_slice(&rd[..48]);
+        let c = open.verify(&unsigned, &padded, now()).unwrap();
+        assert!(c.insecure && endorsed_for(&c).is_none());
+        assert_eq!(c.details["trusts"], UNENDORSED_TRUSTS);
+        // ... but a bad endorsement is never downgraded to "unendorsed".
+        let forged_for_open = attester(&HostKey::generate()).evidence(&rd).unwrap();
+        assert!(open.verify(&forged_for_open, &rd, now()).is_err());
 
         // A self-made host key endorsing itself.
         let rogue = HostKey::generate();
@@ -499,12 +605,12 @@ mod tests {
 
         // A genuine endorsement whose payload names another tenant (signature then fails).
         let mut ev = good.clone();
-        let endorsement = ev["endorsement"].as_str().unwrap().to_string();
+        let endorsement = ev["veil"]["endorsement"].as_str().unwrap().to_string();
         let (p, s) = endorsement.split_once('.').unwrap();
         let mut payload: Endorsement = serde_json::from_slice(&B64.decode(p).unwrap()).unwrap();
         payload.tenant = "victim".into();
         let p2 = B64.encode(serde_json::to_vec(&payload).unwrap());
-        ev["endorsement"] = format!("{p2}.{s}").into();
+        ev["veil"]["endorsement"] = format!("{p2}.{s}").into();
         let e = v.verify(&ev, &rd, now()).unwrap_err();
         assert!(
             e.to_string()
@@ -514,7 +620,7 @@ mod tests {
 
         // A genuine endorsement with evidence signed by another key.
         let mut ev = forged.clone();
-        ev["endorsement"] = good["endorsement"].clone();
+        ev["veil"]["endorsement"] = good["veil"]["endorsement"].clone();
         let e = v.verify(&ev, &rd, now()).unwrap_err();
         assert!(
             e.to_string()
@@ -524,7 +630,7 @@ mod tests {
 
         // A tampered measurement.
         let mut ev = good.clone();
-        ev["measurement"] = "cd".into();
+        ev["veil"]["measurement"] = "cd".into();
         assert!(matches!(
             v.verify(&ev, &rd, now()),
             Err(Error::Invalid { .. })
@@ -570,17 +676,23 @@ mod tests {
     fn malformed_evidence() {
         let (_, v) = setup();
         let rd = [0u8; 64];
+        let veil = |extra: serde_json::Value| {
+            let mut v = serde_json::json!({"warning": WARNING, "measurement": "",
+                "endorsement": "a.b", "signature": ""});
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            serde_json::json!({"svn": "1", "report_data": "", "veil": v})
+        };
         for bad in [
             serde_json::json!({}),
             serde_json::json!("x"),
-            serde_json::json!({"warning": "hi", "measurement": "", "report_data": "",
-                "endorsement": "", "signature": ""}),
-            serde_json::json!({"warning": WARNING, "measurement": "zz", "report_data": "",
-                "endorsement": "", "signature": ""}),
-            serde_json::json!({"warning": WARNING, "measurement": "", "report_data": "",
-                "endorsement": "a.b", "signature": "", "extra": 1}),
-            serde_json::json!({"warning": WARNING, "measurement": "", "report_data": "",
-                "endorsement": "no-dot", "signature": ""}),
+            serde_json::json!({"svn": "1", "report_data": "not base64!"}),
+            serde_json::json!({"svn": "1", "report_data": STD_B64.encode([0u8; 65])}),
+            veil(serde_json::json!({"warning": "hi"})),
+            veil(serde_json::json!({"measurement": "zz"})),
+            veil(serde_json::json!({"extra": 1})),
+            veil(serde_json::json!({"endorsement": "no-dot"})),
         ] {
             assert!(
                 matches!(v.verify(&bad, &rd, now()), Err(Error::Malformed { .. })),

@@ -41,8 +41,12 @@ pub struct TdxEvidence {
     /// Base64 of the raw DCAP quote.
     pub quote: String,
     /// The collateral JSON object, or null to use the verifier's collateral directory.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub collateral: Option<serde_json::Value>,
+    /// Base64 of the CC event log (ACPI CCEL table), as Confidential Containers' attester sends
+    /// it. Carried for policies that replay it; veil does not check it against the RTMRs.
+    #[serde(default)]
+    pub cc_eventlog: Option<String>,
 }
 
 fn malformed(reason: impl Into<String>) -> Error {
@@ -273,9 +277,13 @@ pub fn evidence_json(quote: &[u8], collateral: Option<serde_json::Value>) -> ser
     serde_json::to_value(TdxEvidence {
         quote: B64.encode(quote),
         collateral,
+        cc_eventlog: None,
     })
     .unwrap_or_default()
 }
+
+/// The CC event log ACPI table, where the guest kernel exposes it.
+pub const CCEL_TABLE: &str = "/sys/firmware/acpi/tables/data/CCEL";
 
 /// The TDX guest device.
 pub const TDX_GUEST_DEVICE: &str = "/dev/tdx_guest";
@@ -313,9 +321,13 @@ impl Attester for TdxAttester {
         TeeKind::Tdx
     }
 
-    fn evidence(&self, report_data: &[u8; REPORT_DATA_LEN]) -> Result<serde_json::Value, Error> {
-        let out = crate::tsm::report(&self.configfs, report_data, None, "tdx_guest", TeeKind::Tdx)?;
-        Ok(evidence_json(&out.outblob, None))
+    /// Evidence in the shape Confidential Containers' attester sends (`{"cc_eventlog",
+    /// "quote"}`), which both trustee and veil verify.
+    fn evidence(&self, report_data: &[u8]) -> Result<serde_json::Value, Error> {
+        let rd = crate::pad_report_data(TeeKind::Tdx, report_data)?;
+        let out = crate::tsm::report(&self.configfs, &rd, None, "tdx_guest", TeeKind::Tdx)?;
+        let cc_eventlog = std::fs::read(CCEL_TABLE).ok().map(|b| B64.encode(b));
+        Ok(serde_json::json!({"cc_eventlog": cc_eventlog, "quote": B64.encode(&out.outblob)}))
     }
 }
 

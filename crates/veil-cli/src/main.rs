@@ -192,6 +192,13 @@ enum KbsCmd {
         /// TEE. Repeatable.
         #[arg(long = "software-tee-host", requires = "allow_insecure_software_tee")]
         software_tee_hosts: Vec<String>,
+        /// Also accept UNENDORSED sample evidence from ANY client, as trustee's KBS accepts
+        /// sample evidence (for trustee's `kbs-client` and guests without a veil node). It
+        /// proves nothing: anyone who reaches the broker can make it up. Such a client's token
+        /// names no tenant, so it gets only what the resource policy releases explicitly
+        /// (`veil kbs set-policy resource`). Development only.
+        #[arg(long, requires = "allow_insecure_software_tee")]
+        insecure_allow_unendorsed_sample: bool,
     },
     /// Store a resource (`<tenant>/<type>/<tag>`).
     SetResource {
@@ -564,9 +571,11 @@ async fn kbs_cmd(kc: KbsCmd, server: &str) -> Result<()> {
             state_dir,
             allow_insecure_software_tee,
             software_tee_hosts,
+            insecure_allow_unendorsed_sample,
         } => {
             let mut cfg = veil_kbs::KbsConfig::new(state_dir);
             cfg.allow_insecure_software_tee = allow_insecure_software_tee;
+            cfg.allow_unendorsed_sample = insecure_allow_unendorsed_sample;
             for h in software_tee_hosts {
                 let key = if std::path::Path::new(&h).is_file() {
                     std::fs::read_to_string(&h)
@@ -578,10 +587,21 @@ async fn kbs_cmd(kc: KbsCmd, server: &str) -> Result<()> {
                 };
                 cfg.software_tee_hosts.push(key);
             }
-            if allow_insecure_software_tee && cfg.software_tee_hosts.is_empty() {
+            if allow_insecure_software_tee
+                && cfg.software_tee_hosts.is_empty()
+                && !insecure_allow_unendorsed_sample
+            {
                 bail!(
-                    "--allow-insecure-software-tee needs at least one --software-tee-host: \
-                     without it any local process could make up software-TEE evidence"
+                    "--allow-insecure-software-tee needs at least one --software-tee-host (or, \
+                     to accept sample evidence that anyone can make up, \
+                     --insecure-allow-unendorsed-sample)"
+                );
+            }
+            if insecure_allow_unendorsed_sample {
+                eprintln!(
+                    "WARNING: this key broker accepts UNENDORSED sample evidence from ANY \
+                     client. It proves nothing; the resource policy alone decides what such a \
+                     client gets. Development only."
                 );
             }
             let kbs = veil_kbs::Kbs::open(cfg)?;

@@ -61,9 +61,10 @@ async fn made_up_software_evidence_gets_no_secret_from_the_embedded_broker() {
         );
         let attester = veil_attest::software::SoftwareAttester::new("ab", "", &cred).unwrap();
         let mut client = veil_kbs::KbsClient::new(veil_kbs::ReqwestTransport::new(p.url()));
-        let init = serde_json::json!({"tenant": tenant, "function": "f",
-            "image_digest": format!("sha256:{}", "0".repeat(64))});
-        let err = client.attest(&attester, &init).await.unwrap_err();
+        let init = veil_kbs::veil_init_data(&serde_json::json!({"tenant": tenant,
+            "function": "f", "image_digest": format!("sha256:{}", "0".repeat(64))}))
+        .unwrap();
+        let err = client.attest(&attester, Some(&init)).await.unwrap_err();
         assert!(
             err.to_string()
                 .contains("not endorsed by a host this broker trusts"),

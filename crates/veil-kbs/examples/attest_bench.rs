@@ -37,9 +37,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let router = kbs.router();
     let server = tokio::spawn(async move { axum::serve(listener, router).await });
 
-    let init = serde_json::json!({
+    let init = veil_kbs::veil_init_data(&serde_json::json!({
         "tenant": "bench", "function": "f", "image_digest": format!("sha256:{}", "0".repeat(64)),
-    });
+    }))?;
     let all = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..conc {
@@ -61,7 +61,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             for _ in 0..rounds {
                 let t = Instant::now();
                 let mut c = KbsClient::new(ReqwestTransport::new(base.clone()));
-                c.attest(&attester, &init)
+                c.attest(&attester, Some(&init))
                     .await
                     .map_err(|e| e.to_string())?;
                 let v = c

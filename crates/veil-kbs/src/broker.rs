@@ -24,6 +24,13 @@ pub struct KbsConfig {
     /// accepts: the nodes whose sandboxes may use the software TEE. Software evidence not
     /// endorsed by one of them is refused, so a local process cannot make it up.
     pub software_tee_hosts: Vec<String>,
+    /// Accept *unendorsed* sample evidence, from any client (what trustee's sample attester
+    /// sends), visible to the policy as `input.config.allow_unendorsed_sample`. It proves
+    /// nothing and anyone who reaches the broker can make it up: the equivalent of trustee
+    /// accepting sample evidence. Such a token names no tenant, so it reaches only resources
+    /// the resource policy releases explicitly. Needs `allow_insecure_software_tee`; only for a
+    /// standalone development broker, never the one embedded in `veil up`.
+    pub allow_unendorsed_sample: bool,
     /// Lifetime of attestation tokens.
     pub token_ttl: Duration,
     /// Lifetime of a challenge nonce.
@@ -39,6 +46,7 @@ impl KbsConfig {
             state_dir: state_dir.into(),
             allow_insecure_software_tee: false,
             software_tee_hosts: Vec::new(),
+            allow_unendorsed_sample: false,
             token_ttl: Duration::from_secs(300),
             nonce_ttl: Duration::from_secs(60),
             session_ttl: Duration::from_secs(300),
@@ -74,7 +82,8 @@ fn register_hardware_verifiers(map: &mut HashMap<TeeKind, Arc<dyn Verifier>>) {
 fn default_verifiers(cfg: &KbsConfig) -> Result<HashMap<TeeKind, Arc<dyn Verifier>>> {
     let mut map: HashMap<TeeKind, Arc<dyn Verifier>> = HashMap::new();
     let software = veil_attest::software::SoftwareVerifier::trusting(&cfg.software_tee_hosts)
-        .map_err(|e| KbsError::InvalidValue(e.to_string()))?;
+        .map_err(|e| KbsError::InvalidValue(e.to_string()))?
+        .accepting_unendorsed(cfg.allow_insecure_software_tee && cfg.allow_unendorsed_sample);
     map.insert(TeeKind::Software, Arc::new(software));
     register_hardware_verifiers(&mut map);
     Ok(map)
@@ -83,10 +92,12 @@ fn default_verifiers(cfg: &KbsConfig) -> Result<HashMap<TeeKind, Arc<dyn Verifie
 fn sample_attestation_input() -> serde_json::Value {
     serde_json::json!({
         "claims": {"tee": "software", "insecure": true, "measurement": "00", "report_data": "00",
-                   "init_data": "", "debug": false, "details": {}},
+                   "init_data": "", "debug": false, "details": {"endorsement": null}},
         "init_data": {"tenant": "t", "function": "f", "image_digest": format!("sha256:{}", "0".repeat(64))},
+        "init_data_claims": {"veil.tenant": "t"},
+        "init_data_binding": "none",
         "reference_values": {},
-        "config": {"allow_insecure": false},
+        "config": {"allow_insecure": false, "allow_unendorsed_sample": false},
     })
 }
 
@@ -145,7 +156,13 @@ impl Kbs {
                 crate::policy::SOFTWARE_TEE_TENANTS,
                 veil_attest::software::TRUSTS
             );
-            if cfg.software_tee_hosts.is_empty() {
+            if cfg.allow_unendorsed_sample {
+                tracing::warn!(
+                    "this key broker ALSO accepts UNENDORSED sample evidence from ANY client: \
+                     it proves nothing, anyone who can reach the broker can make it up, and \
+                     the resource policy alone decides what such a client gets"
+                );
+            } else if cfg.software_tee_hosts.is_empty() {
                 tracing::warn!(
                     "no software-TEE host key is trusted, so no software evidence can pass"
                 );

@@ -188,17 +188,30 @@ impl<T: Transport> KbsClient<T> {
         Ok(resp)
     }
 
-    /// The full 0.4.0 round trip (`/auth`, then `/attest`): generates the ephemeral P-256 key,
-    /// binds it, the nonce and `init_data` into the evidence, and returns the token.
+    /// The full 0.4.0 round trip (`/auth`, then `/attest`) as guest-components' `kbs_protocol`
+    /// does it, so that it works against veil's broker and trustee's KBS alike: generates the
+    /// ephemeral P-256 key, sends `init_data` (a CoCo init-data TOML document, see
+    /// [`parse::veil_init_data`]) and evidence whose report data is the runtime-data binding
+    /// ([`parse::runtime_data_digest`]) with the algorithm the challenge selects (SHA-384 by
+    /// default). Where the broker's challenge says it takes the init-data digest in the
+    /// additional evidence (veil's broker), the digest goes there, so that the evidence binds
+    /// the init data too; elsewhere (trustee) the init data is bound only if the TEE bound it at
+    /// launch. Returns the token.
     pub async fn attest(
         &mut self,
         attester: &dyn Attester,
-        init_data: &serde_json::Value,
+        init_data: Option<&str>,
     ) -> Result<String, ClientError> {
+        let init = init_data
+            .map(|body| parse::parse_init_data(body).map(|p| p.digest))
+            .transpose()
+            .map_err(|e| ClientError::Protocol(format!("init-data: {}", e.detail)))?;
         let req = kbs_types::Request {
             version: PROTOCOL_VERSION.into(),
             tee: parse::kbs_tee(attester.tee()),
-            extra_params: serde_json::json!({}),
+            extra_params: serde_json::json!({
+                parse::SUPPORTED_HASH_ALGORITHMS: ["sha384", "sha512", "sha256"],
+            }),
         };
         let body = serde_json::to_vec(&req).map_err(|e| ClientError::Protocol(e.to_string()))?;
         self.cookie = None;
@@ -213,16 +226,26 @@ impl<T: Transport> KbsClient<T> {
                 "no session cookie in the challenge".into(),
             ));
         }
+        let alg = parse::challenge_hash_algorithm(&challenge.extra_params)
+            .map_err(|e| ClientError::Protocol(format!("challenge: {e}")))?;
+        let binds_init_data = challenge
+            .extra_params
+            .get(parse::VEIL_INIT_DATA)
+            .and_then(|v| v.as_str())
+            == Some(parse::VEIL_INIT_DATA_IN_ADDITIONAL_EVIDENCE);
+        let additional_evidence = match &init {
+            Some(digest) if binds_init_data => parse::veil_additional_evidence(digest),
+            _ => String::new(),
+        };
         let key = TeeKeyPair::generate();
         let tee_pubkey = key.public_key();
-        let init_body =
-            serde_json::to_string(init_data).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let rd = parse::binding(&challenge.nonce, &tee_pubkey, init_body.as_bytes());
+        let rd =
+            parse::runtime_data_digest(alg, &challenge.nonce, &tee_pubkey, &additional_evidence);
         let evidence = attester.evidence(&rd)?;
         let att = kbs_types::Attestation {
-            init_data: Some(kbs_types::InitData {
-                format: "json".into(),
-                body: init_body,
+            init_data: init_data.map(|body| kbs_types::InitData {
+                format: "toml".into(),
+                body: body.to_string(),
             }),
             runtime_data: kbs_types::RuntimeData {
                 nonce: challenge.nonce,
@@ -230,7 +253,7 @@ impl<T: Transport> KbsClient<T> {
             },
             tee_evidence: kbs_types::CompositeEvidence {
                 primary_evidence: evidence,
-                additional_evidence: String::new(),
+                additional_evidence,
             },
         };
         let body = serde_json::to_vec(&att).map_err(|e| ClientError::Protocol(e.to_string()))?;

@@ -137,11 +137,17 @@ pub fn encrypt(tee_pubkey: &TeePubKey, plaintext: &[u8]) -> Result<Response, Jwe
         .wrap(cek.as_slice(), &mut encrypted_key)
         .map_err(|e| JweError::Encrypt(format!("key wrap: {e}")))?;
     let (ex, ey) = coords(&eph.public_key())?;
+    // Members in sorted order at every level: trustee's client rebuilds the authenticated data
+    // by re-serialising the header with sorted keys (`serde_json` without `preserve_order`),
+    // while this workspace's `serde_json` keeps insertion order. Inserting sorted makes both
+    // the same bytes.
+    let mut epk = serde_json::Map::new();
+    epk.insert("crv".into(), CRV_P256.into());
+    epk.insert("kty".into(), "EC".into());
+    epk.insert("x".into(), ex.into());
+    epk.insert("y".into(), ey.into());
     let mut other = serde_json::Map::new();
-    other.insert(
-        "epk".into(),
-        serde_json::json!({"kty": "EC", "crv": CRV_P256, "x": ex, "y": ey}),
-    );
+    other.insert("epk".into(), serde_json::Value::Object(epk));
     let protected = ProtectedHeader {
         alg: ALG_ECDH_ES_A256KW.into(),
         enc: ENC_A256GCM.into(),

@@ -6,9 +6,16 @@
 //! 1. `POST /kbs/v0/auth` — `Request {version, tee, extra-params}` → `Challenge {nonce,
 //!    extra-params}` and a `kbs-session-id` cookie.
 //! 2. `POST /kbs/v0/attest` — `Attestation {init-data, runtime-data {nonce, tee-pubkey},
-//!    tee-evidence}`: the evidence's report data must equal [`binding`] of the session's nonce,
-//!    the key and the init data (veil's [`Assignment`]); the claims then go through the
-//!    attestation policy (Rego). Success → `{"token": "<JWS>"}` and an attested session.
+//!    tee-evidence}`: the evidence's report data must equal the runtime-data binding
+//!    ([`runtime_data_digest`]: the hash, SHA-384 unless the challenge selected another, of
+//!    the canonical JSON of the nonce, the key and the additional evidence, exactly as
+//!    guest-components and trustee compute it). Init data is a CoCo init-data TOML document
+//!    (or absent); veil's [`Assignment`] travels in it as `veil.*` data, and veil's agent binds
+//!    its digest through the additional evidence (`{"veil-init-data": "<hex>"}`, announced in
+//!    the challenge) because a pooled sandbox learns its assignment after launch; a guest that
+//!    bound its init data at launch (HOSTDATA/MRCONFIGID) is accepted as Confidential
+//!    Containers binds it. The claims then go through the attestation policy (Rego). Success →
+//!    `{"token": "<JWS>"}` and an attested session.
 //! 3. `GET /kbs/v0/resource/<repo>/<type>/<tag>` — with the attested session or the token as a
 //!    bearer: only the attested tenant's repository, only if the resource policy allows; the
 //!    value comes back as a JWE (`ECDH-ES+A256KW`, `A256GCM`) to the sandbox's key.
@@ -51,8 +58,8 @@ pub use error::{KbsError, Result};
 pub use error::{ProtocolError, ERROR_TYPE_PREFIX};
 pub use jwe::TeeKeyPair;
 pub use parse::{
-    binding, parse_attestation, parse_reference_values, parse_request, parse_resource_path,
-    Assignment, MAX_BODY, PROTOCOL_VERSION,
+    parse_attestation, parse_init_data, parse_reference_values, parse_request, parse_resource_path,
+    runtime_data_digest, veil_init_data, Assignment, HashAlgorithm, MAX_BODY, PROTOCOL_VERSION,
 };
 #[cfg(feature = "server")]
 pub use policy::{

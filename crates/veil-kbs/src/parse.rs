@@ -3,11 +3,12 @@
 
 use crate::error::ProtocolError;
 use crate::jwe;
+pub use kbs_types::HashAlgorithm;
 use kbs_types::{Attestation, Request, Tee, TeePubKey};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha512};
+use std::collections::BTreeMap;
 use std::str::FromStr;
-use veil_attest::{TeeKind, REPORT_DATA_LEN};
+use veil_attest::TeeKind;
 
 /// The KBS attestation protocol version this broker speaks.
 pub const PROTOCOL_VERSION: &str = "0.4.0";
@@ -15,22 +16,263 @@ pub const PROTOCOL_VERSION: &str = "0.4.0";
 /// Largest request body the broker accepts (1 MiB); larger ones get 413.
 pub const MAX_BODY: usize = 1 << 20;
 
-/// The report data that binds evidence to one session and one key:
-/// `SHA-512(nonce ‖ 0x0a ‖ serde_json::to_vec(tee_pubkey) ‖ 0x0a ‖ init_data)`, where `nonce`
-/// is the challenge's nonce string as sent and `init_data` the init-data body bytes as sent.
-pub fn binding(nonce: &str, tee_pubkey: &TeePubKey, init_data: &[u8]) -> [u8; REPORT_DATA_LEN] {
-    let mut h = Sha512::new();
-    h.update(nonce.as_bytes());
-    h.update(b"\n");
-    // Serializing a plain struct of strings cannot fail; an empty encoding would only make
-    // the binding fail to match, never match wrongly.
-    h.update(serde_json::to_vec(tee_pubkey).unwrap_or_default());
-    h.update(b"\n");
-    h.update(init_data);
-    h.finalize().into()
+/// Key of the request's `extra-params` listing the hash algorithms a client supports.
+pub const SUPPORTED_HASH_ALGORITHMS: &str = "supported-hash-algorithms";
+/// Key of the challenge's `extra-params` naming the hash algorithm of the runtime-data binding.
+pub const SELECTED_HASH_ALGORITHM: &str = "selected-hash-algorithm";
+/// veil's extension: the key of the challenge's `extra-params` by which veil's broker says it
+/// accepts the init-data digest in the additional evidence (value
+/// [`VEIL_INIT_DATA_IN_ADDITIONAL_EVIDENCE`]), and the key of that digest inside the
+/// additional evidence.
+pub const VEIL_INIT_DATA: &str = "veil-init-data";
+/// Value of [`VEIL_INIT_DATA`] in a challenge.
+pub const VEIL_INIT_DATA_IN_ADDITIONAL_EVIDENCE: &str = "additional-evidence";
+/// The init-data version veil writes (CoCo init-data specification).
+pub const INIT_DATA_VERSION: &str = "0.1.0";
+/// Prefix of the init-data `data` keys that carry veil's assignment.
+pub const VEIL_DATA_PREFIX: &str = "veil.";
+
+/// Hash algorithms in the order the broker prefers them (SHA-384 first: the protocol's default).
+const PREFERRED: [HashAlgorithm; 3] = [
+    HashAlgorithm::Sha384,
+    HashAlgorithm::Sha512,
+    HashAlgorithm::Sha256,
+];
+
+/// The broker's choice of hash algorithm for a request's `extra-params`: SHA-384 when the
+/// client names none, else the first of SHA-384, SHA-512, SHA-256 the client supports.
+pub fn select_hash_algorithm(
+    extra_params: &serde_json::Value,
+) -> Result<HashAlgorithm, ProtocolError> {
+    let Some(list) = extra_params.get(SUPPORTED_HASH_ALGORITHMS) else {
+        return Ok(HashAlgorithm::Sha384);
+    };
+    let names: Vec<String> = list
+        .as_array()
+        .ok_or_else(|| {
+            ProtocolError::bad_request(
+                "MalformedRequest",
+                format!("{SUPPORTED_HASH_ALGORITHMS} must be an array of algorithm names"),
+            )
+        })?
+        .iter()
+        .filter_map(|v| v.as_str().map(str::to_ascii_lowercase))
+        .collect();
+    PREFERRED
+        .into_iter()
+        .find(|a| names.iter().any(|n| *n == a.as_ref()))
+        .ok_or_else(|| {
+            ProtocolError::bad_request(
+                "UnsupportedHashAlgorithm",
+                format!(
+                    "none of the client's hash algorithms {names:?} is supported (sha384, sha512, sha256)"
+                ),
+            )
+        })
 }
 
-/// veil's assignment of a sandbox, carried as the attestation's init data (format `json`).
+/// The client's reading of a challenge's `extra-params`: the selected algorithm, SHA-384 when
+/// none is named (trustee's KBS sends an empty string there).
+pub fn challenge_hash_algorithm(extra_params: &serde_json::Value) -> Result<HashAlgorithm, String> {
+    match extra_params.get(SELECTED_HASH_ALGORITHM) {
+        None => Ok(HashAlgorithm::Sha384),
+        Some(v) => {
+            let name = v
+                .as_str()
+                .ok_or_else(|| format!("{SELECTED_HASH_ALGORITHM} is not a string"))?
+                .to_ascii_lowercase();
+            match name.parse::<HashAlgorithm>() {
+                Ok(a) if PREFERRED.contains(&a) => Ok(a),
+                _ => Err(format!("unsupported {SELECTED_HASH_ALGORITHM} {name:?}")),
+            }
+        }
+    }
+}
+
+/// The runtime-data binding of the KBS protocol (guest-components' `kbs_protocol`, trustee):
+/// `alg(JCS({"additional-evidence", "nonce", "tee-pubkey"}))`, the hash of the RFC 8785
+/// canonical JSON of the nonce as sent, the TEE key as a JWK and the additional-evidence string.
+/// The evidence carries it as its report data (padded with zeros to 64 bytes on SNP and TDX).
+pub fn runtime_data_digest(
+    alg: HashAlgorithm,
+    nonce: &str,
+    tee_pubkey: &TeePubKey,
+    additional_evidence: &str,
+) -> Vec<u8> {
+    let v = serde_json::json!({
+        "additional-evidence": additional_evidence,
+        "nonce": nonce,
+        "tee-pubkey": tee_pubkey,
+    });
+    // Canonicalising a JSON value of strings cannot fail; an empty encoding would only make the
+    // binding fail to match, never match wrongly.
+    alg.digest(&serde_json_canonicalizer::to_vec(&v).unwrap_or_default())
+}
+
+/// The additional evidence by which veil's agent binds its init data into the runtime data:
+/// the canonical JSON `{"veil-init-data": "<hex digest of the init-data body>"}`.
+pub fn veil_additional_evidence(init_data_digest: &[u8]) -> String {
+    let v = serde_json::json!({ VEIL_INIT_DATA: hex::encode(init_data_digest) });
+    String::from_utf8(serde_json_canonicalizer::to_vec(&v).unwrap_or_default()).unwrap_or_default()
+}
+
+/// An init-data document (Confidential Containers init-data specification, TOML):
+/// `version`, `algorithm` (of its digest) and `data`, a map of names to strings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitDataDoc {
+    /// Specification version (`0.1.0`).
+    pub version: String,
+    /// Hash algorithm of the document's digest.
+    pub algorithm: String,
+    /// The data.
+    #[serde(default)]
+    pub data: BTreeMap<String, String>,
+}
+
+/// Init data as received: the document, its digest and veil's assignment in it, if any.
+#[derive(Debug, Clone)]
+pub struct ParsedInitData {
+    /// The body exactly as sent.
+    pub body: String,
+    /// Its digest with its own algorithm (the value HOSTDATA/MRCONFIGID or veil's additional
+    /// evidence binds).
+    pub digest: Vec<u8>,
+    /// The document.
+    pub doc: InitDataDoc,
+    /// veil's assignment within it (the `veil.*` data), as the policy sees it, and its checked
+    /// core.
+    pub assignment: Option<(serde_json::Value, Assignment)>,
+}
+
+/// Largest init-data body accepted (64 KiB).
+pub const MAX_INIT_DATA: usize = 64 << 10;
+
+/// Parse an init-data TOML body and compute its digest.
+pub fn parse_init_data(body: &str) -> Result<ParsedInitData, ProtocolError> {
+    let bad = |m: String| ProtocolError::bad_request("InvalidInitData", m);
+    if body.len() > MAX_INIT_DATA {
+        return Err(bad(format!(
+            "init-data is larger than {MAX_INIT_DATA} bytes"
+        )));
+    }
+    let doc: InitDataDoc = toml::from_str(body).map_err(|e| {
+        bad(format!(
+            "init-data is not a CoCo init-data TOML document: {e}"
+        ))
+    })?;
+    let alg = doc
+        .algorithm
+        .to_ascii_lowercase()
+        .parse::<HashAlgorithm>()
+        .ok()
+        .filter(|a| PREFERRED.contains(a))
+        .ok_or_else(|| {
+            bad(format!(
+                "init-data algorithm {:?} is not sha256, sha384 or sha512",
+                doc.algorithm
+            ))
+        })?;
+    if semver::Version::parse(&doc.version).map_or(true, |v| v.major != 0 || v.minor != 1) {
+        return Err(bad(format!(
+            "init-data version {:?} is not supported (expected {INIT_DATA_VERSION})",
+            doc.version
+        )));
+    }
+    let assignment = assignment_from_data(&doc.data)?;
+    Ok(ParsedInitData {
+        body: body.to_string(),
+        digest: alg.digest(body.as_bytes()),
+        doc,
+        assignment,
+    })
+}
+
+/// The init-data document veil's agent sends: its assignment as `veil.*` data. String fields
+/// are kept as strings; structured ones (`secrets`, `image_keys`, `env`) as compact JSON.
+pub fn veil_init_data(assignment: &serde_json::Value) -> Result<String, String> {
+    let obj = assignment
+        .as_object()
+        .ok_or("the assignment must be a JSON object")?;
+    let mut data = BTreeMap::new();
+    for (k, v) in obj {
+        let text = match v {
+            serde_json::Value::Null => continue,
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        data.insert(format!("{VEIL_DATA_PREFIX}{k}"), text);
+    }
+    let doc = InitDataDoc {
+        version: INIT_DATA_VERSION.into(),
+        algorithm: HashAlgorithm::Sha384.as_ref().to_string(),
+        data,
+    };
+    toml::to_string(&doc).map_err(|e| e.to_string())
+}
+
+/// The `veil.*` data as the policy's `init_data` object and the checked [`Assignment`], or
+/// `None` when the document carries no veil assignment (no `veil.tenant`).
+fn assignment_from_data(
+    data: &BTreeMap<String, String>,
+) -> Result<Option<(serde_json::Value, Assignment)>, ProtocolError> {
+    if !data.contains_key("veil.tenant") {
+        return Ok(None);
+    }
+    let bad = |m: String| ProtocolError::bad_request("InvalidInitData", m);
+    let mut obj = serde_json::Map::new();
+    for (k, v) in data {
+        let Some(name) = k.strip_prefix(VEIL_DATA_PREFIX) else {
+            continue;
+        };
+        let value = match name {
+            "secrets" | "image_keys" | "env" => serde_json::from_str(v)
+                .map_err(|e| bad(format!("init data: {k} is not JSON: {e}")))?,
+            _ => serde_json::Value::String(v.clone()),
+        };
+        obj.insert(name.to_string(), value);
+    }
+    let value = serde_json::Value::Object(obj);
+    let (value, a) = parse_assignment(&serde_json::to_vec(&value).unwrap_or_default())?;
+    Ok(Some((value, a)))
+}
+
+/// What the additional evidence carries for veil.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AdditionalEvidence {
+    /// The init-data digest veil's agent bound into the runtime data.
+    pub veil_init_data: Option<Vec<u8>>,
+}
+
+/// Parse the additional evidence: empty, or a JSON object whose only member veil understands
+/// is [`VEIL_INIT_DATA`]. Device evidence (members named by a TEE) is refused: this broker does
+/// not verify it, and must not pretend to.
+pub fn parse_additional_evidence(s: &str) -> Result<AdditionalEvidence, ProtocolError> {
+    if s.is_empty() {
+        return Ok(AdditionalEvidence::default());
+    }
+    let bad = |m: String| ProtocolError::bad_request("UnsupportedAdditionalEvidence", m);
+    let v: serde_json::Map<String, serde_json::Value> = serde_json::from_str(s)
+        .map_err(|e| bad(format!("additional-evidence is not a JSON object: {e}")))?;
+    let mut out = AdditionalEvidence::default();
+    for (k, v) in v {
+        if k == VEIL_INIT_DATA {
+            let d = v
+                .as_str()
+                .and_then(|h| hex::decode(h).ok())
+                .filter(|d| (32..=64).contains(&d.len()))
+                .ok_or_else(|| bad(format!("{VEIL_INIT_DATA} must be a hex digest")))?;
+            out.veil_init_data = Some(d);
+        } else {
+            return Err(bad(format!(
+                "additional evidence for {k:?} (device attestation) is not verified by this broker"
+            )));
+        }
+    }
+    Ok(out)
+}
+
+/// veil's assignment of a sandbox, carried in the attestation's init data as `veil.*` data.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Assignment {
     /// The tenant (also the resource repository the sandbox may read).
@@ -46,12 +288,10 @@ pub struct Assignment {
 pub struct ParsedAttestation {
     /// The wire message.
     pub attestation: Attestation,
-    /// The init data body bytes exactly as sent (bound into the report data).
-    pub init_data_body: Vec<u8>,
-    /// The init data parsed as JSON (policy input).
-    pub init_data: serde_json::Value,
-    /// The assignment within it.
-    pub assignment: Assignment,
+    /// The init data, if any was sent.
+    pub init_data: Option<ParsedInitData>,
+    /// The additional evidence.
+    pub additional: AdditionalEvidence,
 }
 
 /// A resource path `<repo>/<type>/<tag>`.
@@ -200,35 +440,54 @@ pub fn parse_assignment(body: &[u8]) -> Result<(serde_json::Value, Assignment), 
     Ok((value, a))
 }
 
-/// Parse an `/attest` body: JSON `Attestation`, `json` init data holding an assignment, and a
-/// P-256 `tee-pubkey` on the curve.
+/// Parse an `/attest` body: JSON `Attestation`; init data absent (`null`) or a CoCo init-data
+/// TOML document (format `toml`), possibly holding veil's assignment; the additional evidence;
+/// and a P-256 `tee-pubkey` on the curve. Init data whose digest does not match the one the
+/// additional evidence binds is refused here.
 pub fn parse_attestation(body: &[u8]) -> Result<ParsedAttestation, ProtocolError> {
     let attestation: Attestation =
         serde_json::from_slice(body).map_err(|e| json_error("attestation", &e))?;
-    let init = attestation.init_data.as_ref().ok_or_else(|| {
-        ProtocolError::bad_request(
-            "InvalidInitData",
-            "init-data is required: it carries the sandbox's assignment",
-        )
-    })?;
-    if init.format != "json" {
-        return Err(ProtocolError::bad_request(
-            "InvalidInitData",
-            format!(
-                "init-data format {:?} is not supported (only \"json\")",
-                init.format
-            ),
-        ));
+    let init_data = match &attestation.init_data {
+        None => None,
+        Some(init) if init.format == "toml" => Some(parse_init_data(&init.body)?),
+        Some(init) => {
+            return Err(ProtocolError::bad_request(
+                "InvalidInitData",
+                format!(
+                    "init-data format {:?} is not supported (only \"toml\", the CoCo init-data \
+                     format, or no init-data)",
+                    init.format
+                ),
+            ))
+        }
+    };
+    let additional = parse_additional_evidence(&attestation.tee_evidence.additional_evidence)?;
+    if let Some(bound) = &additional.veil_init_data {
+        let init = init_data.as_ref().ok_or_else(|| {
+            ProtocolError::bad_request(
+                "InvalidInitData",
+                format!(
+                    "the additional evidence binds {VEIL_INIT_DATA}, but no init-data was sent"
+                ),
+            )
+        })?;
+        if *bound != init.digest {
+            return Err(ProtocolError::unauthorized(
+                "InitDataMismatch",
+                format!(
+                    "the init-data digest is {}, but the evidence binds {}",
+                    hex::encode(&init.digest),
+                    hex::encode(bound)
+                ),
+            ));
+        }
     }
-    let init_data_body = init.body.as_bytes().to_vec();
-    let (init_data, assignment) = parse_assignment(&init_data_body)?;
     jwe::tee_public_key(&attestation.runtime_data.tee_pubkey)
         .map_err(|e| ProtocolError::bad_request("InvalidTeePubKey", e.to_string()))?;
     Ok(ParsedAttestation {
         attestation,
-        init_data_body,
         init_data,
-        assignment,
+        additional,
     })
 }
 
@@ -304,6 +563,131 @@ pub fn session_cookie(cookie_header: &str) -> Option<&str> {
 mod tests {
     use super::*;
 
+    /// The binding is the hash of the sorted, compact JSON of the three members, as trustee and
+    /// its client compute it (checked against trustee's binaries in `tests/trustee.rs`).
+    #[test]
+    fn runtime_data_binding_is_canonical_json() {
+        let key = crate::jwe::TeeKeyPair::generate().public_key();
+        let manual = format!(
+            r#"{{"additional-evidence":"","nonce":"n0","tee-pubkey":{}}}"#,
+            {
+                let v = serde_json::to_value(&key).unwrap();
+                let o = v.as_object().unwrap();
+                let mut keys: Vec<_> = o.keys().collect();
+                keys.sort();
+                let parts: Vec<String> = keys
+                    .iter()
+                    .map(|k| format!("{:?}:{}", k, o[k.as_str()]))
+                    .collect();
+                format!("{{{}}}", parts.join(","))
+            }
+        );
+        for alg in PREFERRED {
+            assert_eq!(
+                runtime_data_digest(alg, "n0", &key, ""),
+                alg.digest(manual.as_bytes())
+            );
+        }
+        assert_ne!(
+            runtime_data_digest(HashAlgorithm::Sha384, "n0", &key, "x"),
+            runtime_data_digest(HashAlgorithm::Sha384, "n0", &key, "")
+        );
+    }
+
+    #[test]
+    fn hash_algorithm_negotiation() {
+        use serde_json::json;
+        assert_eq!(
+            select_hash_algorithm(&json!({})).unwrap(),
+            HashAlgorithm::Sha384
+        );
+        assert_eq!(
+            select_hash_algorithm(&json!("")).unwrap(),
+            HashAlgorithm::Sha384
+        );
+        assert_eq!(
+            select_hash_algorithm(&json!({SUPPORTED_HASH_ALGORITHMS: ["SHA256", "sha512"]}))
+                .unwrap(),
+            HashAlgorithm::Sha512
+        );
+        assert_eq!(
+            select_hash_algorithm(&json!({SUPPORTED_HASH_ALGORITHMS: ["sm3"]}))
+                .unwrap_err()
+                .status,
+            400
+        );
+        assert!(select_hash_algorithm(&json!({SUPPORTED_HASH_ALGORITHMS: "sha384"})).is_err());
+        assert_eq!(
+            challenge_hash_algorithm(&json!("")).unwrap(),
+            HashAlgorithm::Sha384
+        );
+        assert_eq!(
+            challenge_hash_algorithm(&json!({SELECTED_HASH_ALGORITHM: "sha256"})).unwrap(),
+            HashAlgorithm::Sha256
+        );
+        assert!(challenge_hash_algorithm(&json!({SELECTED_HASH_ALGORITHM: "md5"})).is_err());
+    }
+
+    #[test]
+    fn init_data_documents() {
+        let a = serde_json::json!({"tenant": "acme", "function": "hello",
+            "image": "localhost/acme/hello:1",
+            "image_digest": format!("sha256:{}", "a".repeat(64)),
+            "secrets": {"K": "acme/key/k"}, "image_keys": [], "signature_policy": null,
+            "env": {"A": "b"}});
+        let body = veil_init_data(&a).unwrap();
+        let p = parse_init_data(&body).unwrap();
+        assert_eq!(p.digest, HashAlgorithm::Sha384.digest(body.as_bytes()));
+        let (value, core) = p.assignment.unwrap();
+        assert_eq!(core.tenant, "acme");
+        assert_eq!(value["secrets"]["K"], "acme/key/k");
+        assert_eq!(value["env"]["A"], "b");
+        assert!(value.get("signature_policy").is_none());
+        // A CoCo document without veil data is init data without an assignment.
+        let coco = "version = \"0.1.0\"\nalgorithm = \"sha256\"\n[data]\n\"aa.toml\" = \"x\"\n";
+        let p = parse_init_data(coco).unwrap();
+        assert!(p.assignment.is_none());
+        assert_eq!(p.digest.len(), 32);
+        for bad in [
+            "not toml = = =",
+            "version = \"0.1.0\"\nalgorithm = \"md5\"\n",
+            "version = \"9.0.0\"\nalgorithm = \"sha384\"\n",
+            "version = \"0.1.0\"\nalgorithm = \"sha384\"\nextra = 1\n",
+            "version = \"0.1.0\"\nalgorithm = \"sha384\"\n[data]\n\"veil.tenant\" = \"a\"\n",
+            "version = \"0.1.0\"\nalgorithm = \"sha384\"\n[data]\n\"veil.tenant\" = \"a\"\n\"veil.function\" = \"f\"\n\"veil.image_digest\" = \"sha256:00\"\n",
+        ] {
+            assert_eq!(parse_init_data(bad).unwrap_err().status, 400, "{bad}");
+        }
+    }
+
+    #[test]
+    fn additional_evidence() {
+        assert_eq!(
+            parse_additional_evidence("").unwrap(),
+            AdditionalEvidence::default()
+        );
+        let d = [7u8; 48];
+        assert_eq!(
+            parse_additional_evidence(&veil_additional_evidence(&d))
+                .unwrap()
+                .veil_init_data
+                .unwrap(),
+            d
+        );
+        for bad in [
+            r#"{"sampledevice": {}}"#,
+            r#"{"veil-init-data": "zz"}"#,
+            "[1]",
+            "x",
+        ] {
+            assert_eq!(
+                parse_additional_evidence(bad).unwrap_err().status,
+                400,
+                "{bad}"
+            );
+        }
+    }
+
     #[test]
     fn versions() {
         assert!(check_version("0.4.0").is_ok());
@@ -347,11 +731,15 @@ mod tests {
     #[test]
     fn mutated_inputs_never_panic() {
         let key = crate::jwe::TeeKeyPair::generate();
-        let init = r#"{"tenant":"t","function":"f","image_digest":"sha256:0000000000000000000000000000000000000000000000000000000000000000"}"#;
+        let init = veil_init_data(&serde_json::json!({"tenant": "t", "function": "f",
+            "image_digest": format!("sha256:{}", "0".repeat(64))}))
+        .unwrap();
+        let digest = parse_init_data(&init).unwrap().digest;
         let att = serde_json::to_vec(&serde_json::json!({
-            "init-data": {"format": "json", "body": init},
+            "init-data": {"format": "toml", "body": init},
             "runtime-data": {"nonce": "bm9uY2U=", "tee-pubkey": key.public_key()},
-            "tee-evidence": {"primary_evidence": {}, "additional_evidence": ""},
+            "tee-evidence": {"primary_evidence": {},
+                "additional_evidence": veil_additional_evidence(&digest)},
         }))
         .unwrap();
         assert!(parse_attestation(&att).is_ok());

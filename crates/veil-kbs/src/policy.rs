@@ -9,8 +9,10 @@ use crate::error::{KbsError, Result};
 /// The reference value listing the tenants that opted in to the INSECURE software TEE.
 pub const SOFTWARE_TEE_TENANTS: &str = "software_tee_tenants";
 
-/// The default attestation policy. Input: `{"claims", "init_data", "reference_values",
-/// "config": {"allow_insecure"}}`.
+/// The default attestation policy. Input: `{"claims", "init_data" (veil's assignment when it is
+/// bound to the evidence, else `{}`), "init_data_claims" (the init-data document's `data`, or
+/// null), "init_data_binding" (`runtime`, `launch`, `endorsed`, `none` or null),
+/// "reference_values", "config": {"allow_insecure", "allow_unendorsed_sample"}}`.
 pub const DEFAULT_ATTESTATION_POLICY: &str = r#"package policy
 
 import rego.v1
@@ -27,7 +29,19 @@ deny contains "software TEE is insecure and not allowed by this broker's policy"
 # Even where the broker allows it, a tenant must opt in to the software TEE.
 deny contains sprintf("tenant %v has not opted in to the INSECURE software TEE (reference value software_tee_tenants)", [object.get(input.init_data, "tenant", null)]) if {
 	input.claims.insecure
+	endorsed
 	not object.get(input.init_data, "tenant", null) in object.get(input.reference_values, "software_tee_tenants", [])
+}
+
+# Sample evidence without a host endorsement proves nothing and comes from anyone.
+deny contains "unendorsed sample evidence (anyone can make it up) is accepted only by a broker started with --insecure-allow-unendorsed-sample" if {
+	input.claims.insecure
+	not endorsed
+	not input.config.allow_unendorsed_sample
+}
+
+endorsed if {
+	object.get(object.get(input.claims, "details", {}), "endorsement", null) != null
 }
 
 deny contains "the guest was launched with debugging allowed: the host can read its memory" if {
@@ -74,14 +88,14 @@ deny contains sprintf("init data %s is not among the reference values", [input.c
 	not input.claims.init_data in input.reference_values.init_data
 }
 
-deny contains sprintf("image digest %s is not among the reference values", [input.init_data.image_digest]) if {
+deny contains sprintf("image digest %v is not among the reference values", [object.get(input.init_data, "image_digest", null)]) if {
 	count(object.get(input.reference_values, "image_digest", [])) > 0
-	not input.init_data.image_digest in input.reference_values.image_digest
+	not object.get(input.init_data, "image_digest", null) in input.reference_values.image_digest
 }
 "#;
 
-/// The default resource policy: an attested sandbox (whose tenant the broker already matched
-/// against the repository) may read. Input: `{"token": <token claims>, "resource":
+/// The default resource policy: an attested sandbox bound to a tenant (whose repository the
+/// broker already matched) may read; a token naming no tenant gets nothing. Input: `{"token": <token claims>, "resource":
 /// {"repository", "type", "tag"}}`.
 pub const DEFAULT_RESOURCE_POLICY: &str = r#"package policy
 
@@ -89,8 +103,15 @@ import rego.v1
 
 default allow := false
 
-allow if {
-	input.token.tenant == input.resource.repository
+allow if count(deny) == 0
+
+deny contains "this token names no tenant (its init-data holds no veil assignment bound to the evidence): the default resource policy releases resources only to a tenant's attested sandboxes" if {
+	object.get(input.token, "tenant", null) == null
+}
+
+deny contains sprintf("resource %v/%v/%v is not in the attested tenant's repository", [input.resource.repository, input.resource.type, input.resource.tag]) if {
+	object.get(input.token, "tenant", null) != null
+	input.token.tenant != input.resource.repository
 }
 "#;
 
@@ -173,10 +194,11 @@ mod tests {
         refs: serde_json::Value,
     ) -> serde_json::Value {
         json!({
-            "claims": {"tee": "software", "insecure": insecure, "debug": false, "measurement": m, "init_data": "", "report_data": "", "details": {}},
+            "claims": {"tee": "software", "insecure": insecure, "debug": false, "measurement": m, "init_data": "", "report_data": "",
+                       "details": if insecure { json!({"endorsement": {"tenant": "t", "function": "f"}}) } else { json!({}) }},
             "init_data": {"tenant": "t", "function": "f", "image_digest": "sha256:00"},
             "reference_values": refs,
-            "config": {"allow_insecure": allow_insecure},
+            "config": {"allow_insecure": allow_insecure, "allow_unendorsed_sample": false},
         })
     }
 
@@ -226,6 +248,29 @@ mod tests {
             .unwrap()
             .allow
         );
+        // Unendorsed sample evidence: refused unless the broker accepts it from anyone.
+        let mut input = att_input(true, true, "", json!({}));
+        input["claims"]["details"] = json!({"endorsement": null});
+        input["init_data"] = json!({});
+        let d = p.evaluate(input.clone()).unwrap();
+        assert!(!d.allow);
+        assert_eq!(d.reasons.len(), 1, "{d:?}");
+        assert!(d.reasons[0].contains("unendorsed sample evidence"), "{d:?}");
+        input["config"]["allow_unendorsed_sample"] = json!(true);
+        assert!(p.evaluate(input.clone()).unwrap().allow);
+        input["config"]["allow_insecure"] = json!(false);
+        assert!(!p.evaluate(input).unwrap().allow);
+        // Hardware with a pinned image digest but no assignment: denied.
+        let mut input = att_input(
+            false,
+            false,
+            "aa",
+            json!({"measurement": ["aa"], "image_digest": ["sha256:x"]}),
+        );
+        input["init_data"] = json!({});
+        let d = p.evaluate(input).unwrap();
+        assert!(!d.allow);
+        assert!(d.reasons[0].contains("image digest null"), "{d:?}");
         // Hardware without reference measurement.
         let d = p
             .evaluate(att_input(false, false, "aa", json!({})))

@@ -137,14 +137,18 @@ async fn auth(State(kbs): Shared, headers: HeaderMap, body: Body) -> ApiResult {
             ),
         ));
     }
+    let alg = parse::select_hash_algorithm(&req.extra_params)?;
     use base64::Engine;
     let nonce = base64::engine::general_purpose::STANDARD.encode(crate::jwe::random_bytes::<32>());
     let id = kbs
         .sessions
-        .create(tee, nonce.clone(), kbs.cfg.session_ttl)?;
+        .create(tee, alg, nonce.clone(), kbs.cfg.session_ttl)?;
     let challenge = kbs_types::Challenge {
         nonce,
-        extra_params: serde_json::json!({}),
+        extra_params: serde_json::json!({
+            parse::SELECTED_HASH_ALGORITHM: alg.as_ref(),
+            parse::VEIL_INIT_DATA: parse::VEIL_INIT_DATA_IN_ADDITIONAL_EVIDENCE,
+        }),
     };
     let mut resp = json_response(&challenge);
     let set_cookie = format!(
@@ -168,11 +172,18 @@ async fn attest(State(kbs): Shared, headers: HeaderMap, body: Body) -> ApiResult
     })?;
     let parsed = parse::parse_attestation(&body)?;
     let rd = &parsed.attestation.runtime_data;
-    let tee = kbs.sessions.take_nonce(&id, &rd.nonce, kbs.cfg.nonce_ttl)?;
+    let (tee, alg) = kbs.sessions.take_nonce(&id, &rd.nonce, kbs.cfg.nonce_ttl)?;
     let verifier = kbs.verifiers.get(&tee).ok_or_else(|| {
         ProtocolError::bad_request("UnsupportedTee", format!("no verifier for TEE {tee}"))
     })?;
-    let expected = parse::binding(&rd.nonce, &rd.tee_pubkey, &parsed.init_data_body);
+    let digest = parse::runtime_data_digest(
+        alg,
+        &rd.nonce,
+        &rd.tee_pubkey,
+        &parsed.attestation.tee_evidence.additional_evidence,
+    );
+    let expected = veil_attest::pad_report_data(tee, &digest)
+        .map_err(|e| ProtocolError::internal(e.to_string()))?;
     let evidence = &parsed.attestation.tee_evidence.primary_evidence;
     let claims = verifier
         .verify(evidence, &expected, SystemTime::now())
@@ -182,7 +193,10 @@ async fn attest(State(kbs): Shared, headers: HeaderMap, body: Body) -> ApiResult
             }
             veil_attest::Error::ReportDataMismatch { .. } => ProtocolError::unauthorized(
                 "BindingMismatch",
-                format!("evidence does not bind this session's nonce, key and init data: {e}"),
+                format!(
+                    "evidence does not bind this session's runtime data (nonce, key and \
+                     additional evidence, {alg}): {e}"
+                ),
             ),
             veil_attest::Error::Invalid { .. } => {
                 ProtocolError::unauthorized("InvalidEvidence", e.to_string())
@@ -198,36 +212,23 @@ async fn attest(State(kbs): Shared, headers: HeaderMap, body: Body) -> ApiResult
             ),
         ));
     }
-    // Software evidence is endorsed by the host for one tenant's function: it must be the one
-    // this session asks for (not a policy choice: without it any sandbox could ask as anyone).
-    if claims.insecure {
-        let a = &parsed.assignment;
-        match veil_attest::software::endorsed_for(&claims) {
-            Some((t, f)) if t == a.tenant && f == a.function => {}
-            Some((t, f)) => {
-                return Err(ProtocolError::unauthorized(
-                    "EndorsementMismatch",
-                    format!(
-                        "the host endorsed this INSECURE software-TEE sandbox for tenant {t:?}, \
-                         function {f:?}, not for tenant {:?}, function {:?}",
-                        a.tenant, a.function
-                    ),
-                ))
-            }
-            None => {
-                return Err(ProtocolError::unauthorized(
-                    "InvalidEvidence",
-                    "insecure evidence without a host endorsement",
-                ))
-            }
-        }
-    }
+    let binding = init_data_binding(&parsed, &claims)?;
+    // The assignment counts (names the tenant in the token) only when bound to the evidence.
+    let assignment = match (&parsed.init_data, binding) {
+        (Some(init), Some(b)) if b != "none" => init.assignment.as_ref(),
+        _ => None,
+    };
     let refs = kbs.store.reference_values().map_err(ProtocolError::from)?;
     let input = serde_json::json!({
         "claims": claims,
-        "init_data": parsed.init_data,
+        "init_data": assignment.map(|(v, _)| v.clone()).unwrap_or_else(|| serde_json::json!({})),
+        "init_data_claims": parsed.init_data.as_ref().map(|i| serde_json::json!(i.doc.data)),
+        "init_data_binding": binding,
         "reference_values": refs,
-        "config": {"allow_insecure": kbs.cfg.allow_insecure_software_tee},
+        "config": {
+            "allow_insecure": kbs.cfg.allow_insecure_software_tee,
+            "allow_unendorsed_sample": kbs.cfg.allow_unendorsed_sample,
+        },
     });
     let policy = kbs
         .attestation_policy
@@ -246,7 +247,7 @@ async fn attest(State(kbs): Shared, headers: HeaderMap, body: Body) -> ApiResult
         return Err(ProtocolError::forbidden("PolicyDeny", detail));
     }
     let now = token::now_secs();
-    let a = &parsed.assignment;
+    let a = assignment.map(|(_, a)| a);
     let tc = TokenClaims {
         iss: token::ISSUER.into(),
         iat: now,
@@ -255,15 +256,99 @@ async fn attest(State(kbs): Shared, headers: HeaderMap, body: Body) -> ApiResult
         tee,
         insecure: claims.insecure,
         measurement: claims.measurement.clone(),
-        tenant: a.tenant.clone(),
-        function: a.function.clone(),
-        image_digest: a.image_digest.clone(),
+        tenant: a.map(|a| a.tenant.clone()),
+        function: a.map(|a| a.function.clone()),
+        image_digest: a.map(|a| a.image_digest.clone()),
+        init_data_binding: binding.map(str::to_string),
         tee_pubkey: rd.tee_pubkey.clone(),
     };
     let tok = token::sign(&kbs.token_key, &tc).map_err(ProtocolError::from)?;
     kbs.sessions.set_attested(&id, tc);
-    tracing::info!(tee = %tee, tenant = %a.tenant, function = %a.function, "kbs attestation accepted");
+    tracing::info!(
+        tee = %tee,
+        tenant = a.map(|a| a.tenant.as_str()).unwrap_or("-"),
+        function = a.map(|a| a.function.as_str()).unwrap_or("-"),
+        init_data_binding = binding.unwrap_or("-"),
+        "kbs attestation accepted"
+    );
     Ok(json_response(&serde_json::json!({ "token": tok })))
+}
+
+/// How the init data is bound to verified evidence, if init data was sent:
+/// - `runtime`: its digest is in the additional evidence, inside the runtime data the report
+///   data binds (veil's agent, which learns its assignment after boot);
+/// - `launch`: its digest is the launch-time HOSTDATA (SNP) or MRCONFIGID (TDX), as
+///   Confidential Containers binds a pod's init data;
+/// - `endorsed`: software-TEE evidence whose host endorsement names the assignment's tenant
+///   and function;
+/// - `none`: unendorsed sample evidence, which binds nothing.
+///
+/// Hardware evidence with unbound init data, software evidence endorsed for another
+/// assignment (or presenting none), are refused: a host must not be able to attach another
+/// assignment to a genuine sandbox's evidence.
+fn init_data_binding(
+    parsed: &parse::ParsedAttestation,
+    claims: &veil_attest::Claims,
+) -> ApiResult<Option<&'static str>> {
+    if claims.insecure {
+        let assignment = parsed
+            .init_data
+            .as_ref()
+            .and_then(|i| i.assignment.as_ref())
+            .map(|(_, a)| a);
+        return match (veil_attest::software::endorsed_for(claims), assignment) {
+            (None, _) => Ok(parsed.init_data.as_ref().map(|_| "none")),
+            (Some((t, f)), Some(a)) if t == a.tenant && f == a.function => Ok(Some("endorsed")),
+            (Some((t, f)), Some(a)) => Err(ProtocolError::unauthorized(
+                "EndorsementMismatch",
+                format!(
+                    "the host endorsed this INSECURE software-TEE sandbox for tenant {t:?}, \
+                     function {f:?}, not for tenant {:?}, function {:?}",
+                    a.tenant, a.function
+                ),
+            )),
+            (Some((t, f)), None) => Err(ProtocolError::unauthorized(
+                "EndorsementMismatch",
+                format!(
+                    "the host endorsed this INSECURE software-TEE sandbox for tenant {t:?}, \
+                     function {f:?}, but it presents no veil assignment in its init-data"
+                ),
+            )),
+        };
+    }
+    let Some(init) = &parsed.init_data else {
+        return Ok(None);
+    };
+    if parsed.additional.veil_init_data.is_some() {
+        // parse_attestation already required it to equal the init data's digest.
+        return Ok(Some("runtime"));
+    }
+    let launch = hex::decode(&claims.init_data).unwrap_or_default();
+    if !launch.is_empty() && launch_bound(&launch, &init.digest) {
+        return Ok(Some("launch"));
+    }
+    Err(ProtocolError::unauthorized(
+        "InitDataNotBound",
+        format!(
+            "the init-data (digest {}) is bound neither in the runtime data ({} in the \
+             additional evidence) nor at launch (the evidence's HOSTDATA/MRCONFIGID is {})",
+            hex::encode(&init.digest),
+            parse::VEIL_INIT_DATA,
+            if claims.init_data.is_empty() {
+                "empty"
+            } else {
+                claims.init_data.as_str()
+            }
+        ),
+    ))
+}
+
+/// A launch-time field (SNP HOSTDATA, 32 bytes; TDX MRCONFIGID, 48) holds `digest` the way
+/// Confidential Containers puts it there: truncated to the field, or padded with zeros.
+fn launch_bound(field: &[u8], digest: &[u8]) -> bool {
+    let mut want = digest.to_vec();
+    want.resize(field.len(), 0);
+    field == want.as_slice()
 }
 
 async fn get_resource(
@@ -283,14 +368,16 @@ async fn get_resource(
         ));
     };
     let path = parse::parse_resource_path(&format!("{repo}/{kind}/{tag}"))?;
-    if path.repository != claims.tenant {
-        return Err(ProtocolError::forbidden(
-            "PolicyDeny",
-            format!(
-                "resource of another tenant: {path} is not in the attested tenant's repository {:?}",
-                claims.tenant
-            ),
-        ));
+    // A sandbox bound to a tenant reads that tenant's repository only, whatever the policy.
+    if let Some(tenant) = &claims.tenant {
+        if path.repository != *tenant {
+            return Err(ProtocolError::forbidden(
+                "PolicyDeny",
+                format!(
+                    "resource of another tenant: {path} is not in the attested tenant's repository {tenant:?}"
+                ),
+            ));
+        }
     }
     let policy = kbs
         .resource_policy
@@ -318,7 +405,11 @@ async fn get_resource(
         })?;
     let jwe = crate::jwe::encrypt(&claims.tee_pubkey, &value)
         .map_err(|e| ProtocolError::bad_request("InvalidTeePubKey", e.to_string()))?;
-    tracing::info!(tenant = %claims.tenant, resource = %path, "kbs resource released");
+    tracing::info!(
+        tenant = claims.tenant.as_deref().unwrap_or("-"),
+        resource = %path,
+        "kbs resource released"
+    );
     Ok(json_response(&jwe))
 }
 

@@ -2,6 +2,7 @@
 
 use crate::error::ProtocolError;
 use crate::token::TokenClaims;
+use kbs_types::HashAlgorithm;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -13,6 +14,8 @@ pub(crate) const MAX_SESSIONS: usize = 65_536;
 
 pub(crate) struct Session {
     pub(crate) tee: TeeKind,
+    /// The hash algorithm of the runtime-data binding, chosen at `/auth`.
+    pub(crate) alg: HashAlgorithm,
     pub(crate) nonce: String,
     nonce_issued: Instant,
     nonce_used: bool,
@@ -38,6 +41,7 @@ impl Sessions {
     pub(crate) fn create(
         &self,
         tee: TeeKind,
+        alg: HashAlgorithm,
         nonce: String,
         ttl: Duration,
     ) -> Result<String, ProtocolError> {
@@ -58,6 +62,7 @@ impl Sessions {
             id.clone(),
             Session {
                 tee,
+                alg,
                 nonce,
                 nonce_issued: now,
                 nonce_used: false,
@@ -69,13 +74,13 @@ impl Sessions {
     }
 
     /// Consume the session's nonce: it must equal `nonce`, be unused and younger than
-    /// `nonce_ttl`. Returns the session's TEE.
+    /// `nonce_ttl`. Returns the session's TEE and hash algorithm.
     pub(crate) fn take_nonce(
         &self,
         id: &str,
         nonce: &str,
         nonce_ttl: Duration,
-    ) -> Result<TeeKind, ProtocolError> {
+    ) -> Result<(TeeKind, HashAlgorithm), ProtocolError> {
         let now = Instant::now();
         let mut map = self.lock();
         let s = map
@@ -108,7 +113,7 @@ impl Sessions {
                 "the challenge nonce has expired: call /auth again",
             ));
         }
-        Ok(s.tee)
+        Ok((s.tee, s.alg))
     }
 
     pub(crate) fn set_attested(&self, id: &str, claims: TokenClaims) {

@@ -44,12 +44,23 @@ pub struct TokenClaims {
     pub insecure: bool,
     /// Launch measurement (hex).
     pub measurement: String,
-    /// Tenant the sandbox was assigned to.
-    pub tenant: String,
-    /// Function the sandbox was assigned to.
-    pub function: String,
-    /// Image manifest digest the sandbox attested to.
-    pub image_digest: String,
+    /// Tenant the sandbox was assigned to, when its assignment is bound to the evidence (or
+    /// endorsed, for the software TEE). A token without one reaches only what the resource
+    /// policy allows explicitly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Function the sandbox was assigned to (with `tenant`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<String>,
+    /// Image manifest digest the sandbox attested to (with `tenant`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_digest: Option<String>,
+    /// How the init data was bound to the evidence: `runtime` (its digest in the runtime data,
+    /// veil's late binding), `launch` (HOSTDATA/MRCONFIGID), `endorsed` (the software TEE's
+    /// host endorsement), `none` (not bound: unendorsed sample evidence), or absent when no init
+    /// data was sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_data_binding: Option<String>,
     /// The sandbox's ephemeral key that resources are encrypted to.
     #[serde(rename = "tee-pubkey")]
     pub tee_pubkey: kbs_types::TeePubKey,

@@ -6,8 +6,9 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use veil_attest::software::{HostKey, SoftwareAttester};
-use veil_attest::{Attester, Claims, TeeKind, Verifier, REPORT_DATA_LEN};
-use veil_kbs::{binding, Kbs, KbsClient, KbsConfig, ReqwestTransport, TeeKeyPair};
+use veil_attest::{Attester, Claims, TeeKind, Verifier};
+use veil_kbs::parse::{runtime_data_digest, veil_additional_evidence, HashAlgorithm};
+use veil_kbs::{Kbs, KbsClient, KbsConfig, ReqwestTransport, TeeKeyPair};
 
 const MEASUREMENT: &str = "5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e";
 
@@ -47,8 +48,11 @@ async fn start_insecure() -> Broker {
     start_with(|c| c.allow_insecure_software_tee = true, vec![]).await
 }
 
-fn assignment(tenant: &str) -> Value {
-    json!({"tenant": tenant, "function": "hello", "image_digest": format!("sha256:{}", "ab".repeat(32))})
+/// veil's init-data document for `tenant`'s function `hello`.
+fn assignment(tenant: &str) -> String {
+    veil_kbs::veil_init_data(&json!({"tenant": tenant, "function": "hello",
+        "image_digest": format!("sha256:{}", "ab".repeat(32))}))
+    .unwrap()
 }
 
 /// The node host key the test brokers trust for software-TEE endorsements.
@@ -142,15 +146,16 @@ fn attestation_body(
     attester: &dyn Attester,
     evidence_key: &kbs_types::TeePubKey,
     sent_key: &kbs_types::TeePubKey,
-    init: &Value,
+    init: &str,
 ) -> Vec<u8> {
-    let body = serde_json::to_string(init).unwrap();
-    let rd = binding(nonce, evidence_key, body.as_bytes());
+    let digest = veil_kbs::parse_init_data(init).unwrap().digest;
+    let ae = veil_additional_evidence(&digest);
+    let rd = runtime_data_digest(HashAlgorithm::Sha384, nonce, evidence_key, &ae);
     let evidence = attester.evidence(&rd).unwrap();
     serde_json::to_vec(&json!({
-        "init-data": {"format": "json", "body": body},
+        "init-data": {"format": "toml", "body": init},
         "runtime-data": {"nonce": nonce, "tee-pubkey": sent_key},
-        "tee-evidence": {"primary_evidence": evidence, "additional_evidence": ""},
+        "tee-evidence": {"primary_evidence": evidence, "additional_evidence": ae},
     }))
     .unwrap()
 }
@@ -172,10 +177,14 @@ async fn full_round_trip_with_the_software_tee() {
     let secret: Vec<u8> = (0..=255u8).chain(b"image key".iter().copied()).collect();
     b.kbs.set_resource("acme/key/image", &secret).unwrap();
     let mut c = b.client();
-    let token = c.attest(&attester(), &assignment("acme")).await.unwrap();
+    let token = c
+        .attest(&attester(), Some(&assignment("acme")))
+        .await
+        .unwrap();
     let claims = b.kbs.verify_token(&token).unwrap();
-    assert_eq!(claims.tenant, "acme");
-    assert_eq!(claims.function, "hello");
+    assert_eq!(claims.tenant.as_deref(), Some("acme"));
+    assert_eq!(claims.function.as_deref(), Some("hello"));
+    assert_eq!(claims.init_data_binding.as_deref(), Some("endorsed"));
     assert_eq!(claims.tee, TeeKind::Software);
     assert!(claims.insecure);
     assert_eq!(claims.measurement, MEASUREMENT);
@@ -301,8 +310,8 @@ async fn evidence_not_binding_the_key_is_401() {
     let key = TeeKeyPair::generate().public_key();
     let good = attestation_body(&nonce, &attester(), &key, &key, &assignment("acme"));
     let mut v: Value = serde_json::from_slice(&good).unwrap();
-    v["init-data"]["body"] = serde_json::to_string(&assignment("globex")).unwrap().into();
-    let (s, v) = b
+    v["init-data"]["body"] = assignment("globex").into();
+    let (s, r) = b
         .post(
             "/kbs/v0/attest",
             Some(&cookie),
@@ -310,7 +319,27 @@ async fn evidence_not_binding_the_key_is_401() {
         )
         .await;
     assert_eq!(s, 401);
-    assert!(detail(&v).contains("does not bind"), "{v}");
+    assert!(detail(&r).contains("but the evidence binds"), "{r}");
+    assert_eq!(
+        r["type"],
+        format!("{}InitDataMismatch", veil_kbs::ERROR_TYPE_PREFIX)
+    );
+
+    // ... or with the binding of the init data dropped from the additional evidence.
+    let (cookie, nonce) = b.auth("sample").await;
+    let key = TeeKeyPair::generate().public_key();
+    let good = attestation_body(&nonce, &attester(), &key, &key, &assignment("acme"));
+    let mut v: Value = serde_json::from_slice(&good).unwrap();
+    v["tee-evidence"]["additional_evidence"] = "".into();
+    let (s, r) = b
+        .post(
+            "/kbs/v0/attest",
+            Some(&cookie),
+            serde_json::to_vec(&v).unwrap(),
+        )
+        .await;
+    assert_eq!(s, 401);
+    assert!(detail(&r).contains("does not bind"), "{r}");
 }
 
 #[tokio::test]
@@ -321,7 +350,7 @@ async fn measurement_not_in_reference_values_is_403() {
         .unwrap();
     let err = b
         .client()
-        .attest(&attester(), &assignment("acme"))
+        .attest(&attester(), Some(&assignment("acme")))
         .await
         .unwrap_err();
     match err {
@@ -344,13 +373,18 @@ async fn measurement_not_in_reference_values_is_403() {
         )
         .unwrap();
     b.client()
-        .attest(&attester(), &assignment("acme"))
+        .attest(&attester(), Some(&assignment("acme")))
         .await
         .unwrap();
 }
 
-/// A stand-in for hardware: "evidence" is `{"report_data": hex}`, claims say SNP with debug on.
-struct DebugGuestVerifier;
+/// A stand-in for hardware: "evidence" is `{"report_data": hex}`, claims say SNP with debug on
+/// (and HOSTDATA `host_data`).
+#[derive(Default)]
+struct DebugGuestVerifier {
+    production: bool,
+    host_data: String,
+}
 struct DebugGuestAttester;
 
 impl Verifier for DebugGuestVerifier {
@@ -360,19 +394,20 @@ impl Verifier for DebugGuestVerifier {
     fn verify(
         &self,
         evidence: &Value,
-        expected: &[u8; REPORT_DATA_LEN],
+        expected: &[u8; veil_attest::REPORT_DATA_LEN],
         _now: SystemTime,
     ) -> Result<Claims, veil_attest::Error> {
         let rd =
             hex::decode(evidence["report_data"].as_str().unwrap_or_default()).unwrap_or_default();
+        let rd = veil_attest::pad_report_data(TeeKind::Snp, &rd)?;
         veil_attest::check_report_data(TeeKind::Snp, &rd, expected)?;
         Ok(Claims {
             tee: TeeKind::Snp,
             insecure: false,
             measurement: "aa".into(),
             report_data: hex::encode(rd),
-            init_data: String::new(),
-            debug: true,
+            init_data: self.host_data.clone(),
+            debug: !self.production,
             details: json!({}),
         })
     }
@@ -382,20 +417,20 @@ impl Attester for DebugGuestAttester {
     fn tee(&self) -> TeeKind {
         TeeKind::Snp
     }
-    fn evidence(&self, rd: &[u8; REPORT_DATA_LEN]) -> Result<Value, veil_attest::Error> {
+    fn evidence(&self, rd: &[u8]) -> Result<Value, veil_attest::Error> {
         Ok(json!({"report_data": hex::encode(rd)}))
     }
 }
 
 #[tokio::test]
 async fn debug_guest_is_403() {
-    let b = start_with(|_| {}, vec![Arc::new(DebugGuestVerifier)]).await;
+    let b = start_with(|_| {}, vec![Arc::new(DebugGuestVerifier::default())]).await;
     b.kbs
         .set_reference_values("measurement", &["aa".into()])
         .unwrap();
     let err = b
         .client()
-        .attest(&DebugGuestAttester, &assignment("acme"))
+        .attest(&DebugGuestAttester, Some(&assignment("acme")))
         .await
         .unwrap_err();
     match err {
@@ -405,6 +440,75 @@ async fn debug_guest_is_403() {
         }
         e => panic!("{e}"),
     }
+}
+
+/// Hardware evidence must bind the init data that names its assignment: through the runtime
+/// data (veil's agent), or at launch (HOSTDATA, as Confidential Containers does). Unbound init
+/// data is refused, whatever the policy; bound init data lets the assignment into the token.
+#[tokio::test]
+async fn hardware_init_data_must_be_bound() {
+    let init = assignment("acme");
+    let digest = veil_kbs::parse_init_data(&init).unwrap().digest;
+    let plain_body = |nonce: &str, key: &kbs_types::TeePubKey| {
+        let rd = runtime_data_digest(HashAlgorithm::Sha384, nonce, key, "");
+        serde_json::to_vec(&json!({
+            "init-data": {"format": "toml", "body": init},
+            "runtime-data": {"nonce": nonce, "tee-pubkey": key},
+            "tee-evidence": {"primary_evidence": DebugGuestAttester.evidence(&rd).unwrap(),
+                "additional_evidence": ""},
+        }))
+        .unwrap()
+    };
+    let refs = |b: &Broker| {
+        b.kbs
+            .set_reference_values("measurement", &["aa".into()])
+            .unwrap();
+        b.kbs
+            .set_reference_values("image_digest", &[format!("sha256:{}", "ab".repeat(32))])
+            .unwrap();
+    };
+    let v = DebugGuestVerifier {
+        production: true,
+        host_data: String::new(),
+    };
+    let b = start_with(|_| {}, vec![Arc::new(v)]).await;
+    refs(&b);
+    let (cookie, nonce) = b.auth("snp").await;
+    let key = TeeKeyPair::generate().public_key();
+    let (s, r) = b
+        .post("/kbs/v0/attest", Some(&cookie), plain_body(&nonce, &key))
+        .await;
+    assert_eq!(s, 401, "{r}");
+    assert_eq!(
+        r["type"],
+        format!("{}InitDataNotBound", veil_kbs::ERROR_TYPE_PREFIX)
+    );
+    // veil's client binds it through the additional evidence.
+    let token = b
+        .client()
+        .attest(&DebugGuestAttester, Some(&init))
+        .await
+        .unwrap();
+    let c = b.kbs.verify_token(&token).unwrap();
+    assert_eq!(c.tenant.as_deref(), Some("acme"));
+    assert_eq!(c.init_data_binding.as_deref(), Some("runtime"));
+
+    // Bound at launch: HOSTDATA holds the digest truncated to its 32 bytes.
+    let v = DebugGuestVerifier {
+        production: true,
+        host_data: hex::encode(&digest[..32]),
+    };
+    let b = start_with(|_| {}, vec![Arc::new(v)]).await;
+    refs(&b);
+    let (cookie, nonce) = b.auth("snp").await;
+    let key = TeeKeyPair::generate().public_key();
+    let (s, r) = b
+        .post("/kbs/v0/attest", Some(&cookie), plain_body(&nonce, &key))
+        .await;
+    assert_eq!(s, 200, "{r}");
+    let c = b.kbs.verify_token(r["token"].as_str().unwrap()).unwrap();
+    assert_eq!(c.init_data_binding.as_deref(), Some("launch"));
+    assert_eq!(c.tenant.as_deref(), Some("acme"));
 }
 
 #[tokio::test]
@@ -437,7 +541,7 @@ async fn policy_reason_is_passed_on() {
         .unwrap();
     let err = b
         .client()
-        .attest(&attester(), &assignment("acme"))
+        .attest(&attester(), Some(&assignment("acme")))
         .await
         .unwrap_err();
     assert!(
@@ -445,7 +549,7 @@ async fn policy_reason_is_passed_on() {
         "{err}"
     );
     b.client()
-        .attest(&attester_by(host(), "other"), &assignment("other"))
+        .attest(&attester_by(host(), "other"), Some(&assignment("other")))
         .await
         .unwrap();
 }
@@ -462,7 +566,10 @@ async fn expired_token_is_401() {
     .await;
     b.kbs.set_resource("acme/key/image", b"k").unwrap();
     let mut c = b.client();
-    let token = c.attest(&attester(), &assignment("acme")).await.unwrap();
+    let token = c
+        .attest(&attester(), Some(&assignment("acme")))
+        .await
+        .unwrap();
     c.get_resource("acme/key/image").await.unwrap();
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let (s, body) = b
@@ -487,7 +594,9 @@ async fn resource_of_another_tenant_is_403() {
     let b = start_insecure().await;
     b.kbs.set_resource("globex/key/image", b"theirs").unwrap();
     let mut c = b.client();
-    c.attest(&attester(), &assignment("acme")).await.unwrap();
+    c.attest(&attester(), Some(&assignment("acme")))
+        .await
+        .unwrap();
     match c.get_resource("globex/key/image").await.unwrap_err() {
         veil_kbs::ClientError::Refused { status, detail, .. } => {
             assert_eq!(status, 403);
@@ -501,7 +610,9 @@ async fn resource_of_another_tenant_is_403() {
 async fn missing_resource_is_404() {
     let b = start_insecure().await;
     let mut c = b.client();
-    c.attest(&attester(), &assignment("acme")).await.unwrap();
+    c.attest(&attester(), Some(&assignment("acme")))
+        .await
+        .unwrap();
     match c.get_resource("acme/key/nothing").await.unwrap_err() {
         veil_kbs::ClientError::Refused { status, detail, .. } => {
             assert_eq!(status, 404);
@@ -602,7 +713,7 @@ async fn admin_endpoints_need_a_valid_admin_token() {
     // An attestation token is not an admin token.
     let token = b
         .client()
-        .attest(&attester(), &assignment("acme"))
+        .attest(&attester(), Some(&assignment("acme")))
         .await
         .unwrap();
     let r = b
@@ -668,7 +779,9 @@ async fn admin_endpoints_need_a_valid_admin_token() {
         .unwrap();
     assert_eq!(r.status(), 400);
     let mut c = b.client();
-    c.attest(&attester(), &assignment("acme")).await.unwrap();
+    c.attest(&attester(), Some(&assignment("acme")))
+        .await
+        .unwrap();
     assert_eq!(
         c.get_resource("acme/key/image").await.unwrap().as_slice(),
         b"top secret value"
@@ -723,7 +836,9 @@ async fn bad_rego_is_400() {
     assert_eq!(r.status(), 204);
     b.kbs.set_resource("acme/cert/x", b"c").unwrap();
     let mut c = b.client();
-    c.attest(&attester(), &assignment("acme")).await.unwrap();
+    c.attest(&attester(), Some(&assignment("acme")))
+        .await
+        .unwrap();
     let e = c.get_resource("acme/cert/x").await.unwrap_err();
     assert!(
         e.to_string().contains("only keys") && e.to_string().contains("403"),
@@ -775,7 +890,7 @@ async fn made_up_software_evidence_gets_nothing() {
     let rogue = HostKey::generate();
     let err = b
         .client()
-        .attest(&attester_by(&rogue, "acme"), &assignment("acme"))
+        .attest(&attester_by(&rogue, "acme"), Some(&assignment("acme")))
         .await
         .unwrap_err();
     assert!(
@@ -784,30 +899,28 @@ async fn made_up_software_evidence_gets_nothing() {
         "{err}"
     );
 
-    // The old unsigned shape, hand-built.
+    // Plain sample evidence (trustee's sample attester's, or anyone's), hand-built.
     struct Unsigned;
     impl Attester for Unsigned {
         fn tee(&self) -> TeeKind {
             TeeKind::Software
         }
-        fn evidence(&self, rd: &[u8; REPORT_DATA_LEN]) -> Result<Value, veil_attest::Error> {
-            Ok(
-                json!({"warning": veil_attest::software::WARNING, "measurement": MEASUREMENT,
-                "report_data": hex::encode(rd), "init_data": ""}),
-            )
+        fn evidence(&self, rd: &[u8]) -> Result<Value, veil_attest::Error> {
+            Ok(json!({"svn": "1",
+                "report_data": base64::engine::general_purpose::STANDARD.encode(rd)}))
         }
     }
     let (cookie, nonce) = b.auth("sample").await;
     let key = TeeKeyPair::generate().public_key();
     let body = attestation_body(&nonce, &Unsigned, &key, &key, &assignment("acme"));
     let (status, v) = b.post("/kbs/v0/attest", Some(&cookie), body).await;
-    assert_eq!(status, 400, "{v}");
-    assert!(detail(&v).contains("missing field"), "{v}");
+    assert_eq!(status, 401, "{v}");
+    assert!(detail(&v).contains("without a host endorsement"), "{v}");
 
     // A genuine endorsement for tenant acme, used to ask as tenant other.
     let err = b
         .client()
-        .attest(&attester_by(host(), "acme"), &assignment("other"))
+        .attest(&attester_by(host(), "acme"), Some(&assignment("other")))
         .await
         .unwrap_err();
     assert!(
@@ -822,7 +935,7 @@ async fn made_up_software_evidence_gets_nothing() {
         .unwrap();
     let err = b
         .client()
-        .attest(&attester(), &assignment("acme"))
+        .attest(&attester(), Some(&assignment("acme")))
         .await
         .unwrap_err();
     assert!(err.to_string().contains("has not opted in"), "{err}");
@@ -841,7 +954,7 @@ async fn software_tee_without_trusted_hosts_accepts_nothing() {
     .await;
     let err = b
         .client()
-        .attest(&attester(), &assignment("acme"))
+        .attest(&attester(), Some(&assignment("acme")))
         .await
         .unwrap_err();
     assert!(

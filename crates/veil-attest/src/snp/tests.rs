@@ -760,3 +760,38 @@ fn cert_table_parsing() {
     let _ = certs_from_table(&bad);
     let _ = certs_from_table(&table[..30]);
 }
+
+/// Evidence in the shape guest-components sends (trustee's own vector, as is) is verified by
+/// `SnpVerifier` directly; veil's shape converts to it and back without loss; and tampering in
+/// that shape fails.
+#[test]
+fn coco_evidence_shape_verifies() {
+    let v: serde_json::Value = serde_json::from_slice(&read("trustee/evidence.json")).unwrap();
+    let g = trustee_genoa();
+    let rd = g.own_report_data();
+    let c = SnpVerifier::new().verify(&v, &rd, now()).unwrap();
+    assert_eq!(c.details["product"], "Genoa");
+
+    for (name, vec) in [("virtee", virtee_milan()), ("trustee vlek", trustee_vlek())] {
+        let coco = evidence_to_coco(&vec.evidence()).unwrap();
+        assert!(coco["attestation_report"].is_object(), "{name}");
+        let back: SnpEvidence = serde_json::from_value(evidence_from_coco(&coco).unwrap()).unwrap();
+        assert_eq!(B64.decode(&back.report).unwrap(), vec.report, "{name}");
+        assert!(
+            SnpVerifier::new()
+                .verify(&coco, &vec.own_report_data(), now())
+                .is_ok(),
+            "{name}"
+        );
+    }
+
+    let mut bad = v.clone();
+    bad["attestation_report"]["guest_svn"] = json!(7);
+    assert!(SnpVerifier::new().verify(&bad, &rd, now()).is_err());
+    let mut bad = v.clone();
+    bad["attestation_report"] = json!("nope");
+    assert!(matches!(
+        SnpVerifier::new().verify(&bad, &rd, now()),
+        Err(Error::Malformed { .. })
+    ));
+}

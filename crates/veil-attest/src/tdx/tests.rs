@@ -418,3 +418,30 @@ fn attester_without_configfs_is_unavailable() {
     assert!(matches!(e, Error::Unavailable(TeeKind::Tdx, _)), "{e}");
     assert!(e.to_string().contains("configfs-tsm"), "{e}");
 }
+
+/// The shape Confidential Containers' attester sends (`{"cc_eventlog", "quote"}`, collateral
+/// from the verifier's directory) verifies the real quote; a tampered quote in that shape fails.
+#[test]
+fn coco_evidence_shape_verifies() {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("tdx_quote_collateral.json"),
+        read("tdx_quote_collateral.json"),
+    )
+    .unwrap();
+    let v = tdx();
+    let rd = own_report_data(&v);
+    let verifier = TdxVerifier::new().with_collateral_dir(dir.path());
+    for eventlog in [json!(null), json!(b64.encode(b"an event log"))] {
+        let ev = json!({"cc_eventlog": eventlog, "quote": b64.encode(&v.quote)});
+        let c = verifier.verify(&ev, &rd, at(TDX_NOW)).unwrap();
+        assert_eq!(c.details["tcb_status"], "UpToDate");
+    }
+    let mut q = v.quote.clone();
+    let n = q.len();
+    q[n / 2] ^= 1;
+    let ev = json!({"cc_eventlog": null, "quote": b64.encode(&q)});
+    assert!(verifier.verify(&ev, &rd, at(TDX_NOW)).is_err());
+}
