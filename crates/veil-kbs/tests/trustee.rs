@@ -1,0 +1,452 @@
+//! Interoperability with Confidential Containers' trustee, both directions, against trustee's
+//! own programs (`testdata/trustee/`: its KBS and its `kbs-client`, built from its public
+//! sources): trustee's client gets resources from veil's broker, and veil's client (the one the
+//! agent uses in every sandbox) attests to trustee's KBS and gets resources that trustee's
+//! policies release.
+#![allow(clippy::unwrap_used)] // tests may panic
+
+use base64::Engine;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use veil_attest::software::{HostKey, SoftwareAttester};
+use veil_kbs::{Kbs, KbsClient, KbsConfig, ReqwestTransport};
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// The trustee programs, decompressed once per build directory and checked against the digests
+/// the fixture's README records.
+fn trustee_bin(name: &str) -> PathBuf {
+    let expected = match name {
+        "kbs" => "7a9bd7661d675a026a3ff810f061482e6c202b51521674ec654300ecb329d937",
+        "kbs-client" => "038e9542a0afa1d8043878ce1c547ceb1d2a798bd0cbb6c7015a530406c57ff1",
+        other => panic!("no trustee program {other}"),
+    };
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("trustee");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join(format!("{name}-{}", &expected[..16]));
+    if out.exists() {
+        return out;
+    }
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("testdata/trustee/{name}.xz"));
+    let data = Command::new("xz")
+        .arg("-dc")
+        .arg(&src)
+        .output()
+        .unwrap_or_else(|e| panic!("xz (package xz-utils) is needed to unpack {src:?}: {e}"));
+    assert!(data.status.success(), "xz -dc {src:?} failed");
+    use sha2::Digest;
+    assert_eq!(
+        hex::encode(sha2::Sha256::digest(&data.stdout)),
+        expected,
+        "{src:?} is not the recorded trustee build"
+    );
+    // Several test processes may unpack at once: write aside, then rename into place.
+    let tmp = dir.join(format!("{name}.{}.tmp", std::process::id()));
+    std::fs::write(&tmp, &data.stdout).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&tmp, &out).unwrap();
+    out
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// trustee's KBS on a loopback port, killed when dropped.
+struct Trustee {
+    child: std::process::Child,
+    url: String,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Trustee {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Trustee {
+    async fn start() -> Trustee {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let template = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/trustee/kbs.toml.in"),
+        )
+        .unwrap();
+        let storage = dir.path().join("storage");
+        let config = template
+            .replace("@LISTEN@", &format!("127.0.0.1:{port}"))
+            .replace("@STORAGE_DIR@", storage.to_str().unwrap());
+        let config_path = dir.path().join("kbs.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let log = std::fs::File::create(dir.path().join("kbs.log")).unwrap();
+        let child = Command::new(trustee_bin("kbs"))
+            .arg("--config-file")
+            .arg(&config_path)
+            .current_dir(dir.path())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let url = format!("http://127.0.0.1:{port}");
+        let t = Trustee { child, url, dir };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "trustee's KBS did not start: {}",
+                t.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        t
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("kbs.log")).unwrap_or_default()
+    }
+
+    /// `kbs-client config …` against this KBS (its admin API is open in this configuration).
+    fn config(&self, args: &[&str]) {
+        let out = kbs_client(&self.url, &[&["config"], args].concat(), self.dir.path());
+        assert!(out.ok, "kbs-client config {args:?}: {}", out.stderr);
+    }
+
+    fn set_resource(&self, path: &str, value: &[u8]) {
+        let f = self.dir.path().join("resource");
+        std::fs::write(&f, value).unwrap();
+        self.config(&[
+            "set-resource",
+            "--path",
+            path,
+            "--resource-file",
+            f.to_str().unwrap(),
+        ]);
+    }
+
+    fn set_resource_policy(&self, rego: &str) {
+        let f = self.dir.path().join("policy.rego");
+        std::fs::write(&f, rego).unwrap();
+        self.config(&["set-resource-policy", "--policy-file", f.to_str().unwrap()]);
+    }
+}
+
+struct Out {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+/// Run trustee's `kbs-client --url <url> <args>`.
+fn kbs_client(url: &str, args: &[&str], cwd: &Path) -> Out {
+    let out = Command::new(trustee_bin("kbs-client"))
+        .arg("--url")
+        .arg(url)
+        .args(args)
+        .current_dir(cwd)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    Out {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        stderr: String::from_utf8_lossy(&out.stderr).to_string(),
+    }
+}
+
+async fn kbs_client_async(url: String, args: Vec<String>, cwd: PathBuf) -> Out {
+    tokio::task::spawn_blocking(move || {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        kbs_client(&url, &a, &cwd)
+    })
+    .await
+    .unwrap()
+}
+
+/// veil's broker on a loopback port.
+struct Veil {
+    kbs: Arc<Kbs>,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn veil_broker(f: impl FnOnce(&mut KbsConfig)) -> Veil {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = KbsConfig::new(dir.path().join("state"));
+    cfg.software_tee_hosts = vec![host().public_hex()];
+    f(&mut cfg);
+    let kbs = Kbs::open(cfg).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let router = kbs.router();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    Veil {
+        kbs,
+        url,
+        _dir: dir,
+    }
+}
+
+fn host() -> &'static HostKey {
+    static HOST: std::sync::OnceLock<HostKey> = std::sync::OnceLock::new();
+    HOST.get_or_init(HostKey::generate)
+}
+
+/// What a veil node gives a sandbox of `tenant`'s function `hello`: an endorsed software
+/// attester, and the sandbox's init-data document.
+fn sandbox(tenant: &str) -> (SoftwareAttester, String) {
+    let c = host().endorse(
+        "sb-interop",
+        tenant,
+        "hello",
+        SystemTime::now(),
+        Duration::from_secs(600),
+    );
+    let init = veil_kbs::veil_init_data(&json!({"tenant": tenant, "function": "hello",
+        "image_digest": format!("sha256:{}", "ab".repeat(32))}))
+    .unwrap();
+    (
+        SoftwareAttester::new(&"5e".repeat(48), "", &c).unwrap(),
+        init,
+    )
+}
+
+/// A resource policy for veil's broker that releases the `default` repository to any attested
+/// client, as trustee's `--allow-all` does for sample evidence (what an operator installs to
+/// serve trustee's client from a development broker).
+const VEIL_ALLOW_DEFAULT: &str = r#"package policy
+import rego.v1
+default allow := false
+allow if input.resource.repository == "default"
+"#;
+
+// ---------------------------------------------------------------------------------------------
+// trustee's client → veil's broker
+
+/// trustee's `kbs-client`, with its sample attester, gets a resource from veil's broker that
+/// accepts unendorsed sample evidence: the whole exchange (hash negotiation, canonical runtime
+/// data, sample evidence, no init-data, and the JWE the client decrypts with sorted headers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trustee_client_gets_resources_from_veils_broker() {
+    let v = veil_broker(|c| {
+        c.allow_insecure_software_tee = true;
+        c.allow_unendorsed_sample = true;
+    })
+    .await;
+    v.kbs.set_resource_policy(VEIL_ALLOW_DEFAULT).unwrap();
+    let secret = b"a resource for trustee's client \x00\xff";
+    v.kbs.set_resource("default/key/x", secret).unwrap();
+    let cwd = tempfile::tempdir().unwrap();
+    let out = kbs_client_async(
+        v.url.clone(),
+        ["get-resource", "--path", "default/key/x"]
+            .map(String::from)
+            .to_vec(),
+        cwd.path().to_path_buf(),
+    )
+    .await;
+    assert!(out.ok, "kbs-client failed: {}", out.stderr);
+    assert_eq!(B64.decode(&out.stdout).unwrap(), secret);
+
+    // With init-data (TOML, as the client sends it): accepted, but unendorsed sample evidence
+    // binds nothing, so it does not make the client a tenant's sandbox.
+    let init = sandbox("acme").1;
+    v.kbs.set_resource("acme/key/x", b"acme's").unwrap();
+    let out = kbs_client_async(
+        v.url.clone(),
+        vec![
+            "get-resource".into(),
+            "--path".into(),
+            "default/key/x".into(),
+            init.clone(),
+        ],
+        cwd.path().to_path_buf(),
+    )
+    .await;
+    assert!(out.ok, "kbs-client with init-data failed: {}", out.stderr);
+    assert_eq!(B64.decode(&out.stdout).unwrap(), secret);
+    // A resource of another tenant (named in the unbound init data, or not): refused.
+    let out = kbs_client_async(
+        v.url.clone(),
+        vec![
+            "get-resource".into(),
+            "--path".into(),
+            "acme/key/x".into(),
+            init,
+        ],
+        cwd.path().to_path_buf(),
+    )
+    .await;
+    assert!(!out.ok);
+    assert!(out.stderr.contains("PolicyDeny"), "{}", out.stderr);
+    assert!(!out.stdout.contains(&B64.encode(b"acme's")));
+
+    // `kbs-client attest` prints veil's token, which names no tenant.
+    let out = kbs_client_async(
+        v.url.clone(),
+        vec!["attest".into()],
+        cwd.path().to_path_buf(),
+    )
+    .await;
+    assert!(out.ok, "{}", out.stderr);
+    let claims = v.kbs.verify_token(&out.stdout).unwrap();
+    assert_eq!(claims.tenant, None);
+    assert!(claims.insecure);
+}
+
+/// A broker whose policy refuses sample evidence (every broker by default, and the one in
+/// `veil up`): trustee's client is refused, and the error says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trustee_client_is_refused_clearly_without_sample_acceptance() {
+    let cwd = tempfile::tempdir().unwrap();
+    // Software TEE accepted for endorsed sandboxes only.
+    let v = veil_broker(|c| c.allow_insecure_software_tee = true).await;
+    v.kbs.set_resource_policy(VEIL_ALLOW_DEFAULT).unwrap();
+    v.kbs.set_resource("default/key/x", b"x").unwrap();
+    let out = kbs_client_async(
+        v.url.clone(),
+        vec!["attest".into()],
+        cwd.path().to_path_buf(),
+    )
+    .await;
+    assert!(!out.ok);
+    assert!(
+        out.stderr
+            .contains("sample evidence without a host endorsement"),
+        "{}",
+        out.stderr
+    );
+    // The default: no software TEE at all.
+    let v = veil_broker(|_| {}).await;
+    let out = kbs_client_async(
+        v.url.clone(),
+        vec!["attest".into()],
+        cwd.path().to_path_buf(),
+    )
+    .await;
+    assert!(!out.ok);
+    assert!(
+        out.stderr
+            .contains("sample evidence without a host endorsement"),
+        "{}",
+        out.stderr
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// veil's client (the agent's) → trustee's KBS
+
+/// veil's client attests to trustee's KBS with the software TEE (trustee's sample format plus
+/// veil's endorsement, which trustee ignores) and the init-data document of its assignment,
+/// and trustee's resource policy decides on that assignment: it releases the resource to
+/// tenant acme's sandbox and refuses another tenant's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn veils_client_gets_resources_from_trustee() {
+    let t = Trustee::start().await;
+    t.set_resource("acme/key/image", b"acme's image key");
+    // trustee's policy, on the init-data claims of the token trustee issued.
+    t.set_resource_policy(
+        r#"package policy
+import rego.v1
+default allow := false
+allow if {
+	input["submods"]["cpu0"]["ear.veraison.annotated-evidence"]["init_data_claims"]["veil.tenant"] == data["resource-path"][0]
+}
+"#,
+    );
+    let (attester, init) = sandbox("acme");
+    let mut c = KbsClient::new(ReqwestTransport::new(t.url.clone()));
+    let token = c.attest(&attester, Some(&init)).await.unwrap_or_else(|e| {
+        panic!("attest to trustee: {e}\n{}", t.log());
+    });
+    // trustee's EAR token carries the assignment as init-data claims.
+    let payload: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token.split('.').nth(1).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let evidence = &payload["submods"]["cpu0"]["ear.veraison.annotated-evidence"];
+    assert_eq!(evidence["init_data_claims"]["veil.tenant"], "acme");
+    assert_eq!(evidence["sample"]["svn"], "1");
+    let v = c.get_resource("acme/key/image").await.unwrap();
+    assert_eq!(v.as_slice(), b"acme's image key");
+
+    // Another tenant's sandbox asks for acme's key: trustee's policy refuses.
+    let (attester, init) = sandbox("globex");
+    let mut c = KbsClient::new(ReqwestTransport::new(t.url.clone()));
+    c.attest(&attester, Some(&init)).await.unwrap();
+    let e = c.get_resource("acme/key/image").await.unwrap_err();
+    assert!(e.to_string().contains("refused"), "{e}");
+}
+
+/// Tokens are the issuing broker's: veil's token at trustee, and trustee's at veil, are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_from_one_broker_is_refused_by_the_other() {
+    let t = Trustee::start().await;
+    t.set_resource("acme/key/x", b"trustee's");
+    t.config(&["set-resource-policy", "--allow-all"]);
+    let v = veil_broker(|c| c.allow_insecure_software_tee = true).await;
+    v.kbs
+        .set_reference_values(veil_kbs::SOFTWARE_TEE_TENANTS, &["acme".into()])
+        .unwrap();
+    v.kbs.set_resource("acme/key/x", b"veil's").unwrap();
+    let http = reqwest::Client::new();
+
+    // A token from veil's broker, presented to trustee.
+    let (attester, init) = sandbox("acme");
+    let mut c = KbsClient::new(ReqwestTransport::new(v.url.clone()));
+    let veil_token = c.attest(&attester, Some(&init)).await.unwrap();
+    let r = http
+        .get(format!("{}/kbs/v0/resource/acme/key/x", t.url))
+        .bearer_auth(&veil_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "{}", r.text().await.unwrap());
+
+    // A token from trustee, presented to veil's broker.
+    let mut c = KbsClient::new(ReqwestTransport::new(t.url.clone()));
+    let trustee_token = c.attest(&attester, Some(&init)).await.unwrap();
+    let r = http
+        .get(format!("{}/kbs/v0/resource/acme/key/x", v.url))
+        .bearer_auth(&trustee_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["type"].as_str().unwrap().ends_with("TokenInvalid"),
+        "{body}"
+    );
+}
+
+/// A trustee KBS that is down: a clear error, not a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trustee_that_is_down_gives_a_clear_error() {
+    let url = {
+        let t = Trustee::start().await;
+        t.url.clone()
+    };
+    let (attester, init) = sandbox("acme");
+    let mut c = KbsClient::new(ReqwestTransport::new(url));
+    let e = tokio::time::timeout(Duration::from_secs(30), c.attest(&attester, Some(&init)))
+        .await
+        .expect("attesting to a KBS that is down must fail promptly")
+        .unwrap_err();
+    assert!(e.to_string().contains("key broker unreachable"), "{e}");
+}
