@@ -7,170 +7,25 @@
 
 use base64::Engine;
 use serde_json::json;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 use veil_attest::software::{HostKey, SoftwareAttester};
 use veil_kbs::{Kbs, KbsClient, KbsConfig, ReqwestTransport};
+use veil_testkit::trustee::{kbs_client, ClientOutput, Trustee};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
-/// The trustee programs, decompressed once per build directory and checked against the digests
-/// the fixture's README records.
-fn trustee_bin(name: &str) -> PathBuf {
-    let expected = match name {
-        "kbs" => "7a9bd7661d675a026a3ff810f061482e6c202b51521674ec654300ecb329d937",
-        "kbs-client" => "038e9542a0afa1d8043878ce1c547ceb1d2a798bd0cbb6c7015a530406c57ff1",
-        other => panic!("no trustee program {other}"),
-    };
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("trustee");
-    std::fs::create_dir_all(&dir).unwrap();
-    let out = dir.join(format!("{name}-{}", &expected[..16]));
-    if out.exists() {
-        return out;
-    }
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("testdata/trustee/{name}.xz"));
-    let data = Command::new("xz")
-        .arg("-dc")
-        .arg(&src)
-        .output()
-        .unwrap_or_else(|e| panic!("xz (package xz-utils) is needed to unpack {src:?}: {e}"));
-    assert!(data.status.success(), "xz -dc {src:?} failed");
-    use sha2::Digest;
-    assert_eq!(
-        hex::encode(sha2::Sha256::digest(&data.stdout)),
-        expected,
-        "{src:?} is not the recorded trustee build"
-    );
-    // Several test processes may unpack at once: write aside, then rename into place.
-    let tmp = dir.join(format!("{name}.{}.tmp", std::process::id()));
-    std::fs::write(&tmp, &data.stdout).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::rename(&tmp, &out).unwrap();
-    out
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
+async fn trustee() -> Trustee {
+    tokio::task::spawn_blocking(|| Trustee::start().unwrap())
+        .await
         .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
-/// trustee's KBS on a loopback port, killed when dropped.
-struct Trustee {
-    child: std::process::Child,
-    url: String,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Trustee {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Trustee {
-    async fn start() -> Trustee {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let template = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/trustee/kbs.toml.in"),
-        )
-        .unwrap();
-        let storage = dir.path().join("storage");
-        let config = template
-            .replace("@LISTEN@", &format!("127.0.0.1:{port}"))
-            .replace("@STORAGE_DIR@", storage.to_str().unwrap());
-        let config_path = dir.path().join("kbs.toml");
-        std::fs::write(&config_path, config).unwrap();
-        let log = std::fs::File::create(dir.path().join("kbs.log")).unwrap();
-        let child = Command::new(trustee_bin("kbs"))
-            .arg("--config-file")
-            .arg(&config_path)
-            .current_dir(dir.path())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let url = format!("http://127.0.0.1:{port}");
-        let t = Trustee { child, url, dir };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            assert!(
-                Instant::now() < deadline,
-                "trustee's KBS did not start: {}",
-                t.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        t
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("kbs.log")).unwrap_or_default()
-    }
-
-    /// `kbs-client config …` against this KBS (its admin API is open in this configuration).
-    fn config(&self, args: &[&str]) {
-        let out = kbs_client(&self.url, &[&["config"], args].concat(), self.dir.path());
-        assert!(out.ok, "kbs-client config {args:?}: {}", out.stderr);
-    }
-
-    fn set_resource(&self, path: &str, value: &[u8]) {
-        let f = self.dir.path().join("resource");
-        std::fs::write(&f, value).unwrap();
-        self.config(&[
-            "set-resource",
-            "--path",
-            path,
-            "--resource-file",
-            f.to_str().unwrap(),
-        ]);
-    }
-
-    fn set_resource_policy(&self, rego: &str) {
-        let f = self.dir.path().join("policy.rego");
-        std::fs::write(&f, rego).unwrap();
-        self.config(&["set-resource-policy", "--policy-file", f.to_str().unwrap()]);
-    }
-}
-
-struct Out {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-/// Run trustee's `kbs-client --url <url> <args>`.
-fn kbs_client(url: &str, args: &[&str], cwd: &Path) -> Out {
-    let out = Command::new(trustee_bin("kbs-client"))
-        .arg("--url")
-        .arg(url)
-        .args(args)
-        .current_dir(cwd)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    Out {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).trim().to_string(),
-        stderr: String::from_utf8_lossy(&out.stderr).to_string(),
-    }
-}
-
-async fn kbs_client_async(url: String, args: Vec<String>, cwd: PathBuf) -> Out {
+async fn kbs_client_async(url: String, args: Vec<String>, cwd: PathBuf) -> ClientOutput {
     tokio::task::spawn_blocking(move || {
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        kbs_client(&url, &a, &cwd)
+        kbs_client(&url, &a, &cwd).unwrap()
     })
     .await
     .unwrap()
@@ -355,8 +210,9 @@ async fn trustee_client_is_refused_clearly_without_sample_acceptance() {
 /// tenant acme's sandbox and refuses another tenant's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn veils_client_gets_resources_from_trustee() {
-    let t = Trustee::start().await;
-    t.set_resource("acme/key/image", b"acme's image key");
+    let t = trustee().await;
+    t.set_resource("acme/key/image", b"acme's image key")
+        .unwrap();
     // trustee's policy, on the init-data claims of the token trustee issued.
     t.set_resource_policy(
         r#"package policy
@@ -366,9 +222,10 @@ allow if {
 	input["submods"]["cpu0"]["ear.veraison.annotated-evidence"]["init_data_claims"]["veil.tenant"] == data["resource-path"][0]
 }
 "#,
-    );
+    )
+    .unwrap();
     let (attester, init) = sandbox("acme");
-    let mut c = KbsClient::new(ReqwestTransport::new(t.url.clone()));
+    let mut c = KbsClient::new(ReqwestTransport::new(t.url()));
     let token = c.attest(&attester, Some(&init)).await.unwrap_or_else(|e| {
         panic!("attest to trustee: {e}\n{}", t.log());
     });
@@ -387,7 +244,7 @@ allow if {
 
     // Another tenant's sandbox asks for acme's key: trustee's policy refuses.
     let (attester, init) = sandbox("globex");
-    let mut c = KbsClient::new(ReqwestTransport::new(t.url.clone()));
+    let mut c = KbsClient::new(ReqwestTransport::new(t.url()));
     c.attest(&attester, Some(&init)).await.unwrap();
     let e = c.get_resource("acme/key/image").await.unwrap_err();
     assert!(e.to_string().contains("refused"), "{e}");
@@ -396,9 +253,9 @@ allow if {
 /// Tokens are the issuing broker's: veil's token at trustee, and trustee's at veil, are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_from_one_broker_is_refused_by_the_other() {
-    let t = Trustee::start().await;
-    t.set_resource("acme/key/x", b"trustee's");
-    t.config(&["set-resource-policy", "--allow-all"]);
+    let t = trustee().await;
+    t.set_resource("acme/key/x", b"trustee's").unwrap();
+    t.config(&["set-resource-policy", "--allow-all"]).unwrap();
     let v = veil_broker(|c| c.allow_insecure_software_tee = true).await;
     v.kbs
         .set_reference_values(veil_kbs::SOFTWARE_TEE_TENANTS, &["acme".into()])
@@ -411,7 +268,7 @@ async fn a_token_from_one_broker_is_refused_by_the_other() {
     let mut c = KbsClient::new(ReqwestTransport::new(v.url.clone()));
     let veil_token = c.attest(&attester, Some(&init)).await.unwrap();
     let r = http
-        .get(format!("{}/kbs/v0/resource/acme/key/x", t.url))
+        .get(format!("{}/kbs/v0/resource/acme/key/x", t.url()))
         .bearer_auth(&veil_token)
         .send()
         .await
@@ -419,7 +276,7 @@ async fn a_token_from_one_broker_is_refused_by_the_other() {
     assert_eq!(r.status(), 401, "{}", r.text().await.unwrap());
 
     // A token from trustee, presented to veil's broker.
-    let mut c = KbsClient::new(ReqwestTransport::new(t.url.clone()));
+    let mut c = KbsClient::new(ReqwestTransport::new(t.url()));
     let trustee_token = c.attest(&attester, Some(&init)).await.unwrap();
     let r = http
         .get(format!("{}/kbs/v0/resource/acme/key/x", v.url))
@@ -438,10 +295,9 @@ async fn a_token_from_one_broker_is_refused_by_the_other() {
 /// A trustee KBS that is down: a clear error, not a hang.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trustee_that_is_down_gives_a_clear_error() {
-    let url = {
-        let t = Trustee::start().await;
-        t.url.clone()
-    };
+    let mut t = trustee().await;
+    let url = t.url();
+    t.stop();
     let (attester, init) = sandbox("acme");
     let mut c = KbsClient::new(ReqwestTransport::new(url));
     let e = tokio::time::timeout(Duration::from_secs(30), c.attest(&attester, Some(&init)))

@@ -1,7 +1,9 @@
 //! Test helpers shared by veil's crates: a real OCI registry process
 //! (Debian's `docker-registry`, the CNCF distribution server), a `skopeo`
-//! wrapper and free loopback ports.
+//! wrapper, free loopback ports, and Confidential Containers' trustee ([`trustee`]).
 #![forbid(unsafe_code)]
+
+pub mod trustee;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
