@@ -72,6 +72,8 @@ if [ "${1:-}" != build ]; then
   command -v python3 >/dev/null 2>&1 || need+=(python3)
   python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
   command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
+  # trustee's KBS and kbs-client ship xz-compressed (crates/veil-testkit/testdata/trustee).
+  command -v xz >/dev/null 2>&1 || need+=(xz-utils)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"

@@ -22,6 +22,13 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(e.status, 400);
         }
         let _ = parse::session_cookie(s);
+        // Init-data documents and additional evidence come from the (untrusted) sandbox side.
+        if let Err(e) = parse::parse_init_data(s) {
+            assert_eq!(e.status, 400, "{e}");
+        }
+        if let Err(e) = parse::parse_additional_evidence(s) {
+            assert_eq!(e.status, 400, "{e}");
+        }
         let _ = parse::check_version(s);
     }
     // A released-resource JWE from a hostile broker must not panic the client either.

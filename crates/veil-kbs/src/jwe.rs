@@ -1,8 +1,12 @@
 //! JWE for released resources: `ECDH-ES+A256KW` key agreement on P-256 with `A256GCM` content
 //! encryption (RFC 7516 / RFC 7518 §4.6), in the JSON serialization of `kbs_types::Response`.
+//! The broker also encrypts to `RSA-OAEP-256` keys (RFC 7518 §4.3), which Confidential
+//! Containers' client uses with a key of its own (`kbs-client --tee-key-file`); veil's client
+//! always uses P-256.
 //!
-//! Everything cryptographic comes from RustCrypto crates (p256 ECDH, AES key wrap, AES-GCM);
-//! only the Concat KDF of RFC 7518 §4.6.2 (one SHA-256 round for a 256-bit key) is composed here.
+//! Everything cryptographic comes from RustCrypto crates (p256 ECDH, AES key wrap, AES-GCM,
+//! rsa OAEP); only the Concat KDF of RFC 7518 §4.6.2 (one SHA-256 round for a 256-bit key) is
+//! composed here.
 
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
 use kbs_types::{ProtectedHeader, Response, TeePubKey};
@@ -16,6 +20,18 @@ pub const ALG_ECDH_ES_A256KW: &str = "ECDH-ES+A256KW";
 pub const ENC_A256GCM: &str = "A256GCM";
 /// The only curve supported.
 pub const CRV_P256: &str = "P-256";
+/// Key-management algorithm for RSA TEE keys.
+pub const ALG_RSA_OAEP_256: &str = "RSA-OAEP-256";
+/// Accepted RSA modulus sizes (bits).
+const RSA_BITS: std::ops::RangeInclusive<usize> = 2048..=8192;
+
+/// A TEE key the broker can encrypt to.
+pub enum Recipient {
+    /// P-256, `ECDH-ES+A256KW`.
+    P256(p256::PublicKey),
+    /// RSA, `RSA-OAEP-256`.
+    Rsa(Box<rsa::RsaPublicKey>),
+}
 
 /// JWE errors. Messages never contain key material or plaintext.
 #[derive(Debug, thiserror::Error)]
@@ -71,23 +87,49 @@ fn point(x: &str, y: &str) -> Result<p256::PublicKey, JweError> {
         .ok_or_else(|| JweError::InvalidKey("point is not on P-256".into()))
 }
 
-/// Check that `key` is a P-256 `ECDH-ES+A256KW` key on the curve and return it.
-pub fn tee_public_key(key: &TeePubKey) -> Result<p256::PublicKey, JweError> {
+/// Check that `key` is a P-256 `ECDH-ES+A256KW` key on the curve, or an `RSA-OAEP-256` key of
+/// 2048 to 8192 bits, and return it.
+pub fn tee_public_key(key: &TeePubKey) -> Result<Recipient, JweError> {
+    const SUPPORTED: &str = "EC P-256 with ECDH-ES+A256KW, or RSA with RSA-OAEP-256";
     match key {
         TeePubKey::EC { crv, alg, x, y } => {
             if crv != CRV_P256 || alg != ALG_ECDH_ES_A256KW {
                 return Err(JweError::UnsupportedKey(format!(
-                    "EC key with crv {crv:?} and alg {alg:?} (only {CRV_P256} with {ALG_ECDH_ES_A256KW})"
+                    "EC key with crv {crv:?} and alg {alg:?} (supported: {SUPPORTED})"
                 )));
             }
-            point(x, y)
+            point(x, y).map(Recipient::P256)
         }
-        TeePubKey::RSA { .. } => Err(JweError::UnsupportedKey(
-            "RSA keys are not accepted (only EC P-256 with ECDH-ES+A256KW)".into(),
-        )),
-        TeePubKey::AKP { .. } => Err(JweError::UnsupportedKey(
-            "AKP keys are not accepted (only EC P-256 with ECDH-ES+A256KW)".into(),
-        )),
+        TeePubKey::RSA { alg, k_mod, k_exp } => {
+            if alg != ALG_RSA_OAEP_256 {
+                return Err(JweError::UnsupportedKey(format!(
+                    "RSA key with alg {alg:?} (supported: {SUPPORTED})"
+                )));
+            }
+            let int = |name: &str, v: &str, max: usize| {
+                let b = URL_SAFE_NO_PAD
+                    .decode(v)
+                    .map_err(|e| JweError::InvalidKey(format!("{name} is not base64url: {e}")))?;
+                if b.is_empty() || b.len() > max {
+                    return Err(JweError::InvalidKey(format!("{name} has a bad length")));
+                }
+                Ok(rsa::BigUint::from_bytes_be(&b))
+            };
+            let n = int("n", k_mod, RSA_BITS.end() / 8)?;
+            let e = int("e", k_exp, 8)?;
+            if !RSA_BITS.contains(&(n.bits() as usize)) {
+                return Err(JweError::UnsupportedKey(format!(
+                    "RSA key of {} bits (2048 to 8192 accepted)",
+                    n.bits()
+                )));
+            }
+            rsa::RsaPublicKey::new(n, e)
+                .map(|k| Recipient::Rsa(Box::new(k)))
+                .map_err(|e| JweError::InvalidKey(format!("RSA key: {e}")))
+        }
+        TeePubKey::AKP { .. } => Err(JweError::UnsupportedKey(format!(
+            "AKP keys are not accepted (supported: {SUPPORTED})"
+        ))),
     }
 }
 
@@ -125,13 +167,14 @@ fn kek(shared: &p256::ecdh::SharedSecret) -> Result<aes_kw::KekAes256, JweError>
     );
     aes_kw::KekAes256::try_from(k.as_slice()).map_err(|_| JweError::Encrypt("KEK length".into()))
 }
-/// Encrypt `plaintext` to `tee_pubkey`.
-pub fn encrypt(tee_pubkey: &TeePubKey, plaintext: &[u8]) -> Result<Response, JweError> {
-    use aes_gcm::aead::{AeadInPlace, KeyInit};
-    let recipient = tee_public_key(tee_pubkey)?;
+/// ECDH-ES+A256KW: wrap `cek` for `recipient` with a fresh ephemeral key; the header and the
+/// wrapped key.
+fn wrap_ecdh(
+    recipient: &p256::PublicKey,
+    cek: &[u8; 32],
+) -> Result<(ProtectedHeader, Vec<u8>), JweError> {
     let eph = random_secret_key();
     let shared = p256::ecdh::diffie_hellman(eph.to_nonzero_scalar(), recipient.as_affine());
-    let cek = Zeroizing::new(random_bytes::<32>());
     let mut encrypted_key = vec![0u8; 40];
     kek(&shared)?
         .wrap(cek.as_slice(), &mut encrypted_key)
@@ -148,10 +191,35 @@ pub fn encrypt(tee_pubkey: &TeePubKey, plaintext: &[u8]) -> Result<Response, Jwe
     epk.insert("y".into(), ey.into());
     let mut other = serde_json::Map::new();
     other.insert("epk".into(), serde_json::Value::Object(epk));
-    let protected = ProtectedHeader {
+    let header = ProtectedHeader {
         alg: ALG_ECDH_ES_A256KW.into(),
         enc: ENC_A256GCM.into(),
         other_fields: other,
+    };
+    Ok((header, encrypted_key))
+}
+
+/// Encrypt `plaintext` to `tee_pubkey`.
+pub fn encrypt(tee_pubkey: &TeePubKey, plaintext: &[u8]) -> Result<Response, JweError> {
+    use aes_gcm::aead::{AeadInPlace, KeyInit};
+    let cek = Zeroizing::new(random_bytes::<32>());
+    let (protected, encrypted_key) = match tee_public_key(tee_pubkey)? {
+        Recipient::P256(recipient) => wrap_ecdh(&recipient, &cek)?,
+        Recipient::Rsa(recipient) => {
+            let wrapped = recipient
+                .encrypt(
+                    &mut rand_core::OsRng,
+                    rsa::Oaep::new::<Sha256>(),
+                    cek.as_slice(),
+                )
+                .map_err(|e| JweError::Encrypt(format!("RSA-OAEP: {e}")))?;
+            let header = ProtectedHeader {
+                alg: ALG_RSA_OAEP_256.into(),
+                enc: ENC_A256GCM.into(),
+                other_fields: serde_json::Map::new(),
+            };
+            (header, wrapped)
+        }
     };
     let aad = protected
         .generate_aad()
@@ -288,6 +356,74 @@ mod tests {
         assert!(matches!(wrong.decrypt(&json), Err(JweError::Decrypt)));
         // The ciphertext does not contain the plaintext.
         assert!(!json.windows(secret.len()).any(|w| w == secret));
+    }
+
+    /// The protected header is in canonical (sorted) member order at every level, which is how
+    /// trustee's client rebuilds it for the authenticated data.
+    #[test]
+    fn protected_header_is_sorted() {
+        let k = TeeKeyPair::generate();
+        let jwe = serde_json::to_value(encrypt(&k.public_key(), b"x").unwrap()).unwrap();
+        let header = URL_SAFE_NO_PAD
+            .decode(jwe["protected"].as_str().unwrap())
+            .unwrap();
+        let value: serde_json::Value = serde_json::from_slice(&header).unwrap();
+        assert_eq!(header, serde_json_canonicalizer::to_vec(&value).unwrap());
+        assert!(String::from_utf8(header).unwrap().starts_with(
+            r#"{"alg":"ECDH-ES+A256KW","enc":"A256GCM","epk":{"crv":"P-256","kty":"EC","x":"#
+        ));
+    }
+
+    /// RSA-OAEP-256 recipients: the CEK unwraps with the private key (as the client does it)
+    /// and the content decrypts; weak or malformed RSA keys are refused.
+    #[test]
+    fn rsa_oaep_recipients() {
+        use aes_gcm::aead::{AeadInPlace, KeyInit};
+        use rsa::traits::PublicKeyParts;
+        let sk = rsa::RsaPrivateKey::new(&mut rand_core::OsRng, 2048).unwrap();
+        let pk = sk.to_public_key();
+        let tpk = TeePubKey::RSA {
+            alg: ALG_RSA_OAEP_256.into(),
+            k_mod: URL_SAFE_NO_PAD.encode(pk.n().to_bytes_be()),
+            k_exp: URL_SAFE_NO_PAD.encode(pk.e().to_bytes_be()),
+        };
+        let jwe = encrypt(&tpk, b"for an RSA key").unwrap();
+        assert_eq!(jwe.protected.alg, ALG_RSA_OAEP_256);
+        let cek = sk
+            .decrypt(rsa::Oaep::new::<Sha256>(), &jwe.encrypted_key)
+            .unwrap();
+        let aad = jwe.protected.generate_aad().unwrap();
+        let cipher = aes_gcm::Aes256Gcm::new_from_slice(&cek).unwrap();
+        let mut plain = jwe.ciphertext.clone();
+        let iv: [u8; 12] = jwe.iv.as_slice().try_into().unwrap();
+        let tag: [u8; 16] = jwe.tag.as_slice().try_into().unwrap();
+        cipher
+            .decrypt_in_place_detached((&iv).into(), &aad, &mut plain, (&tag).into())
+            .unwrap();
+        assert_eq!(plain, b"for an RSA key");
+
+        let weak = rsa::RsaPrivateKey::new(&mut rand_core::OsRng, 1024)
+            .unwrap()
+            .to_public_key();
+        for bad in [
+            TeePubKey::RSA {
+                alg: ALG_RSA_OAEP_256.into(),
+                k_mod: URL_SAFE_NO_PAD.encode(weak.n().to_bytes_be()),
+                k_exp: URL_SAFE_NO_PAD.encode(weak.e().to_bytes_be()),
+            },
+            TeePubKey::RSA {
+                alg: "RSA1_5".into(),
+                k_mod: URL_SAFE_NO_PAD.encode(pk.n().to_bytes_be()),
+                k_exp: URL_SAFE_NO_PAD.encode(pk.e().to_bytes_be()),
+            },
+            TeePubKey::RSA {
+                alg: ALG_RSA_OAEP_256.into(),
+                k_mod: "***".into(),
+                k_exp: "AQAB".into(),
+            },
+        ] {
+            assert!(encrypt(&bad, b"x").is_err());
+        }
     }
 
     #[test]

@@ -149,6 +149,34 @@ async fn trustee_client_gets_resources_from_veils_broker() {
     assert!(out.stderr.contains("PolicyDeny"), "{}", out.stderr);
     assert!(!out.stdout.contains(&B64.encode(b"acme's")));
 
+    // With an RSA TEE key of its own (`--tee-key-file`, RSA-OAEP-256), too.
+    let key = cwd.path().join("tee.pem");
+    let st = std::process::Command::new("openssl")
+        .args(["genrsa", "-traditional", "-out"])
+        .arg(&key)
+        .arg("2048")
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let out = kbs_client_async(
+        v.url.clone(),
+        vec![
+            "get-resource".into(),
+            "--path".into(),
+            "default/key/x".into(),
+            "--tee-key-file".into(),
+            key.to_string_lossy().into_owned(),
+        ],
+        cwd.path().to_path_buf(),
+    )
+    .await;
+    assert!(out.ok, "kbs-client with an RSA key failed: {}", out.stderr);
+    assert_eq!(B64.decode(&out.stdout).unwrap(), secret);
+
     // `kbs-client attest` prints veil's token, which names no tenant.
     let out = kbs_client_async(
         v.url.clone(),
