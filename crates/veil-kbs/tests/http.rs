@@ -963,3 +963,34 @@ async fn software_tee_without_trusted_hosts_accepts_nothing() {
         "{err}"
     );
 }
+
+/// Real SEV-SNP evidence in the shape guest-components sends it (`attestation_report`,
+/// `cert_chain`; trustee's own test vector) is read and its signature chain checked by the
+/// broker: it is refused only because its report data does not bind this session.
+#[tokio::test]
+async fn guest_components_snp_evidence_is_verified_not_refused_as_malformed() {
+    let b = start_with(|_| {}, vec![]).await;
+    let evidence: Value = serde_json::from_slice(
+        &std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../veil-attest/testdata/snp/trustee/evidence.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let (cookie, nonce) = b.auth("snp").await;
+    let key = TeeKeyPair::generate().public_key();
+    let body = serde_json::to_vec(&json!({
+        "init-data": null,
+        "runtime-data": {"nonce": nonce, "tee-pubkey": key},
+        "tee-evidence": {"primary_evidence": evidence, "additional_evidence": ""},
+    }))
+    .unwrap();
+    let (s, v) = b.post("/kbs/v0/attest", Some(&cookie), body).await;
+    assert_eq!(s, 401, "{v}");
+    assert_eq!(
+        v["type"],
+        format!("{}BindingMismatch", veil_kbs::ERROR_TYPE_PREFIX)
+    );
+    assert!(detail(&v).contains("report data"), "{v}");
+}
