@@ -327,3 +327,48 @@ async fn the_kvm_probe_is_bounded_and_the_choice_boots() {
     );
     assert!(qemus_under(&vms).is_empty());
 }
+
+/// A guest that does not reach the agent within the boot timeout (here a timeout far shorter
+/// than a TCG boot): the boot fails with a clear error, QEMU is killed and nothing is left —
+/// no process, no socket, no directory. The node's pool then retries, as for a VM that died.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_never_reaches_the_agent_is_killed_at_the_boot_timeout() {
+    use veil_sandbox::microvm::{MicroVmBackend, MicroVmConfig};
+    use veil_sandbox::Backend;
+    let tmp = tempfile::tempdir().unwrap();
+    let g = guest(&tmp.path().join("guest"));
+    let vms = tmp.path().join("vms");
+    let mut cfg = MicroVmConfig::new(g.kernel.path, g.initrd.path, g.cmdline, vms.clone());
+    cfg.accel = Accel::Tcg;
+    cfg.tcg_append = veil_guest::tcg_clock_param();
+    cfg.boot_timeout = Duration::from_millis(300);
+    let backend = MicroVmBackend::start(cfg).await.unwrap();
+    let started = std::time::Instant::now();
+    let e = backend
+        .create(veil_sandbox::SandboxSpec {
+            id: "00000000deadbeef".into(),
+            memory_bytes: 256 << 20,
+            cpu_millis: 1000,
+            pids_max: 256,
+            rootfs_bytes: 64 << 20,
+        })
+        .await
+        .err()
+        .expect("a 300 ms boot timeout cannot be met under TCG")
+        .to_string();
+    assert!(
+        e.contains("did not open its channel in time") && e.contains("00000000deadbeef"),
+        "{e}"
+    );
+    // Bounded: the timeout plus the time to read QEMU's last words and kill it.
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(qemus_under(&vms).is_empty(), "QEMU left running");
+    assert!(
+        !vms.join("00000000deadbeef").exists(),
+        "the VM's directory (sockets, pid file) was left"
+    );
+}
