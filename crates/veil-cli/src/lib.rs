@@ -7,6 +7,7 @@ pub mod client;
 pub mod demo;
 pub mod guest;
 pub mod images;
+pub mod simulate;
 
 use anyhow::{bail, Context, Result};
 use std::net::SocketAddr;
@@ -53,6 +54,8 @@ pub struct UpOptions {
     pub local_store: veil_gateway::LocalStoreConfig,
     /// Which sandboxes functions run in.
     pub backend: backend::BackendChoice,
+    /// Bin width of the hybrid keep-alive policy's idle-time histogram (one minute).
+    pub keep_alive_bin: Duration,
 }
 
 impl UpOptions {
@@ -74,6 +77,7 @@ impl UpOptions {
             drain_timeout: Duration::from_secs(30),
             local_store: veil_gateway::LocalStoreConfig::default(),
             backend: backend::BackendChoice::Process,
+            keep_alive_bin: Duration::from_secs(60),
         }
     }
 }
@@ -178,6 +182,7 @@ impl Platform {
                 default_kbs_url: kbs.as_ref().map(|_| format!("http://{addr}")),
                 drain_timeout: opts.drain_timeout,
                 local_store: opts.local_store.clone(),
+                keep_alive_bin: opts.keep_alive_bin,
             },
         )
         .context("open the gateway's token store")?;

@@ -108,6 +108,16 @@ enum Cmd {
     /// Build the microVM guest (kernel, initrd with veil-agent as /init, command line).
     #[command(subcommand)]
     Guest(GuestCmd),
+    /// Simulations that need no running veil.
+    #[command(subcommand)]
+    Simulate(SimulateCmd),
+}
+
+#[derive(Subcommand)]
+enum SimulateCmd {
+    /// Replay an invocation trace (Azure Functions 2019 per-minute format) against the
+    /// keep-alive policies: cold-start fraction and idle memory-time of each.
+    KeepAlive(veil_cli::simulate::KeepAliveArgs),
 }
 
 #[derive(Subcommand)]
@@ -368,6 +378,13 @@ struct DeployArgs {
     /// Port the function listens on.
     #[arg(long)]
     port: Option<u16>,
+    /// Seconds an idle instance is kept (the fixed keep-alive window).
+    #[arg(long)]
+    idle_timeout: Option<u64>,
+    /// Keep-alive policy: fixed (the idle timeout) or hybrid (a histogram of the function's
+    /// idle times decides when to unload an instance and when to pre-warm one).
+    #[arg(long, value_parser = ["fixed", "hybrid"])]
+    keep_alive: Option<String>,
     /// Owning tenant.
     #[arg(long)]
     tenant: Option<String>,
@@ -765,7 +782,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         max_scale: a.max_scale,
                         port: a.port,
                         ready_timeout_s: None,
-                        idle_timeout_s: None,
+                        idle_timeout_s: a.idle_timeout,
+                        keep_alive: a.keep_alive.as_deref().map(|k| match k {
+                            "hybrid" => veil_gateway::keepalive::KeepAlive::Hybrid,
+                            _ => veil_gateway::keepalive::KeepAlive::Fixed,
+                        }),
                         secrets: parse_env(&a.secrets)?,
                         decryption_keys: a.decryption_keys,
                         signature_policy: a.signature_policy,
@@ -871,6 +892,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         },
         Cmd::Kbs(kc) => kbs_cmd(kc, &cli.server).await?,
         Cmd::Measure(a) => measure::run(&a)?,
+        Cmd::Simulate(SimulateCmd::KeepAlive(a)) => {
+            let rows = veil_cli::simulate::run(&a)?;
+            veil_cli::simulate::print(&a, &rows);
+        }
         Cmd::Guest(GuestCmd::Build {
             out,
             agent,

@@ -534,3 +534,65 @@ async fn a_burst_never_runs_more_sandboxes_than_the_capacity() {
     env.admin.delete("burst").await.unwrap();
     stop_clean(env).await;
 }
+
+/// The hybrid keep-alive policy learns a function's rhythm: invoked once a second (histogram
+/// bins shortened to 100 ms for the test), it first keeps instances for its fallback window;
+/// once it has enough idle times it unloads the instance right after each request and
+/// pre-warms a new one just before the next, so that requests stay warm without an instance
+/// idling in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hybrid_keep_alive_unloads_and_prewarms_on_the_functions_rhythm() {
+    let env = up_with(|o| o.keep_alive_bin = Duration::from_millis(100)).await;
+    let image = push_hello(&env, "rhythm:v1").await;
+    let mut req = DeployRequest::new(&image);
+    req.keep_alive = Some(veil_gateway::keepalive::KeepAlive::Hybrid);
+    env.admin.deploy("rhythm", &req).await.unwrap();
+    let status = |admin: AdminClient| async move {
+        admin
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|f| f.record.name == "rhythm")
+            .unwrap()
+    };
+    let first = status(env.admin.clone()).await;
+    assert!(
+        first
+            .keep_alive_decision
+            .as_deref()
+            .unwrap()
+            .contains("fixed window"),
+        "{:?}",
+        first.keep_alive_decision
+    );
+    let (mut warm, mut unloaded, mut instances) = (0, 0, BTreeSet::new());
+    let start = Instant::now();
+    for i in 0..17u32 {
+        tokio::time::sleep_until(start + Duration::from_secs(u64::from(i))).await;
+        let r = get(&env.admin, "rhythm", "/").await;
+        assert_eq!(r.status, 200, "{}", text(&r));
+        if i >= 12 {
+            warm += u32::from(!r.headers.contains_key("x-veil-cold-start"));
+            instances.insert(instance(&r));
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            let st = status(env.admin.clone()).await;
+            unloaded += u32::from(st.instances.is_empty());
+        }
+    }
+    let st = status(env.admin.clone()).await;
+    let decision = st.keep_alive_decision.unwrap();
+    eprintln!("{decision}: {warm} of 5 warm, unloaded {unloaded} of 5 times");
+    assert!(decision.contains("histogram of"), "{decision}");
+    assert!(
+        unloaded >= 3,
+        "the instance should be unloaded between requests ({unloaded} of 5): {decision}"
+    );
+    assert!(
+        warm >= 3,
+        "pre-warmed instances should serve the requests warm ({warm} of 5): {decision}"
+    );
+    assert!(instances.len() >= 3, "{instances:?}");
+    env.admin.delete("rhythm").await.unwrap();
+    env.platform.stop().await.unwrap();
+}

@@ -45,6 +45,7 @@ async fn up(local_store: LocalStoreConfig, cache_max_bytes: u64) -> Env {
             state_dir: dir.clone(),
             default_kbs_url: None,
             drain_timeout: Duration::from_secs(1),
+            keep_alive_bin: Duration::from_secs(60),
             local_store,
         },
     )

@@ -16,6 +16,7 @@
 
 pub mod auth;
 mod functions;
+pub mod keepalive;
 pub mod metrics;
 mod registry;
 
@@ -84,6 +85,9 @@ pub struct GatewayConfig {
     /// How long instances taken out of service (redeploy, delete, scale-down) may take to
     /// finish the requests they have before they are destroyed anyway.
     pub drain_timeout: Duration,
+    /// Bin width of the hybrid keep-alive policy's idle-time histogram (the paper's one
+    /// minute; tests shorten it). The autoscaler ticks at most a quarter bin apart.
+    pub keep_alive_bin: Duration,
 }
 
 /// JSON error body of every gateway error.
@@ -126,6 +130,7 @@ impl Gateway {
             &config.state_dir,
             config.drain_timeout,
             node.backend_label(),
+            keepalive::HybridConfig::with_bin(config.keep_alive_bin),
         );
         let gw = Arc::new(Self {
             node,

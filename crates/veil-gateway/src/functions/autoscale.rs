@@ -71,11 +71,65 @@ pub(super) fn start_instance(gw: &Arc<Gateway>, rt: &mut Runtime, claim: Claim) 
     });
 }
 
-/// Every second: remove ended instances, scale idle functions down (to zero unless
-/// `min_scale` says otherwise), and keep `min_scale` instances up.
+/// What the autoscaler aims for, for one function, this tick.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Target {
+    /// Instances kept however idle.
+    pub keep: usize,
+    /// An instance beyond `keep` idle this long is scaled down.
+    pub idle_after: Duration,
+    /// Instances to have up (started if missing): `min_scale`, or one to pre-warm.
+    pub up: usize,
+}
+
+/// The target for a function with `min_scale`, the fixed window `fixed`, its keep-alive policy's
+/// decision (for `hybrid`) and how long it has been idle (`None`: busy, or never invoked).
+pub(super) fn target(
+    min_scale: usize,
+    fixed: Duration,
+    decision: Option<&crate::keepalive::Decision>,
+    idle: Option<Duration>,
+) -> Target {
+    let Some(d) = decision else {
+        return Target {
+            keep: min_scale,
+            idle_after: fixed,
+            up: min_scale,
+        };
+    };
+    match idle {
+        // Busy (or never used): extra instances go after the policy's whole window.
+        None => Target {
+            keep: min_scale,
+            idle_after: d.prewarm + d.keep_alive,
+            up: min_scale,
+        },
+        // In the keep-alive window: one instance loaded (pre-warmed if it was unloaded).
+        Some(i) if d.wants_instance(i) => Target {
+            keep: min_scale.max(1),
+            idle_after: d.keep_alive,
+            up: min_scale.max(1),
+        },
+        // Before the pre-warm window, or after the keep-alive window: unload now.
+        Some(_) => Target {
+            keep: min_scale,
+            idle_after: Duration::ZERO,
+            up: min_scale,
+        },
+    }
+}
+
+/// Every second (or a quarter of the keep-alive histogram's bin, if shorter): remove ended
+/// instances, scale idle functions down (to zero unless `min_scale` says otherwise, when the
+/// keep-alive policy says so), keep `min_scale` instances up, and pre-warm the functions whose
+/// hybrid keep-alive policy expects them to be invoked soon.
 pub fn spawn_autoscaler(gw: Weak<Gateway>) {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let period = gw.upgrade().map_or(Duration::from_secs(1), |g| {
+            (g.functions.keep_alive.bin / 4)
+                .clamp(Duration::from_millis(10), Duration::from_secs(1))
+        });
+        let mut tick = tokio::time::interval(period);
         loop {
             tick.tick().await;
             let Some(gw) = gw.upgrade() else { return };
@@ -84,8 +138,17 @@ pub fn spawn_autoscaler(gw: Weak<Gateway>) {
                 for rt in map.values_mut() {
                     let mut doomed = Vec::new();
                     rt.instances.retain(|s| s.inst.is_alive());
-                    let idle = Duration::from_secs(rt.record.idle_timeout_s);
-                    while rt.instances.len() > rt.record.min_scale as usize {
+                    let fixed = Duration::from_secs(rt.record.idle_timeout_s);
+                    let decision = (rt.record.keep_alive == crate::keepalive::KeepAlive::Hybrid)
+                        .then(|| rt.activity.decide(&gw.functions.keep_alive, fixed));
+                    let want = target(
+                        rt.record.min_scale as usize,
+                        fixed,
+                        decision.as_ref(),
+                        rt.activity.idle_for(),
+                    );
+                    let idle = want.idle_after;
+                    while rt.instances.len() > want.keep {
                         let pos = rt.instances.iter().position(|s| {
                             s.inflight.load(Ordering::SeqCst) == 0
                                 && lock(&s.last_used).elapsed() >= idle
@@ -96,7 +159,7 @@ pub fn spawn_autoscaler(gw: Weak<Gateway>) {
                         }
                     }
                     if !doomed.is_empty() {
-                        tracing::info!(function = %rt.record.name, revision = rt.record.revision, count = doomed.len(), "scaling down idle instances");
+                        tracing::info!(function = %rt.record.name, revision = rt.record.revision, count = doomed.len(), after_ms = idle.as_millis() as u64, "scaling down idle instances");
                         // Idle and out of the runtime: they drain at once.
                         drop(gw.functions.drains.start(
                             &rt.record.name,
@@ -111,12 +174,13 @@ pub fn spawn_autoscaler(gw: Weak<Gateway>) {
                     let backing_off = rt
                         .last_failure
                         .is_some_and(|t| t.elapsed() < Duration::from_secs(10));
-                    while !backing_off
-                        && rt.instances.len() + rt.starting < rt.record.min_scale as usize
-                    {
+                    while !backing_off && rt.instances.len() + rt.starting < want.up {
                         match gw.node.claim() {
                             Ok(claim) => {
                                 rt.min_scale_blocked = false;
+                                if want.up > rt.record.min_scale as usize {
+                                    tracing::debug!(function = %rt.record.name, "pre-warming an instance (hybrid keep-alive)");
+                                }
                                 start_instance(&gw, rt, claim);
                             }
                             Err(e) => {
@@ -132,4 +196,76 @@ pub fn spawn_autoscaler(gw: Weak<Gateway>) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keepalive::Decision;
+
+    fn s(x: u64) -> Duration {
+        Duration::from_secs(x)
+    }
+
+    #[test]
+    fn targets_follow_the_keep_alive_decision() {
+        // Fixed: the idle timeout, min_scale kept.
+        assert_eq!(
+            target(0, s(60), None, Some(s(5))),
+            Target {
+                keep: 0,
+                idle_after: s(60),
+                up: 0
+            }
+        );
+        let d = Decision {
+            prewarm: s(30),
+            keep_alive: s(10),
+            source: "histogram".into(),
+        };
+        // Just gone idle, before the pre-warm window: unload now.
+        assert_eq!(
+            target(0, s(60), Some(&d), Some(s(1))),
+            Target {
+                keep: 0,
+                idle_after: Duration::ZERO,
+                up: 0
+            }
+        );
+        // In the window: one instance up (pre-warmed), extra ones go after the keep-alive.
+        assert_eq!(
+            target(0, s(60), Some(&d), Some(s(31))),
+            Target {
+                keep: 1,
+                idle_after: s(10),
+                up: 1
+            }
+        );
+        // After the window: unload again; min_scale always stays.
+        assert_eq!(
+            target(2, s(60), Some(&d), Some(s(45))),
+            Target {
+                keep: 2,
+                idle_after: Duration::ZERO,
+                up: 2
+            }
+        );
+        // Busy: extra instances wait out the whole window.
+        assert_eq!(
+            target(0, s(60), Some(&d), None),
+            Target {
+                keep: 0,
+                idle_after: s(40),
+                up: 0
+            }
+        );
+        // A fallback decision (no pre-warm) keeps the instance for the fixed window.
+        let f = Decision {
+            prewarm: Duration::ZERO,
+            keep_alive: s(60),
+            source: "fixed window".into(),
+        };
+        assert_eq!(target(0, s(60), Some(&f), Some(s(59))).keep, 1);
+        assert_eq!(target(0, s(60), Some(&f), Some(s(61))).keep, 0);
+    }
 }

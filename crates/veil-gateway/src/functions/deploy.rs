@@ -39,6 +39,11 @@ pub struct DeployRequest {
     /// Seconds an instance may stay idle before it is removed (default 60).
     #[serde(default)]
     pub idle_timeout_s: Option<u64>,
+    /// Keep-alive policy: `fixed` (the idle timeout, the default) or `hybrid` (a histogram of
+    /// the function's idle times decides when to unload and pre-warm; the idle timeout is its
+    /// fallback).
+    #[serde(default)]
+    pub keep_alive: Option<crate::keepalive::KeepAlive>,
     /// Secrets released by the tenant's key broker to the sandbox after attestation, as
     /// environment variable → resource (`kbs:///<tenant>/<type>/<tag>`). The host never sees
     /// their values.
@@ -74,6 +79,7 @@ impl DeployRequest {
             port: None,
             ready_timeout_s: None,
             idle_timeout_s: None,
+            keep_alive: None,
             secrets: BTreeMap::new(),
             decryption_keys: Vec::new(),
             signature_policy: None,
@@ -126,6 +132,8 @@ pub struct ValidDeploy {
     pub ready_timeout_s: u64,
     /// Idle timeout in seconds.
     pub idle_timeout_s: u64,
+    /// Keep-alive policy.
+    pub keep_alive: crate::keepalive::KeepAlive,
     /// Environment variable → key-broker resource path.
     pub secrets: BTreeMap<String, String>,
     /// Key-broker resource paths of image decryption keys.
@@ -275,6 +283,7 @@ pub fn validate(
         port,
         ready_timeout_s,
         idle_timeout_s,
+        keep_alive: req.keep_alive.unwrap_or_default(),
         secrets,
         image_keys,
         signature_policy,
@@ -292,6 +301,7 @@ pub async fn deploy(gw: &Arc<Gateway>, name: &str, req: DeployRequest, v: ValidD
         port,
         ready_timeout_s,
         idle_timeout_s,
+        keep_alive,
         secrets,
         image_keys,
         signature_policy,
@@ -336,6 +346,7 @@ pub async fn deploy(gw: &Arc<Gateway>, name: &str, req: DeployRequest, v: ValidD
             port,
             ready_timeout_s,
             idle_timeout_s,
+            keep_alive,
             revision,
             secrets,
             image_keys,

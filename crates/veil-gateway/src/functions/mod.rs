@@ -49,6 +49,9 @@ pub struct FunctionRecord {
     pub ready_timeout_s: u64,
     /// Idle timeout in seconds.
     pub idle_timeout_s: u64,
+    /// Keep-alive policy.
+    #[serde(default)]
+    pub keep_alive: crate::keepalive::KeepAlive,
     /// Increases with every deploy of this name.
     pub revision: u64,
     /// Environment variable → key-broker resource path (`<tenant>/<type>/<tag>`).
@@ -92,6 +95,10 @@ pub struct FunctionStatus {
     /// Where its instances run: the backend and, for VMs, the accelerator (`microvm/tcg`).
     #[serde(default)]
     pub backend: String,
+    /// What the keep-alive policy currently decides (pre-warm and keep-alive windows, and
+    /// why), for `hybrid`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_alive_decision: Option<String>,
 }
 
 /// One ready instance and the requests it carries.
@@ -102,9 +109,66 @@ struct Slot {
     first_served: AtomicBool,
 }
 
+/// When a function is busy and when it went idle, and the histogram of its idle times (the
+/// hybrid keep-alive policy's input). Shared by the requests (which arrive and depart) and the
+/// autoscaler (which reads it).
+#[derive(Default)]
+pub(crate) struct Activity {
+    active: AtomicU32,
+    state: Mutex<ActivityState>,
+}
+
+#[derive(Default)]
+struct ActivityState {
+    idle_since: Option<Instant>,
+    hist: crate::keepalive::IdleHistogram,
+}
+
+impl Activity {
+    /// A request arrives; the end of an idle period is recorded.
+    fn arrive(self: &Arc<Self>, cfg: &crate::keepalive::HybridConfig) -> ActivityGuard {
+        if self.active.fetch_add(1, Ordering::SeqCst) == 0 {
+            let mut s = lock(&self.state);
+            if let Some(t) = s.idle_since.take() {
+                s.hist.record(t.elapsed(), cfg);
+            }
+        }
+        ActivityGuard(self.clone())
+    }
+
+    /// How long the function has been idle (no request anywhere), if it is.
+    fn idle_for(&self) -> Option<Duration> {
+        if self.active.load(Ordering::SeqCst) != 0 {
+            return None;
+        }
+        lock(&self.state).idle_since.map(|t| t.elapsed())
+    }
+
+    fn decide(
+        &self,
+        cfg: &crate::keepalive::HybridConfig,
+        fallback: Duration,
+    ) -> crate::keepalive::Decision {
+        lock(&self.state).hist.decide(cfg, fallback)
+    }
+}
+
+/// A request counted as activity until it ends, however it ends.
+pub(crate) struct ActivityGuard(Arc<Activity>);
+
+impl Drop for ActivityGuard {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+            lock(&self.0.state).idle_since = Some(Instant::now());
+        }
+    }
+}
+
 /// The live state of one function's current revision.
 struct Runtime {
     record: FunctionRecord,
+    /// Requests and idle periods (the keep-alive policy's input).
+    activity: Arc<Activity>,
     instances: Vec<Arc<Slot>>,
     starting: usize,
     /// Requests waiting for capacity; decremented by a guard even if the client goes away.
@@ -125,6 +189,7 @@ impl Runtime {
     fn new(record: FunctionRecord) -> Self {
         Self {
             record,
+            activity: Arc::default(),
             instances: Vec::new(),
             starting: 0,
             waiting: Arc::new(AtomicUsize::new(0)),
@@ -150,6 +215,8 @@ pub struct Functions {
     drains: drain::Drains,
     /// The node's backend label, for status.
     backend: String,
+    /// The hybrid keep-alive policy's parameters.
+    pub(crate) keep_alive: crate::keepalive::HybridConfig,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -158,8 +225,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Functions {
     /// Load persisted deployments from `state_dir/functions.json`; instances that stop taking
-    /// requests get `drain_timeout` to finish the ones they have.
-    pub fn load(state_dir: &Path, drain_timeout: Duration, backend: String) -> Self {
+    /// requests get `drain_timeout` to finish the ones they have; `keep_alive` parameterises
+    /// the hybrid keep-alive policy.
+    pub fn load(
+        state_dir: &Path,
+        drain_timeout: Duration,
+        backend: String,
+        keep_alive: crate::keepalive::HybridConfig,
+    ) -> Self {
         let file = state_dir.join("functions.json");
         let mut map = HashMap::new();
         match std::fs::read(&file) {
@@ -183,6 +256,7 @@ impl Functions {
             file,
             drains: drain::Drains::new(drain_timeout),
             backend,
+            keep_alive,
         }
     }
 
@@ -218,6 +292,19 @@ impl Functions {
             waiting: rt.waiting.load(Ordering::SeqCst),
             last_error: rt.last_error.clone(),
             backend: self.backend.clone(),
+            keep_alive_decision: (rt.record.keep_alive == crate::keepalive::KeepAlive::Hybrid)
+                .then(|| {
+                    let d = rt.activity.decide(
+                        &self.keep_alive,
+                        Duration::from_secs(rt.record.idle_timeout_s),
+                    );
+                    format!(
+                        "pre-warm after {:.1}s idle, keep {:.1}s: {}",
+                        d.prewarm.as_secs_f64(),
+                        d.keep_alive.as_secs_f64(),
+                        d.source
+                    )
+                }),
         }
     }
 

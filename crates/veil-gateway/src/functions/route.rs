@@ -51,6 +51,8 @@ async fn route(
     // Why the last attempt to start an instance found no room on the node, if it did.
     let mut at_capacity: Option<String> = None;
     let mut room = gw.node.capacity_changes();
+    // Counted as the function's activity (the keep-alive policy's input) until it ends.
+    let mut activity: Option<super::ActivityGuard> = None;
     let slot = loop {
         let pick = {
             let mut map = lock(&gw.functions.map);
@@ -66,6 +68,9 @@ async fn route(
                     before - rt.instances.len()
                 );
             }
+            if activity.is_none() {
+                activity = Some(rt.activity.arrive(&gw.functions.keep_alive));
+            }
             let seen = *seen_failures.get_or_insert(rt.failures);
             let limit = rt.record.concurrency;
             let best = rt
@@ -79,6 +84,7 @@ async fn route(
                 Pick::Slot(Busy {
                     slot: s,
                     changes: rt.changes.clone(),
+                    _activity: activity.take(),
                 })
             } else if rt.failures > seen && rt.instances.is_empty() && rt.starting == 0 {
                 Pick::Respond(api_error(
@@ -183,6 +189,8 @@ impl Drop for Counted {
 struct Busy {
     slot: Arc<Slot>,
     changes: Arc<watch::Sender<u64>>,
+    /// Dropped after the slot is released (fields drop in order after `Drop::drop`).
+    _activity: Option<super::ActivityGuard>,
 }
 
 impl Drop for Busy {
