@@ -748,7 +748,7 @@ pub fn evidence_to_coco(v: &serde_json::Value) -> Result<serde_json::Value, Erro
         }
     }
     let report =
-        serde_json::to_value(&report).map_err(|e| malformed(format!("attestation_report: {e}")))?;
+        serde_json::to_value(report).map_err(|e| malformed(format!("attestation_report: {e}")))?;
     Ok(json!({"attestation_report": report, "cert_chain": chain}))
 }
 

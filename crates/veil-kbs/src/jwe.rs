@@ -117,13 +117,13 @@ pub fn tee_public_key(key: &TeePubKey) -> Result<Recipient, JweError> {
             };
             let n = int("n", k_mod, RSA_BITS.end() / 8)?;
             let e = int("e", k_exp, 8)?;
-            if !RSA_BITS.contains(&(n.bits() as usize)) {
+            if !RSA_BITS.contains(&n.bits()) {
                 return Err(JweError::UnsupportedKey(format!(
                     "RSA key of {} bits (2048 to 8192 accepted)",
                     n.bits()
                 )));
             }
-            rsa::RsaPublicKey::new(n, e)
+            rsa::RsaPublicKey::new_with_max_size(n, e, *RSA_BITS.end())
                 .map(|k| Recipient::Rsa(Box::new(k)))
                 .map_err(|e| JweError::InvalidKey(format!("RSA key: {e}")))
         }
