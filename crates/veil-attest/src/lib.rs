@@ -115,6 +115,11 @@ pub trait Attester: Send + Sync {
     /// hardware TEEs pad it with zeros to their 64-byte field, as Confidential Containers'
     /// attesters do).
     fn evidence(&self, report_data: &[u8]) -> Result<serde_json::Value, Error>;
+    /// The launch-time data (HOSTDATA/MRCONFIGID) in `evidence` this attester produced, read
+    /// without verifying it; `None` where the TEE has none (see [`launch_data`]).
+    fn launch_data(&self, evidence: &serde_json::Value) -> Result<Option<Vec<u8>>, Error> {
+        launch_data(self.tee(), evidence)
+    }
 }
 
 /// Checks evidence of one TEE kind.
@@ -143,6 +148,25 @@ pub fn pad_report_data(tee: TeeKind, report_data: &[u8]) -> Result<[u8; REPORT_D
     let mut out = [0u8; REPORT_DATA_LEN];
     out[..report_data.len()].copy_from_slice(report_data);
     Ok(out)
+}
+
+/// The launch-time data the host set for this guest — SNP `HOST_DATA`, TDX `MRCONFIGID` — read
+/// from `evidence` of `tee` without verifying it (`None` for the software TEE). A guest uses it
+/// to refuse to attest when the host launched it with init data that is not its own.
+pub fn launch_data(tee: TeeKind, evidence: &serde_json::Value) -> Result<Option<Vec<u8>>, Error> {
+    match tee {
+        TeeKind::Snp => snp::launch_data(evidence).map(Some),
+        TeeKind::Tdx => tdx::launch_data(evidence).map(Some),
+        TeeKind::Software => Ok(None),
+    }
+}
+
+/// Whether a launch-time field (SNP HOSTDATA, 32 bytes; TDX MRCONFIGID, 48) holds `digest` the
+/// way Confidential Containers puts it there: truncated to the field, or padded with zeros.
+pub fn launch_bound(field: &[u8], digest: &[u8]) -> bool {
+    let mut want = digest.to_vec();
+    want.resize(field.len(), 0);
+    !field.is_empty() && field == want.as_slice()
 }
 
 /// Compare report data in constant shape and produce the standard mismatch error.

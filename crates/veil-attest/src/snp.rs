@@ -718,6 +718,22 @@ pub fn evidence_from_coco(v: &serde_json::Value) -> Result<serde_json::Value, Er
     Ok(certs.into_evidence(&raw))
 }
 
+/// HOSTDATA of the report in SNP evidence (veil's or Confidential Containers' shape), read
+/// without verifying anything: what the guest itself checks against its own init data.
+pub fn launch_data(evidence: &serde_json::Value) -> Result<Vec<u8>, Error> {
+    let converted;
+    let evidence = if evidence.get("attestation_report").is_some() {
+        converted = evidence_from_coco(evidence)?;
+        &converted
+    } else {
+        evidence
+    };
+    let ev: SnpEvidence = serde_json::from_value(evidence.clone())
+        .map_err(|e| malformed(format!("evidence: {e}")))?;
+    let raw = decode_b64("report", &ev.report)?;
+    Ok(parse_report(&raw)?.host_data.to_vec())
+}
+
 /// Convert veil's [`SnpEvidence`] JSON into the Confidential Containers shape (see
 /// [`evidence_from_coco`]): the parsed report and a certificate chain naming each certificate's
 /// role (a self-signed CA certificate is the ARK, any other the ASK or ASVK).

@@ -340,7 +340,9 @@ impl SoftwareVerifier {
     /// Also accept sample evidence that carries no endorsement (what trustee's sample attester
     /// sends), with claims that say it is unendorsed. It proves nothing, and anyone can make it
     /// up: the equivalent of trustee's KBS accepting sample evidence. Evidence that carries an
-    /// endorsement must still verify: a bad endorsement is never downgraded to none.
+    /// endorsement must still verify: a bad endorsement is never downgraded to none. (Anyone
+    /// relaying the evidence can still remove the endorsement; the result is unendorsed
+    /// evidence, which names no tenant.)
     pub fn accepting_unendorsed(mut self, yes: bool) -> Self {
         self.accept_unendorsed = yes;
         self

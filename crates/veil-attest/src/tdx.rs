@@ -191,6 +191,24 @@ fn tcb_info_issue_date(c: &QuoteCollateralV3) -> String {
         .unwrap_or_default()
 }
 
+/// MRCONFIGID of the quote in TDX evidence (veil's or Confidential Containers' shape), read
+/// without verifying anything: what the guest itself checks against its own init data.
+pub fn launch_data(evidence: &serde_json::Value) -> Result<Vec<u8>, Error> {
+    let q = evidence
+        .get("quote")
+        .and_then(|q| q.as_str())
+        .ok_or_else(|| malformed("evidence without a quote"))?;
+    let raw = B64
+        .decode(q.trim())
+        .map_err(|e| malformed(format!("quote is not base64: {e}")))?;
+    let quote = Quote::parse(&raw).map_err(|e| malformed(format!("quote: {e:#}")))?;
+    let td = quote
+        .report
+        .as_td10()
+        .ok_or_else(|| malformed("not a TD report"))?;
+    Ok(td.mr_config_id.to_vec())
+}
+
 /// The report data of a raw TDX quote, if it parses.
 #[cfg(test)]
 pub(crate) fn quote_report_data(raw: &[u8]) -> Option<[u8; REPORT_DATA_LEN]> {

@@ -104,6 +104,9 @@ pub struct KbsClient<T: Transport> {
     cookie: Option<String>,
     token: Option<String>,
     key: Option<TeeKeyPair>,
+    /// The broker is veil's (its challenge announced the init-data binding, and attestation
+    /// succeeded with it): its resources must name the path asked for.
+    veil_broker: bool,
 }
 
 fn refused(resp: &http::Response<Bytes>) -> ClientError {
@@ -133,6 +136,7 @@ impl<T: Transport> KbsClient<T> {
             cookie: None,
             token: None,
             key: None,
+            veil_broker: false,
         }
     }
 
@@ -242,6 +246,20 @@ impl<T: Transport> KbsClient<T> {
         let rd =
             parse::runtime_data_digest(alg, &challenge.nonce, &tee_pubkey, &additional_evidence);
         let evidence = attester.evidence(&rd)?;
+        // As Confidential Containers' guest does: the host chose the launch-time data, so a
+        // guest launched with init data that is not its own must not attest (else a broker
+        // that trusts launch binding would take the host's init data for this sandbox's).
+        if let Some(launch) = attester.launch_data(&evidence)? {
+            let ours = init.as_deref().unwrap_or_default();
+            if launch.iter().any(|b| *b != 0) && !veil_attest::launch_bound(&launch, ours) {
+                return Err(ClientError::Protocol(format!(
+                    "the host launched this guest with launch data (HOSTDATA/MRCONFIGID) {} that \
+                     is not the digest of this sandbox's init data ({}); refusing to attest",
+                    hex::encode(&launch),
+                    hex::encode(ours)
+                )));
+            }
+        }
         let att = kbs_types::Attestation {
             init_data: init_data.map(|body| kbs_types::InitData {
                 format: "toml".into(),
@@ -269,6 +287,7 @@ impl<T: Transport> KbsClient<T> {
             .to_string();
         self.key = Some(key);
         self.token = Some(token.clone());
+        self.veil_broker = binds_init_data;
         Ok(token)
     }
 
@@ -291,6 +310,6 @@ impl<T: Transport> KbsClient<T> {
             return Err(refused(&resp));
         }
         let key = self.key.as_ref().ok_or(ClientError::NotAttested)?;
-        Ok(key.decrypt(resp.body())?)
+        Ok(key.decrypt_resource(resp.body(), &p.to_string(), self.veil_broker)?)
     }
 }

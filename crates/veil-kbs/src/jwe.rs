@@ -199,11 +199,35 @@ fn wrap_ecdh(
     Ok((header, encrypted_key))
 }
 
+/// Protected-header member naming the resource a JWE holds (`<repo>/<type>/<tag>`): the
+/// broker authenticates it with the content, so a relay that rewrites the request path cannot
+/// hand a sandbox another resource than the one it asked for. Clients that do not know it
+/// (trustee's) ignore it.
+pub const RESOURCE_HEADER: &str = "kbs-resource";
+
 /// Encrypt `plaintext` to `tee_pubkey`.
 pub fn encrypt(tee_pubkey: &TeePubKey, plaintext: &[u8]) -> Result<Response, JweError> {
+    seal(tee_pubkey, plaintext, None)
+}
+
+/// Encrypt the resource `path` to `tee_pubkey`, naming it in the protected header
+/// ([`RESOURCE_HEADER`]).
+pub fn encrypt_resource(
+    tee_pubkey: &TeePubKey,
+    plaintext: &[u8],
+    path: &str,
+) -> Result<Response, JweError> {
+    seal(tee_pubkey, plaintext, Some(path))
+}
+
+fn seal(
+    tee_pubkey: &TeePubKey,
+    plaintext: &[u8],
+    resource: Option<&str>,
+) -> Result<Response, JweError> {
     use aes_gcm::aead::{AeadInPlace, KeyInit};
     let cek = Zeroizing::new(random_bytes::<32>());
-    let (protected, encrypted_key) = match tee_public_key(tee_pubkey)? {
+    let (mut protected, encrypted_key) = match tee_public_key(tee_pubkey)? {
         Recipient::P256(recipient) => wrap_ecdh(&recipient, &cek)?,
         Recipient::Rsa(recipient) => {
             let wrapped = recipient
@@ -221,6 +245,12 @@ pub fn encrypt(tee_pubkey: &TeePubKey, plaintext: &[u8]) -> Result<Response, Jwe
             (header, wrapped)
         }
     };
+    if let Some(r) = resource {
+        // After `epk`: the members stay in sorted order (see `wrap_ecdh`).
+        protected
+            .other_fields
+            .insert(RESOURCE_HEADER.into(), r.into());
+    }
     let aad = protected
         .generate_aad()
         .map_err(|e| JweError::Encrypt(format!("protected header: {e}")))?;
@@ -272,6 +302,34 @@ impl TeeKeyPair {
             x: enc(ep.x()),
             y: enc(ep.y()),
         }
+    }
+
+    /// Decrypt a resource released for `path`: as [`TeeKeyPair::decrypt`], and the
+    /// authenticated header must name exactly `path` ([`RESOURCE_HEADER`]) if it names a
+    /// resource — always with veil's broker — and must name one when `require_path`.
+    pub fn decrypt_resource(
+        &self,
+        response_json: &[u8],
+        path: &str,
+        require_path: bool,
+    ) -> Result<Zeroizing<Vec<u8>>, JweError> {
+        let plain = self.decrypt(response_json)?;
+        // Authenticated by the decryption above (the header is the AAD).
+        let resp: Response = serde_json::from_slice(response_json)
+            .map_err(|e| JweError::Malformed(e.to_string()))?;
+        let named = resp.protected.other_fields.get(RESOURCE_HEADER);
+        match named.map(|v| v.as_str()) {
+            None if !require_path => {}
+            Some(Some(n)) if n == path => {}
+            other => {
+                return Err(JweError::Malformed(format!(
+                    "the broker's answer holds resource {:?}, not the {path:?} asked for \
+                     (a relay rewrote the request?)",
+                    other.flatten()
+                )))
+            }
+        }
+        Ok(plain)
     }
 
     /// Decrypt a `kbs_types::Response` in its JSON form. The AAD is the `protected` member

@@ -507,9 +507,16 @@ pub fn parse_reference_values(name: &str, body: &[u8]) -> Result<Vec<String>, Pr
     Ok(normalize_reference_values(name, &values))
 }
 
+/// Whether reference value `name` holds names (also in its per-tenant form `<name>.<tenant>`).
+fn is_name_like(name: &str) -> bool {
+    NAME_REFERENCE_VALUES
+        .iter()
+        .any(|n| name == *n || name.strip_prefix(n).is_some_and(|t| t.starts_with('.')))
+}
+
 /// Lowercase digest-like values; keep name-like ones as written.
 pub fn normalize_reference_values(name: &str, values: &[String]) -> Vec<String> {
-    if NAME_REFERENCE_VALUES.contains(&name) {
+    if is_name_like(name) {
         values.to_vec()
     } else {
         values.iter().map(|v| v.to_ascii_lowercase()).collect()
@@ -521,7 +528,7 @@ pub fn check_reference_values(name: &str, values: &[String]) -> Result<(), Strin
     if values.len() > 256 {
         return Err("at most 256 reference values per name".into());
     }
-    if NAME_REFERENCE_VALUES.contains(&name) {
+    if is_name_like(name) {
         for v in values {
             if v.is_empty() || v.len() > 512 || !v.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err(format!(

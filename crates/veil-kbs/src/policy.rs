@@ -56,26 +56,35 @@ deny contains "no reference measurement is registered for this hardware TEE" if 
 
 # ... and run an image the tenant pinned: the host chooses what runs, so the broker must. Either
 # by digest, or by image reference together with a signature policy (the sandbox then checks
-# that the digest it runs is signed for that reference).
+# that the digest it runs is signed for that reference). Pins are per tenant where the tenant
+# registered its own (`image_digest.<tenant>`, `image.<tenant>`, `signature_policy.<tenant>`),
+# else the broker-wide ones: on a broker shared by tenants, a tenant's function must not be
+# able to run another tenant's pinned image with its secrets.
+tenant := object.get(input.init_data, "tenant", "")
+
+pins(name) := v if {
+	v := input.reference_values[sprintf("%s.%s", [name, tenant])]
+} else := object.get(input.reference_values, name, [])
+
 deny contains "no reference image digest (nor an image reference with a signature policy) is registered for this hardware TEE" if {
 	not input.claims.insecure
-	count(object.get(input.reference_values, "image_digest", [])) == 0
+	count(pins("image_digest")) == 0
 	not signature_pinned
 }
 
 signature_pinned if {
-	count(object.get(input.reference_values, "image", [])) > 0
-	count(object.get(input.reference_values, "signature_policy", [])) > 0
+	count(pins("image")) > 0
+	count(pins("signature_policy")) > 0
 }
 
 deny contains sprintf("image %v is not among the reference values", [object.get(input.init_data, "image", null)]) if {
-	count(object.get(input.reference_values, "image", [])) > 0
-	not object.get(input.init_data, "image", null) in input.reference_values.image
+	count(pins("image")) > 0
+	not object.get(input.init_data, "image", null) in pins("image")
 }
 
 deny contains sprintf("signature policy %v is not among the reference values", [object.get(input.init_data, "signature_policy", null)]) if {
-	count(object.get(input.reference_values, "signature_policy", [])) > 0
-	not object.get(input.init_data, "signature_policy", null) in input.reference_values.signature_policy
+	count(pins("signature_policy")) > 0
+	not object.get(input.init_data, "signature_policy", null) in pins("signature_policy")
 }
 
 deny contains sprintf("measurement %s is not among the reference values", [input.claims.measurement]) if {
@@ -89,8 +98,8 @@ deny contains sprintf("init data %s is not among the reference values", [input.c
 }
 
 deny contains sprintf("image digest %v is not among the reference values", [object.get(input.init_data, "image_digest", null)]) if {
-	count(object.get(input.reference_values, "image_digest", [])) > 0
-	not object.get(input.init_data, "image_digest", null) in input.reference_values.image_digest
+	count(pins("image_digest")) > 0
+	not object.get(input.init_data, "image_digest", null) in pins("image_digest")
 }
 "#;
 
@@ -271,6 +280,25 @@ mod tests {
         let d = p.evaluate(input).unwrap();
         assert!(!d.allow);
         assert!(d.reasons[0].contains("image digest null"), "{d:?}");
+        // Per-tenant pins win over the broker-wide ones: tenant t may not run the digest
+        // another tenant pinned, even though it is in the broker-wide list.
+        let mut input = att_input(
+            false,
+            false,
+            "aa",
+            json!({"measurement": ["aa"], "image_digest": ["sha256:x", "sha256:y"],
+                   "image_digest.t": ["sha256:x"]}),
+        );
+        input["init_data"] = json!({"tenant": "t", "image_digest": "sha256:y"});
+        let d = p.evaluate(input.clone()).unwrap();
+        assert!(!d.allow, "{d:?}");
+        input["init_data"]["image_digest"] = json!("sha256:x");
+        assert!(p.evaluate(input.clone()).unwrap().allow);
+        input["init_data"] = json!({"tenant": "u", "image_digest": "sha256:y"});
+        assert!(
+            p.evaluate(input).unwrap().allow,
+            "no pins of its own: the broker-wide ones"
+        );
         // Hardware without reference measurement.
         let d = p
             .evaluate(att_input(false, false, "aa", json!({})))

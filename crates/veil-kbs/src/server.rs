@@ -222,7 +222,13 @@ async fn attest(State(kbs): Shared, headers: HeaderMap, body: Body) -> ApiResult
     let input = serde_json::json!({
         "claims": claims,
         "init_data": assignment.map(|(v, _)| v.clone()).unwrap_or_else(|| serde_json::json!({})),
-        "init_data_claims": parsed.init_data.as_ref().map(|i| serde_json::json!(i.doc.data)),
+        // The document's data only when it is bound to the evidence: unbound (unendorsed
+        // sample) init data is whatever the client claims.
+        "init_data_claims": parsed
+            .init_data
+            .as_ref()
+            .filter(|_| matches!(binding, Some("runtime" | "launch" | "endorsed")))
+            .map(|i| serde_json::json!(i.doc.data)),
         "init_data_binding": binding,
         "reference_values": refs,
         "config": {
@@ -324,7 +330,7 @@ fn init_data_binding(
         return Ok(Some("runtime"));
     }
     let launch = hex::decode(&claims.init_data).unwrap_or_default();
-    if !launch.is_empty() && launch_bound(&launch, &init.digest) {
+    if veil_attest::launch_bound(&launch, &init.digest) {
         return Ok(Some("launch"));
     }
     Err(ProtocolError::unauthorized(
@@ -341,14 +347,6 @@ fn init_data_binding(
             }
         ),
     ))
-}
-
-/// A launch-time field (SNP HOSTDATA, 32 bytes; TDX MRCONFIGID, 48) holds `digest` the way
-/// Confidential Containers puts it there: truncated to the field, or padded with zeros.
-fn launch_bound(field: &[u8], digest: &[u8]) -> bool {
-    let mut want = digest.to_vec();
-    want.resize(field.len(), 0);
-    field == want.as_slice()
 }
 
 async fn get_resource(
@@ -403,7 +401,7 @@ async fn get_resource(
         .ok_or_else(|| {
             ProtocolError::not_found("ResourceNotFound", format!("no resource {path}"))
         })?;
-    let jwe = crate::jwe::encrypt(&claims.tee_pubkey, &value)
+    let jwe = crate::jwe::encrypt_resource(&claims.tee_pubkey, &value, &path.to_string())
         .map_err(|e| ProtocolError::bad_request("InvalidTeePubKey", e.to_string()))?;
     tracing::info!(
         tenant = claims.tenant.as_deref().unwrap_or("-"),

@@ -420,6 +420,26 @@ impl Attester for DebugGuestAttester {
     fn evidence(&self, rd: &[u8]) -> Result<Value, veil_attest::Error> {
         Ok(json!({"report_data": hex::encode(rd)}))
     }
+    fn launch_data(&self, _: &Value) -> Result<Option<Vec<u8>>, veil_attest::Error> {
+        Ok(None)
+    }
+}
+
+/// A stand-in guest the host launched with HOSTDATA `host_data`.
+struct LaunchedGuest {
+    host_data: Vec<u8>,
+}
+
+impl Attester for LaunchedGuest {
+    fn tee(&self) -> TeeKind {
+        TeeKind::Snp
+    }
+    fn evidence(&self, rd: &[u8]) -> Result<Value, veil_attest::Error> {
+        Ok(json!({"report_data": hex::encode(rd)}))
+    }
+    fn launch_data(&self, _: &Value) -> Result<Option<Vec<u8>>, veil_attest::Error> {
+        Ok(Some(self.host_data.clone()))
+    }
 }
 
 #[tokio::test]
@@ -509,6 +529,30 @@ async fn hardware_init_data_must_be_bound() {
     let c = b.kbs.verify_token(r["token"].as_str().unwrap()).unwrap();
     assert_eq!(c.init_data_binding.as_deref(), Some("launch"));
     assert_eq!(c.tenant.as_deref(), Some("acme"));
+
+    // The guest side: a host that launched the guest with another assignment's init data in
+    // HOSTDATA (to have the broker take it as launch-bound) gets no attestation at all, and
+    // one launched with this sandbox's own init data (or none) attests.
+    let other = veil_kbs::parse_init_data(&assignment("globex"))
+        .unwrap()
+        .digest;
+    let e = b
+        .client()
+        .attest(
+            &LaunchedGuest {
+                host_data: other[..32].to_vec(),
+            },
+            Some(&init),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("refusing to attest"), "{e}");
+    for host_data in [digest[..32].to_vec(), vec![0; 32]] {
+        b.client()
+            .attest(&LaunchedGuest { host_data }, Some(&init))
+            .await
+            .unwrap();
+    }
 }
 
 #[tokio::test]
