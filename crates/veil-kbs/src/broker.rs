@@ -96,6 +96,7 @@ fn sample_attestation_input() -> serde_json::Value {
         "init_data": {"tenant": "t", "function": "f", "image_digest": format!("sha256:{}", "0".repeat(64))},
         "init_data_claims": {"veil.tenant": "t"},
         "init_data_binding": "none",
+        "phase": "assignment",
         "reference_values": {},
         "config": {"allow_insecure": false, "allow_unendorsed_sample": false},
     })

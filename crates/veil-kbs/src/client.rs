@@ -107,6 +107,9 @@ pub struct KbsClient<T: Transport> {
     /// The broker is veil's (its challenge announced the init-data binding, and attestation
     /// succeeded with it): its resources must name the path asked for.
     veil_broker: bool,
+    /// The assignment statement sent with resource requests, after attesting with tenant
+    /// scope ([`crate::statement`]).
+    statement: Option<String>,
 }
 
 fn refused(resp: &http::Response<Bytes>) -> ClientError {
@@ -137,12 +140,51 @@ impl<T: Transport> KbsClient<T> {
             token: None,
             key: None,
             veil_broker: false,
+            statement: None,
         }
     }
 
     /// The token of the last successful attestation.
     pub fn token(&self) -> Option<&str> {
         self.token.as_deref()
+    }
+
+    /// When the token expires (its `exp`, seconds since the epoch), read without verifying it
+    /// (veil's tokens and trustee's EAR tokens are both JWTs).
+    pub fn token_expiry(&self) -> Option<u64> {
+        use base64::Engine;
+        let payload = self.token.as_deref()?.split('.').nth(1)?;
+        let claims: serde_json::Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .ok()?,
+        )
+        .ok()?;
+        claims.get("exp")?.as_u64()
+    }
+
+    /// The tenant the token names (veil's tokens), read without verifying it: a sandbox checks
+    /// that the broker attested it to the tenant it asked for.
+    pub fn token_tenant(&self) -> Option<String> {
+        use base64::Engine;
+        let payload = self.token.as_deref()?.split('.').nth(1)?;
+        let claims: serde_json::Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .ok()?,
+        )
+        .ok()?;
+        claims.get("tenant")?.as_str().map(str::to_string)
+    }
+
+    /// After attesting with tenant scope: state the function this sandbox was assigned (a JSON
+    /// object, as its init data would carry it), signed with the attested key; every resource
+    /// request from now on carries the statement.
+    pub fn state_assignment(&mut self, assignment: &serde_json::Value) -> Result<(), ClientError> {
+        let key = self.key.as_ref().ok_or(ClientError::NotAttested)?;
+        let st = crate::statement::sign(key, assignment).map_err(ClientError::Protocol)?;
+        self.statement = Some(st);
+        Ok(())
     }
 
     /// One exchange with the session's cookie and (if `bearer`) token; the reply as it came.
@@ -163,6 +205,9 @@ impl<T: Transport> KbsClient<T> {
         if bearer {
             if let Some(t) = &self.token {
                 b = b.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+            }
+            if let Some(st) = &self.statement {
+                b = b.header(crate::statement::STATEMENT_HEADER, st);
             }
         }
         let req = b
@@ -220,6 +265,7 @@ impl<T: Transport> KbsClient<T> {
         let body = serde_json::to_vec(&req).map_err(|e| ClientError::Protocol(e.to_string()))?;
         self.cookie = None;
         self.token = None;
+        self.statement = None;
         let resp = self
             .send(http::Method::POST, "/kbs/v0/auth", body, false)
             .await?;

@@ -291,6 +291,11 @@ impl TeeKeyPair {
         }
     }
 
+    /// The signing form of the key (assignment statements, [`crate::statement`]).
+    pub(crate) fn signing_key(&self) -> p256::ecdsa::SigningKey {
+        p256::ecdsa::SigningKey::from(&self.secret)
+    }
+
     /// The public key as a KBS `tee-pubkey` JWK.
     pub fn public_key(&self) -> TeePubKey {
         let ep = self.secret.public_key().to_encoded_point(false);

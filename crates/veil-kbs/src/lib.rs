@@ -43,6 +43,7 @@ mod policy;
 mod server;
 #[cfg(feature = "server")]
 mod session;
+pub mod statement;
 #[cfg(feature = "server")]
 mod store;
 #[cfg(feature = "server")]

@@ -143,7 +143,17 @@ pub struct ParsedInitData {
     /// veil's assignment within it (the `veil.*` data), as the policy sees it, and its checked
     /// core.
     pub assignment: Option<(serde_json::Value, Assignment)>,
+    /// For init data of tenant scope (`veil.scope = "tenant"`: a pooled sandbox attesting to
+    /// its tenant before it has a function), the tenant.
+    pub tenant_scope: Option<String>,
 }
+
+/// The `veil.scope` of init data that binds a sandbox to a tenant only; its function comes
+/// later, in an assignment statement ([`crate::statement`]).
+pub const TENANT_SCOPE: &str = "tenant";
+
+/// The function a host endorses a software-TEE sandbox for when it attests with tenant scope.
+pub const ANY_FUNCTION: &str = "*";
 
 /// Largest init-data body accepted (64 KiB).
 pub const MAX_INIT_DATA: usize = 64 << 10;
@@ -179,12 +189,29 @@ pub fn parse_init_data(body: &str) -> Result<ParsedInitData, ProtocolError> {
             doc.version
         )));
     }
-    let assignment = assignment_from_data(&doc.data)?;
+    let (assignment, tenant_scope) = match doc.data.get("veil.scope").map(String::as_str) {
+        None => (assignment_from_data(&doc.data)?, None),
+        Some(TENANT_SCOPE) => {
+            let tenant = doc.data.get("veil.tenant").cloned().unwrap_or_default();
+            check_segment("tenant", &tenant).map_err(|m| bad(format!("init data: {m}")))?;
+            if let Some(k) = doc.data.keys().find(|k| {
+                k.starts_with(VEIL_DATA_PREFIX)
+                    && !["veil.tenant", "veil.scope"].contains(&k.as_str())
+            }) {
+                return Err(bad(format!(
+                    "init data of tenant scope names only the tenant, not {k}"
+                )));
+            }
+            (None, Some(tenant))
+        }
+        Some(other) => return Err(bad(format!("init data: unknown veil.scope {other:?}"))),
+    };
     Ok(ParsedInitData {
         body: body.to_string(),
         digest: alg.digest(body.as_bytes()),
         doc,
         assignment,
+        tenant_scope,
     })
 }
 
@@ -414,6 +441,12 @@ pub fn check_version(version: &str) -> Result<(), ProtocolError> {
         return Err(mismatch());
     }
     Ok(())
+}
+
+/// Check an assignment stated by a tenant-attested sandbox (the JSON object of
+/// [`crate::statement`]).
+pub fn check_stated_assignment(v: &serde_json::Value) -> Result<Assignment, ProtocolError> {
+    parse_assignment(&serde_json::to_vec(v).unwrap_or_default()).map(|(_, a)| a)
 }
 
 /// Parse and check veil's assignment from an init-data body.
@@ -650,6 +683,19 @@ mod tests {
         assert_eq!(value["secrets"]["K"], "acme/key/k");
         assert_eq!(value["env"]["A"], "b");
         assert!(value.get("signature_policy").is_none());
+        // Tenant scope: the tenant only.
+        let t = veil_init_data(&serde_json::json!({"tenant": "acme", "scope": "tenant"})).unwrap();
+        let p = parse_init_data(&t).unwrap();
+        assert_eq!(p.tenant_scope.as_deref(), Some("acme"));
+        assert!(p.assignment.is_none());
+        for bad in [
+            serde_json::json!({"tenant": "acme", "scope": "tenant", "function": "f"}),
+            serde_json::json!({"tenant": "a/b", "scope": "tenant"}),
+            serde_json::json!({"tenant": "acme", "scope": "node"}),
+        ] {
+            let d = veil_init_data(&bad).unwrap();
+            assert_eq!(parse_init_data(&d).unwrap_err().status, 400, "{bad}");
+        }
         // A CoCo document without veil data is init data without an assignment.
         let coco = "version = \"0.1.0\"\nalgorithm = \"sha256\"\n[data]\n\"aa.toml\" = \"x\"\n";
         let p = parse_init_data(coco).unwrap();

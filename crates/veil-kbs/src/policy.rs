@@ -10,9 +10,12 @@ use crate::error::{KbsError, Result};
 pub const SOFTWARE_TEE_TENANTS: &str = "software_tee_tenants";
 
 /// The default attestation policy. Input: `{"claims", "init_data" (veil's assignment when it is
-/// bound to the evidence, else `{}`), "init_data_claims" (the init-data document's `data`, or
-/// null), "init_data_binding" (`runtime`, `launch`, `endorsed`, `none` or null),
-/// "reference_values", "config": {"allow_insecure", "allow_unendorsed_sample"}}`.
+/// bound to the evidence, `{"tenant", "scope": "tenant"}` for a tenant-scoped attestation, else
+/// `{}`), "init_data_claims" (the init-data document's `data` when bound, or null),
+/// "init_data_binding" (`runtime`, `launch`, `endorsed`, `none`, `statement` or null), "phase"
+/// (`tenant` when a sandbox attests to its tenant only; `assignment` when its assignment is
+/// known — at attestation, or when a tenant-attested sandbox states it), "reference_values",
+/// "config": {"allow_insecure", "allow_unendorsed_sample"}}`.
 pub const DEFAULT_ATTESTATION_POLICY: &str = r#"package policy
 
 import rego.v1
@@ -62,12 +65,17 @@ deny contains "no reference measurement is registered for this hardware TEE" if 
 # able to run another tenant's pinned image with its secrets.
 tenant := object.get(input.init_data, "tenant", "")
 
+# A sandbox attesting to its tenant before it has a function (a tenant-attested pool): its
+# image is checked when it states its assignment, with this same policy.
+tenant_phase if input.phase == "tenant"
+
 pins(name) := v if {
 	v := input.reference_values[sprintf("%s.%s", [name, tenant])]
 } else := object.get(input.reference_values, name, [])
 
 deny contains "no reference image digest (nor an image reference with a signature policy) is registered for this hardware TEE" if {
 	not input.claims.insecure
+	not tenant_phase
 	count(pins("image_digest")) == 0
 	not signature_pinned
 }
@@ -78,11 +86,13 @@ signature_pinned if {
 }
 
 deny contains sprintf("image %v is not among the reference values", [object.get(input.init_data, "image", null)]) if {
+	not tenant_phase
 	count(pins("image")) > 0
 	not object.get(input.init_data, "image", null) in pins("image")
 }
 
 deny contains sprintf("signature policy %v is not among the reference values", [object.get(input.init_data, "signature_policy", null)]) if {
+	not tenant_phase
 	count(pins("signature_policy")) > 0
 	not object.get(input.init_data, "signature_policy", null) in pins("signature_policy")
 }
@@ -98,6 +108,7 @@ deny contains sprintf("init data %s is not among the reference values", [input.c
 }
 
 deny contains sprintf("image digest %v is not among the reference values", [object.get(input.init_data, "image_digest", null)]) if {
+	not tenant_phase
 	count(pins("image_digest")) > 0
 	not object.get(input.init_data, "image_digest", null) in pins("image_digest")
 }

@@ -213,15 +213,26 @@ async fn attest(State(kbs): Shared, headers: HeaderMap, body: Body) -> ApiResult
         ));
     }
     let binding = init_data_binding(&parsed, &claims)?;
+    let bound = matches!(binding, Some(b) if b != "none");
     // The assignment counts (names the tenant in the token) only when bound to the evidence.
-    let assignment = match (&parsed.init_data, binding) {
-        (Some(init), Some(b)) if b != "none" => init.assignment.as_ref(),
+    let assignment = match &parsed.init_data {
+        Some(init) if bound => init.assignment.as_ref(),
+        _ => None,
+    };
+    let tenant_scope = match &parsed.init_data {
+        Some(init) if bound => init.tenant_scope.clone(),
         _ => None,
     };
     let refs = kbs.store.reference_values().map_err(ProtocolError::from)?;
     let input = serde_json::json!({
         "claims": claims,
-        "init_data": assignment.map(|(v, _)| v.clone()).unwrap_or_else(|| serde_json::json!({})),
+        "init_data": match (assignment, &tenant_scope) {
+            (Some((v, _)), _) => v.clone(),
+            (None, Some(t)) => serde_json::json!({"tenant": t, "scope": parse::TENANT_SCOPE}),
+            (None, None) => serde_json::json!({}),
+        },
+        // `tenant`: the image pins are checked later, on the stated assignment.
+        "phase": if tenant_scope.is_some() { "tenant" } else { "assignment" },
         // The document's data only when it is bound to the evidence: unbound (unendorsed
         // sample) init data is whatever the client claims.
         "init_data_claims": parsed
@@ -262,17 +273,21 @@ async fn attest(State(kbs): Shared, headers: HeaderMap, body: Body) -> ApiResult
         tee,
         insecure: claims.insecure,
         measurement: claims.measurement.clone(),
-        tenant: a.map(|a| a.tenant.clone()),
+        tenant: a.map(|a| a.tenant.clone()).or_else(|| tenant_scope.clone()),
         function: a.map(|a| a.function.clone()),
         image_digest: a.map(|a| a.image_digest.clone()),
         init_data_binding: binding.map(str::to_string),
+        scope: tenant_scope
+            .as_ref()
+            .map(|_| parse::TENANT_SCOPE.to_string()),
+        attested: tenant_scope.as_ref().map(|_| claims.clone()),
         tee_pubkey: rd.tee_pubkey.clone(),
     };
     let tok = token::sign(&kbs.token_key, &tc).map_err(ProtocolError::from)?;
     kbs.sessions.set_attested(&id, tc);
     tracing::info!(
         tee = %tee,
-        tenant = a.map(|a| a.tenant.as_str()).unwrap_or("-"),
+        tenant = a.map(|a| a.tenant.as_str()).or(tenant_scope.as_deref()).unwrap_or("-"),
         function = a.map(|a| a.function.as_str()).unwrap_or("-"),
         init_data_binding = binding.unwrap_or("-"),
         "kbs attestation accepted"
@@ -302,7 +317,34 @@ fn init_data_binding(
             .as_ref()
             .and_then(|i| i.assignment.as_ref())
             .map(|(_, a)| a);
-        return match (veil_attest::software::endorsed_for(claims), assignment) {
+        let tenant_scope = parsed
+            .init_data
+            .as_ref()
+            .and_then(|i| i.tenant_scope.as_ref());
+        let endorsed = veil_attest::software::endorsed_for(claims);
+        // Tenant scope: endorsed for the tenant and any of its functions ("*"), and only then.
+        match (endorsed, tenant_scope) {
+            (Some((t, f)), Some(ts)) if t == ts && f == parse::ANY_FUNCTION => {
+                return Ok(Some("endorsed"))
+            }
+            (Some((t, f)), Some(ts)) => {
+                return Err(ProtocolError::unauthorized(
+                    "EndorsementMismatch",
+                    format!(
+                        "the host endorsed this INSECURE software-TEE sandbox for tenant {t:?}, \
+                         function {f:?}, not for any function of tenant {ts:?}"
+                    ),
+                ))
+            }
+            (Some((_, f)), None) if f == parse::ANY_FUNCTION => {
+                return Err(ProtocolError::unauthorized(
+                    "EndorsementMismatch",
+                    "an endorsement for any function of a tenant attests with tenant scope only",
+                ))
+            }
+            _ => {}
+        }
+        return match (endorsed, assignment) {
             (None, _) => Ok(parsed.init_data.as_ref().map(|_| "none")),
             (Some((t, f)), Some(a)) if t == a.tenant && f == a.function => Ok(Some("endorsed")),
             (Some((t, f)), Some(a)) => Err(ProtocolError::unauthorized(
@@ -349,6 +391,60 @@ fn init_data_binding(
     ))
 }
 
+/// A tenant-attested sandbox's statement of its assignment: signed by the attested key, for the
+/// token's tenant, and allowed by the attestation policy on the attested claims (its image pins
+/// apply now). The claims then name the function and image digest, for the resource policy.
+fn stated_assignment(kbs: &Kbs, claims: &mut TokenClaims, statement: &str) -> ApiResult<()> {
+    let v = crate::statement::verify(&claims.tee_pubkey, statement)
+        .map_err(|e| ProtocolError::unauthorized("InvalidStatement", e))?;
+    let a = parse::check_stated_assignment(&v)?;
+    if claims.tenant.as_deref() != Some(a.tenant.as_str()) {
+        return Err(ProtocolError::forbidden(
+            "PolicyDeny",
+            format!(
+                "the statement names tenant {:?}, but this sandbox attested to tenant {:?}",
+                a.tenant, claims.tenant
+            ),
+        ));
+    }
+    let attested = claims.attested.clone().ok_or_else(|| {
+        ProtocolError::unauthorized("TokenInvalid", "a tenant-scoped token without its claims")
+    })?;
+    let refs = kbs.store.reference_values().map_err(ProtocolError::from)?;
+    let input = serde_json::json!({
+        "claims": attested,
+        "init_data": v,
+        "init_data_claims": null,
+        "init_data_binding": "statement",
+        "phase": "assignment",
+        "reference_values": refs,
+        "config": {
+            "allow_insecure": kbs.cfg.allow_insecure_software_tee,
+            "allow_unendorsed_sample": kbs.cfg.allow_unendorsed_sample,
+        },
+    });
+    let policy = kbs
+        .attestation_policy
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let decision = policy
+        .evaluate(input)
+        .map_err(|e| ProtocolError::internal(format!("attestation policy failed: {e}")))?;
+    if !decision.allow {
+        return Err(ProtocolError::forbidden(
+            "PolicyDeny",
+            format!(
+                "attestation policy denied the stated assignment: {}",
+                decision.reasons.join("; ")
+            ),
+        ));
+    }
+    claims.function = Some(a.function);
+    claims.image_digest = Some(a.image_digest);
+    Ok(())
+}
+
 async fn get_resource(
     State(kbs): Shared,
     Path((repo, kind, tag)): Path<(String, String, String)>,
@@ -365,6 +461,27 @@ async fn get_resource(
             "an attested session cookie or a bearer token is required",
         ));
     };
+    let mut claims = claims;
+    let statement = headers
+        .get(crate::statement::STATEMENT_HEADER)
+        .map(|v| v.to_str().unwrap_or_default().to_string());
+    match (claims.scope.as_deref(), statement) {
+        (Some(parse::TENANT_SCOPE), Some(st)) => stated_assignment(&kbs, &mut claims, &st)?,
+        (Some(parse::TENANT_SCOPE), None) => {
+            return Err(ProtocolError::forbidden(
+                "AssignmentStatementRequired",
+                "this sandbox attested to its tenant only: its resource requests must state its \
+                 assignment, signed with its TEE key",
+            ))
+        }
+        (_, Some(_)) => {
+            return Err(ProtocolError::bad_request(
+                "UnexpectedStatement",
+                "an assignment statement is only for sandboxes that attested with tenant scope",
+            ))
+        }
+        _ => {}
+    }
     let path = parse::parse_resource_path(&format!("{repo}/{kind}/{tag}"))?;
     // A sandbox bound to a tenant reads that tenant's repository only, whatever the policy.
     if let Some(tenant) = &claims.tenant {

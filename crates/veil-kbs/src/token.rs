@@ -61,6 +61,14 @@ pub struct TokenClaims {
     /// data was sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_data_binding: Option<String>,
+    /// `tenant` for a sandbox attested to its tenant before it had a function: its resource
+    /// requests must carry an assignment statement ([`crate::statement`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// The verified claims, kept in tenant-scoped tokens so that the attestation policy can be
+    /// evaluated again with the stated assignment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attested: Option<veil_attest::Claims>,
     /// The sandbox's ephemeral key that resources are encrypted to.
     #[serde(rename = "tee-pubkey")]
     pub tee_pubkey: kbs_types::TeePubKey,

@@ -1038,3 +1038,109 @@ async fn guest_components_snp_evidence_is_verified_not_refused_as_malformed() {
     );
     assert!(detail(&v).contains("report data"), "{v}");
 }
+
+/// A tenant-attested sandbox: it attests with init data of tenant scope before it has a
+/// function (its token names the tenant only), then states its assignment with every resource
+/// request. Without a statement, with another tenant's, or with one the policy's image pins
+/// refuse, nothing is released; the endorsement must be for any function of that tenant.
+#[tokio::test]
+async fn tenant_attested_sandboxes_state_their_assignment() {
+    let b = start_insecure().await;
+    b.kbs.set_resource("acme/key/k", b"acme-key").unwrap();
+    let tenant_doc =
+        |t: &str| veil_kbs::veil_init_data(&json!({"tenant": t, "scope": "tenant"})).unwrap();
+    let any = |t: &str| {
+        let c = host().endorse(
+            "sb-pool",
+            t,
+            "*",
+            SystemTime::now(),
+            Duration::from_secs(600),
+        );
+        SoftwareAttester::new(MEASUREMENT, "", &c).unwrap()
+    };
+    let stated = |t: &str, digest: &str| {
+        json!({"tenant": t, "function": "hello", "image": "local/hello:v1",
+               "image_digest": digest})
+    };
+    let pinned = format!("sha256:{}", "ab".repeat(32));
+
+    let mut c = b.client();
+    let token = c
+        .attest(&any("acme"), Some(&tenant_doc("acme")))
+        .await
+        .unwrap();
+    let claims = b.kbs.verify_token(&token).unwrap();
+    assert_eq!(claims.tenant.as_deref(), Some("acme"));
+    assert_eq!(claims.scope.as_deref(), Some("tenant"));
+    assert_eq!(claims.function, None);
+    let e = c.get_resource("acme/key/k").await.unwrap_err().to_string();
+    assert!(e.contains("must state its assignment"), "{e}");
+    c.state_assignment(&stated("acme", &pinned)).unwrap();
+    assert_eq!(
+        c.get_resource("acme/key/k").await.unwrap().as_slice(),
+        b"acme-key"
+    );
+    // Stating another tenant: refused.
+    c.state_assignment(&stated("globex", &pinned)).unwrap();
+    let e = c.get_resource("acme/key/k").await.unwrap_err().to_string();
+    assert!(e.contains("attested to tenant"), "{e}");
+
+    // The image pins apply to the stated assignment.
+    b.kbs
+        .set_reference_values("image_digest.acme", &[pinned.clone()])
+        .unwrap();
+    let mut c = b.client();
+    c.attest(&any("acme"), Some(&tenant_doc("acme")))
+        .await
+        .unwrap();
+    c.state_assignment(&stated("acme", &format!("sha256:{}", "cd".repeat(32))))
+        .unwrap();
+    let e = c.get_resource("acme/key/k").await.unwrap_err().to_string();
+    assert!(
+        e.contains("denied the stated assignment") && e.contains("image digest"),
+        "{e}"
+    );
+    c.state_assignment(&stated("acme", &pinned)).unwrap();
+    assert_eq!(
+        c.get_resource("acme/key/k").await.unwrap().as_slice(),
+        b"acme-key"
+    );
+
+    // Endorsements: "any function" only with tenant scope, and for that tenant.
+    let e = b
+        .client()
+        .attest(&any("acme"), Some(&assignment("acme")))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("tenant scope only"), "{e}");
+    let e = b
+        .client()
+        .attest(&attester(), Some(&tenant_doc("acme")))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not for any function of tenant"), "{e}");
+    let e = b
+        .client()
+        .attest(&any("globex"), Some(&tenant_doc("acme")))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("EndorsementMismatch") || e.contains("not for any function"),
+        "{e}"
+    );
+    // A function-scoped token does not take statements.
+    let mut c = b.client();
+    c.attest(&attester(), Some(&assignment("acme")))
+        .await
+        .unwrap();
+    c.state_assignment(&stated("acme", &pinned)).unwrap();
+    let e = c.get_resource("acme/key/k").await.unwrap_err().to_string();
+    assert!(
+        e.contains("only for sandboxes that attested with tenant scope"),
+        "{e}"
+    );
+}
