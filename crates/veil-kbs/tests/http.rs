@@ -1088,7 +1088,7 @@ async fn tenant_attested_sandboxes_state_their_assignment() {
 
     // The image pins apply to the stated assignment.
     b.kbs
-        .set_reference_values("image_digest.acme", &[pinned.clone()])
+        .set_reference_values("image_digest.acme", std::slice::from_ref(&pinned))
         .unwrap();
     let mut c = b.client();
     c.attest(&any("acme"), Some(&tenant_doc("acme")))
