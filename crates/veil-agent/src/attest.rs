@@ -160,11 +160,15 @@ pub fn wait_ahead_of_time_work() {
 
 /// Pick the attester: SEV-SNP or TDX when the device exists; otherwise the INSECURE software TEE
 /// only if the deployment allows it.
-fn attester(plan: &AttestationPlan, init_hash: &str) -> Result<Box<dyn Attester>, String> {
+fn attester(
+    allow_software_tee: bool,
+    software_tee: Option<&veil_proto::SoftwareTeeCredential>,
+    init_hash: &str,
+) -> Result<Box<dyn Attester>, String> {
     if let Some(a) = veil_attest::detect() {
         return Ok(a);
     }
-    if !plan.allow_software_tee {
+    if !allow_software_tee {
         return Err(
             "no SEV-SNP or TDX device in this sandbox, and the deployment does not allow \
                     the insecure software TEE"
@@ -174,7 +178,7 @@ fn attester(plan: &AttestationPlan, init_hash: &str) -> Result<Box<dyn Attester>
     tracing::warn!(
         "attesting with the INSECURE software TEE (development only): no hardware TEE here"
     );
-    let cred = plan.software_tee.as_ref().ok_or(
+    let cred = software_tee.ok_or(
         "the node gave this sandbox no software-TEE credential, so it cannot attest with the \
          insecure software TEE",
     )?;
@@ -188,16 +192,11 @@ fn attester(plan: &AttestationPlan, init_hash: &str) -> Result<Box<dyn Attester>
         .map_err(|e| e.to_string())
 }
 
-/// Attest and fetch every secret of `plan`. Errors name the step and never a secret value.
-pub async fn attest_and_fetch(
-    mux: &MuxHandle,
-    a: &Assignment,
-    plan: &AttestationPlan,
-) -> Result<Released, String> {
-    // Everything the (untrusted) node chose about this sandbox is bound into the evidence, so
-    // the tenant's broker policy can check it: who, which image, which secrets go into which
-    // variables, and the plain environment.
-    let init_data = serde_json::json!({
+/// Everything the (untrusted) node chose about this sandbox, as its init data (or its
+/// assignment statement) carries it, so the tenant's broker policy can check it: who, which
+/// image, which secrets go into which variables, and the plain environment.
+fn assignment_json(a: &Assignment, plan: &AttestationPlan) -> serde_json::Value {
+    serde_json::json!({
         "tenant": a.tenant,
         "function": a.function,
         "image": a.image,
@@ -206,21 +205,93 @@ pub async fn attest_and_fetch(
         "image_keys": plan.image_keys,
         "signature_policy": plan.signature_policy,
         "env": a.env,
-    });
-    // As a CoCo init-data document (`veil.*` data), which veil's broker and trustee both read;
-    // its digest is bound into the evidence through the runtime data where the broker takes it
-    // (veil's), since this sandbox learned its assignment after launch.
-    let init_doc = veil_kbs::veil_init_data(&init_data)
-        .map_err(|e| format!("could not write the init-data document: {e}"))?;
-    let init_hash = veil_kbs::parse_init_data(&init_doc)
+    })
+}
+
+/// Attest with `init_data` (an init-data document) and return the attested session.
+async fn attest_with(
+    mux: &MuxHandle,
+    init_doc: &str,
+    allow_software_tee: bool,
+    software_tee: Option<&veil_proto::SoftwareTeeCredential>,
+) -> Result<KbsClient<MuxTransport>, String> {
+    let init_hash = veil_kbs::parse_init_data(init_doc)
         .map(|p| hex::encode(p.digest))
         .map_err(|e| format!("init-data document: {}", e.detail))?;
-    let attester = attester(plan, &init_hash)?;
+    let attester = attester(allow_software_tee, software_tee, &init_hash)?;
     let mut client = KbsClient::new(MuxTransport { mux: mux.clone() });
     client
-        .attest(attester.as_ref(), Some(&init_doc))
+        .attest(attester.as_ref(), Some(init_doc))
         .await
         .map_err(|e| format!("attestation to the key broker failed: {e}"))?;
+    Ok(client)
+}
+
+/// A sandbox attested to one tenant ahead of demand (a tenant-attested pool).
+pub struct Prepared {
+    /// The tenant it attested to; it serves no other.
+    pub tenant: String,
+    /// The attested session.
+    pub client: KbsClient<MuxTransport>,
+}
+
+/// Attest to `tenant` with init data of tenant scope, before any function is assigned. A
+/// veil broker that answers with a token naming another tenant is refused.
+pub async fn prepare(mux: &MuxHandle, p: &veil_proto::Preparation) -> Result<Prepared, String> {
+    let doc = veil_kbs::veil_init_data(&serde_json::json!({
+        "tenant": p.tenant,
+        "scope": veil_kbs::parse::TENANT_SCOPE,
+    }))
+    .map_err(|e| format!("could not write the init-data document: {e}"))?;
+    let client = attest_with(mux, &doc, p.allow_software_tee, p.software_tee.as_ref()).await?;
+    if let Some(t) = client.token_tenant() {
+        if t != p.tenant {
+            return Err(format!(
+                "the key broker attested this sandbox to tenant {t:?}, not to {:?} as asked; \
+                 refusing it",
+                p.tenant
+            ));
+        }
+    }
+    tracing::info!(tenant = %p.tenant, "attested to the tenant ahead of assignment");
+    Ok(Prepared {
+        tenant: p.tenant.clone(),
+        client,
+    })
+}
+
+/// Attest (or, for a sandbox `prepared` for the tenant, state the assignment over its session)
+/// and fetch every secret of `plan`. Errors name the step and never a secret value.
+pub async fn attest_and_fetch(
+    mux: &MuxHandle,
+    a: &Assignment,
+    plan: &AttestationPlan,
+    prepared: Option<Prepared>,
+) -> Result<Released, String> {
+    let init_data = assignment_json(a, plan);
+    let client = match prepared {
+        Some(mut p) => {
+            p.client
+                .state_assignment(&init_data)
+                .map_err(|e| format!("stating the assignment: {e}"))?;
+            p.client
+        }
+        None => {
+            // As a CoCo init-data document (`veil.*` data), which veil's broker and trustee
+            // both read; its digest is bound into the evidence through the runtime data where
+            // the broker takes it (veil's), since this sandbox learned its assignment after
+            // launch.
+            let init_doc = veil_kbs::veil_init_data(&init_data)
+                .map_err(|e| format!("could not write the init-data document: {e}"))?;
+            attest_with(
+                mux,
+                &init_doc,
+                plan.allow_software_tee,
+                plan.software_tee.as_ref(),
+            )
+            .await?
+        }
+    };
     // Everything is released over the one attested session; the fetches do not depend on each
     // other (the policy's keys on the policy only), so they run concurrently.
     let client_ref = &client;
@@ -335,4 +406,16 @@ async fn fetch_policy(
         policy,
         keys,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    /// The node relays the statement under the name the broker reads.
+    #[test]
+    fn the_node_relays_the_statement_header() {
+        assert_eq!(
+            veil_kbs::statement::STATEMENT_HEADER,
+            veil_proto::KBS_STATEMENT_HEADER
+        );
+    }
 }

@@ -28,6 +28,8 @@ enum State {
 }
 
 struct Running {
+    /// The tenant the sandbox is bound to.
+    tenant: String,
     port: u16,
     permits: Arc<Semaphore>,
     function: String,
@@ -36,6 +38,10 @@ struct Running {
 struct Agent {
     mux: MuxHandle,
     state: Mutex<State>,
+    /// Attested to a tenant ahead of assignment (a tenant-attested pool); taken at assignment.
+    prepared: tokio::sync::Mutex<Option<crate::attest::Prepared>>,
+    /// The tenant this sandbox is bound to, once prepared or assigned: it never changes.
+    bound_tenant: Mutex<Option<String>>,
     reaper: Reaper,
     client: Client<hyper_util::client::legacy::connect::HttpConnector, Incoming>,
     rootfs: PathBuf,
@@ -69,6 +75,8 @@ where
     let agent = Arc::new(Agent {
         mux,
         state: Mutex::new(State::Idle),
+        prepared: tokio::sync::Mutex::new(None),
+        bound_tenant: Mutex::new(None),
         reaper: Reaper::start()?,
         client: Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
@@ -158,7 +166,60 @@ async fn control(agent: Arc<Agent>, req: hyper::Request<Incoming>) -> hyper::Res
             })
             .unwrap_or_default();
             v["state"] = state.into();
+            // The tenant this sandbox serves, as the sandbox itself knows it: once bound (by
+            // preparation or assignment) it never changes.
+            v["tenant"] = agent
+                .bound_tenant
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+                .into();
             json(&v)
+        }
+        ("POST", veil_proto::PREPARE_PATH) => {
+            let body = match mux::read_body_limited(req.into_body(), 64 << 10).await {
+                Ok(b) => b,
+                Err(e) => return error(StatusCode::BAD_REQUEST, "BAD_REQUEST", &e.to_string()),
+            };
+            let p: veil_proto::Preparation = match serde_json::from_slice(&body) {
+                Ok(p) => p,
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "BAD_REQUEST",
+                        &format!("malformed preparation: {e}"),
+                    )
+                }
+            };
+            let mut prepared = agent.prepared.lock().await;
+            {
+                let st = agent.state.lock().unwrap_or_else(|p| p.into_inner());
+                let bound = agent.bound_tenant.lock().unwrap_or_else(|p| p.into_inner());
+                if !matches!(*st, State::Idle) || prepared.is_some() || bound.is_some() {
+                    return error(
+                        StatusCode::CONFLICT,
+                        "ALREADY_BOUND",
+                        "this sandbox is already bound; sandboxes are never re-bound",
+                    );
+                }
+            }
+            // Bound from the first attempt on, whether or not it succeeds.
+            *agent.bound_tenant.lock().unwrap_or_else(|p| p.into_inner()) = Some(p.tenant.clone());
+            let t = Instant::now();
+            match crate::attest::prepare(&agent.mux, &p).await {
+                Ok(ok) => {
+                    let reply = veil_proto::PrepareReply {
+                        token_expires_at: ok.client.token_expiry(),
+                        attest_ms: t.elapsed().as_secs_f64() * 1000.0,
+                    };
+                    *prepared = Some(ok);
+                    json(&reply)
+                }
+                Err(msg) => {
+                    tracing::error!(tenant = %p.tenant, "preparation failed: {msg}");
+                    error(StatusCode::UNPROCESSABLE_ENTITY, "ATTESTATION", &msg)
+                }
+            }
         }
         ("POST", veil_proto::ASSIGN_PATH) => {
             let body = match mux::read_body_limited(req.into_body(), 256 << 10).await {
@@ -184,6 +245,21 @@ async fn control(agent: Arc<Agent>, req: hyper::Request<Incoming>) -> hyper::Res
                         "this sandbox was already assigned; sandboxes are never re-assigned",
                     );
                 }
+                let mut bound = agent.bound_tenant.lock().unwrap_or_else(|p| p.into_inner());
+                match bound.as_deref() {
+                    Some(t) if t != a.tenant => {
+                        return error(
+                            StatusCode::CONFLICT,
+                            "WRONG_TENANT",
+                            &format!(
+                                "this sandbox is bound to tenant {t:?} and never serves another \
+                                 (asked for tenant {:?})",
+                                a.tenant
+                            ),
+                        )
+                    }
+                    _ => *bound = Some(a.tenant.clone()),
+                }
                 *st = State::Assigning;
             }
             match assign(&agent, &a).await {
@@ -207,17 +283,19 @@ async fn control(agent: Arc<Agent>, req: hyper::Request<Incoming>) -> hyper::Res
 async fn assign(agent: &Arc<Agent>, a: &Assignment) -> Result<AssignReply, (&'static str, String)> {
     tracing::info!(function = %a.function, image = %a.image, digest = %a.manifest_digest, "assigned");
     let t_attest = Instant::now();
+    let prepared = agent.prepared.lock().await.take();
+    let attested_ahead = prepared.is_some();
     // Signatures come from the node, not the broker: fetch them while attesting.
     let (released, prefetched) = match &a.attestation {
         Some(plan) if plan.signature_policy.is_some() => {
             let (r, sigs) = tokio::join!(
-                crate::attest::attest_and_fetch(&agent.mux, a, plan),
+                crate::attest::attest_and_fetch(&agent.mux, a, plan, prepared),
                 crate::pull::fetch_signatures(&agent.mux, a)
             );
             (r, Some(sigs))
         }
         Some(plan) => (
-            crate::attest::attest_and_fetch(&agent.mux, a, plan).await,
+            crate::attest::attest_and_fetch(&agent.mux, a, plan, prepared).await,
             None,
         ),
         None => (Ok(crate::attest::Released::default()), None),
@@ -230,6 +308,7 @@ async fn assign(agent: &Arc<Agent>, a: &Assignment) -> Result<AssignReply, (&'st
         .map_err(|e| ("IMAGE_PULL", e.to_string()))?;
     let mut timings = pulled.timings;
     timings.attest_ms = attest_ms;
+    timings.attested_ahead = attested_ahead;
     let cfg = pulled.config;
     let setup = |e: anyhow::Error| ("SANDBOX_SETUP", format!("{e:#}"));
     crate::nsinit::prepare_function_root(&agent.rootfs).map_err(setup)?;
@@ -290,6 +369,7 @@ async fn assign(agent: &Arc<Agent>, a: &Assignment) -> Result<AssignReply, (&'st
     };
     timings.ready_ms = ready.as_secs_f64() * 1000.0;
     let running = Arc::new(Running {
+        tenant: a.tenant.clone(),
         port: a.port,
         permits: Arc::new(Semaphore::new(a.concurrency.max(1) as usize)),
         function: a.function.clone(),
@@ -373,6 +453,11 @@ async fn invoke(agent: Arc<Agent>, req: hyper::Request<Incoming>) -> hyper::Resp
             let (mut parts, body) = resp.into_parts();
             for h in veil_proto::HOP_BY_HOP {
                 parts.headers.remove(*h);
+            }
+            // The tenant this sandbox is bound to, said by the sandbox itself (the host knows
+            // it anyway): lets tests and operators check that no sandbox serves two tenants.
+            if let Ok(v) = http::HeaderValue::from_str(&running.tenant) {
+                parts.headers.insert(veil_proto::SANDBOX_TENANT_HEADER, v);
             }
             // The permit is released when the response body is done or dropped.
             let body = body

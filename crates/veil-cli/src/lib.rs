@@ -56,6 +56,64 @@ pub struct UpOptions {
     pub backend: backend::BackendChoice,
     /// Bin width of the hybrid keep-alive policy's idle-time histogram (one minute).
     pub keep_alive_bin: Duration,
+    /// Tenants' pools of sandboxes attested ahead of demand.
+    pub tenant_pools: Vec<TenantPoolSpec>,
+    /// Lifetime of the embedded broker's attestation tokens (default 300 s).
+    pub kbs_token_ttl: Option<Duration>,
+}
+
+/// A tenant's pool as `veil up --tenant-pool` names it: `TENANT=SIZE`, optionally followed by
+/// `,kbs=URL` (default: the embedded broker) and `,insecure-software-tee`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantPoolSpec {
+    /// The tenant.
+    pub tenant: String,
+    /// Sandboxes kept attested.
+    pub size: usize,
+    /// The tenant's broker (default: the embedded one).
+    pub kbs_url: Option<String>,
+    /// Attest with the INSECURE software TEE where no SEV-SNP/TDX exists.
+    pub allow_insecure_software_tee: bool,
+}
+
+impl std::str::FromStr for TenantPoolSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = s.split(',');
+        let head = parts.next().unwrap_or_default();
+        let (tenant, size) = head.split_once('=').ok_or_else(|| {
+            format!("{s:?}: expected TENANT=SIZE[,kbs=URL][,insecure-software-tee]")
+        })?;
+        if tenant.is_empty()
+            || tenant.len() > 128
+            || !tenant
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        {
+            return Err(format!("{s:?}: {tenant:?} is not a tenant name"));
+        }
+        let size: usize = size
+            .parse()
+            .ok()
+            .filter(|n| *n <= 256)
+            .ok_or_else(|| format!("{s:?}: the size must be a number from 0 to 256"))?;
+        let mut spec = TenantPoolSpec {
+            tenant: tenant.to_string(),
+            size,
+            kbs_url: None,
+            allow_insecure_software_tee: false,
+        };
+        for p in parts {
+            match p.split_once('=') {
+                Some(("kbs", u)) if u.starts_with("http://") || u.starts_with("https://") => {
+                    spec.kbs_url = Some(u.to_string())
+                }
+                None if p == "insecure-software-tee" => spec.allow_insecure_software_tee = true,
+                _ => return Err(format!("{s:?}: unknown pool option {p:?}")),
+            }
+        }
+        Ok(spec)
+    }
 }
 
 impl UpOptions {
@@ -78,6 +136,8 @@ impl UpOptions {
             local_store: veil_gateway::LocalStoreConfig::default(),
             backend: backend::BackendChoice::Process,
             keep_alive_bin: Duration::from_secs(60),
+            tenant_pools: Vec::new(),
+            kbs_token_ttl: None,
         }
     }
 }
@@ -148,6 +208,9 @@ impl Platform {
             // tenants that opted in. A tenant's production broker (`veil kbs serve`) refuses it.
             kcfg.allow_insecure_software_tee = true;
             kcfg.software_tee_hosts = vec![node.software_tee_host_key()];
+            if let Some(ttl) = opts.kbs_token_ttl {
+                kcfg.token_ttl = ttl;
+            }
             let kbs = veil_kbs::Kbs::open(kcfg).context("start the embedded key broker")?;
             if first_start {
                 // The development default: tenant `default` opts in. Other tenants opt in with
@@ -207,6 +270,24 @@ impl Platform {
         });
         let n = node.clone();
         tokio::spawn(async move { n.fill_pool().await });
+        for p in &opts.tenant_pools {
+            let kbs_url = match (&p.kbs_url, &kbs) {
+                (Some(u), _) => u.clone(),
+                (None, Some(_)) => format!("http://{addr}"),
+                (None, None) => bail!(
+                    "the pool of tenant {} names no key broker, and veil runs without the \
+                     embedded one: give it ,kbs=URL",
+                    p.tenant
+                ),
+            };
+            node.set_tenant_pool(veil_node::TenantPoolConfig {
+                tenant: p.tenant.clone(),
+                size: p.size,
+                kbs_url,
+                allow_insecure_software_tee: p.allow_insecure_software_tee,
+            })
+            .await;
+        }
         tracing::info!(%addr, "veil is up");
         Ok(Self {
             gateway,

@@ -289,6 +289,11 @@ struct UpArgs {
     /// Generic sandboxes kept booted ahead of demand.
     #[arg(long, default_value_t = 2)]
     pool_size: usize,
+    /// A tenant's pool of sandboxes attested to its key broker ahead of demand:
+    /// TENANT=SIZE[,kbs=URL][,insecure-software-tee] (repeatable; default broker: the
+    /// embedded one). Its functions' cold starts then have no attestation on their path.
+    #[arg(long = "tenant-pool")]
+    tenant_pools: Vec<veil_cli::TenantPoolSpec>,
     /// Registries (host:port) to reach over plain HTTP besides loopback.
     #[arg(long = "insecure-registry")]
     insecure_registries: Vec<String>,
@@ -743,6 +748,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 UpOptions::defaults(a.state_dir.unwrap_or_else(veil_cli::default_state_dir));
             opts.listen = a.listen;
             opts.pool_size = a.pool_size;
+            opts.tenant_pools = a.tenant_pools;
             opts.insecure_registries = a.insecure_registries;
             opts.cache_max_bytes = a.cache_max_bytes;
             opts.capacity_memory = a.capacity_memory;

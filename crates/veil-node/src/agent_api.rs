@@ -203,6 +203,8 @@ pub(crate) async fn kbs_relay(
         http::header::COOKIE,
         http::header::AUTHORIZATION,
         http::header::ACCEPT,
+        // A tenant-attested sandbox's assignment statement (signed by the sandbox).
+        http::HeaderName::from_static(veil_proto::KBS_STATEMENT_HEADER),
     ] {
         if let Some(v) = headers.get(&h) {
             rb = rb.header(h, v);

@@ -46,6 +46,8 @@ pub struct StartTimings {
     pub boot_ms: f64,
     /// Whether the sandbox came from the pre-booted pool.
     pub pooled: bool,
+    /// Which pool it came from: `generic`, `tenant-attested`, or `none` (booted on demand).
+    pub pool: String,
     /// Blobs made present in the node cache.
     pub cache_ms: f64,
     /// Phases inside the sandbox.
@@ -159,9 +161,27 @@ impl Node {
         let sandbox = match claim.take() {
             Some(pool::Room::Pooled(sb)) => {
                 timings.pooled = true;
+                timings.pool = "generic".into();
                 sb
             }
+            Some(pool::Room::TenantAttested(tenant, ready)) => {
+                if tenant != spec.tenant {
+                    // claim_for hands out only the tenant's own; never cross tenants.
+                    self.return_tenant_sandbox(&tenant, ready);
+                    return Err(NodeError::Channel {
+                        id: "-".into(),
+                        reason: format!(
+                            "a sandbox of tenant {tenant:?} was claimed for tenant {:?}",
+                            spec.tenant
+                        ),
+                    });
+                }
+                timings.pooled = true;
+                timings.pool = "tenant-attested".into();
+                ready.sb
+            }
             Some(pool::Room::Fresh(reservation)) => {
+                timings.pool = "none".into();
                 let t = Instant::now();
                 let sb = self.boot(reservation).await?;
                 timings.boot_ms = t.elapsed().as_secs_f64() * 1000.0;

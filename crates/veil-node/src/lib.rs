@@ -13,9 +13,11 @@ mod instance;
 pub mod logs;
 mod pool;
 pub mod store;
+pub mod tenant_pool;
 
 pub use instance::{Instance, InstanceSpec, StartTimings};
 pub use pool::{Claim, NodeStatus};
+pub use tenant_pool::{TenantPoolConfig, TenantPoolStatus};
 
 #[cfg(test)]
 use agent_api::MAX_LINE;
@@ -305,8 +307,10 @@ struct Grant {
 pub struct SandboxInfo {
     /// Sandbox id.
     pub id: String,
-    /// Function it is assigned to, if any.
+    /// Function it is assigned to, if any (`(pool)` for a sandbox of a tenant's pool).
     pub function: Option<String>,
+    /// Tenant it is bound to, if any.
+    pub tenant: Option<String>,
     /// Host pids of its processes (the agent's, or the VMM's).
     pub pids: Vec<u32>,
     /// Backend and accelerator.
@@ -331,6 +335,8 @@ pub struct Node {
     pool_failures: std::sync::atomic::AtomicU32,
     /// Endorses the INSECURE software TEE's sandbox keys (see [`Node::software_tee_host_key`]).
     software_tee_host: veil_attest::software::HostKey,
+    /// Sandboxes attested to one tenant ahead of demand.
+    tenant_pools: tenant_pool::TenantPools,
 }
 
 type RespBody = BoxBody<Bytes, std::io::Error>;
@@ -368,10 +374,21 @@ impl Node {
         sandbox: &str,
         spec: &InstanceSpec,
     ) -> veil_proto::SoftwareTeeCredential {
+        self.endorse_for(sandbox, &spec.tenant, &spec.function)
+    }
+
+    /// Endorse `sandbox`'s software-TEE key for `tenant`'s `function` (`*`: any of them, for a
+    /// tenant-attested pool).
+    fn endorse_for(
+        &self,
+        sandbox: &str,
+        tenant: &str,
+        function: &str,
+    ) -> veil_proto::SoftwareTeeCredential {
         let c = self.software_tee_host.endorse(
             sandbox,
-            &spec.tenant,
-            &spec.function,
+            tenant,
+            function,
             std::time::SystemTime::now(),
             SOFTWARE_TEE_ENDORSEMENT_TTL,
         );
@@ -420,7 +437,9 @@ impl Node {
             shutting_down: AtomicBool::new(false),
             filling: AtomicBool::new(false),
             pool_failures: std::sync::atomic::AtomicU32::new(0),
+            tenant_pools: tenant_pool::TenantPools::default(),
         });
+        node.spawn_tenant_pool_sweeper();
         // Blobs of images assigned to live sandboxes are never evicted.
         let weak = Arc::downgrade(&node);
         node.cache.set_in_use(Arc::new(move |d: &Digest| {
@@ -611,11 +630,15 @@ impl Node {
         let map = self.sandboxes.lock().unwrap_or_else(|p| p.into_inner());
         let mut v: Vec<SandboxInfo> = map
             .values()
-            .map(|e| SandboxInfo {
-                id: e.id.clone(),
-                function: lock(&e.owner).as_ref().map(|o| o.function.clone()),
-                pids: e.handle.pids(),
-                kind: self.backend.kind(),
+            .map(|e| {
+                let owner = lock(&e.owner).clone();
+                SandboxInfo {
+                    id: e.id.clone(),
+                    function: owner.as_ref().map(|o| o.function.clone()),
+                    tenant: owner.map(|o| o.tenant),
+                    pids: e.handle.pids(),
+                    kind: self.backend.kind(),
+                }
             })
             .collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));
@@ -626,6 +649,7 @@ impl Node {
     pub async fn shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
         lock(&self.pool).clear();
+        self.clear_tenant_pools();
         let all: Vec<Arc<SandboxEntry>> = self
             .sandboxes
             .lock()

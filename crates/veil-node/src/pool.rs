@@ -18,6 +18,9 @@ pub struct NodeStatus {
     pub pooled: usize,
     /// Sandboxes assigned to a function.
     pub assigned: usize,
+    /// Tenants' pools of sandboxes attested ahead of demand.
+    #[serde(default)]
+    pub tenant_pools: Vec<crate::tenant_pool::TenantPoolStatus>,
 }
 
 /// Room for one instance on the node, taken by [`Node::claim`] and consumed by
@@ -31,6 +34,8 @@ pub struct Claim {
 pub(crate) enum Room {
     /// A booted, unassigned sandbox taken from the pool.
     Pooled(Arc<SandboxEntry>),
+    /// A sandbox of a tenant's pool, attested to that tenant already.
+    TenantAttested(String, crate::tenant_pool::Ready),
     /// The budget for booting a fresh sandbox.
     Fresh(Reservation),
 }
@@ -43,11 +48,15 @@ impl Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        if let (Some(Room::Pooled(sb)), Some(node)) = (self.room.take(), self.node.upgrade()) {
-            if !node.shutting_down.load(Ordering::SeqCst) {
+        match (self.room.take(), self.node.upgrade()) {
+            (Some(Room::Pooled(sb)), Some(node)) if !node.shutting_down.load(Ordering::SeqCst) => {
                 lock(&node.pool).push(sb);
                 node.budget.bump();
             }
+            (Some(Room::TenantAttested(tenant, r)), Some(node)) => {
+                node.return_tenant_sandbox(&tenant, r)
+            }
+            _ => {}
         }
     }
 }
@@ -75,6 +84,22 @@ impl Node {
             .iter()
             .filter(|sb| !sb.dead.load(Ordering::SeqCst))
             .count()
+    }
+
+    /// Room for one instance of `tenant`'s function whose broker is `kbs_url`: a sandbox of the
+    /// tenant's pool (attested to it already) if one is ready, else as [`Node::claim`].
+    pub fn claim_for(
+        self: &Arc<Self>,
+        tenant: &str,
+        kbs_url: Option<&str>,
+    ) -> Result<Claim, CapacityError> {
+        if let Some(r) = self.take_tenant_sandbox(tenant, kbs_url) {
+            return Ok(Claim {
+                room: Some(Room::TenantAttested(tenant.to_string(), r)),
+                node: Arc::downgrade(self),
+            });
+        }
+        self.claim()
     }
 
     /// Room for one more instance: a pooled sandbox if one is ready, else a reservation of one
@@ -120,6 +145,7 @@ impl Node {
             pool_size: self.config.pool_size,
             pooled,
             assigned,
+            tenant_pools: self.tenant_pools(),
         }
     }
 

@@ -31,7 +31,7 @@ pub enum StreamKind {
 /// The version of the node–agent protocol (this crate's wire types and substream kinds). The
 /// agent reports it in its health answer and the node refuses an agent that speaks another:
 /// an agent baked into a measured guest image cannot be swapped silently.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The agent's answer to `GET /health`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -103,6 +103,38 @@ impl StreamKind {
 pub const ASSIGN_PATH: &str = "/assign";
 /// Path of the control endpoint that reports agent liveness.
 pub const HEALTH_PATH: &str = "/health";
+/// Request header of a tenant-attested sandbox's assignment statement to its key broker
+/// (`veil_kbs::statement::STATEMENT_HEADER`), which the node relays with the request.
+pub const KBS_STATEMENT_HEADER: &str = "kbs-veil-assignment";
+/// Response header by which the agent names the tenant its sandbox is bound to.
+pub const SANDBOX_TENANT_HEADER: &str = "x-veil-sandbox-tenant";
+/// Path of the control endpoint that attests a pooled sandbox to one tenant ahead of demand.
+pub const PREPARE_PATH: &str = "/prepare";
+
+/// Sent by the node to bind an idle pooled sandbox to one tenant ahead of any function: the
+/// agent attests to the tenant's broker with init data of tenant scope and keeps the session
+/// (and its key) for the function it will be assigned. From then on the sandbox serves that
+/// tenant only; an assignment for another tenant is refused.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Preparation {
+    /// The tenant.
+    pub tenant: String,
+    /// Use the insecure software TEE where no SEV-SNP or TDX device exists.
+    pub allow_software_tee: bool,
+    /// The node's software-TEE credential, endorsed for this tenant and any of its functions.
+    #[serde(default)]
+    pub software_tee: Option<SoftwareTeeCredential>,
+}
+
+/// Reply to a successful preparation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PrepareReply {
+    /// When the broker's token expires (seconds since the epoch), if it says.
+    pub token_expires_at: Option<u64>,
+    /// Time the attestation took, in milliseconds.
+    pub attest_ms: f64,
+}
 
 /// Sent by the node to bind an idle sandbox to one tenant's function.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -206,9 +238,14 @@ pub struct PhaseTimings {
     /// Signatures fetched and checked against the tenant's policy (0 without a policy).
     #[serde(default)]
     pub signature_ms: f64,
-    /// Attestation to the key broker and secret release (0 when the function has no secrets).
+    /// Attestation to the key broker and secret release (0 when the function has no secrets);
+    /// for a tenant-attested sandbox, the release only.
     #[serde(default)]
     pub attest_ms: f64,
+    /// The sandbox had attested to its tenant before it was assigned (a tenant-attested pool):
+    /// no attestation on the request path.
+    #[serde(default)]
+    pub attested_ahead: bool,
 }
 
 /// Reply to a successful assignment.

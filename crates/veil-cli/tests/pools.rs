@@ -1,0 +1,312 @@
+//! Tenant-attested pools, end to end on the namespace backend with the embedded broker and the
+//! (insecure, development) software TEE: sandboxes attested to one tenant ahead of demand start
+//! that tenant's functions without attesting on the request path, a mixed burst for two tenants
+//! never has a sandbox serve both (as the sandboxes themselves report it), and the faults of
+//! the pool issue are handled: a broker that refuses, tokens that expire while pooled, a pool
+//! removed while full, a node stopped with pools full.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Duration;
+use veil_cli::client::{AdminClient, Invocation};
+use veil_cli::{images, Platform, TenantPoolSpec, UpOptions};
+use veil_gateway::DeployRequest;
+use veil_image::build::build_image;
+use veil_image::Reference;
+
+struct Tenant {
+    name: String,
+    admin: AdminClient,
+    registry: veil_registry::RegistryClient,
+}
+
+async fn tenant(p: &Platform, name: &str) -> Tenant {
+    let token = p
+        .admin_client()
+        .unwrap()
+        .create_token(name)
+        .await
+        .unwrap()
+        .token;
+    Tenant {
+        name: name.into(),
+        admin: AdminClient::new(&p.url()).unwrap().with_token(&token),
+        registry: images::registry_client_with_token(&[], &p.url(), &token).unwrap(),
+    }
+}
+
+/// Push the example function as `local/<tenant>-hello:v1`, owned by the tenant.
+async fn push(p: &Platform, t: &Tenant) -> String {
+    let tmp = tempfile::tempdir().unwrap();
+    let ctx = tmp.path().join("ctx");
+    images::write_example(&ctx).unwrap();
+    let image = build_image(&images::example_spec(&ctx)).unwrap();
+    let reference: Reference = format!("local/{}-hello:v1", t.name).parse().unwrap();
+    let target = images::push_target(&reference, &p.url()).unwrap();
+    images::push(&t.registry, &image, &target).await.unwrap();
+    reference.to_string()
+}
+
+fn pool(tenant: &str, size: usize) -> TenantPoolSpec {
+    TenantPoolSpec {
+        tenant: tenant.into(),
+        size,
+        kbs_url: None,
+        allow_insecure_software_tee: true,
+    }
+}
+
+async fn up(state: &Path, f: impl FnOnce(&mut UpOptions)) -> Platform {
+    let mut opts = UpOptions::defaults(state.join("state"));
+    opts.listen = "127.0.0.1:0".parse().unwrap();
+    opts.pool_size = 1;
+    f(&mut opts);
+    Platform::start(opts).await.unwrap()
+}
+
+async fn invoke(admin: &AdminClient, name: &str, path: &str) -> Invocation {
+    admin
+        .invoke(name, "GET", path, Vec::new(), &BTreeMap::new())
+        .await
+        .unwrap()
+}
+
+fn header(r: &Invocation, name: &str) -> String {
+    r.headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Wait until `tenant`'s pool holds `n` attested sandboxes.
+async fn pool_ready(p: &Platform, tenant: &str, n: usize) {
+    for _ in 0..400 {
+        let st = p.gateway.node().status();
+        if st
+            .tenant_pools
+            .iter()
+            .any(|t| t.config.tenant == tenant && t.ready >= n)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "the pool of {tenant} never held {n}: {:?}",
+        p.gateway.node().status().tenant_pools
+    );
+}
+
+fn deploy_with_secret(image: &str, secret: &str) -> DeployRequest {
+    let mut req = DeployRequest::new(image);
+    req.secrets.insert("GREETING".into(), secret.into());
+    req.allow_insecure_software_tee = true;
+    req.concurrency = Some(1);
+    req
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_attested_starts_skip_attestation_and_never_cross_tenants() {
+    let state = tempfile::tempdir().unwrap();
+    let p = up(state.path(), |o| {
+        o.tenant_pools = vec![pool("acme", 2), pool("globex", 2)];
+    })
+    .await;
+    let kbs = p.kbs.clone().unwrap();
+    kbs.set_reference_values(
+        veil_kbs::SOFTWARE_TEE_TENANTS,
+        &["default".into(), "acme".into(), "globex".into()],
+    )
+    .unwrap();
+    let tenants = [tenant(&p, "acme").await, tenant(&p, "globex").await];
+    let mut functions = Vec::new();
+    for t in &tenants {
+        kbs.set_resource(
+            &format!("{}/app/greeting", t.name),
+            format!("hello-{}", t.name).as_bytes(),
+        )
+        .unwrap();
+        let image = push(&p, t).await;
+        for f in ["one", "two"] {
+            let name = format!("{}-{f}", t.name);
+            t.admin
+                .deploy(
+                    &name,
+                    &deploy_with_secret(&image, &format!("kbs:///{}/app/greeting", t.name)),
+                )
+                .await
+                .unwrap();
+            functions.push((t.name.clone(), name));
+        }
+    }
+    // The pools attest after the tenants opted in (the first attempts were refused and backed
+    // off), so wait for them.
+    pool_ready(&p, "acme", 2).await;
+    pool_ready(&p, "globex", 2).await;
+
+    // A start from the tenant's pool: no attestation on its path, the secret released.
+    let r = invoke(&tenants[0].admin, "acme-one", "/env/GREETING").await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(String::from_utf8_lossy(&r.body), "GREETING=hello-acme\n");
+    let phases = header(&r, "x-veil-cold-start");
+    assert!(
+        phases.contains("pool=tenant-attested") && phases.contains("attested_ahead=true"),
+        "{phases}"
+    );
+
+    // A mixed burst for both tenants: every response is its own tenant's, and every sandbox
+    // says (from inside) that it serves one tenant only.
+    let mut tasks = Vec::new();
+    for round in 0..3 {
+        for (tenant, name) in &functions {
+            let admin = tenants
+                .iter()
+                .find(|t| &t.name == tenant)
+                .unwrap()
+                .admin
+                .clone();
+            let (tenant, name) = (tenant.clone(), name.clone());
+            tasks.push(tokio::spawn(async move {
+                let r = invoke(&admin, &name, "/env/GREETING").await;
+                (round, tenant, name, r)
+            }));
+        }
+    }
+    let mut served: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut pools_used = BTreeSet::new();
+    for t in tasks {
+        let (_, tenant, name, r) = t.await.unwrap();
+        assert_eq!(
+            r.status,
+            200,
+            "{name}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&r.body),
+            format!("GREETING=hello-{tenant}\n"),
+            "{name}"
+        );
+        let inside = header(&r, "x-veil-sandbox-tenant");
+        assert_eq!(
+            inside, tenant,
+            "{name}: the sandbox says it serves {inside:?}"
+        );
+        served
+            .entry(header(&r, "x-veil-instance"))
+            .or_default()
+            .insert(inside);
+        if let Some(pool) = header(&r, "x-veil-cold-start")
+            .split(';')
+            .find_map(|kv| kv.strip_prefix("pool="))
+        {
+            pools_used.insert(pool.to_string());
+        }
+    }
+    for (sandbox, tenants) in &served {
+        assert_eq!(tenants.len(), 1, "sandbox {sandbox} served {tenants:?}");
+    }
+    assert!(pools_used.contains("tenant-attested"), "{pools_used:?}");
+    eprintln!(
+        "pools used by the burst's cold starts: {pools_used:?}; sandboxes: {}",
+        served.len()
+    );
+
+    // Removing a tenant's pool destroys its sandboxes; stopping the node leaves nothing. (The
+    // burst's instances take most of the node's capacity: the pool refills what fits.)
+    pool_ready(&p, "globex", 1).await;
+    let before: Vec<String> = tenant_pool_sandboxes(&p, "globex").await;
+    assert!(!before.is_empty());
+    p.gateway.node().remove_tenant_pool("globex").await;
+    let after = tenant_pool_sandboxes(&p, "globex").await;
+    assert!(after.is_empty(), "{after:?}");
+    let pids: Vec<u32> = p
+        .admin_client()
+        .unwrap()
+        .sandboxes()
+        .await
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["pids"].as_array().cloned().unwrap_or_default())
+        .filter_map(|v| v.as_u64().map(|p| p as u32))
+        .collect();
+    p.stop().await.unwrap();
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "sandbox process {pid} survived the node"
+        );
+    }
+}
+
+/// Sandboxes of `tenant`'s pool (prepared, not assigned to a function), by id.
+async fn tenant_pool_sandboxes(p: &Platform, tenant: &str) -> Vec<String> {
+    p.admin_client()
+        .unwrap()
+        .sandboxes()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|s| s["tenant"] == tenant && s["function"] == "(pool)")
+        .map(|s| s["id"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// A broker that refuses a pool (its tenant has not opted in to the software TEE): the pool
+/// backs off and says why, functions still start the ordinary way (and fail as clearly); once
+/// the broker accepts, the pool fills. Tokens that expire while pooled are replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusing_brokers_and_expiring_tokens() {
+    let state = tempfile::tempdir().unwrap();
+    let p = up(state.path(), |o| {
+        o.tenant_pools = vec![pool("acme", 1)];
+        o.kbs_token_ttl = Some(Duration::from_secs(8));
+    })
+    .await;
+    let kbs = p.kbs.clone().unwrap();
+    let mut why = None;
+    for _ in 0..100 {
+        let st = p.gateway.node().status();
+
+        let t = st
+            .tenant_pools
+            .iter()
+            .find(|t| t.config.tenant == "acme")
+            .unwrap();
+        if let (Some(e), Some(_)) = (&t.last_error, t.retry_in_s) {
+            assert_eq!(t.ready, 0);
+            why = Some(e.clone());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let why = why.expect("the refused pool must say why and back off");
+    assert!(why.contains("not opted in"), "{why}");
+
+    // Opted in: the pool fills after its back-off.
+    kbs.set_reference_values(
+        veil_kbs::SOFTWARE_TEE_TENANTS,
+        &["default".into(), "acme".into()],
+    )
+    .unwrap();
+    pool_ready(&p, "acme", 1).await;
+    let first = tenant_pool_sandboxes(&p, "acme").await;
+    assert_eq!(first.len(), 1, "{first:?}");
+    // An 8 s token: replaced before it expires, by a sandbox that attested again.
+    let mut replaced = false;
+    for _ in 0..200 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = tenant_pool_sandboxes(&p, "acme").await;
+        if !now.is_empty() && now != first {
+            replaced = true;
+            break;
+        }
+    }
+    assert!(
+        replaced,
+        "the pooled sandbox was not replaced before its token expired"
+    );
+    p.stop().await.unwrap();
+}

@@ -1,0 +1,437 @@
+//! Tenant-attested pools: sandboxes booted and attested to one tenant's key broker ahead of
+//! demand, so that a cold start of that tenant's function has no attestation on its path.
+//!
+//! A pooled sandbox is taken from the generic pool (or booted), bound to the tenant, and asked
+//! to attest with init data of tenant scope (`veil_proto::Preparation`); it keeps the session
+//! and the ephemeral key whose hash the evidence carries, and at assignment states its
+//! function to the broker with that key (`veil_kbs::statement`). The binding rules:
+//! - a sandbox serves one tenant in its whole life: once prepared it is never returned to the
+//!   generic pool — unused, expired, failed or removed with its pool, it is destroyed (and the
+//!   agent itself refuses an assignment for another tenant);
+//! - a prepared sandbox whose token nears expiry is destroyed and replaced (a fresh one attests
+//!   again);
+//! - removing a tenant's pool destroys its sandboxes;
+//! - a broker that is down, slow or refusing makes the pool back off (1 s doubling to 60 s),
+//!   shrink instead of spinning, and report why; a start that finds the pool empty takes a
+//!   generic sandbox and attests on its path, as without the pool.
+
+use crate::{lock, Node, SandboxEntry};
+use bytes::Bytes;
+use http_body_util::Full;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use veil_proto::mux;
+use veil_proto::{ErrorBody, StreamKind};
+
+/// One tenant's pool, as configured.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TenantPoolConfig {
+    /// The tenant.
+    pub tenant: String,
+    /// Sandboxes kept attested and ready.
+    pub size: usize,
+    /// The tenant's key broker (the one its functions name).
+    pub kbs_url: String,
+    /// Attest with the INSECURE software TEE where no SEV-SNP/TDX exists (development only).
+    #[serde(default)]
+    pub allow_insecure_software_tee: bool,
+}
+
+/// What `GET /v1/node` reports about one tenant's pool.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TenantPoolStatus {
+    /// The configuration.
+    #[serde(flatten)]
+    pub config: TenantPoolConfig,
+    /// Sandboxes attested and waiting.
+    pub ready: usize,
+    /// Sandboxes being attested.
+    pub preparing: usize,
+    /// Why the last preparation failed, while the pool backs off.
+    pub last_error: Option<String>,
+    /// Seconds until the next attempt, while backing off.
+    pub retry_in_s: Option<u64>,
+}
+
+pub(crate) struct Ready {
+    pub(crate) sb: Arc<SandboxEntry>,
+    expires: Instant,
+}
+
+struct Pool {
+    config: TenantPoolConfig,
+    ready: Vec<Ready>,
+    preparing: usize,
+    failures: u32,
+    retry_at: Option<Instant>,
+    last_error: Option<String>,
+}
+
+#[derive(Default)]
+pub(crate) struct TenantPools {
+    map: std::sync::Mutex<HashMap<String, Pool>>,
+}
+
+/// A prepared sandbox is replaced this long before its token expires (or a quarter of the
+/// token's lifetime, if shorter).
+const EXPIRY_MARGIN: Duration = Duration::from_secs(30);
+/// A token must leave a prepared sandbox at least this long to be worth keeping.
+const MIN_LIFETIME: Duration = Duration::from_secs(4);
+/// The most a pool backs off between failed preparations.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Node {
+    /// Create, resize or reconfigure a tenant's pool (size 0 removes it). Sandboxes prepared
+    /// under another configuration are destroyed.
+    pub async fn set_tenant_pool(self: &Arc<Self>, config: TenantPoolConfig) {
+        let doomed: Vec<Arc<SandboxEntry>> = {
+            let mut map = lock(&self.tenant_pools.map);
+            let old = map.remove(&config.tenant);
+            let keep_old = old.as_ref().is_some_and(|p| {
+                p.config.kbs_url == config.kbs_url
+                    && p.config.allow_insecure_software_tee == config.allow_insecure_software_tee
+            });
+            let mut doomed = Vec::new();
+            let mut pool = Pool {
+                config: config.clone(),
+                ready: Vec::new(),
+                preparing: 0,
+                failures: 0,
+                retry_at: None,
+                last_error: None,
+            };
+            if let Some(mut old) = old {
+                if keep_old {
+                    pool.preparing = old.preparing;
+                    while old.ready.len() > config.size {
+                        if let Some(r) = old.ready.pop() {
+                            doomed.push(r.sb);
+                        }
+                    }
+                    pool.ready = old.ready;
+                } else {
+                    doomed.extend(old.ready.into_iter().map(|r| r.sb));
+                }
+            }
+            if config.size > 0 {
+                map.insert(config.tenant.clone(), pool);
+            }
+            doomed
+        };
+        for sb in doomed {
+            self.destroy_entry(&sb).await;
+        }
+        tracing::info!(tenant = %config.tenant, size = config.size, "tenant pool configured");
+        self.fill_tenant_pools();
+    }
+
+    /// Remove a tenant's pool, destroying its sandboxes (a deleted tenant leaves nothing).
+    pub async fn remove_tenant_pool(self: &Arc<Self>, tenant: &str) {
+        let doomed = lock(&self.tenant_pools.map)
+            .remove(tenant)
+            .map(|p| p.ready)
+            .unwrap_or_default();
+        for r in doomed {
+            self.destroy_entry(&r.sb).await;
+        }
+    }
+
+    /// At shutdown: forget the prepared sandboxes (the node destroys every sandbox).
+    pub(crate) fn clear_tenant_pools(&self) {
+        for p in lock(&self.tenant_pools.map).values_mut() {
+            p.ready.clear();
+        }
+    }
+
+    /// The tenants' pools.
+    pub fn tenant_pools(&self) -> Vec<TenantPoolStatus> {
+        let now = Instant::now();
+        let mut v: Vec<TenantPoolStatus> = lock(&self.tenant_pools.map)
+            .values()
+            .map(|p| TenantPoolStatus {
+                config: p.config.clone(),
+                ready: p
+                    .ready
+                    .iter()
+                    .filter(|r| !r.sb.dead.load(Ordering::SeqCst))
+                    .count(),
+                preparing: p.preparing,
+                last_error: p.last_error.clone(),
+                retry_in_s: p
+                    .retry_at
+                    .filter(|t| *t > now)
+                    .map(|t| (t - now).as_secs() + 1),
+            })
+            .collect();
+        v.sort_by(|a, b| a.config.tenant.cmp(&b.config.tenant));
+        v
+    }
+
+    /// A prepared sandbox of `tenant`'s pool, if one is ready and its broker is `kbs_url` (or
+    /// the function talks to no broker).
+    pub(crate) fn take_tenant_sandbox(
+        self: &Arc<Self>,
+        tenant: &str,
+        kbs_url: Option<&str>,
+    ) -> Option<Ready> {
+        let now = Instant::now();
+        let mut stale = Vec::new();
+        let found = {
+            let mut map = lock(&self.tenant_pools.map);
+            let pool = map.get_mut(tenant)?;
+            if kbs_url.is_some_and(|u| u != pool.config.kbs_url) {
+                return None;
+            }
+            loop {
+                match pool.ready.pop() {
+                    Some(r) if !r.sb.dead.load(Ordering::SeqCst) && r.expires > now => {
+                        break Some(r)
+                    }
+                    // Expired or dead: never handed out, destroyed.
+                    Some(r) => stale.push(r.sb),
+                    None => break None,
+                }
+            }
+        };
+        if !stale.is_empty() {
+            let node = self.clone();
+            tokio::spawn(async move {
+                for sb in stale {
+                    node.destroy_entry(&sb).await;
+                }
+            });
+        }
+        if found.is_some() {
+            // Replace it off the request path.
+            self.fill_tenant_pools();
+        }
+        found
+    }
+
+    /// A prepared sandbox that was claimed but not used goes back to its tenant's pool, or is
+    /// destroyed — never to the generic pool.
+    pub(crate) fn return_tenant_sandbox(self: &Arc<Self>, tenant: &str, r: Ready) {
+        {
+            let mut map = lock(&self.tenant_pools.map);
+            if let Some(pool) = map.get_mut(tenant) {
+                if pool.ready.len() < pool.config.size && !self.shutting_down.load(Ordering::SeqCst)
+                {
+                    pool.ready.push(r);
+                    self.budget.bump();
+                    return;
+                }
+            }
+        }
+        let node = self.clone();
+        tokio::spawn(async move { node.destroy_entry(&r.sb).await });
+    }
+
+    /// Start preparing sandboxes for every pool below its size (off the request path).
+    pub(crate) fn fill_tenant_pools(self: &Arc<Self>) {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return;
+        }
+        let now = Instant::now();
+        let mut jobs = Vec::new();
+        {
+            let mut map = lock(&self.tenant_pools.map);
+            for pool in map.values_mut() {
+                if pool.retry_at.is_some_and(|t| t > now) {
+                    continue;
+                }
+                pool.ready.retain(|r| !r.sb.dead.load(Ordering::SeqCst));
+                while pool.ready.len() + pool.preparing < pool.config.size {
+                    pool.preparing += 1;
+                    jobs.push(pool.config.clone());
+                }
+            }
+        }
+        for cfg in jobs {
+            let node = self.clone();
+            tokio::spawn(async move { node.prepare_one(cfg).await });
+        }
+    }
+
+    /// Destroy prepared sandboxes that died or whose tokens near expiry, then refill. Runs
+    /// every second while the node lives.
+    pub(crate) fn spawn_tenant_pool_sweeper(self: &Arc<Self>) {
+        let weak: Weak<Node> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let Some(node) = weak.upgrade() else { return };
+                if node.shutting_down.load(Ordering::SeqCst) {
+                    return;
+                }
+                let now = Instant::now();
+                let doomed: Vec<Arc<SandboxEntry>> = {
+                    let mut map = lock(&node.tenant_pools.map);
+                    let mut d = Vec::new();
+                    for pool in map.values_mut() {
+                        let (keep, go): (Vec<Ready>, Vec<Ready>) = std::mem::take(&mut pool.ready)
+                            .into_iter()
+                            .partition(|r| !r.sb.dead.load(Ordering::SeqCst) && r.expires > now);
+                        pool.ready = keep;
+                        d.extend(go.into_iter().map(|r| r.sb));
+                    }
+                    d
+                };
+                for sb in doomed {
+                    tracing::info!(sandbox = %sb.id, "tenant-attested sandbox expired or ended; replacing it");
+                    node.destroy_entry(&sb).await;
+                }
+                node.fill_tenant_pools();
+            }
+        });
+    }
+
+    async fn prepare_one(self: &Arc<Self>, cfg: TenantPoolConfig) {
+        let result = self.prepare_sandbox(&cfg).await;
+        let mut map = lock(&self.tenant_pools.map);
+        let Some(pool) = map.get_mut(&cfg.tenant) else {
+            drop(map);
+            if let Ok(r) = result {
+                // The pool went away meanwhile: the sandbox is the tenant's, so it goes too.
+                let node = self.clone();
+                tokio::spawn(async move { node.destroy_entry(&r.sb).await });
+            }
+            return;
+        };
+        pool.preparing = pool.preparing.saturating_sub(1);
+        let same = pool.config == cfg
+            || (pool.config.kbs_url == cfg.kbs_url
+                && pool.config.allow_insecure_software_tee == cfg.allow_insecure_software_tee);
+        match result {
+            Ok(r) if same && pool.ready.len() < pool.config.size => {
+                pool.failures = 0;
+                pool.retry_at = None;
+                pool.last_error = None;
+                pool.ready.push(r);
+                drop(map);
+                self.budget.bump();
+            }
+            Ok(r) => {
+                drop(map);
+                let node = self.clone();
+                tokio::spawn(async move { node.destroy_entry(&r.sb).await });
+            }
+            Err(e) => {
+                pool.failures = pool.failures.saturating_add(1);
+                let backoff = Duration::from_secs(1u64 << pool.failures.min(6)).min(MAX_BACKOFF);
+                pool.retry_at = Some(Instant::now() + backoff);
+                tracing::warn!(tenant = %cfg.tenant, error = %e, retry_in_s = backoff.as_secs(), "could not prepare a tenant-attested sandbox");
+                pool.last_error = Some(e);
+            }
+        }
+    }
+
+    /// Take a generic sandbox (or boot one), bind it to the tenant and have it attest.
+    async fn prepare_sandbox(self: &Arc<Self>, cfg: &TenantPoolConfig) -> Result<Ready, String> {
+        let pooled = {
+            let mut pool = lock(&self.pool);
+            loop {
+                match pool.pop() {
+                    Some(sb) if sb.dead.load(Ordering::SeqCst) => continue,
+                    other => break other,
+                }
+            }
+        };
+        let sb = match pooled {
+            Some(sb) => {
+                let node = self.clone();
+                tokio::spawn(async move { node.fill_pool().await });
+                sb
+            }
+            None => {
+                let reservation = self
+                    .budget
+                    .reserve()
+                    .map_err(|e| format!("no room on the node: {e}"))?;
+                self.boot(reservation).await.map_err(|e| e.to_string())?
+            }
+        };
+        // Bound to the tenant from here on: whatever happens, it is never generic again.
+        *lock(&sb.owner) = Some(crate::logs::Owner::new(&cfg.tenant, "(pool)"));
+        *lock(&sb.kbs_url) = Some(cfg.kbs_url.clone());
+        let p = veil_proto::Preparation {
+            tenant: cfg.tenant.clone(),
+            allow_software_tee: cfg.allow_insecure_software_tee,
+            software_tee: cfg
+                .allow_insecure_software_tee
+                .then(|| self.endorse_for(&sb.id, &cfg.tenant, ANY_FUNCTION)),
+        };
+        match self.send_prepare(&sb, &p).await {
+            Ok(reply) => {
+                let now = now_secs();
+                let lifetime = reply
+                    .token_expires_at
+                    .map(|exp| Duration::from_secs(exp.saturating_sub(now)))
+                    .unwrap_or(Duration::from_secs(300));
+                if lifetime < MIN_LIFETIME {
+                    self.destroy_entry(&sb).await;
+                    return Err(format!(
+                        "the broker's token lasts {}s, too short to keep a sandbox attested",
+                        lifetime.as_secs()
+                    ));
+                }
+                let margin = EXPIRY_MARGIN.min(lifetime / 4);
+                tracing::info!(tenant = %cfg.tenant, sandbox = %sb.id, attest_ms = reply.attest_ms, "tenant-attested sandbox ready");
+                Ok(Ready {
+                    sb,
+                    expires: Instant::now() + lifetime - margin,
+                })
+            }
+            Err(e) => {
+                self.destroy_entry(&sb).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn send_prepare(
+        &self,
+        sb: &SandboxEntry,
+        p: &veil_proto::Preparation,
+    ) -> Result<veil_proto::PrepareReply, String> {
+        let body = serde_json::to_vec(p).map_err(|e| e.to_string())?;
+        let req = hyper::Request::post(veil_proto::PREPARE_PATH)
+            .header(http::header::HOST, "agent")
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| e.to_string())?;
+        let resp = tokio::time::timeout(
+            Duration::from_secs(60),
+            sb.mux.request(StreamKind::Control, req),
+        )
+        .await
+        .map_err(|_| "the sandbox did not finish attesting within 60 s".to_string())?
+        .map_err(|e| format!("preparation not delivered: {e}"))?;
+        let status = resp.status();
+        let body = mux::read_body_limited(resp.into_body(), 64 << 10)
+            .await
+            .map_err(|e| e.to_string())?;
+        if status.is_success() {
+            serde_json::from_slice(&body).map_err(|e| format!("bad preparation reply: {e}"))
+        } else {
+            let err: ErrorBody = serde_json::from_slice(&body).unwrap_or(ErrorBody {
+                code: status.to_string(),
+                message: String::from_utf8_lossy(&body).into_owned(),
+            });
+            Err(format!("{}: {}", err.code, err.message))
+        }
+    }
+}
+
+/// The function of a software-TEE endorsement for any function of a tenant (what the broker
+/// accepts with init data of tenant scope only).
+const ANY_FUNCTION: &str = "*";
