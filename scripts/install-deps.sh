@@ -15,6 +15,11 @@
 #                    /var/cache/veil/guest-kernel (boot/vmlinuz-*, boot/config-*,
 #                    lib/modules/*), where `veil guest build` finds it. Nothing is installed
 #                    into this machine's /boot and no package is registered with dpkg.
+#   cvm guest kernel Debian trixie's cloud kernel (6.12), unpacked the same way into
+#                    /var/cache/veil/guest-kernel-cvm: the kernel of confidential guests,
+#                    whose modules include the SEV-SNP and TDX guest drivers and configfs-tsm
+#                    (bookworm's 6.1 cloud kernel has none of them). From the machine's own
+#                    Debian archive with trixie as the suite, like cosign.
 #   ovmf             Debian's OVMF firmware (/usr/share/OVMF), which the SNP launch measurement
 #                    tests measure
 #   sev-snp-measure  the reference SEV-SNP launch measurement tool (PyPI, pinned version) that
@@ -148,6 +153,43 @@ if [ "${1:-}" != build ] &&
   $SUDO /usr/local/lib/sev-snp-measure/bin/pip install -q "sev-snp-measure==$sev_snp_measure"
   $SUDO ln -sf /usr/local/lib/sev-snp-measure/bin/sev-snp-measure /usr/local/bin/sev-snp-measure
   sev-snp-measure --version >/dev/null
+fi
+if [ "${1:-}" != build ]; then
+  # The confidential guests' kernel: trixie's cloud kernel, from a throw-away apt state whose
+  # only source is this machine's Debian archive with trixie as the suite.
+  cdir=/var/cache/veil/guest-kernel-cvm
+  ctmp=$(mktemp -d)
+  mkdir -p "$ctmp/lists/partial" "$ctmp/cache/archives/partial"
+  mirror=$(debian_mirror)
+  if [ -z "$mirror" ]; then
+    echo "cannot find this machine's Debian archive in /etc/apt/sources.list{,.d/}" >&2
+    exit 1
+  fi
+  echo "deb $mirror trixie main" >"$ctmp/sources.list"
+  capt=(-o Dir::Etc::SourceList="$ctmp/sources.list" -o Dir::Etc::SourceParts=/dev/null
+        -o Dir::State::Lists="$ctmp/lists" -o Dir::Cache="$ctmp/cache"
+        -o APT::Sandbox::User=root)
+  apt-get "${capt[@]}" update -qq
+  cpkg=$(apt-cache "${capt[@]}" depends linux-image-cloud-amd64 2>/dev/null |
+    awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ { print $2; exit }')
+  if [ -z "$cpkg" ]; then
+    echo "cannot resolve trixie's linux-image-cloud-amd64 from $mirror" >&2
+    exit 1
+  fi
+  cversion=${cpkg#linux-image-}
+  if [ ! -f "$cdir/boot/vmlinuz-$cversion" ]; then
+    echo "installing: confidential guests' kernel $cpkg (trixie) into $cdir (not into /boot)"
+    (cd "$ctmp" && apt-get "${capt[@]}" download -qq "$cpkg")
+    dpkg-deb -x "$ctmp"/"$cpkg"_*.deb "$ctmp/x"
+    rm -rf "$ctmp/x/usr/share"
+    mkdir -p "$(dirname "$cdir")"
+    rm -rf "$cdir.old"
+    [ ! -e "$cdir" ] || mv "$cdir" "$cdir.old"
+    mv "$ctmp/x" "$cdir"
+    rm -rf "$cdir.old"
+    test -f "$cdir/boot/vmlinuz-$cversion"
+  fi
+  rm -rf "$ctmp"
 fi
 # The registry package starts a system service on :5000 on some hosts; tests start their own.
 exit 0

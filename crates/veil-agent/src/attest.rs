@@ -75,6 +75,9 @@ pub struct Released {
     pub policy: Option<ImagePolicy>,
     /// The attested broker session.
     pub session: Option<KbsClient<MuxTransport>>,
+    /// Time the attestation itself took on this path, in milliseconds (0 for a sandbox that
+    /// attested ahead of its assignment).
+    pub attest_ms: f64,
 }
 
 /// Length of a raw AES-256 key-encryption key (Confidential Containers key-provider layers).
@@ -269,6 +272,8 @@ pub async fn attest_and_fetch(
     prepared: Option<Prepared>,
 ) -> Result<Released, String> {
     let init_data = assignment_json(a, plan);
+    let t_attest = std::time::Instant::now();
+    let ahead = prepared.is_some();
     let client = match prepared {
         Some(mut p) => {
             p.client
@@ -291,6 +296,11 @@ pub async fn attest_and_fetch(
             )
             .await?
         }
+    };
+    let attest_ms = if ahead {
+        0.0
+    } else {
+        t_attest.elapsed().as_secs_f64() * 1000.0
     };
     // Everything is released over the one attested session; the fetches do not depend on each
     // other (the policy's keys on the policy only), so they run concurrently.
@@ -360,6 +370,7 @@ pub async fn attest_and_fetch(
         keys,
         policy,
         session: Some(client),
+        attest_ms,
     })
 }
 

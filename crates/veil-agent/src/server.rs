@@ -302,12 +302,14 @@ async fn assign(agent: &Arc<Agent>, a: &Assignment) -> Result<AssignReply, (&'st
     };
     let mut released = released.map_err(|e| ("ATTESTATION", e))?;
     let secrets = std::mem::take(&mut released.secrets);
-    let attest_ms = t_attest.elapsed().as_secs_f64() * 1000.0;
+    let attest_and_release_ms = t_attest.elapsed().as_secs_f64() * 1000.0;
+    let attest_ms = released.attest_ms;
     let pulled = crate::pull::pull(&agent.mux, a, &agent.rootfs, &mut released, prefetched)
         .await
         .map_err(|e| ("IMAGE_PULL", e.to_string()))?;
     let mut timings = pulled.timings;
     timings.attest_ms = attest_ms;
+    timings.release_ms = (attest_and_release_ms - attest_ms).max(0.0);
     timings.attested_ahead = attested_ahead;
     let cfg = pulled.config;
     let setup = |e: anyhow::Error| ("SANDBOX_SETUP", format!("{e:#}"));

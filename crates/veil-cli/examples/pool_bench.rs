@@ -70,6 +70,7 @@ struct Start {
     client_ms: f64,
     total_ms: f64,
     attest_ms: f64,
+    release_ms: f64,
 }
 
 async fn cold_start(admin: &AdminClient, image: &str, name: &str, kind: &str) -> Result<Start> {
@@ -109,6 +110,7 @@ async fn cold_start(admin: &AdminClient, image: &str, name: &str, kind: &str) ->
         client_ms,
         total_ms: num("total"),
         attest_ms: num("attest"),
+        release_ms: num("release"),
     })
 }
 
@@ -226,6 +228,7 @@ async fn main() -> Result<()> {
             ),
             ("cold-start total", v.iter().map(|s| s.total_ms).collect()),
             ("attest phase", v.iter().map(|s| s.attest_ms).collect()),
+            ("release phase", v.iter().map(|s| s.release_ms).collect()),
         ] {
             let (a, m, b) = stats(&xs);
             println!("{kind:<18} {what:<18} {a:>8.1} {m:>8.1} {b:>8.1}");

@@ -82,10 +82,23 @@ impl BackendChoice {
     }
 }
 
-/// Build the guest into `out` from the agent next to this veil.
-fn build_guest(out: &Path) -> Result<veil_guest::GuestArtifacts> {
+/// Build the guest into `out` from the agent next to this veil; a confidential guest from the
+/// confidential guests' kernel ([`veil_guest::CVM_KERNEL_DIR`]), whose drivers let the agent
+/// get attestation reports.
+fn build_guest(out: &Path, confidential: bool) -> Result<veil_guest::GuestArtifacts> {
     let agent = veil_node::find_agent();
-    let cfg = veil_guest::GuestConfig::new(agent, out.to_path_buf());
+    let mut cfg = veil_guest::GuestConfig::new(agent, out.to_path_buf());
+    if confidential {
+        if !Path::new(veil_guest::CVM_KERNEL_DIR).is_dir() {
+            bail!(
+                "no kernel for confidential guests in {} (run scripts/install-deps.sh: it \
+                 unpacks Debian trixie's cloud kernel there, whose SEV-SNP/TDX guest drivers \
+                 the attester needs)",
+                veil_guest::CVM_KERNEL_DIR
+            );
+        }
+        cfg.kernel_dir = PathBuf::from(veil_guest::CVM_KERNEL_DIR);
+    }
     let built = veil_guest::build(&cfg).with_context(|| {
         format!(
             "build the microVM guest into {} (the kernel comes from scripts/install-deps.sh)",
@@ -148,7 +161,7 @@ async fn vm_node(
             (dir.join("vmlinuz"), dir.join("initrd.img"), cmdline)
         }
         None => {
-            let g = build_guest(&state.join("guest"))?;
+            let g = build_guest(&state.join("guest"), confidential.is_some())?;
             (g.kernel.path, g.initrd.path, g.cmdline)
         }
     };

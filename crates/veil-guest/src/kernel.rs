@@ -118,8 +118,10 @@ pub fn locate(
             (v, m.to_path_buf())
         }
         (None, Some(v)) => {
+            // Packages of merged-/usr releases (Debian trixie on) ship usr/lib/modules.
             let m = kernel_dir.join("lib/modules").join(&v);
-            (v, m)
+            let usr = kernel_dir.join("usr/lib/modules").join(&v);
+            (v, if !m.is_dir() && usr.is_dir() { usr } else { m })
         }
         (None, None) => return Err(Error::NoModules(kernel_dir.join("lib/modules"))),
     };
@@ -202,9 +204,22 @@ fn index(modules_dir: &Path) -> Result<Index, Error> {
     Ok(Index { files, builtin })
 }
 
-/// The names a module's `.modinfo` lists in `depends=`.
+/// A module file's ELF bytes: read, and decompressed if it is a `.ko.xz`.
+pub fn decompressed(ko: &Path) -> Result<Vec<u8>, Error> {
+    let raw = std::fs::read(ko).map_err(|e| Error::io(ko, e))?;
+    if ko.extension().is_none_or(|e| e != "xz") {
+        return Ok(raw);
+    }
+    let mut out = Vec::new();
+    lzma_rs::xz_decompress(&mut raw.as_slice(), &mut out)
+        .map_err(|e| Error::io(ko, std::io::Error::other(format!("xz: {e}"))))?;
+    Ok(out)
+}
+
+/// The names a module's `.modinfo` lists in `depends=` (of a `.ko`, or an xz-compressed
+/// `.ko.xz`).
 pub fn depends(ko: &Path) -> Result<Vec<String>, Error> {
-    let data = std::fs::read(ko).map_err(|e| Error::io(ko, e))?;
+    let data = decompressed(ko)?;
     let file = object::File::parse(&*data).map_err(|source| Error::ModuleElf {
         path: ko.to_path_buf(),
         source,
@@ -272,7 +287,8 @@ fn visit(
             version: kernel.version.clone(),
         });
     };
-    if *compressed {
+    // xz-compressed modules go into the initrd decompressed.
+    if *compressed && path.extension().is_none_or(|e| e != "xz") {
         return Err(Error::CompressedModule(path.clone()));
     }
     // Real dependency chains are a few modules deep; this only bounds a corrupt tree.

@@ -24,6 +24,12 @@ use std::path::{Path, PathBuf};
 /// Where `scripts/install-deps.sh` unpacks the guest kernel package.
 pub const DEFAULT_KERNEL_DIR: &str = "/var/cache/veil/guest-kernel";
 
+/// Where `scripts/install-deps.sh` unpacks the kernel of confidential guests: Debian trixie's
+/// cloud kernel (6.12), whose modules include the SEV-SNP and TDX guest drivers and
+/// configfs-tsm (`sev_guest`, `tdx_guest`, `tsm`), which bookworm's 6.1 cloud kernel lacks (it
+/// builds in SEV memory encryption but no attestation driver, and no TDX guest support).
+pub const CVM_KERNEL_DIR: &str = "/var/cache/veil/guest-kernel-cvm";
+
 /// The virtio-serial port the agent serves its channel on.
 pub const PORT_NAME: &str = "veil.0";
 
@@ -125,8 +131,9 @@ pub enum Error {
     /// Module dependencies loop (a corrupt modules tree).
     #[error("kernel module dependencies loop through {0}")]
     DependencyLoop(String),
-    /// A compressed module (not supported: the agent loads plain `.ko` files).
-    #[error("{0}: compressed kernel modules are not supported; use a kernel with plain .ko files")]
+    /// A module compressed otherwise than with xz (not supported: the agent loads plain `.ko`
+    /// and `.ko.xz` files).
+    #[error("{0}: only plain .ko and xz-compressed .ko.xz kernel modules are supported")]
     CompressedModule(PathBuf),
     /// A module is not a readable ELF file.
     #[error("kernel module {path}: {source}")]
@@ -323,9 +330,20 @@ fn initrd_tree(
             .relative
             .to_str()
             .ok_or_else(|| Error::BadInitrdPath(m.relative.display().to_string()))?;
-        let at = format!("/lib/modules/{}/{rel}", k.version);
-        t.file(&at, &m.path, 0o644)?;
-        list.push_str(&at);
+        // An xz-compressed module goes in decompressed: the agent loads plain ELF files, and
+        // no kernel feature (module decompression) is needed for it.
+        match rel.strip_suffix(".xz") {
+            Some(plain) => {
+                let at = format!("/lib/modules/{}/{plain}", k.version);
+                t.bytes(&at, kernel::decompressed(&m.path)?, 0o644)?;
+                list.push_str(&at);
+            }
+            None => {
+                let at = format!("/lib/modules/{}/{rel}", k.version);
+                t.file(&at, &m.path, 0o644)?;
+                list.push_str(&at);
+            }
+        }
         list.push('\n');
     }
     t.bytes(MODULES_LIST, list.into_bytes(), 0o644)?;

@@ -238,10 +238,13 @@ pub struct PhaseTimings {
     /// Signatures fetched and checked against the tenant's policy (0 without a policy).
     #[serde(default)]
     pub signature_ms: f64,
-    /// Attestation to the key broker and secret release (0 when the function has no secrets);
-    /// for a tenant-attested sandbox, the release only.
+    /// Attestation to the key broker (0 when the function has no secrets, and for a sandbox
+    /// that attested ahead of its assignment).
     #[serde(default)]
     pub attest_ms: f64,
+    /// Release of secrets, image keys and the signature policy by the attested broker.
+    #[serde(default)]
+    pub release_ms: f64,
     /// The sandbox had attested to its tenant before it was assigned (a tenant-attested pool):
     /// no attestation on the request path.
     #[serde(default)]
