@@ -77,6 +77,12 @@ enum Cmd {
     },
     /// List deployed functions.
     Ls,
+    /// Show one function: its settings, instances, keep-alive decision and the phase
+    /// breakdown of its latest cold starts.
+    Describe {
+        /// Function name.
+        name: String,
+    },
     /// Show a function's recent log lines.
     Logs {
         /// Function name.
@@ -860,6 +866,62 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     f.record.revision,
                     f.record.image.reference,
                     f.record.image.manifest_digest
+                );
+            }
+        }
+        Cmd::Describe { name } => {
+            let f = admin()?
+                .list()
+                .await?
+                .into_iter()
+                .find(|f| f.record.name == name)
+                .with_context(|| format!("no function {name:?}"))?;
+            let r = &f.record;
+            println!("{} (tenant {}, revision {})", r.name, r.tenant, r.revision);
+            println!(
+                "  image        {} ({})",
+                r.image.reference, r.image.manifest_digest
+            );
+            println!("  backend      {}", f.backend);
+            println!(
+                "  scale        min {} max {}, concurrency {}, idle timeout {}s, keep-alive {:?}",
+                r.min_scale, r.max_scale, r.concurrency, r.idle_timeout_s, r.keep_alive
+            );
+            if let Some(d) = &f.keep_alive_decision {
+                println!("  keep-alive   {d}");
+            }
+            println!(
+                "  instances    {} ready, {} starting, {} draining, {} in flight, {} waiting",
+                f.instances.len(),
+                f.starting,
+                f.draining.len(),
+                f.inflight,
+                f.waiting
+            );
+            if let Some(e) = &f.last_error {
+                println!("  last error   {e}");
+            }
+            println!("  latest cold starts (ms):");
+            println!(
+                "    {:<16} {:>7} {:>6} {:>6} {:>7} {:>7} {:>8} {:>9} {:>7} {:>6} {:>6}",
+                "pool",
+                "total",
+                "boot",
+                "cache",
+                "attest",
+                "release",
+                "manifest",
+                "signature",
+                "layers",
+                "spawn",
+                "ready"
+            );
+            for t in &f.recent_starts {
+                let a = &t.agent;
+                println!(
+                    "    {:<16} {:>7.1} {:>6.1} {:>6.1} {:>7.1} {:>7.1} {:>8.1} {:>9.1} {:>7.1} {:>6.1} {:>6.1}",
+                    t.pool, t.total_ms, t.boot_ms, t.cache_ms, a.attest_ms, a.release_ms,
+                    a.manifest_ms, a.signature_ms, a.layers_ms, a.spawn_ms, a.ready_ms
                 );
             }
         }

@@ -156,6 +156,26 @@ async fn tenant_attested_starts_skip_attestation_and_never_cross_tenants() {
         "{phases}"
     );
 
+    // The breakdown is kept for `veil describe` and in the phase histograms of /metrics.
+    let st = tenants[0].admin.list().await.unwrap();
+    let f = st.iter().find(|f| f.record.name == "acme-one").unwrap();
+    let last = f.recent_starts.last().unwrap();
+    assert_eq!(last.pool, "tenant-attested");
+    assert_eq!(last.agent.attest_ms, 0.0);
+    assert!(last.agent.attested_ahead);
+    let metrics = reqwest::get(format!("{}/metrics", p.url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            "veil_cold_start_phase_seconds_count{backend=\"process\",pool=\"tenant-attested\",phase=\"attest\"}"
+        ),
+        "{metrics}"
+    );
+
     // A mixed burst for both tenants: every response is its own tenant's, and every sandbox
     // says (from inside) that it serves one tenant only.
     let mut tasks = Vec::new();

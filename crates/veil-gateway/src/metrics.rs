@@ -13,6 +13,32 @@ pub struct Metrics {
     requests: Mutex<BTreeMap<(String, u16), u64>>,
     cold_starts: Mutex<BTreeMap<(String, &'static str), u64>>,
     cold_start_ms: Mutex<BTreeMap<String, (f64, u64)>>,
+    /// Per (backend, pool kind, phase): a histogram of the phase's duration in cold starts.
+    phases: Mutex<BTreeMap<(String, String, &'static str), Histogram>>,
+}
+
+/// Upper bounds (seconds) of the phase histograms' buckets.
+const BUCKETS: [f64; 13] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+#[derive(Default, Clone)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, secs: f64) {
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if secs <= *b {
+                self.counts[i] += 1;
+            }
+        }
+        self.sum += secs;
+        self.count += 1;
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -48,6 +74,34 @@ impl Metrics {
         }
     }
 
+    /// Record the phases of one successful cold start (`veil_cold_start_phase_seconds`,
+    /// labelled by backend, pool kind and phase).
+    pub fn start_phases(&self, t: &veil_node::StartTimings) {
+        let a = &t.agent;
+        let pool = if t.pool.is_empty() {
+            "none"
+        } else {
+            t.pool.as_str()
+        };
+        let mut m = lock(&self.phases);
+        for (phase, ms) in [
+            ("total", t.total_ms),
+            ("boot", t.boot_ms),
+            ("cache", t.cache_ms),
+            ("attest", a.attest_ms),
+            ("release", a.release_ms),
+            ("manifest", a.manifest_ms),
+            ("signature", a.signature_ms),
+            ("layers", a.layers_ms),
+            ("spawn", a.spawn_ms),
+            ("ready", a.ready_ms),
+        ] {
+            m.entry((t.backend.clone(), pool.to_string(), phase))
+                .or_default()
+                .observe(ms / 1000.0);
+        }
+    }
+
     /// Render everything with the given gauges.
     pub fn render(&self, gauges: &[Gauge<'_>]) -> String {
         let mut out = String::new();
@@ -80,6 +134,35 @@ impl Metrics {
             "# HELP veil_cold_start_seconds Time from start request to ready instance."
         );
         let _ = writeln!(out, "# TYPE veil_cold_start_seconds summary");
+        let _ = writeln!(
+            out,
+            "# HELP veil_cold_start_phase_seconds Phases of successful cold starts, by backend and pool kind (generic, tenant-attested, none)."
+        );
+        let _ = writeln!(out, "# TYPE veil_cold_start_phase_seconds histogram");
+        for ((backend, pool, phase), h) in lock(&self.phases).iter() {
+            let l = format!(
+                "backend=\"{}\",pool=\"{}\",phase=\"{phase}\"",
+                esc(backend),
+                esc(pool)
+            );
+            for (b, c) in BUCKETS.iter().zip(h.counts.iter()) {
+                let _ = writeln!(
+                    out,
+                    "veil_cold_start_phase_seconds_bucket{{{l},le=\"{b}\"}} {c}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "veil_cold_start_phase_seconds_bucket{{{l},le=\"+Inf\"}} {}",
+                h.count
+            );
+            let _ = writeln!(out, "veil_cold_start_phase_seconds_sum{{{l}}} {}", h.sum);
+            let _ = writeln!(
+                out,
+                "veil_cold_start_phase_seconds_count{{{l}}} {}",
+                h.count
+            );
+        }
         for (f, (sum, count)) in lock(&self.cold_start_ms).iter() {
             let _ = writeln!(
                 out,
@@ -155,6 +238,12 @@ mod tests {
         m.request("a\"b", 200);
         m.request("a\"b", 200);
         m.cold_start("a\"b", true, 1500.0);
+        m.start_phases(&veil_node::StartTimings {
+            backend: "process".into(),
+            pool: "tenant-attested".into(),
+            total_ms: 20.0,
+            ..Default::default()
+        });
         m.cold_start("a\"b", false, 0.0);
         let t = m.render(&[("veil_sandboxes", "Sandboxes.", vec![(String::new(), 3.0)])]);
         assert!(
@@ -163,6 +252,12 @@ mod tests {
         );
         assert!(t.contains("veil_cold_starts_total{function=\"a\\\"b\",outcome=\"failed\"} 1"));
         assert!(t.contains("veil_cold_start_seconds_sum{function=\"a\\\"b\"} 1.5"));
+        assert!(t.contains(
+            "veil_cold_start_phase_seconds_bucket{backend=\"process\",pool=\"tenant-attested\",phase=\"total\",le=\"0.025\"} 1"
+        ));
+        assert!(t.contains(
+            "veil_cold_start_phase_seconds_bucket{backend=\"process\",pool=\"tenant-attested\",phase=\"total\",le=\"0.01\"} 0"
+        ));
         assert!(t.contains("veil_sandboxes 3"));
     }
 }

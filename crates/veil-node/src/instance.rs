@@ -40,7 +40,8 @@ pub struct InstanceSpec {
 }
 
 /// Timings of one cold start, in milliseconds.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct StartTimings {
     /// Sandbox boot (0 when taken from the pool).
     pub boot_ms: f64,

@@ -40,6 +40,9 @@ pub(super) fn start_instance(gw: &Arc<Gateway>, rt: &mut Runtime, claim: Claim) 
         let res = gw.node.start_instance(&spec, claim, &cancel).await;
         gw.metrics
             .cold_start(&rec.name, res.is_ok(), t.elapsed().as_secs_f64() * 1000.0);
+        if let Ok(inst) = &res {
+            gw.metrics.start_phases(&inst.timings);
+        }
         let mut stale = None;
         {
             let mut map = lock(&gw.functions.map);
@@ -47,12 +50,18 @@ pub(super) fn start_instance(gw: &Arc<Gateway>, rt: &mut Runtime, claim: Claim) 
                 Some(rt) if rt.record.revision == rec.revision => {
                     rt.starting = rt.starting.saturating_sub(1);
                     match res {
-                        Ok(inst) => rt.instances.push(Arc::new(Slot {
-                            inst,
-                            inflight: AtomicU32::new(0),
-                            last_used: Mutex::new(Instant::now()),
-                            first_served: AtomicBool::new(false),
-                        })),
+                        Ok(inst) => {
+                            rt.recent_starts.push_back(inst.timings.clone());
+                            while rt.recent_starts.len() > super::RECENT_STARTS {
+                                rt.recent_starts.pop_front();
+                            }
+                            rt.instances.push(Arc::new(Slot {
+                                inst,
+                                inflight: AtomicU32::new(0),
+                                last_used: Mutex::new(Instant::now()),
+                                first_served: AtomicBool::new(false),
+                            }))
+                        }
                         Err(e) => {
                             rt.failures += 1;
                             rt.last_error = Some(e.to_string());

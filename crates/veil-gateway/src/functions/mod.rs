@@ -99,6 +99,9 @@ pub struct FunctionStatus {
     /// why), for `hybrid`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_alive_decision: Option<String>,
+    /// The phase breakdowns of its latest cold starts (this revision), oldest first.
+    #[serde(default)]
+    pub recent_starts: Vec<veil_node::StartTimings>,
 }
 
 /// One ready instance and the requests it carries.
@@ -164,9 +167,14 @@ impl Drop for ActivityGuard {
     }
 }
 
+/// Cold starts kept per function for `veil describe`.
+const RECENT_STARTS: usize = 10;
+
 /// The live state of one function's current revision.
 struct Runtime {
     record: FunctionRecord,
+    /// The breakdowns of its latest cold starts, oldest first.
+    recent_starts: std::collections::VecDeque<veil_node::StartTimings>,
     /// Requests and idle periods (the keep-alive policy's input).
     activity: Arc<Activity>,
     instances: Vec<Arc<Slot>>,
@@ -189,6 +197,7 @@ impl Runtime {
     fn new(record: FunctionRecord) -> Self {
         Self {
             record,
+            recent_starts: std::collections::VecDeque::new(),
             activity: Arc::default(),
             instances: Vec::new(),
             starting: 0,
@@ -292,6 +301,7 @@ impl Functions {
             waiting: rt.waiting.load(Ordering::SeqCst),
             last_error: rt.last_error.clone(),
             backend: self.backend.clone(),
+            recent_starts: rt.recent_starts.iter().cloned().collect(),
             keep_alive_decision: (rt.record.keep_alive == crate::keepalive::KeepAlive::Hybrid)
                 .then(|| {
                     let d = rt.activity.decide(
