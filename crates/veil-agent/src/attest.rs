@@ -247,15 +247,9 @@ pub async fn prepare(mux: &MuxHandle, p: &veil_proto::Preparation) -> Result<Pre
     }))
     .map_err(|e| format!("could not write the init-data document: {e}"))?;
     let client = attest_with(mux, &doc, p.allow_software_tee, p.software_tee.as_ref()).await?;
-    if let Some(t) = client.token_tenant() {
-        if t != p.tenant {
-            return Err(format!(
-                "the key broker attested this sandbox to tenant {t:?}, not to {:?} as asked; \
-                 refusing it",
-                p.tenant
-            ));
-        }
-    }
+    client
+        .check_token_tenant(&p.tenant)
+        .map_err(|e| e.to_string())?;
     tracing::info!(tenant = %p.tenant, "attested to the tenant ahead of assignment");
     Ok(Prepared {
         tenant: p.tenant.clone(),

@@ -177,6 +177,19 @@ impl<T: Transport> KbsClient<T> {
         claims.get("tenant")?.as_str().map(str::to_string)
     }
 
+    /// A sandbox that asked to be attested to `tenant` refuses a token that names another (a
+    /// broker answering with another tenant's identity); tokens that name no tenant (trustee's)
+    /// cannot be checked this way.
+    pub fn check_token_tenant(&self, tenant: &str) -> Result<(), ClientError> {
+        match self.token_tenant() {
+            Some(t) if t != tenant => Err(ClientError::Protocol(format!(
+                "the key broker attested this sandbox to tenant {t:?}, not to {tenant:?} as \
+                 asked; refusing it"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// After attesting with tenant scope: state the function this sandbox was assigned (a JSON
     /// object, as its init data would carry it), signed with the attested key; every resource
     /// request from now on carries the statement.

@@ -1144,3 +1144,47 @@ async fn tenant_attested_sandboxes_state_their_assignment() {
         "{e}"
     );
 }
+
+/// A broker that answers a sandbox's tenant-scoped attestation with a token naming another
+/// tenant: the sandbox refuses it.
+#[tokio::test]
+async fn a_token_for_another_tenant_is_refused_by_the_sandbox() {
+    use axum::routing::post;
+    let lying = axum::Router::new()
+        .route(
+            "/kbs/v0/auth",
+            post(|| async {
+                (
+                    [("set-cookie", "kbs-session-id=s; Path=/kbs")],
+                    axum::Json(json!({"nonce": "bm9uY2U=", "extra-params": ""})),
+                )
+            }),
+        )
+        .route(
+            "/kbs/v0/attest",
+            post(|| async {
+                use base64::engine::general_purpose::URL_SAFE_NO_PAD as U;
+                let payload = U.encode(br#"{"tenant":"victim","exp":9999999999}"#);
+                axum::Json(
+                    json!({"token": format!("{}.{payload}.{}", U.encode(b"{}"), U.encode(b"x"))}),
+                )
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, lying).await.unwrap() });
+    let c = host().endorse(
+        "sb-pool",
+        "acme",
+        "*",
+        SystemTime::now(),
+        Duration::from_secs(600),
+    );
+    let attester = SoftwareAttester::new(MEASUREMENT, "", &c).unwrap();
+    let doc = veil_kbs::veil_init_data(&json!({"tenant": "acme", "scope": "tenant"})).unwrap();
+    let mut client = KbsClient::new(ReqwestTransport::new(url));
+    client.attest(&attester, Some(&doc)).await.unwrap();
+    let e = client.check_token_tenant("acme").unwrap_err().to_string();
+    assert!(e.contains("tenant \"victim\", not to \"acme\""), "{e}");
+    assert!(client.check_token_tenant("victim").is_ok());
+}
