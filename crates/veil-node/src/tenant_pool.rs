@@ -325,7 +325,13 @@ impl Node {
                 let node = self.clone();
                 tokio::spawn(async move { node.destroy_entry(&r.sb).await });
             }
-            Err(e) => {
+            Err(PrepareError::NoRoom(e)) => {
+                // Not the broker's fault: try again when the sweeper next looks (every second),
+                // without backing off further.
+                pool.retry_at = Some(Instant::now() + Duration::from_secs(1));
+                pool.last_error = Some(e);
+            }
+            Err(PrepareError::Failed(e)) => {
                 pool.failures = pool.failures.saturating_add(1);
                 let backoff = Duration::from_secs(1u64 << pool.failures.min(6)).min(MAX_BACKOFF);
                 pool.retry_at = Some(Instant::now() + backoff);
@@ -336,7 +342,10 @@ impl Node {
     }
 
     /// Take a generic sandbox (or boot one), bind it to the tenant and have it attest.
-    async fn prepare_sandbox(self: &Arc<Self>, cfg: &TenantPoolConfig) -> Result<Ready, String> {
+    async fn prepare_sandbox(
+        self: &Arc<Self>,
+        cfg: &TenantPoolConfig,
+    ) -> Result<Ready, PrepareError> {
         let pooled = {
             let mut pool = lock(&self.pool);
             loop {
@@ -356,8 +365,10 @@ impl Node {
                 let reservation = self
                     .budget
                     .reserve()
-                    .map_err(|e| format!("no room on the node: {e}"))?;
-                self.boot(reservation).await.map_err(|e| e.to_string())?
+                    .map_err(|e| PrepareError::NoRoom(format!("no room on the node: {e}")))?;
+                self.boot(reservation)
+                    .await
+                    .map_err(|e| PrepareError::Failed(e.to_string()))?
             }
         };
         // Bound to the tenant from here on: whatever happens, it is never generic again.
@@ -379,10 +390,10 @@ impl Node {
                     .unwrap_or(Duration::from_secs(300));
                 if lifetime < MIN_LIFETIME {
                     self.destroy_entry(&sb).await;
-                    return Err(format!(
+                    return Err(PrepareError::Failed(format!(
                         "the broker's token lasts {}s, too short to keep a sandbox attested",
                         lifetime.as_secs()
-                    ));
+                    )));
                 }
                 let margin = EXPIRY_MARGIN.min(lifetime / 4);
                 tracing::info!(tenant = %cfg.tenant, sandbox = %sb.id, attest_ms = reply.attest_ms, "tenant-attested sandbox ready");
@@ -393,7 +404,7 @@ impl Node {
             }
             Err(e) => {
                 self.destroy_entry(&sb).await;
-                Err(e)
+                Err(PrepareError::Failed(e))
             }
         }
     }
@@ -430,6 +441,14 @@ impl Node {
             Err(format!("{}: {}", err.code, err.message))
         }
     }
+}
+
+/// Why a preparation did not happen.
+enum PrepareError {
+    /// The node has no room for another sandbox now.
+    NoRoom(String),
+    /// Booting, or attesting to the broker, failed.
+    Failed(String),
 }
 
 /// The function of a software-TEE endorsement for any function of a tenant (what the broker
