@@ -315,15 +315,7 @@ impl SnpVerifier {
         expected: Option<&[u8; REPORT_DATA_LEN]>,
         now: SystemTime,
     ) -> Result<Claims, Error> {
-        let converted;
-        let evidence = if evidence.get("attestation_report").is_some() {
-            converted = evidence_from_coco(evidence)?;
-            &converted
-        } else {
-            evidence
-        };
-        let ev: SnpEvidence = serde_json::from_value(evidence.clone())
-            .map_err(|e| malformed(format!("evidence: {e}")))?;
+        let ev = veil_shape(evidence)?;
         let raw = decode_b64("report", &ev.report)?;
         let report = parse_report(&raw)?;
 
@@ -721,6 +713,12 @@ pub fn evidence_from_coco(v: &serde_json::Value) -> Result<serde_json::Value, Er
 /// HOSTDATA of the report in SNP evidence (veil's or Confidential Containers' shape), read
 /// without verifying anything: what the guest itself checks against its own init data.
 pub fn launch_data(evidence: &serde_json::Value) -> Result<Vec<u8>, Error> {
+    let raw = decode_b64("report", &veil_shape(evidence)?.report)?;
+    Ok(parse_report(&raw)?.host_data.to_vec())
+}
+
+/// Evidence in veil's shape, converted from Confidential Containers' shape if need be.
+fn veil_shape(evidence: &serde_json::Value) -> Result<SnpEvidence, Error> {
     let converted;
     let evidence = if evidence.get("attestation_report").is_some() {
         converted = evidence_from_coco(evidence)?;
@@ -728,10 +726,7 @@ pub fn launch_data(evidence: &serde_json::Value) -> Result<Vec<u8>, Error> {
     } else {
         evidence
     };
-    let ev: SnpEvidence = serde_json::from_value(evidence.clone())
-        .map_err(|e| malformed(format!("evidence: {e}")))?;
-    let raw = decode_b64("report", &ev.report)?;
-    Ok(parse_report(&raw)?.host_data.to_vec())
+    serde_json::from_value(evidence.clone()).map_err(|e| malformed(format!("evidence: {e}")))
 }
 
 /// Convert veil's [`SnpEvidence`] JSON into the Confidential Containers shape (see

@@ -567,7 +567,20 @@ async fn a_function_that_dies_is_replaced() {
     let second = invoke(&env, "mortal", "/", "").await;
     assert_eq!(second.status, 200, "{}", text(&second));
     assert_ne!(second.headers["x-veil-instance"].to_str().unwrap(), id1);
-    let logs = env.admin.logs("mortal", 100).await.unwrap();
+    // Log lines arrive asynchronously (over the sandbox's log substream): wait for the last one.
+    let mut logs = Vec::new();
+    for _ in 0..100 {
+        logs = env.admin.logs("mortal", 100).await.unwrap();
+        if logs.iter().any(|l| {
+            l["text"]
+                .as_str()
+                .unwrap_or("")
+                .contains("crashing as asked")
+        }) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(
         logs.iter().any(|l| l["text"]
             .as_str()

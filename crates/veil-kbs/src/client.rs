@@ -149,32 +149,29 @@ impl<T: Transport> KbsClient<T> {
         self.token.as_deref()
     }
 
-    /// When the token expires (its `exp`, seconds since the epoch), read without verifying it
-    /// (veil's tokens and trustee's EAR tokens are both JWTs).
-    pub fn token_expiry(&self) -> Option<u64> {
+    /// The token's claims (its JWT payload), read without verifying it: veil's tokens and
+    /// trustee's EAR tokens are both JWTs.
+    fn unverified_claims(&self) -> Option<serde_json::Value> {
         use base64::Engine;
         let payload = self.token.as_deref()?.split('.').nth(1)?;
-        let claims: serde_json::Value = serde_json::from_slice(
-            &base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(payload)
-                .ok()?,
-        )
-        .ok()?;
-        claims.get("exp")?.as_u64()
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// When the token expires (its `exp`, seconds since the epoch), read without verifying it.
+    pub fn token_expiry(&self) -> Option<u64> {
+        self.unverified_claims()?.get("exp")?.as_u64()
     }
 
     /// The tenant the token names (veil's tokens), read without verifying it: a sandbox checks
     /// that the broker attested it to the tenant it asked for.
     pub fn token_tenant(&self) -> Option<String> {
-        use base64::Engine;
-        let payload = self.token.as_deref()?.split('.').nth(1)?;
-        let claims: serde_json::Value = serde_json::from_slice(
-            &base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(payload)
-                .ok()?,
-        )
-        .ok()?;
-        claims.get("tenant")?.as_str().map(str::to_string)
+        self.unverified_claims()?
+            .get("tenant")?
+            .as_str()
+            .map(str::to_string)
     }
 
     /// A sandbox that asked to be attested to `tenant` refuses a token that names another (a

@@ -223,7 +223,6 @@ async fn attest(State(kbs): Shared, headers: HeaderMap, body: Body) -> ApiResult
         Some(init) if bound => init.tenant_scope.clone(),
         _ => None,
     };
-    let refs = kbs.store.reference_values().map_err(ProtocolError::from)?;
     let input = serde_json::json!({
         "claims": claims,
         "init_data": match (assignment, &tenant_scope) {
@@ -241,20 +240,8 @@ async fn attest(State(kbs): Shared, headers: HeaderMap, body: Body) -> ApiResult
             .filter(|_| matches!(binding, Some("runtime" | "launch" | "endorsed")))
             .map(|i| serde_json::json!(i.doc.data)),
         "init_data_binding": binding,
-        "reference_values": refs,
-        "config": {
-            "allow_insecure": kbs.cfg.allow_insecure_software_tee,
-            "allow_unendorsed_sample": kbs.cfg.allow_unendorsed_sample,
-        },
     });
-    let policy = kbs
-        .attestation_policy
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    let decision = policy
-        .evaluate(input)
-        .map_err(|e| ProtocolError::internal(format!("attestation policy failed: {e}")))?;
+    let decision = attestation_decision(&kbs, input)?;
     if !decision.allow {
         let detail = if decision.reasons.is_empty() {
             "the attestation policy denied this TEE".to_string()
@@ -391,6 +378,25 @@ fn init_data_binding(
     ))
 }
 
+/// Evaluate the attestation policy on `input` (claims, init data, binding, phase), completed
+/// with the reference values and the broker's configuration.
+fn attestation_decision(kbs: &Kbs, mut input: serde_json::Value) -> ApiResult<crate::Decision> {
+    let refs = kbs.store.reference_values().map_err(ProtocolError::from)?;
+    input["reference_values"] = serde_json::json!(refs);
+    input["config"] = serde_json::json!({
+        "allow_insecure": kbs.cfg.allow_insecure_software_tee,
+        "allow_unendorsed_sample": kbs.cfg.allow_unendorsed_sample,
+    });
+    let policy = kbs
+        .attestation_policy
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    policy
+        .evaluate(input)
+        .map_err(|e| ProtocolError::internal(format!("attestation policy failed: {e}")))
+}
+
 /// A tenant-attested sandbox's statement of its assignment: signed by the attested key, for the
 /// token's tenant, and allowed by the attestation policy on the attested claims (its image pins
 /// apply now). The claims then name the function and image digest, for the resource policy.
@@ -410,27 +416,14 @@ fn stated_assignment(kbs: &Kbs, claims: &mut TokenClaims, statement: &str) -> Ap
     let attested = claims.attested.clone().ok_or_else(|| {
         ProtocolError::unauthorized("TokenInvalid", "a tenant-scoped token without its claims")
     })?;
-    let refs = kbs.store.reference_values().map_err(ProtocolError::from)?;
     let input = serde_json::json!({
         "claims": attested,
         "init_data": v,
         "init_data_claims": null,
         "init_data_binding": "statement",
         "phase": "assignment",
-        "reference_values": refs,
-        "config": {
-            "allow_insecure": kbs.cfg.allow_insecure_software_tee,
-            "allow_unendorsed_sample": kbs.cfg.allow_unendorsed_sample,
-        },
     });
-    let policy = kbs
-        .attestation_policy
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    let decision = policy
-        .evaluate(input)
-        .map_err(|e| ProtocolError::internal(format!("attestation policy failed: {e}")))?;
+    let decision = attestation_decision(kbs, input)?;
     if !decision.allow {
         return Err(ProtocolError::forbidden(
             "PolicyDeny",

@@ -106,15 +106,7 @@ impl Node {
     /// sandbox's limits in the node's budget. Fails at once when neither exists; wait on
     /// [`Node::capacity_changes`] to try again.
     pub fn claim(self: &Arc<Self>) -> Result<Claim, CapacityError> {
-        let pooled = {
-            let mut pool = lock(&self.pool);
-            loop {
-                match pool.pop() {
-                    Some(sb) if sb.dead.load(Ordering::SeqCst) => continue,
-                    other => break other,
-                }
-            }
-        };
+        let pooled = self.pop_pooled();
         let room = match pooled {
             Some(sb) => Room::Pooled(sb),
             None => Room::Fresh(self.budget.reserve()?),
@@ -123,6 +115,17 @@ impl Node {
             room: Some(room),
             node: Arc::downgrade(self),
         })
+    }
+
+    /// A live sandbox from the generic pool, if one is there.
+    pub(crate) fn pop_pooled(&self) -> Option<Arc<SandboxEntry>> {
+        let mut pool = lock(&self.pool);
+        loop {
+            match pool.pop() {
+                Some(sb) if sb.dead.load(Ordering::SeqCst) => continue,
+                other => return other,
+            }
+        }
     }
 
     /// The node's capacity and what is committed against it.

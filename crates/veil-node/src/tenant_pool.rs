@@ -346,16 +346,7 @@ impl Node {
         self: &Arc<Self>,
         cfg: &TenantPoolConfig,
     ) -> Result<Ready, PrepareError> {
-        let pooled = {
-            let mut pool = lock(&self.pool);
-            loop {
-                match pool.pop() {
-                    Some(sb) if sb.dead.load(Ordering::SeqCst) => continue,
-                    other => break other,
-                }
-            }
-        };
-        let sb = match pooled {
+        let sb = match self.pop_pooled() {
             Some(sb) => {
                 let node = self.clone();
                 tokio::spawn(async move { node.fill_pool().await });
