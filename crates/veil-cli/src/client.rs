@@ -178,6 +178,48 @@ impl AdminClient {
         Ok(check(r).await?.json().await?)
     }
 
+    /// Tenants' pools of attested sandboxes.
+    pub async fn tenant_pools(&self) -> Result<Vec<veil_node::TenantPoolStatus>> {
+        let r = self
+            .admin(reqwest::Method::GET, "/v1/tenant-pools")
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Ok(check(r).await?.json().await?)
+    }
+
+    /// Create, resize or reconfigure a tenant's pool.
+    pub async fn set_tenant_pool(
+        &self,
+        tenant: &str,
+        req: &veil_gateway::TenantPoolRequest,
+    ) -> Result<Vec<veil_node::TenantPoolStatus>> {
+        let r = self
+            .admin(
+                reqwest::Method::PUT,
+                &format!("/v1/tenant-pools/{}", path_segment(tenant)),
+            )
+            .json(req)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Ok(check(r).await?.json().await?)
+    }
+
+    /// Remove a tenant's pool (its sandboxes are destroyed).
+    pub async fn remove_tenant_pool(&self, tenant: &str) -> Result<()> {
+        let r = self
+            .admin(
+                reqwest::Method::DELETE,
+                &format!("/v1/tenant-pools/{}", path_segment(tenant)),
+            )
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        check(r).await?;
+        Ok(())
+    }
+
     /// Sandboxes on the node.
     pub async fn sandboxes(&self) -> Result<Vec<serde_json::Value>> {
         let r = self

@@ -117,6 +117,34 @@ enum Cmd {
     /// Simulations that need no running veil.
     #[command(subcommand)]
     Simulate(SimulateCmd),
+    /// Tenants' pools of sandboxes attested ahead of demand (needs the operator token).
+    #[command(subcommand)]
+    Pool(PoolCmd),
+}
+
+#[derive(Subcommand)]
+enum PoolCmd {
+    /// List the pools: size, ready, preparing, and why the last preparation failed.
+    Ls,
+    /// Create, resize or reconfigure a tenant's pool.
+    Set {
+        /// The tenant.
+        tenant: String,
+        /// Sandboxes kept attested (0 removes the pool).
+        #[arg(long)]
+        size: usize,
+        /// The tenant's key broker (default: the one embedded in `veil up`).
+        #[arg(long)]
+        kbs_url: Option<String>,
+        /// Attest with the INSECURE software TEE where no SEV-SNP/TDX exists.
+        #[arg(long)]
+        allow_insecure_software_tee: bool,
+    },
+    /// Remove a tenant's pool; its sandboxes are destroyed.
+    Rm {
+        /// The tenant.
+        tenant: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -960,6 +988,50 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         },
         Cmd::Kbs(kc) => kbs_cmd(kc, &cli.server).await?,
         Cmd::Measure(a) => measure::run(&a)?,
+        Cmd::Pool(pc) => {
+            let a = admin()?;
+            let pools = match pc {
+                PoolCmd::Ls => a.tenant_pools().await?,
+                PoolCmd::Set {
+                    tenant,
+                    size,
+                    kbs_url,
+                    allow_insecure_software_tee,
+                } => {
+                    a.set_tenant_pool(
+                        &tenant,
+                        &veil_gateway::TenantPoolRequest {
+                            size,
+                            kbs_url,
+                            allow_insecure_software_tee,
+                        },
+                    )
+                    .await?
+                }
+                PoolCmd::Rm { tenant } => {
+                    a.remove_tenant_pool(&tenant).await?;
+                    println!("removed the pool of {tenant}");
+                    a.tenant_pools().await?
+                }
+            };
+            println!(
+                "{:<16} {:>5} {:>6} {:>10}  {:<28} PROBLEM",
+                "TENANT", "SIZE", "READY", "PREPARING", "BROKER"
+            );
+            for p in pools {
+                println!(
+                    "{:<16} {:>5} {:>6} {:>10}  {:<28} {}",
+                    p.config.tenant,
+                    p.config.size,
+                    p.ready,
+                    p.preparing,
+                    p.config.kbs_url,
+                    p.last_error
+                        .map(|e| format!("{e} (retry in {}s)", p.retry_in_s.unwrap_or(0)))
+                        .unwrap_or_default()
+                );
+            }
+        }
         Cmd::Simulate(SimulateCmd::KeepAlive(a)) => {
             let rows = veil_cli::simulate::run(&a)?;
             veil_cli::simulate::print(&a, &rows);

@@ -334,3 +334,59 @@ async fn refusing_brokers_and_expiring_tokens() {
     );
     p.stop().await.unwrap();
 }
+
+/// The pools' admin API (what `veil pool set|ls|rm` calls): operator only, bad input refused
+/// with a clear error, a removed pool leaves no sandbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_are_managed_through_the_admin_api() {
+    let state = tempfile::tempdir().unwrap();
+    let p = up(state.path(), |_| {}).await;
+    p.kbs
+        .clone()
+        .unwrap()
+        .set_reference_values(
+            veil_kbs::SOFTWARE_TEE_TENANTS,
+            &["default".into(), "acme".into()],
+        )
+        .unwrap();
+    let op = p.admin_client().unwrap();
+    let req = |size| veil_gateway::TenantPoolRequest {
+        size,
+        kbs_url: None,
+        allow_insecure_software_tee: true,
+    };
+    let pools = op.set_tenant_pool("acme", &req(1)).await.unwrap();
+    assert_eq!(pools.len(), 1);
+    assert_eq!(pools[0].config.kbs_url, p.url());
+    pool_ready(&p, "acme", 1).await;
+    assert_eq!(op.tenant_pools().await.unwrap()[0].ready, 1);
+
+    for (tenant, r, why) in [
+        ("acme", req(100_000), "at most"),
+        ("Not A Tenant", req(1), "not a tenant name"),
+        (
+            "acme",
+            veil_gateway::TenantPoolRequest {
+                kbs_url: Some("ftp://x".into()),
+                ..req(1)
+            },
+            "http(s)",
+        ),
+    ] {
+        let e = op
+            .set_tenant_pool(tenant, &r)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(why), "{e}");
+    }
+    // A tenant cannot manage pools.
+    let acme = tenant(&p, "acme").await;
+    let e = acme.admin.tenant_pools().await.unwrap_err().to_string();
+    assert!(e.contains("403") || e.contains("operator"), "{e}");
+
+    op.remove_tenant_pool("acme").await.unwrap();
+    assert!(op.tenant_pools().await.unwrap().is_empty());
+    assert!(tenant_pool_sandboxes(&p, "acme").await.is_empty());
+    p.stop().await.unwrap();
+}

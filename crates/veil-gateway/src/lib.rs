@@ -5,7 +5,8 @@
 //!   starts one (up to `max_scale`) and holds the request — bounded in time and in queue length,
 //!   then a 503 with a clear body and `Retry-After`, never a hang.
 //! * Admin (JSON): `PUT/GET/DELETE /v1/functions/<name>`, `GET /v1/functions`,
-//!   `GET /v1/functions/<name>/logs`, `GET /v1/sandboxes`, `GET /v1/node` (capacity and
+//!   `GET /v1/functions/<name>/logs`, `GET /v1/sandboxes`, `GET|PUT|DELETE
+//!   /v1/tenant-pools[/<tenant>]` (tenant-attested pools, operator only), `GET /v1/node` (capacity and
 //!   usage), `GET /healthz`.
 //! * Local image store: the OCI distribution API under `/v2/` for `local/<repo>` images.
 //!
@@ -57,7 +58,7 @@ use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, delete, get};
+use axum::routing::{any, delete, get, put};
 use axum::{Json, Router};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -167,6 +168,11 @@ impl Gateway {
             .route("/v1/functions/{name}/logs", get(logs))
             .route("/v1/sandboxes", get(sandboxes))
             .route("/v1/node", get(node_status))
+            .route("/v1/tenant-pools", get(list_tenant_pools))
+            .route(
+                "/v1/tenant-pools/{tenant}",
+                put(set_tenant_pool).delete(remove_tenant_pool),
+            )
             .route("/v1/tokens", get(list_tokens).post(create_token))
             .route("/v1/tokens/{id}", delete(revoke_token))
             .route("/v2/", get(registry::base))
@@ -436,6 +442,101 @@ async fn node_status(State(gw): GwState, caller: CallerExt) -> Response {
         return r;
     }
     Json(gw.node.status()).into_response()
+}
+
+/// Body of `PUT /v1/tenant-pools/<tenant>`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantPoolRequest {
+    /// Sandboxes to keep attested (0 removes the pool).
+    pub size: usize,
+    /// The tenant's broker (default: the gateway's default broker, the one embedded in
+    /// `veil up`).
+    #[serde(default)]
+    pub kbs_url: Option<String>,
+    /// Attest with the INSECURE software TEE where no SEV-SNP/TDX exists.
+    #[serde(default)]
+    pub allow_insecure_software_tee: bool,
+}
+
+/// Largest tenant pool.
+pub const MAX_TENANT_POOL: usize = 256;
+
+async fn list_tenant_pools(State(gw): GwState, caller: CallerExt) -> Response {
+    if let Some(r) = operator_only(&caller) {
+        return r;
+    }
+    Json(gw.node.tenant_pools()).into_response()
+}
+
+async fn set_tenant_pool(
+    State(gw): GwState,
+    caller: CallerExt,
+    Path(tenant): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Some(r) = operator_only(&caller) {
+        return r;
+    }
+    let req: TenantPoolRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "BAD_REQUEST",
+                format!("malformed tenant pool: {e}"),
+            )
+        }
+    };
+    if !functions::valid_name(&tenant) {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "BAD_REQUEST",
+            format!("{tenant:?} is not a tenant name"),
+        );
+    }
+    if req.size > MAX_TENANT_POOL {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "BAD_REQUEST",
+            format!("a tenant pool holds at most {MAX_TENANT_POOL} sandboxes"),
+        );
+    }
+    let Some(kbs_url) = req.kbs_url.or_else(|| gw.config.default_kbs_url.clone()) else {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "BAD_REQUEST",
+            "no key broker: give kbs_url (this veil runs without an embedded broker)",
+        );
+    };
+    if !(kbs_url.starts_with("http://") || kbs_url.starts_with("https://")) {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "BAD_REQUEST",
+            format!("kbs_url {kbs_url:?} must be an http(s) URL"),
+        );
+    }
+    gw.node
+        .set_tenant_pool(veil_node::TenantPoolConfig {
+            tenant: tenant.clone(),
+            size: req.size,
+            kbs_url,
+            allow_insecure_software_tee: req.allow_insecure_software_tee,
+        })
+        .await;
+    Json(gw.node.tenant_pools()).into_response()
+}
+
+async fn remove_tenant_pool(
+    State(gw): GwState,
+    caller: CallerExt,
+    Path(tenant): Path<String>,
+) -> Response {
+    if let Some(r) = operator_only(&caller) {
+        return r;
+    }
+    gw.node.remove_tenant_pool(&tenant).await;
+    StatusCode::NO_CONTENT.into_response()
 }
 
 /// Body of `POST /v1/tokens`.
