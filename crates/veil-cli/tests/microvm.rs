@@ -372,3 +372,70 @@ async fn a_guest_that_never_reaches_the_agent_is_killed_at_the_boot_timeout() {
         "the VM's directory (sockets, pid file) was left"
     );
 }
+
+/// Tenant-attested pools on the microVM backend too: a microVM attested to tenant `default`
+/// ahead of demand takes the cold start, with no attestation on its path, and serves the
+/// secret its broker released against the stated assignment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_attested_microvms() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let p = up_microvm(&state).await;
+    p.kbs
+        .clone()
+        .unwrap()
+        .set_resource("default/app/greeting", b"hello-vm")
+        .unwrap();
+    let admin = p.admin_client().unwrap();
+    admin
+        .set_tenant_pool(
+            "default",
+            &veil_gateway::TenantPoolRequest {
+                size: 1,
+                kbs_url: None,
+                allow_insecure_software_tee: true,
+            },
+        )
+        .await
+        .unwrap();
+    let ctx = tmp.path().join("ctx");
+    images::write_example(&ctx).unwrap();
+    let image = veil_image::build::build_image(&images::example_spec(&ctx)).unwrap();
+    let reference: veil_image::Reference = "local/vmpool:v1".parse().unwrap();
+    let target = images::push_target(&reference, &p.url()).unwrap();
+    images::push(&p.registry_client().unwrap(), &image, &target)
+        .await
+        .unwrap();
+    for _ in 0..1200 {
+        if admin
+            .tenant_pools()
+            .await
+            .unwrap()
+            .first()
+            .is_some_and(|t| t.ready == 1)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(admin.tenant_pools().await.unwrap()[0].ready, 1);
+    let mut req = DeployRequest::new("local/vmpool:v1");
+    req.secrets
+        .insert("GREETING".into(), "kbs:///default/app/greeting".into());
+    req.allow_insecure_software_tee = true;
+    admin.deploy("vmpool", &req).await.unwrap();
+    let (status, body, headers) = call(&p, "vmpool", "/env/GREETING").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, "GREETING=hello-vm\n");
+    let phases = headers["x-veil-cold-start"].to_str().unwrap().to_string();
+    assert!(
+        phases.contains("pool=tenant-attested")
+            && phases.contains("attest=0.0")
+            && phases.contains("backend=microvm/tcg"),
+        "{phases}"
+    );
+    assert_eq!(headers["x-veil-sandbox-tenant"], "default");
+    admin.delete("vmpool").await.unwrap();
+    p.stop().await.unwrap();
+    assert!(qemus_under(&state).is_empty());
+}
