@@ -234,6 +234,8 @@ async fn attest_with(
 pub struct Prepared {
     /// The tenant it attested to; it serves no other.
     pub tenant: String,
+    /// It attested with the INSECURE software TEE.
+    pub software: bool,
     /// The attested session.
     pub client: KbsClient<MuxTransport>,
 }
@@ -246,13 +248,17 @@ pub async fn prepare(mux: &MuxHandle, p: &veil_proto::Preparation) -> Result<Pre
         "scope": veil_kbs::parse::TENANT_SCOPE,
     }))
     .map_err(|e| format!("could not write the init-data document: {e}"))?;
+    let software = veil_attest::detect().is_none();
     let client = attest_with(mux, &doc, p.allow_software_tee, p.software_tee.as_ref()).await?;
+    // Only veil's broker checks the statements a tenant-attested sandbox sends later; a token
+    // from any other (or one for another tenant, or not of tenant scope) is refused.
     client
-        .check_token_tenant(&p.tenant)
+        .check_tenant_scoped_token(&p.tenant)
         .map_err(|e| e.to_string())?;
     tracing::info!(tenant = %p.tenant, "attested to the tenant ahead of assignment");
     Ok(Prepared {
         tenant: p.tenant.clone(),
+        software,
         client,
     })
 }
@@ -270,6 +276,19 @@ pub async fn attest_and_fetch(
     let ahead = prepared.is_some();
     let client = match prepared {
         Some(mut p) => {
+            if p.tenant != a.tenant {
+                return Err(format!(
+                    "this sandbox attested to tenant {:?}, not to {:?}",
+                    p.tenant, a.tenant
+                ));
+            }
+            if p.software && !plan.allow_software_tee {
+                return Err(
+                    "this sandbox attested with the INSECURE software TEE, which the deployment \
+                     does not allow"
+                        .into(),
+                );
+            }
             p.client
                 .state_assignment(&init_data)
                 .map_err(|e| format!("stating the assignment: {e}"))?;

@@ -193,8 +193,11 @@ async fn control(agent: Arc<Agent>, req: hyper::Request<Incoming>) -> hyper::Res
             };
             let mut prepared = agent.prepared.lock().await;
             {
+                // Checked and bound in one critical section with the assignment's check, so a
+                // concurrent assignment for another tenant cannot slip in between. Bound from
+                // the first attempt on, whether or not it succeeds.
                 let st = agent.state.lock().unwrap_or_else(|p| p.into_inner());
-                let bound = agent.bound_tenant.lock().unwrap_or_else(|p| p.into_inner());
+                let mut bound = agent.bound_tenant.lock().unwrap_or_else(|p| p.into_inner());
                 if !matches!(*st, State::Idle) || prepared.is_some() || bound.is_some() {
                     return error(
                         StatusCode::CONFLICT,
@@ -202,9 +205,8 @@ async fn control(agent: Arc<Agent>, req: hyper::Request<Incoming>) -> hyper::Res
                         "this sandbox is already bound; sandboxes are never re-bound",
                     );
                 }
+                *bound = Some(p.tenant.clone());
             }
-            // Bound from the first attempt on, whether or not it succeeds.
-            *agent.bound_tenant.lock().unwrap_or_else(|p| p.into_inner()) = Some(p.tenant.clone());
             let t = Instant::now();
             match crate::attest::prepare(&agent.mux, &p).await {
                 Ok(ok) => {

@@ -156,6 +156,20 @@ async fn tenant_attested_starts_skip_attestation_and_never_cross_tenants() {
         "{phases}"
     );
 
+    // A deployment that does not allow the software TEE never takes a sandbox of a pool that
+    // may have attested with it.
+    let strict = push(&p, &tenants[0]).await;
+    tenants[0]
+        .admin
+        .deploy("acme-strict", &DeployRequest::new(&strict))
+        .await
+        .unwrap();
+    let r = invoke(&tenants[0].admin, "acme-strict", "/").await;
+    assert_eq!(r.status, 200);
+    let phases = header(&r, "x-veil-cold-start");
+    assert!(!phases.contains("pool=tenant-attested"), "{phases}");
+    tenants[0].admin.delete("acme-strict").await.unwrap();
+
     // The breakdown is kept for `veil describe` and in the phase histograms of /metrics.
     let st = tenants[0].admin.list().await.unwrap();
     let f = st.iter().find(|f| f.record.name == "acme-one").unwrap();
@@ -244,7 +258,15 @@ async fn tenant_attested_starts_skip_attestation_and_never_cross_tenants() {
     let before: Vec<String> = tenant_pool_sandboxes(&p, "globex").await;
     assert!(!before.is_empty());
     p.gateway.node().remove_tenant_pool("globex").await;
-    let after = tenant_pool_sandboxes(&p, "globex").await;
+    // A preparation still in flight is destroyed when it finishes.
+    let mut after = tenant_pool_sandboxes(&p, "globex").await;
+    for _ in 0..200 {
+        if after.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        after = tenant_pool_sandboxes(&p, "globex").await;
+    }
     assert!(after.is_empty(), "{after:?}");
     let pids: Vec<u32> = p
         .admin_client()
@@ -387,6 +409,12 @@ async fn pools_are_managed_through_the_admin_api() {
 
     op.remove_tenant_pool("acme").await.unwrap();
     assert!(op.tenant_pools().await.unwrap().is_empty());
+    for _ in 0..200 {
+        if tenant_pool_sandboxes(&p, "acme").await.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(tenant_pool_sandboxes(&p, "acme").await.is_empty());
     p.stop().await.unwrap();
 }

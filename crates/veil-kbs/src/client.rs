@@ -174,6 +174,34 @@ impl<T: Transport> KbsClient<T> {
             .map(str::to_string)
     }
 
+    /// A sandbox that attested with tenant scope, ahead of its assignment, keeps the session
+    /// only if the broker is veil's (only veil's checks the assignment statements that follow)
+    /// and its token is of tenant scope for exactly `tenant`.
+    pub fn check_tenant_scoped_token(&self, tenant: &str) -> Result<(), ClientError> {
+        if !self.veil_broker {
+            return Err(ClientError::Protocol(
+                "attesting ahead of an assignment needs veil's key broker (its challenge did not \
+                 offer the init-data binding): another broker would not check the assignment \
+                 the sandbox states later"
+                    .into(),
+            ));
+        }
+        let claims = self.unverified_claims().unwrap_or_default();
+        let named = claims.get("tenant").and_then(|t| t.as_str());
+        if named != Some(tenant) {
+            return Err(ClientError::Protocol(format!(
+                "the key broker attested this sandbox to tenant {named:?}, not to {tenant:?} as \
+                 asked; refusing it"
+            )));
+        }
+        if claims.get("scope").and_then(|s| s.as_str()) != Some(crate::parse::TENANT_SCOPE) {
+            return Err(ClientError::Protocol(
+                "the key broker's token is not of tenant scope".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// A sandbox that asked to be attested to `tenant` refuses a token that names another (a
     /// broker answering with another tenant's identity); tokens that name no tenant (trustee's)
     /// cannot be checked this way.
@@ -192,7 +220,12 @@ impl<T: Transport> KbsClient<T> {
     /// request from now on carries the statement.
     pub fn state_assignment(&mut self, assignment: &serde_json::Value) -> Result<(), ClientError> {
         let key = self.key.as_ref().ok_or(ClientError::NotAttested)?;
-        let st = crate::statement::sign(key, assignment).map_err(ClientError::Protocol)?;
+        // Without null members: the same object the init data would have carried.
+        let mut assignment = assignment.clone();
+        if let Some(o) = assignment.as_object_mut() {
+            o.retain(|_, v| !v.is_null());
+        }
+        let st = crate::statement::sign(key, &assignment).map_err(ClientError::Protocol)?;
         self.statement = Some(st);
         Ok(())
     }

@@ -218,11 +218,23 @@ pub fn parse_init_data(body: &str) -> Result<ParsedInitData, ProtocolError> {
 /// The init-data document veil's agent sends: its assignment as `veil.*` data. String fields
 /// are kept as strings; structured ones (`secrets`, `image_keys`, `env`) as compact JSON.
 pub fn veil_init_data(assignment: &serde_json::Value) -> Result<String, String> {
-    let obj = assignment
-        .as_object()
-        .ok_or("the assignment must be a JSON object")?;
+    if !assignment.is_object() {
+        return Err("the assignment must be a JSON object".into());
+    }
+    let data = veil_data(assignment);
+    let doc = InitDataDoc {
+        version: INIT_DATA_VERSION.into(),
+        algorithm: HashAlgorithm::Sha384.as_ref().to_string(),
+        data,
+    };
+    toml::to_string(&doc).map_err(|e| e.to_string())
+}
+
+/// An assignment object as init-data `data`: `veil.<member>` for every member that is not
+/// null, strings as they are, anything else as compact JSON.
+pub fn veil_data(assignment: &serde_json::Value) -> BTreeMap<String, String> {
     let mut data = BTreeMap::new();
-    for (k, v) in obj {
+    for (k, v) in assignment.as_object().into_iter().flatten() {
         let text = match v {
             serde_json::Value::Null => continue,
             serde_json::Value::String(s) => s.clone(),
@@ -230,12 +242,7 @@ pub fn veil_init_data(assignment: &serde_json::Value) -> Result<String, String> 
         };
         data.insert(format!("{VEIL_DATA_PREFIX}{k}"), text);
     }
-    let doc = InitDataDoc {
-        version: INIT_DATA_VERSION.into(),
-        algorithm: HashAlgorithm::Sha384.as_ref().to_string(),
-        data,
-    };
-    toml::to_string(&doc).map_err(|e| e.to_string())
+    data
 }
 
 /// The `veil.*` data as the policy's `init_data` object and the checked [`Assignment`], or

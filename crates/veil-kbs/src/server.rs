@@ -416,10 +416,17 @@ fn stated_assignment(kbs: &Kbs, claims: &mut TokenClaims, statement: &str) -> Ap
     let attested = claims.attested.clone().ok_or_else(|| {
         ProtocolError::unauthorized("TokenInvalid", "a tenant-scoped token without its claims")
     })?;
+    // The policy sees the stated assignment as it would see it in init data: as the assignment
+    // object, and as `veil.*` data claims.
+    let mut v = v;
+    if let Some(o) = v.as_object_mut() {
+        o.retain(|_, x| !x.is_null());
+    }
+    let claims_map = parse::veil_data(&v);
     let input = serde_json::json!({
         "claims": attested,
         "init_data": v,
-        "init_data_claims": null,
+        "init_data_claims": claims_map,
         "init_data_binding": "statement",
         "phase": "assignment",
     });

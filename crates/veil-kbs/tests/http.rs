@@ -1187,4 +1187,11 @@ async fn a_token_for_another_tenant_is_refused_by_the_sandbox() {
     let e = client.check_token_tenant("acme").unwrap_err().to_string();
     assert!(e.contains("tenant \"victim\", not to \"acme\""), "{e}");
     assert!(client.check_token_tenant("victim").is_ok());
+    // Nor does a sandbox keep a tenant-scoped session with a broker that is not veil's (it
+    // would not check the statements that follow).
+    let e = client
+        .check_tenant_scoped_token("victim")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("needs veil's key broker"), "{e}");
 }

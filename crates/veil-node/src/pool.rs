@@ -86,14 +86,16 @@ impl Node {
             .count()
     }
 
-    /// Room for one instance of `tenant`'s function whose broker is `kbs_url`: a sandbox of the
-    /// tenant's pool (attested to it already) if one is ready, else as [`Node::claim`].
+    /// Room for one instance of `tenant`'s function whose broker is `kbs_url` (and which allows
+    /// the software TEE or not): a sandbox of the tenant's pool (attested to it already) if one
+    /// is ready and fits, else as [`Node::claim`].
     pub fn claim_for(
         self: &Arc<Self>,
         tenant: &str,
         kbs_url: Option<&str>,
+        allow_software_tee: bool,
     ) -> Result<Claim, CapacityError> {
-        if let Some(r) = self.take_tenant_sandbox(tenant, kbs_url) {
+        if let Some(r) = self.take_tenant_sandbox(tenant, kbs_url, allow_software_tee) {
             return Ok(Claim {
                 room: Some(Room::TenantAttested(tenant.to_string(), r)),
                 node: Arc::downgrade(self),

@@ -58,10 +58,17 @@ pub struct TenantPoolStatus {
 pub(crate) struct Ready {
     pub(crate) sb: Arc<SandboxEntry>,
     expires: Instant,
+    /// Handed out only while its token has at least this much left.
+    margin: Duration,
+    /// The pool configuration it attested under.
+    generation: u64,
 }
 
 struct Pool {
     config: TenantPoolConfig,
+    /// Changes with every reconfiguration (another broker or software-TEE choice): sandboxes
+    /// and preparations of an older generation are destroyed, never pooled.
+    generation: u64,
     ready: Vec<Ready>,
     preparing: usize,
     failures: u32,
@@ -72,6 +79,7 @@ struct Pool {
 #[derive(Default)]
 pub(crate) struct TenantPools {
     map: std::sync::Mutex<HashMap<String, Pool>>,
+    next_generation: std::sync::atomic::AtomicU64,
 }
 
 /// A prepared sandbox is replaced this long before its token expires (or a quarter of the
@@ -101,8 +109,13 @@ impl Node {
                     && p.config.allow_insecure_software_tee == config.allow_insecure_software_tee
             });
             let mut doomed = Vec::new();
+            let generation = self
+                .tenant_pools
+                .next_generation
+                .fetch_add(1, Ordering::SeqCst);
             let mut pool = Pool {
                 config: config.clone(),
+                generation,
                 ready: Vec::new(),
                 preparing: 0,
                 failures: 0,
@@ -111,6 +124,7 @@ impl Node {
             };
             if let Some(mut old) = old {
                 if keep_old {
+                    pool.generation = old.generation;
                     pool.preparing = old.preparing;
                     while old.ready.len() > config.size {
                         if let Some(r) = old.ready.pop() {
@@ -182,6 +196,7 @@ impl Node {
         self: &Arc<Self>,
         tenant: &str,
         kbs_url: Option<&str>,
+        allow_software_tee: bool,
     ) -> Option<Ready> {
         let now = Instant::now();
         let mut stale = Vec::new();
@@ -191,9 +206,15 @@ impl Node {
             if kbs_url.is_some_and(|u| u != pool.config.kbs_url) {
                 return None;
             }
+            // A deployment that does not allow the software TEE never takes a sandbox of a pool
+            // that may have attested with it.
+            if pool.config.allow_insecure_software_tee && !allow_software_tee {
+                return None;
+            }
             loop {
                 match pool.ready.pop() {
-                    Some(r) if !r.sb.dead.load(Ordering::SeqCst) && r.expires > now => {
+                    // Enough token left for the start to release its secrets.
+                    Some(r) if !r.sb.dead.load(Ordering::SeqCst) && r.expires > now + r.margin => {
                         break Some(r)
                     }
                     // Expired or dead: never handed out, destroyed.
@@ -223,7 +244,9 @@ impl Node {
         {
             let mut map = lock(&self.tenant_pools.map);
             if let Some(pool) = map.get_mut(tenant) {
-                if pool.ready.len() < pool.config.size && !self.shutting_down.load(Ordering::SeqCst)
+                if pool.generation == r.generation
+                    && pool.ready.len() < pool.config.size
+                    && !self.shutting_down.load(Ordering::SeqCst)
                 {
                     pool.ready.push(r);
                     self.budget.bump();
@@ -251,13 +274,13 @@ impl Node {
                 pool.ready.retain(|r| !r.sb.dead.load(Ordering::SeqCst));
                 while pool.ready.len() + pool.preparing < pool.config.size {
                     pool.preparing += 1;
-                    jobs.push(pool.config.clone());
+                    jobs.push((pool.config.clone(), pool.generation));
                 }
             }
         }
-        for cfg in jobs {
+        for (cfg, generation) in jobs {
             let node = self.clone();
-            tokio::spawn(async move { node.prepare_one(cfg).await });
+            tokio::spawn(async move { node.prepare_one(cfg, generation).await });
         }
     }
 
@@ -295,24 +318,26 @@ impl Node {
         });
     }
 
-    async fn prepare_one(self: &Arc<Self>, cfg: TenantPoolConfig) {
-        let result = self.prepare_sandbox(&cfg).await;
+    async fn prepare_one(self: &Arc<Self>, cfg: TenantPoolConfig, generation: u64) {
+        let result = self.prepare_sandbox(&cfg, generation).await;
         let mut map = lock(&self.tenant_pools.map);
-        let Some(pool) = map.get_mut(&cfg.tenant) else {
+        let shutting_down = self.shutting_down.load(Ordering::SeqCst);
+        let current = map
+            .get_mut(&cfg.tenant)
+            .filter(|p| p.generation == generation && !shutting_down);
+        let Some(pool) = current else {
             drop(map);
             if let Ok(r) = result {
-                // The pool went away meanwhile: the sandbox is the tenant's, so it goes too.
+                // The pool went away or changed meanwhile (or the node is stopping): the
+                // sandbox is the tenant's, attested under the old configuration, so it goes.
                 let node = self.clone();
                 tokio::spawn(async move { node.destroy_entry(&r.sb).await });
             }
             return;
         };
         pool.preparing = pool.preparing.saturating_sub(1);
-        let same = pool.config == cfg
-            || (pool.config.kbs_url == cfg.kbs_url
-                && pool.config.allow_insecure_software_tee == cfg.allow_insecure_software_tee);
         match result {
-            Ok(r) if same && pool.ready.len() < pool.config.size => {
+            Ok(r) if pool.ready.len() < pool.config.size => {
                 pool.failures = 0;
                 pool.retry_at = None;
                 pool.last_error = None;
@@ -333,7 +358,9 @@ impl Node {
             }
             Err(PrepareError::Failed(e)) => {
                 pool.failures = pool.failures.saturating_add(1);
-                let backoff = Duration::from_secs(1u64 << pool.failures.min(6)).min(MAX_BACKOFF);
+                // 1 s, 2 s, 4 s, ... at most a minute.
+                let backoff =
+                    Duration::from_secs(1u64 << (pool.failures - 1).min(6)).min(MAX_BACKOFF);
                 pool.retry_at = Some(Instant::now() + backoff);
                 tracing::warn!(tenant = %cfg.tenant, error = %e, retry_in_s = backoff.as_secs(), "could not prepare a tenant-attested sandbox");
                 pool.last_error = Some(e);
@@ -345,6 +372,7 @@ impl Node {
     async fn prepare_sandbox(
         self: &Arc<Self>,
         cfg: &TenantPoolConfig,
+        generation: u64,
     ) -> Result<Ready, PrepareError> {
         let sb = match self.pop_pooled() {
             Some(sb) => {
@@ -391,6 +419,8 @@ impl Node {
                 Ok(Ready {
                     sb,
                     expires: Instant::now() + lifetime - margin,
+                    margin,
+                    generation,
                 })
             }
             Err(e) => {

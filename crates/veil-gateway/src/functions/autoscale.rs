@@ -184,10 +184,11 @@ pub fn spawn_autoscaler(gw: Weak<Gateway>) {
                         .last_failure
                         .is_some_and(|t| t.elapsed() < Duration::from_secs(10));
                     while !backing_off && rt.instances.len() + rt.starting < want.up {
-                        match gw
-                            .node
-                            .claim_for(&rt.record.tenant, rt.record.kbs_url.as_deref())
-                        {
+                        match gw.node.claim_for(
+                            &rt.record.tenant,
+                            rt.record.kbs_url.as_deref(),
+                            rt.record.allow_insecure_software_tee,
+                        ) {
                             Ok(claim) => {
                                 rt.min_scale_blocked = false;
                                 if want.up > rt.record.min_scale as usize {

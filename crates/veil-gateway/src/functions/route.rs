@@ -115,10 +115,11 @@ async fn route(
                 {
                     // Seen before claiming, so room that appears after a refusal wakes us.
                     room.borrow_and_update();
-                    match gw
-                        .node
-                        .claim_for(&rt.record.tenant, rt.record.kbs_url.as_deref())
-                    {
+                    match gw.node.claim_for(
+                        &rt.record.tenant,
+                        rt.record.kbs_url.as_deref(),
+                        rt.record.allow_insecure_software_tee,
+                    ) {
                         Ok(claim) => {
                             at_capacity = None;
                             start_instance(gw, rt, claim);
