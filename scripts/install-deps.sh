@@ -66,6 +66,45 @@ for f in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
 PY
 }
 
+# A throw-away apt state in directory $1 whose only source is this machine's Debian archive with
+# trixie as the suite (no archive host name is written into this script); its apt options go
+# into the array trixie_apt_opts.
+trixie_apt() {
+  local dir=$1 mirror
+  mirror=$(debian_mirror)
+  if [ -z "$mirror" ]; then
+    echo "cannot find this machine's Debian archive in /etc/apt/sources.list{,.d/}" >&2
+    exit 1
+  fi
+  mkdir -p "$dir/lists/partial" "$dir/cache/archives/partial"
+  echo "deb $mirror trixie main" >"$dir/sources.list"
+  trixie_apt_opts=(-o Dir::Etc::SourceList="$dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
+                   -o Dir::State::Lists="$dir/lists" -o Dir::Cache="$dir/cache"
+                   -o APT::Sandbox::User=root)
+  apt-get "${trixie_apt_opts[@]}" update -qq
+}
+
+# The kernel image package the cloud kernel's metapackage depends on right now (for example
+# linux-image-6.1.0-NN-cloud-amd64); arguments are extra apt options.
+kernel_pkg() {
+  apt-cache "$@" depends linux-image-cloud-amd64 2>/dev/null |
+    awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ { print $2; exit }'
+}
+
+# Unpack the kernel package $2, downloaded into directory $1, into $3 (swapped into place; never
+# installed into this machine's /boot, nor registered with dpkg).
+unpack_kernel() {
+  local from=$1 pkg=$2 dir=$3
+  dpkg-deb -x "$from/${pkg}"_*.deb "$from/x"
+  rm -rf "$from/x/usr/share"
+  mkdir -p "$(dirname "$dir")"
+  rm -rf "$dir.old"
+  [ ! -e "$dir" ] || mv "$dir" "$dir.old"
+  mv "$from/x" "$dir"
+  rm -rf "$dir.old"
+  test -f "$dir/boot/vmlinuz-${pkg#linux-image-}"
+}
+
 need=()
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 dpkg -s libssl-dev >/dev/null 2>&1 || need+=(libssl-dev)
@@ -91,20 +130,8 @@ if [ "${1:-}" != build ] && ! command -v cosign >/dev/null 2>&1; then
   echo "installing: cosign (binary from Debian trixie's cosign package)"
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
-  mkdir -p "$tmp/lists/partial" "$tmp/cache/archives/partial"
-  # The Debian archive this machine already uses (from its own apt sources), with trixie as
-  # the suite: no archive host name is written into this script.
-  mirror=$(debian_mirror)
-  if [ -z "$mirror" ]; then
-    echo "cannot find this machine's Debian archive in /etc/apt/sources.list{,.d/}" >&2
-    exit 1
-  fi
-  echo "deb $mirror trixie main" >"$tmp/sources.list"
-  apt_opts=(-o Dir::Etc::SourceList="$tmp/sources.list" -o Dir::Etc::SourceParts=/dev/null
-            -o Dir::State::Lists="$tmp/lists" -o Dir::Cache="$tmp/cache"
-            -o APT::Sandbox::User=root)
-  apt-get "${apt_opts[@]}" update -qq
-  (cd "$tmp" && apt-get "${apt_opts[@]}" download cosign)
+  trixie_apt "$tmp"
+  (cd "$tmp" && apt-get "${trixie_apt_opts[@]}" download cosign)
   dpkg-deb -x "$tmp"/cosign_*.deb "$tmp/x"
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -112,13 +139,8 @@ if [ "${1:-}" != build ] && ! command -v cosign >/dev/null 2>&1; then
   cosign version >/dev/null
 fi
 if [ "${1:-}" != build ]; then
-  # The guest kernel: the image package the cloud kernel's metapackage depends on right now
-  # (for example linux-image-6.1.0-NN-cloud-amd64), unpacked unless that version already is.
+  # The guest kernel: this release's cloud kernel, unpacked unless that version already is.
   dir=/var/cache/veil/guest-kernel
-  kernel_pkg() {
-    apt-cache depends linux-image-cloud-amd64 2>/dev/null |
-      awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ { print $2; exit }'
-  }
   pkg=$(kernel_pkg)
   if [ -z "$pkg" ]; then
     apt-get update -qq
@@ -133,14 +155,8 @@ if [ "${1:-}" != build ]; then
     echo "installing: guest kernel $pkg into $dir (not into /boot)"
     ktmp=$(mktemp -d)
     (cd "$ktmp" && apt-get -o APT::Sandbox::User=root download -qq "$pkg")
-    dpkg-deb -x "$ktmp"/"$pkg"_*.deb "$ktmp/x"
-    rm -rf "$ktmp/x/usr/share"
-    mkdir -p "$(dirname "$dir")"
-    rm -rf "$dir.old"
-    [ ! -e "$dir" ] || mv "$dir" "$dir.old"
-    mv "$ktmp/x" "$dir"
-    rm -rf "$dir.old" "$ktmp"
-    test -f "$dir/boot/vmlinuz-$version"
+    unpack_kernel "$ktmp" "$pkg" "$dir"
+    rm -rf "$ktmp"
   fi
 fi
 sev_snp_measure=0.0.13
@@ -159,35 +175,16 @@ if [ "${1:-}" != build ]; then
   # only source is this machine's Debian archive with trixie as the suite.
   cdir=/var/cache/veil/guest-kernel-cvm
   ctmp=$(mktemp -d)
-  mkdir -p "$ctmp/lists/partial" "$ctmp/cache/archives/partial"
-  mirror=$(debian_mirror)
-  if [ -z "$mirror" ]; then
-    echo "cannot find this machine's Debian archive in /etc/apt/sources.list{,.d/}" >&2
-    exit 1
-  fi
-  echo "deb $mirror trixie main" >"$ctmp/sources.list"
-  capt=(-o Dir::Etc::SourceList="$ctmp/sources.list" -o Dir::Etc::SourceParts=/dev/null
-        -o Dir::State::Lists="$ctmp/lists" -o Dir::Cache="$ctmp/cache"
-        -o APT::Sandbox::User=root)
-  apt-get "${capt[@]}" update -qq
-  cpkg=$(apt-cache "${capt[@]}" depends linux-image-cloud-amd64 2>/dev/null |
-    awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ { print $2; exit }')
+  trixie_apt "$ctmp"
+  cpkg=$(kernel_pkg "${trixie_apt_opts[@]}")
   if [ -z "$cpkg" ]; then
-    echo "cannot resolve trixie's linux-image-cloud-amd64 from $mirror" >&2
+    echo "cannot resolve trixie's linux-image-cloud-amd64 from this machine's Debian archive" >&2
     exit 1
   fi
-  cversion=${cpkg#linux-image-}
-  if [ ! -f "$cdir/boot/vmlinuz-$cversion" ]; then
+  if [ ! -f "$cdir/boot/vmlinuz-${cpkg#linux-image-}" ]; then
     echo "installing: confidential guests' kernel $cpkg (trixie) into $cdir (not into /boot)"
-    (cd "$ctmp" && apt-get "${capt[@]}" download -qq "$cpkg")
-    dpkg-deb -x "$ctmp"/"$cpkg"_*.deb "$ctmp/x"
-    rm -rf "$ctmp/x/usr/share"
-    mkdir -p "$(dirname "$cdir")"
-    rm -rf "$cdir.old"
-    [ ! -e "$cdir" ] || mv "$cdir" "$cdir.old"
-    mv "$ctmp/x" "$cdir"
-    rm -rf "$cdir.old"
-    test -f "$cdir/boot/vmlinuz-$cversion"
+    (cd "$ctmp" && apt-get "${trixie_apt_opts[@]}" download -qq "$cpkg")
+    unpack_kernel "$ctmp" "$cpkg" "$cdir"
   fi
   rm -rf "$ctmp"
 fi
