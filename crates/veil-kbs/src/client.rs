@@ -165,15 +165,6 @@ impl<T: Transport> KbsClient<T> {
         self.unverified_claims()?.get("exp")?.as_u64()
     }
 
-    /// The tenant the token names (veil's tokens), read without verifying it: a sandbox checks
-    /// that the broker attested it to the tenant it asked for.
-    pub fn token_tenant(&self) -> Option<String> {
-        self.unverified_claims()?
-            .get("tenant")?
-            .as_str()
-            .map(str::to_string)
-    }
-
     /// A sandbox that attested with tenant scope, ahead of its assignment, keeps the session
     /// only if the broker is veil's (only veil's checks the assignment statements that follow)
     /// and its token is of tenant scope for exactly `tenant`.
@@ -200,19 +191,6 @@ impl<T: Transport> KbsClient<T> {
             ));
         }
         Ok(())
-    }
-
-    /// A sandbox that asked to be attested to `tenant` refuses a token that names another (a
-    /// broker answering with another tenant's identity); tokens that name no tenant (trustee's)
-    /// cannot be checked this way.
-    pub fn check_token_tenant(&self, tenant: &str) -> Result<(), ClientError> {
-        match self.token_tenant() {
-            Some(t) if t != tenant => Err(ClientError::Protocol(format!(
-                "the key broker attested this sandbox to tenant {t:?}, not to {tenant:?} as \
-                 asked; refusing it"
-            ))),
-            _ => Ok(()),
-        }
     }
 
     /// After attesting with tenant scope: state the function this sandbox was assigned (a JSON

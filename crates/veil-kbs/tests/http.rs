@@ -1145,34 +1145,50 @@ async fn tenant_attested_sandboxes_state_their_assignment() {
     );
 }
 
-/// A broker that answers a sandbox's tenant-scoped attestation with a token naming another
-/// tenant: the sandbox refuses it.
-#[tokio::test]
-async fn a_token_for_another_tenant_is_refused_by_the_sandbox() {
+/// A broker on loopback that answers every attestation with the (unsigned) token `payload`;
+/// its challenge offers veil's init-data binding when `veil_like`.
+async fn lying_broker(veil_like: bool, payload: &'static str) -> String {
     use axum::routing::post;
+    let extra = if veil_like {
+        json!({"veil-init-data": "additional-evidence"})
+    } else {
+        json!("")
+    };
     let lying = axum::Router::new()
         .route(
             "/kbs/v0/auth",
-            post(|| async {
+            post(move || async move {
                 (
                     [("set-cookie", "kbs-session-id=s; Path=/kbs")],
-                    axum::Json(json!({"nonce": "bm9uY2U=", "extra-params": ""})),
+                    axum::Json(json!({"nonce": "bm9uY2U=", "extra-params": extra})),
                 )
             }),
         )
         .route(
             "/kbs/v0/attest",
-            post(|| async {
+            post(move || async move {
                 use base64::engine::general_purpose::URL_SAFE_NO_PAD as U;
-                let payload = U.encode(br#"{"tenant":"victim","exp":9999999999}"#);
-                axum::Json(
-                    json!({"token": format!("{}.{payload}.{}", U.encode(b"{}"), U.encode(b"x"))}),
-                )
+                let token = format!(
+                    "{}.{}.{}",
+                    U.encode(b"{}"),
+                    U.encode(payload.as_bytes()),
+                    U.encode(b"x")
+                );
+                axum::Json(json!({ "token": token }))
             }),
         );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, lying).await.unwrap() });
+    url
+}
+
+/// A sandbox attesting to its tenant ahead of its assignment keeps the session only with
+/// veil's broker and a token of tenant scope for exactly its tenant: a broker that answers
+/// with another tenant's identity, with a token of no scope, or that is not veil's (it would
+/// not check the statements that follow) is refused.
+#[tokio::test]
+async fn a_token_for_another_tenant_is_refused_by_the_sandbox() {
     let c = host().endorse(
         "sb-pool",
         "acme",
@@ -1182,16 +1198,34 @@ async fn a_token_for_another_tenant_is_refused_by_the_sandbox() {
     );
     let attester = SoftwareAttester::new(MEASUREMENT, "", &c).unwrap();
     let doc = veil_kbs::veil_init_data(&json!({"tenant": "acme", "scope": "tenant"})).unwrap();
+    let victim = r#"{"tenant":"victim","scope":"tenant","exp":9999999999}"#;
+    for (veil_like, payload, tenant, why) in [
+        (
+            true,
+            victim,
+            "acme",
+            "tenant Some(\"victim\"), not to \"acme\"",
+        ),
+        (
+            true,
+            r#"{"tenant":"acme","exp":9999999999}"#,
+            "acme",
+            "not of tenant scope",
+        ),
+        (false, victim, "victim", "needs veil's key broker"),
+    ] {
+        let url = lying_broker(veil_like, payload).await;
+        let mut client = KbsClient::new(ReqwestTransport::new(url));
+        client.attest(&attester, Some(&doc)).await.unwrap();
+        let e = client
+            .check_tenant_scoped_token(tenant)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(why), "{e}");
+    }
+    // The one combination a sandbox keeps.
+    let url = lying_broker(true, victim).await;
     let mut client = KbsClient::new(ReqwestTransport::new(url));
     client.attest(&attester, Some(&doc)).await.unwrap();
-    let e = client.check_token_tenant("acme").unwrap_err().to_string();
-    assert!(e.contains("tenant \"victim\", not to \"acme\""), "{e}");
-    assert!(client.check_token_tenant("victim").is_ok());
-    // Nor does a sandbox keep a tenant-scoped session with a broker that is not veil's (it
-    // would not check the statements that follow).
-    let e = client
-        .check_tenant_scoped_token("victim")
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("needs veil's key broker"), "{e}");
+    assert!(client.check_tenant_scoped_token("victim").is_ok());
 }

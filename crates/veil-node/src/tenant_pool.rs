@@ -126,11 +126,8 @@ impl Node {
                 if keep_old {
                     pool.generation = old.generation;
                     pool.preparing = old.preparing;
-                    while old.ready.len() > config.size {
-                        if let Some(r) = old.ready.pop() {
-                            doomed.push(r.sb);
-                        }
-                    }
+                    let keep = config.size.min(old.ready.len());
+                    doomed.extend(old.ready.drain(keep..).map(|r| r.sb));
                     pool.ready = old.ready;
                 } else {
                     doomed.extend(old.ready.into_iter().map(|r| r.sb));
