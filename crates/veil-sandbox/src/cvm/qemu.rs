@@ -182,13 +182,28 @@ fn common(memory_mib: u64, vcpus: u32) -> Result<(), QemuError> {
     Ok(())
 }
 
-fn push_boot(
-    args: &mut Vec<OsString>,
+/// A confidential guest's arguments: `head` (accelerator, machine, launch objects, CPU), then
+/// its vCPUs and memory, then measured direct boot of `kernel` (and `initrd`, `append`) by
+/// `firmware`.
+fn guest_args(
+    head: Vec<String>,
+    vcpus: u32,
+    memory_mib: u64,
     firmware: &Path,
     kernel: &Path,
     initrd: Option<&Path>,
     append: Option<&str>,
-) {
+) -> Vec<OsString> {
+    let mut args: Vec<OsString> = head
+        .into_iter()
+        .chain([
+            "-smp".to_owned(),
+            vcpus.to_string(),
+            "-m".to_owned(),
+            format!("{memory_mib}M"),
+        ])
+        .map(OsString::from)
+        .collect();
     args.push("-bios".into());
     args.push(firmware.into());
     args.push("-kernel".into());
@@ -201,6 +216,7 @@ fn push_boot(
         args.push("-append".into());
         args.push(append.into());
     }
+    args
 }
 
 /// The arguments of an SEV-SNP guest.
@@ -210,7 +226,7 @@ pub fn snp_args(guest: &SnpGuest<'_>) -> Result<Vec<OsString>, QemuError> {
     // Re-check: the fields are public, so the policy may have been built by hand.
     let policy = SnpPolicy::new(guest.policy.bits())?;
     let mem = guest.memory_mib;
-    let mut args: Vec<OsString> = [
+    let head = vec![
         "-accel".to_owned(),
         "kvm".to_owned(),
         "-machine".to_owned(),
@@ -226,22 +242,16 @@ pub fn snp_args(guest: &SnpGuest<'_>) -> Result<Vec<OsString>, QemuError> {
         ),
         "-cpu".to_owned(),
         guest.cpu_model.to_owned(),
-        "-smp".to_owned(),
-        guest.vcpus.to_string(),
-        "-m".to_owned(),
-        format!("{mem}M"),
-    ]
-    .into_iter()
-    .map(OsString::from)
-    .collect();
-    push_boot(
-        &mut args,
+    ];
+    Ok(guest_args(
+        head,
+        guest.vcpus,
+        mem,
         guest.firmware,
         guest.kernel,
         guest.initrd,
         guest.append,
-    );
-    Ok(args)
+    ))
 }
 
 /// An Intel TDX guest (a trust domain) booted directly into a kernel.
@@ -266,8 +276,7 @@ pub struct TdxGuest<'a> {
 /// DEBUG attribute (bit 0) is clear.
 pub fn tdx_args(guest: &TdxGuest<'_>) -> Result<Vec<OsString>, QemuError> {
     common(guest.memory_mib, guest.vcpus)?;
-    let mem = guest.memory_mib;
-    let mut args: Vec<OsString> = [
+    let head = vec![
         "-accel".to_owned(),
         "kvm".to_owned(),
         "-machine".to_owned(),
@@ -276,22 +285,16 @@ pub fn tdx_args(guest: &TdxGuest<'_>) -> Result<Vec<OsString>, QemuError> {
         "tdx-guest,id=tdx0".to_owned(),
         "-cpu".to_owned(),
         "host".to_owned(),
-        "-smp".to_owned(),
-        guest.vcpus.to_string(),
-        "-m".to_owned(),
-        format!("{mem}M"),
-    ]
-    .into_iter()
-    .map(OsString::from)
-    .collect();
-    push_boot(
-        &mut args,
+    ];
+    Ok(guest_args(
+        head,
+        guest.vcpus,
+        guest.memory_mib,
         guest.firmware,
         guest.kernel,
         guest.initrd,
         guest.append,
-    );
-    Ok(args)
+    ))
 }
 
 #[cfg(test)]
