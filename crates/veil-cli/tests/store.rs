@@ -371,9 +371,11 @@ async fn uploads_are_bounded_in_size_and_by_the_store() {
         .send()
         .await;
     // The server answers (and closes) before reading the body, so the client may see its
-    // write fail instead of the answer; either way nothing is stored.
+    // write fail instead of the answer. Either way nothing is stored, and the answer says the
+    // connection is closed, so that the client does not send its next request down it.
     if let Ok(r) = r {
         assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(r.headers()["connection"], "close");
         assert_eq!(code(&r.text().await.unwrap()), "SIZE_INVALID");
     }
     let (s, body) = env.status(reqwest::Method::PATCH, &loc).await;

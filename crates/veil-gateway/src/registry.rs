@@ -17,7 +17,7 @@ pub use uploads::{LocalStoreConfig, Uploads};
 use crate::Gateway;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderValue, Method, Request, StatusCode};
+use axum::http::{header, HeaderValue, Method, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 use std::collections::HashMap;
@@ -41,13 +41,23 @@ pub struct RegError {
 
 impl IntoResponse for RegError {
     fn into_response(self) -> Response {
-        (
+        let mut r = (
             self.status,
             axum::Json(
                 serde_json::json!({ "errors": [{ "code": self.code, "message": self.message }] }),
             ),
         )
-            .into_response()
+            .into_response();
+        // A refusal for size or space comes before the body is read: the connection is closed
+        // after the answer, and saying so keeps a client from reusing it for its next request.
+        if matches!(
+            self.status,
+            StatusCode::PAYLOAD_TOO_LARGE | StatusCode::INSUFFICIENT_STORAGE
+        ) {
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        r
     }
 }
 
