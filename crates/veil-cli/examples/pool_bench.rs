@@ -66,11 +66,23 @@ async fn settle(p: &Platform, tenant_pool: usize) -> Result<()> {
     }
 }
 
+/// The phases of `x-veil-cold-start` printed for each pool kind (ms).
+const PHASES: [&str; 10] = [
+    "total",
+    "boot",
+    "cache",
+    "attest",
+    "release",
+    "manifest",
+    "signature",
+    "layers",
+    "spawn",
+    "ready",
+];
+
 struct Start {
     client_ms: f64,
-    total_ms: f64,
-    attest_ms: f64,
-    release_ms: f64,
+    phases: BTreeMap<&'static str, f64>,
 }
 
 async fn cold_start(admin: &AdminClient, image: &str, name: &str, kind: &str) -> Result<Start> {
@@ -108,9 +120,7 @@ async fn cold_start(admin: &AdminClient, image: &str, name: &str, kind: &str) ->
     admin.delete(name).await?;
     Ok(Start {
         client_ms,
-        total_ms: num("total"),
-        attest_ms: num("attest"),
-        release_ms: num("release"),
+        phases: PHASES.iter().map(|k| (*k, num(k))).collect(),
     })
 }
 
@@ -221,35 +231,38 @@ async fn main() -> Result<()> {
     println!("pool kind          what                  min      median   max   (ms)");
     let mut medians = BTreeMap::new();
     for (kind, v) in &results {
-        for (what, xs) in [
-            (
-                "client latency",
-                v.iter().map(|s| s.client_ms).collect::<Vec<_>>(),
-            ),
-            ("cold-start total", v.iter().map(|s| s.total_ms).collect()),
-            ("attest phase", v.iter().map(|s| s.attest_ms).collect()),
-            ("release phase", v.iter().map(|s| s.release_ms).collect()),
-        ] {
+        let mut rows = vec![(
+            "client latency".to_string(),
+            v.iter().map(|s| s.client_ms).collect::<Vec<_>>(),
+        )];
+        for ph in PHASES {
+            rows.push((
+                format!("{ph} phase"),
+                v.iter().map(|s| s.phases[ph]).collect(),
+            ));
+        }
+        for (what, xs) in rows {
             let (a, m, b) = stats(&xs);
-            println!("{kind:<18} {what:<18} {a:>8.1} {m:>8.1} {b:>8.1}");
+            println!("{kind:<18} {what:<18} {a:>8.2} {m:>8.2} {b:>8.2}");
             medians.insert((*kind, what), m);
         }
     }
     for (what, xs) in [("first request", &first), ("warm request", &warm)] {
         let (a, m, b) = stats(xs);
         println!(
-            "{:<18} {what:<18} {a:>8.1} {m:>8.1} {b:>8.1}",
+            "{:<18} {what:<18} {a:>8.2} {m:>8.2} {b:>8.2}",
             "function-warm"
         );
-        medians.insert(("function-warm", what), m);
+        medians.insert(("function-warm", what.to_string()), m);
     }
     let ratio = |a: (&str, &str), b: (&str, &str)| {
-        medians.get(&a).copied().unwrap_or(0.0) / medians.get(&b).copied().unwrap_or(1.0).max(1e-9)
+        let get = |k: (&str, &str)| medians.get(&(k.0, k.1.to_string())).copied();
+        get(a).unwrap_or(0.0) / get(b).unwrap_or(1.0).max(1e-9)
     };
     println!(
         "tenant-attested / generic (median client latency): {:.2}x; (median cold-start total): {:.2}x",
         ratio(("tenant-attested", "client latency"), ("generic", "client latency")),
-        ratio(("tenant-attested", "cold-start total"), ("generic", "cold-start total")),
+        ratio(("tenant-attested", "total phase"), ("generic", "total phase")),
     );
     println!(
         "function-warm first request / warm request (medians): {:.2}x",

@@ -70,6 +70,8 @@ pub struct Kbs {
     pub(crate) sessions: session::Sessions,
     pub(crate) token_key: ed25519_dalek::SigningKey,
     pub(crate) admin_key: ed25519_dalek::VerifyingKey,
+    /// The attestation policy's verdicts on assignment statements.
+    pub(crate) decisions: crate::statement::DecisionCache,
 }
 
 /// Register the hardware verifiers of `veil-attest` (SEV-SNP and TDX). Tests and special
@@ -178,6 +180,7 @@ impl Kbs {
             resource_policy: RwLock::new(Arc::new(res)),
             token_key,
             admin_key,
+            decisions: Default::default(),
         }))
     }
 
@@ -244,7 +247,9 @@ impl Kbs {
         parse::check_segment("reference value name", name).map_err(KbsError::InvalidValue)?;
         parse::check_reference_values(name, values).map_err(KbsError::InvalidValue)?;
         let normalized = parse::normalize_reference_values(name, values);
-        self.store.set_reference_values(name, &normalized)
+        self.store.set_reference_values(name, &normalized)?;
+        self.decisions.invalidate();
+        Ok(())
     }
 
     /// All reference values.
@@ -260,6 +265,7 @@ impl Kbs {
             .attestation_policy
             .write()
             .unwrap_or_else(|p| p.into_inner()) = Arc::new(p);
+        self.decisions.invalidate();
         Ok(())
     }
 

@@ -400,7 +400,24 @@ fn attestation_decision(kbs: &Kbs, mut input: serde_json::Value) -> ApiResult<cr
 /// A tenant-attested sandbox's statement of its assignment: signed by the attested key, for the
 /// token's tenant, and allowed by the attestation policy on the attested claims (its image pins
 /// apply now). The claims then name the function and image digest, for the resource policy.
-fn stated_assignment(kbs: &Kbs, claims: &mut TokenClaims, statement: &str) -> ApiResult<()> {
+fn stated_assignment(
+    kbs: &Kbs,
+    claims: &mut TokenClaims,
+    credential: &str,
+    statement: &str,
+) -> ApiResult<()> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let key = crate::statement::DecisionCache::key(credential, statement);
+    if let Some(v) = kbs.decisions.get(&key, now) {
+        claims.function = Some(v.function);
+        claims.image_digest = Some(v.image_digest);
+        return Ok(());
+    }
+    // Read before the policy and reference values are, so a change meanwhile voids the verdict.
+    let generation = kbs.decisions.generation();
     let v = crate::statement::verify(&claims.tee_pubkey, statement)
         .map_err(|e| ProtocolError::unauthorized("InvalidStatement", e))?;
     let a = parse::check_stated_assignment(&v)?;
@@ -440,6 +457,16 @@ fn stated_assignment(kbs: &Kbs, claims: &mut TokenClaims, statement: &str) -> Ap
             ),
         ));
     }
+    kbs.decisions.put(
+        key,
+        crate::statement::Verdict {
+            function: a.function.clone(),
+            image_digest: a.image_digest.clone(),
+            expires_at: claims.exp,
+        },
+        generation,
+        now,
+    );
     claims.function = Some(a.function);
     claims.image_digest = Some(a.image_digest);
     Ok(())
@@ -450,11 +477,14 @@ async fn get_resource(
     Path((repo, kind, tag)): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> ApiResult {
-    let claims: TokenClaims = if let Some(t) = bearer(&headers) {
-        kbs.verify_token(t)
-            .map_err(|e| ProtocolError::unauthorized("TokenInvalid", e))?
+    let (claims, credential): (TokenClaims, String) = if let Some(t) = bearer(&headers) {
+        let c = kbs
+            .verify_token(t)
+            .map_err(|e| ProtocolError::unauthorized("TokenInvalid", e))?;
+        (c, format!("token:{t}"))
     } else if let Some(id) = cookie(&headers) {
-        kbs.sessions.attested(&id)?
+        let c = kbs.sessions.attested(&id)?;
+        (c, format!("session:{id}"))
     } else {
         return Err(ProtocolError::unauthorized(
             "MissingCookie",
@@ -466,7 +496,9 @@ async fn get_resource(
         .get(crate::statement::STATEMENT_HEADER)
         .map(|v| v.to_str().unwrap_or_default().to_string());
     match (claims.scope.as_deref(), statement) {
-        (Some(parse::TENANT_SCOPE), Some(st)) => stated_assignment(&kbs, &mut claims, &st)?,
+        (Some(parse::TENANT_SCOPE), Some(st)) => {
+            stated_assignment(&kbs, &mut claims, &credential, &st)?
+        }
         (Some(parse::TENANT_SCOPE), None) => {
             return Err(ProtocolError::forbidden(
                 "AssignmentStatementRequired",

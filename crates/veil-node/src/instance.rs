@@ -116,6 +116,20 @@ impl Instance {
     }
 }
 
+/// Refills the node's pools when dropped (at the end of a start).
+struct RefillAfter(std::sync::Weak<Node>);
+
+impl Drop for RefillAfter {
+    fn drop(&mut self) {
+        let Some(node) = self.0.upgrade() else { return };
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        node.fill_tenant_pools();
+        tokio::spawn(async move { node.fill_pool().await });
+    }
+}
+
 impl Node {
     /// Cold-start an instance in the room `claim` holds (a pooled sandbox, or budget to boot
     /// one): make the image's blobs present in the cache, and assign the sandbox to the
@@ -130,6 +144,9 @@ impl Node {
         cancel: &CancellationToken,
     ) -> Result<Instance, NodeError> {
         let t0 = Instant::now();
+        // The pools are refilled when this start is over, whichever way it ends, so that booting
+        // and attesting their replacements does not compete with it for the CPU.
+        let _refill = RefillAfter(Arc::downgrade(self));
         let mut timings = StartTimings {
             backend: self.backend_label(),
             ..StartTimings::default()
@@ -195,8 +212,6 @@ impl Node {
                 })
             }
         };
-        let refill = self.clone();
-        tokio::spawn(async move { refill.fill_pool().await });
         let cache_res = fetch
             .await
             .map_err(|e| NodeError::Storage(format!("blob fetch task: {e}")))

@@ -228,10 +228,7 @@ impl Node {
                 }
             });
         }
-        if found.is_some() {
-            // Replace it off the request path.
-            self.fill_tenant_pools();
-        }
+        // Replaced when the start that took it is over (`Node::start_instance`), off its path.
         found
     }
 
