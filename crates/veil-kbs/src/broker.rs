@@ -71,7 +71,7 @@ pub struct Kbs {
     pub(crate) token_key: ed25519_dalek::SigningKey,
     pub(crate) admin_key: ed25519_dalek::VerifyingKey,
     /// The attestation policy's verdicts on assignment statements.
-    pub(crate) decisions: crate::statement::DecisionCache,
+    pub(crate) decisions: crate::decisions::DecisionCache,
 }
 
 /// Register the hardware verifiers of `veil-attest` (SEV-SNP and TDX). Tests and special

@@ -34,6 +34,8 @@
 #[cfg(feature = "server")]
 mod broker;
 pub mod client;
+#[cfg(feature = "server")]
+mod decisions;
 mod error;
 pub mod jwe;
 pub mod parse;

@@ -410,7 +410,7 @@ fn stated_assignment(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let key = crate::statement::DecisionCache::key(credential, statement);
+    let key = crate::decisions::DecisionCache::key(credential, statement);
     if let Some(v) = kbs.decisions.get(&key, now) {
         claims.function = Some(v.function);
         claims.image_digest = Some(v.image_digest);
@@ -459,7 +459,7 @@ fn stated_assignment(
     }
     kbs.decisions.put(
         key,
-        crate::statement::Verdict {
+        crate::decisions::Verdict {
             function: a.function.clone(),
             image_digest: a.image_digest.clone(),
             expires_at: claims.exp,
