@@ -406,10 +406,7 @@ fn stated_assignment(
     credential: &str,
     statement: &str,
 ) -> ApiResult<()> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = token::now_secs();
     let key = crate::decisions::DecisionCache::key(credential, statement);
     if let Some(v) = kbs.decisions.get(&key, now) {
         claims.function = Some(v.function);
