@@ -116,6 +116,33 @@ impl AdminClient {
         Ok(())
     }
 
+    /// Every tenant the gateway knows of (operator only).
+    pub async fn tenants(&self) -> Result<Vec<veil_gateway::tenants::TenantInfo>> {
+        let r = self
+            .admin(reqwest::Method::GET, "/v1/tenants")
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Ok(check(r).await?.json().await?)
+    }
+
+    /// Delete a tenant: revoke its tokens, remove its pool, delete its functions (draining
+    /// them). Operator only.
+    pub async fn delete_tenant(
+        &self,
+        tenant: &str,
+    ) -> Result<veil_gateway::tenants::TenantDeleted> {
+        let r = self
+            .admin(
+                reqwest::Method::DELETE,
+                &format!("/v1/tenants/{}", path_segment(tenant)),
+            )
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Ok(check(r).await?.json().await?)
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }

@@ -29,6 +29,9 @@ pub struct UpOptions {
     pub state_dir: PathBuf,
     /// Generic sandboxes kept booted.
     pub pool_size: usize,
+    /// Memory the pools together (generic and tenants') may commit (default: all of the
+    /// capacity).
+    pub pool_memory: Option<u64>,
     /// Host suffix for Host-header routing.
     pub host_suffix: String,
     /// Max requests queued per function.
@@ -123,6 +126,7 @@ impl UpOptions {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             state_dir,
             pool_size: 2,
+            pool_memory: None,
             host_suffix: ".veil.localhost".into(),
             max_queue: 256,
             cold_start_timeout: Duration::from_secs(60),
@@ -189,6 +193,7 @@ impl Platform {
         }
         let mut ncfg = NodeConfig::with_state_dir(opts.state_dir.clone());
         ncfg.pool_size = opts.pool_size;
+        ncfg.pool_memory = opts.pool_memory;
         ncfg.cache_max_bytes = opts.cache_max_bytes;
         ncfg.capacity.memory_bytes = opts.capacity_memory.unwrap_or(ncfg.capacity.memory_bytes);
         ncfg.capacity.cpu_millis = opts.capacity_cpu_millis.unwrap_or(ncfg.capacity.cpu_millis);

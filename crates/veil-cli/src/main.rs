@@ -120,6 +120,21 @@ enum Cmd {
     /// Tenants' pools of sandboxes attested ahead of demand (needs the operator token).
     #[command(subcommand)]
     Pool(PoolCmd),
+    /// List tenants, or delete one with everything it runs (needs the operator token).
+    #[command(subcommand)]
+    Tenant(TenantCmd),
+}
+
+#[derive(Subcommand)]
+enum TenantCmd {
+    /// List the tenants: tokens, functions, pool and repositories of each.
+    Ls,
+    /// Delete a tenant: revoke its tokens, destroy its pool, delete its functions (their
+    /// requests in flight finish first). Its repositories stay its own.
+    Rm {
+        /// The tenant.
+        tenant: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -328,6 +343,11 @@ struct UpArgs {
     /// embedded one). Its functions' cold starts then have no attestation on their path.
     #[arg(long = "tenant-pool")]
     tenant_pools: Vec<veil_cli::TenantPoolSpec>,
+    /// Memory the pools together may commit (generic and tenant-attested sandboxes not yet
+    /// assigned), e.g. 4GiB; tenants' pools fill first, in turn [default: all of the capacity].
+    /// A start that finds the node full evicts the oldest idle tenant-attested sandbox.
+    #[arg(long, value_parser = veil_node::capacity::parse_size)]
+    pool_memory: Option<u64>,
     /// Registries (host:port) to reach over plain HTTP besides loopback.
     #[arg(long = "insecure-registry")]
     insecure_registries: Vec<String>,
@@ -782,6 +802,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 UpOptions::defaults(a.state_dir.unwrap_or_else(veil_cli::default_state_dir));
             opts.listen = a.listen;
             opts.pool_size = a.pool_size;
+            opts.pool_memory = a.pool_memory;
             opts.tenant_pools = a.tenant_pools;
             opts.insecure_registries = a.insecure_registries;
             opts.cache_max_bytes = a.cache_max_bytes;
@@ -1015,22 +1036,67 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }
             };
             println!(
-                "{:<16} {:>5} {:>6} {:>10}  {:<28} PROBLEM",
-                "TENANT", "SIZE", "READY", "PREPARING", "BROKER"
+                "{:<16} {:>5} {:>6} {:>10} {:>8}  {:<28} PROBLEM",
+                "TENANT", "SIZE", "READY", "PREPARING", "EVICTED", "BROKER"
             );
             for p in pools {
+                let mut problem = p
+                    .last_error
+                    .map(|e| format!("{e} (retry in {}s)", p.retry_in_s.unwrap_or(0)))
+                    .unwrap_or_default();
+                if p.short_of_memory > 0 {
+                    if !problem.is_empty() {
+                        problem.push_str("; ");
+                    }
+                    problem.push_str(&format!(
+                        "{} short: the pools' memory is taken",
+                        p.short_of_memory
+                    ));
+                }
                 println!(
-                    "{:<16} {:>5} {:>6} {:>10}  {:<28} {}",
+                    "{:<16} {:>5} {:>6} {:>10} {:>8}  {:<28} {problem}",
                     p.config.tenant,
                     p.config.size,
                     p.ready,
                     p.preparing,
+                    p.evicted,
                     p.config.kbs_url,
-                    p.last_error
-                        .map(|e| format!("{e} (retry in {}s)", p.retry_in_s.unwrap_or(0)))
-                        .unwrap_or_default()
                 );
             }
+        }
+        Cmd::Tenant(TenantCmd::Ls) => {
+            let tenants = admin()?.tenants().await?;
+            println!(
+                "{:<20} {:>6} {:>5} {:>12}  FUNCTIONS",
+                "TENANT", "TOKENS", "POOL", "REPOSITORIES"
+            );
+            for t in tenants {
+                println!(
+                    "{:<20} {:>6} {:>5} {:>12}  {}",
+                    t.tenant,
+                    t.tokens,
+                    t.pool_size.map_or("-".to_string(), |n| n.to_string()),
+                    t.repositories,
+                    t.functions.join(",")
+                );
+            }
+        }
+        Cmd::Tenant(TenantCmd::Rm { tenant }) => {
+            let d = admin()?.delete_tenant(&tenant).await?;
+            println!(
+                "deleted tenant {}: {} token(s) revoked, pool {}, {} function(s) deleted{}; {} repositor{} kept as its own",
+                d.tenant,
+                d.tokens_revoked,
+                if d.pool_removed { "destroyed" } else { "none" },
+                d.functions_deleted.len(),
+                if d.functions_deleted.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", d.functions_deleted.join(", "))
+                },
+                d.repositories_kept,
+                if d.repositories_kept == 1 { "y" } else { "ies" }
+            );
         }
         Cmd::Simulate(SimulateCmd::KeepAlive(a)) => {
             let rows = veil_cli::simulate::run(&a)?;

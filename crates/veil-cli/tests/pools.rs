@@ -418,3 +418,283 @@ async fn pools_are_managed_through_the_admin_api() {
     assert!(tenant_pool_sandboxes(&p, "acme").await.is_empty());
     p.stop().await.unwrap();
 }
+
+/// Opt `tenants` in to the software TEE and give each a pool of its size, through the admin
+/// API (so that no first attempt is refused and backs off).
+async fn pools_for(p: &Platform, tenants: &[(&str, usize)]) {
+    let mut opted: Vec<String> = vec!["default".into()];
+    opted.extend(tenants.iter().map(|(t, _)| t.to_string()));
+    p.kbs
+        .clone()
+        .unwrap()
+        .set_reference_values(veil_kbs::SOFTWARE_TEE_TENANTS, &opted)
+        .unwrap();
+    let op = p.admin_client().unwrap();
+    for (t, size) in tenants {
+        op.set_tenant_pool(
+            t,
+            &veil_gateway::TenantPoolRequest {
+                size: *size,
+                kbs_url: None,
+                allow_insecure_software_tee: true,
+            },
+        )
+        .await
+        .unwrap();
+    }
+}
+
+const SANDBOX: u64 = 512 << 20;
+
+/// The pools' memory budget: tenants' pools fill first and in turn, the generic pool gets what
+/// is left, the shortfall is reported; and a start that finds the node full evicts the oldest
+/// idle tenant-attested sandbox (destroyed before its replacement boots), never going past the
+/// node's capacity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_memory_bounds_the_pools_and_a_full_node_evicts_idle_prepared_sandboxes() {
+    let state = tempfile::tempdir().unwrap();
+    let p = up(state.path(), |o| {
+        o.capacity_memory = Some(3 * SANDBOX);
+        o.pool_memory = Some(2 * SANDBOX);
+    })
+    .await;
+    pools_for(&p, &[("acme", 2), ("globex", 2)]).await;
+    pool_ready(&p, "acme", 1).await;
+    pool_ready(&p, "globex", 1).await;
+    // Settled: one each (in turn), none for the generic pool, one sandbox of room left.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let st = p.gateway.node().status();
+    let held: usize = st.pooled
+        + st.tenant_pools
+            .iter()
+            .map(|t| t.ready + t.preparing)
+            .sum::<usize>();
+    assert_eq!(held, 2, "{st:?}");
+    for t in &st.tenant_pools {
+        assert_eq!((t.ready, t.short_of_memory), (1, 1), "{t:?}");
+    }
+    assert_eq!(st.capacity.sandboxes, 2, "{st:?}");
+    let metrics = reqwest::get(format!("{}/metrics", p.url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("veil_tenant_pool_short_of_memory{tenant=\"acme\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("veil_sandboxes{backend=\"process\"} 2"),
+        "{metrics}"
+    );
+
+    // Two functions of a tenant with no pool: the first takes the free room, the second finds
+    // the node full and evicts the oldest prepared sandbox.
+    let initech = tenant(&p, "initech").await;
+    let image = push(&p, &initech).await;
+    for f in ["initech-a", "initech-b"] {
+        initech
+            .admin
+            .deploy(f, &DeployRequest::new(&image))
+            .await
+            .unwrap();
+    }
+    let oldest = {
+        let a = tenant_pool_sandboxes(&p, "acme").await;
+        let g = tenant_pool_sandboxes(&p, "globex").await;
+        (a, g)
+    };
+    let r = invoke(&initech.admin, "initech-a", "/").await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r = invoke(&initech.admin, "initech-b", "/").await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(header(&r, "x-veil-sandbox-tenant"), "initech");
+    let st = p.gateway.node().status();
+    assert!(st.capacity.sandboxes <= 3, "{st:?}");
+    let evicted: u64 = st.tenant_pools.iter().map(|t| t.evicted).sum();
+    assert_eq!(evicted, 1, "{:?}", st.tenant_pools);
+    // The evicted sandbox is gone, not serving initech.
+    let b = header(&r, "x-veil-instance");
+    assert!(
+        !oldest.0.contains(&b) && !oldest.1.contains(&b),
+        "{b} was a pooled sandbox"
+    );
+    let e = std::process::Command::new(env!("CARGO_BIN_EXE_veil"))
+        .args([
+            "pool",
+            "ls",
+            "--server",
+            &p.url(),
+            "--token",
+            p.operator_token(),
+        ])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&e.stdout);
+    assert!(out.contains("EVICTED") && out.contains("short"), "{out}");
+
+    // Room again: the pool that lost its sandbox fills once more.
+    initech.admin.delete("initech-a").await.unwrap();
+    initech.admin.delete("initech-b").await.unwrap();
+    for _ in 0..200 {
+        let st = p.gateway.node().status();
+        if st.tenant_pools.iter().all(|t| t.ready == 1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let st = p.gateway.node().status();
+    assert!(st.tenant_pools.iter().all(|t| t.ready == 1), "{st:?}");
+    p.stop().await.unwrap();
+}
+
+/// A pool memory that holds no sandbox is refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_memory_too_small_for_one_sandbox_is_refused() {
+    let state = tempfile::tempdir().unwrap();
+    let mut opts = UpOptions::defaults(state.path().join("state"));
+    opts.listen = "127.0.0.1:0".parse().unwrap();
+    opts.pool_size = 1;
+    opts.pool_memory = Some(SANDBOX / 2);
+    let e = Platform::start(opts).await.err().unwrap();
+    let e = format!("{e:#}");
+    assert!(e.contains("holds no sandbox"), "{e}");
+}
+
+/// Deleting a tenant: its tokens stop working, its pool and functions go (requests in flight
+/// finish), nothing of it is left on the node, and its repositories stay its own, so another
+/// tenant cannot take them over. Bad input gets a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_tenant_leaves_nothing_of_it_running() {
+    let state = tempfile::tempdir().unwrap();
+    let p = up(state.path(), |_| {}).await;
+    pools_for(&p, &[("acme", 1)]).await;
+    pool_ready(&p, "acme", 1).await;
+    let acme = tenant(&p, "acme").await;
+    let globex = tenant(&p, "globex").await;
+    let image = push(&p, &acme).await;
+    acme.admin
+        .deploy("acme-fn", &DeployRequest::new(&image))
+        .await
+        .unwrap();
+    let gimage = push(&p, &globex).await;
+    globex
+        .admin
+        .deploy("globex-fn", &DeployRequest::new(&gimage))
+        .await
+        .unwrap();
+    assert_eq!(invoke(&acme.admin, "acme-fn", "/").await.status, 200);
+    assert_eq!(invoke(&globex.admin, "globex-fn", "/").await.status, 200);
+    let op = p.admin_client().unwrap();
+    let listed = op.tenants().await.unwrap();
+    let a = listed.iter().find(|t| t.tenant == "acme").unwrap();
+    assert_eq!(
+        (a.tokens, a.pool_size, a.repositories, a.functions.clone()),
+        (1, Some(1), 1, vec!["acme-fn".to_string()])
+    );
+
+    // Bad input: another tenant, a malformed name, an unknown tenant.
+    let e = globex
+        .admin
+        .delete_tenant("acme")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("403") || e.contains("operator"), "{e}");
+    let e = op
+        .delete_tenant("Not A Tenant")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a tenant name"), "{e}");
+    let e = op.delete_tenant("nobody").await.unwrap_err().to_string();
+    assert!(e.contains("TENANT_NOT_FOUND"), "{e}");
+
+    // A request in flight when the tenant is deleted finishes.
+    let slow = {
+        let admin = acme.admin.clone();
+        tokio::spawn(async move { invoke(&admin, "acme-fn", "/sleep/1500/").await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let d = op.delete_tenant("acme").await.unwrap();
+    assert_eq!(d.tokens_revoked, 1);
+    assert!(d.pool_removed);
+    assert_eq!(d.functions_deleted, vec!["acme-fn".to_string()]);
+    assert_eq!(d.repositories_kept, 1);
+    let r = slow.await.unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+
+    // Nothing of it is left: no token, no function, no sandbox bound to it.
+    let e = acme.admin.list().await.unwrap_err().to_string();
+    assert!(e.contains("401") || e.contains("revoked"), "{e}");
+    assert_eq!(invoke(&op, "acme-fn", "/").await.status, 404);
+    for _ in 0..200 {
+        if p.gateway
+            .node()
+            .sandboxes()
+            .iter()
+            .all(|s| s.tenant.as_deref() != Some("acme"))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left: Vec<_> = p
+        .gateway
+        .node()
+        .sandboxes()
+        .into_iter()
+        .filter(|s| s.tenant.as_deref() == Some("acme"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(op.tenant_pools().await.unwrap().is_empty());
+    // The other tenant is untouched.
+    assert_eq!(invoke(&globex.admin, "globex-fn", "/").await.status, 200);
+    // Its repository stays its own: globex cannot push to it or deploy from it.
+    let listed = op.tenants().await.unwrap();
+    let a = listed.iter().find(|t| t.tenant == "acme").unwrap();
+    assert_eq!((a.tokens, a.pool_size, a.repositories), (0, None, 1));
+    let e = globex
+        .admin
+        .deploy("stolen", &DeployRequest::new(&image))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("404") || e.contains("not"), "{e}");
+    // The CLI lists and deletes the same way.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_veil"))
+        .args([
+            "tenant",
+            "ls",
+            "--server",
+            &p.url(),
+            "--token",
+            p.operator_token(),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("globex") && text.contains("globex-fn"),
+        "{text}"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_veil"))
+        .args([
+            "tenant",
+            "rm",
+            "globex",
+            "--server",
+            &p.url(),
+            "--token",
+            p.operator_token(),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("1 function(s) deleted (globex-fn)"),
+        "{text}"
+    );
+    p.stop().await.unwrap();
+}

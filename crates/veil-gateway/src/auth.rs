@@ -343,6 +343,26 @@ impl Auth {
         Ok(true)
     }
 
+    /// Revoke every token of `tenant`; how many there were.
+    pub fn revoke_tenant(&self, tenant: &str) -> Result<usize, AuthError> {
+        let mut state = lock(&self.state);
+        let before = state.tokens.clone();
+        state.tokens.retain(|t| t.info.tenant != tenant);
+        let revoked = before.len() - state.tokens.len();
+        if revoked > 0 {
+            if let Err(e) = self.persist(&state) {
+                state.tokens = before;
+                return Err(e);
+            }
+        }
+        Ok(revoked)
+    }
+
+    /// Local-store repositories and the tenants that own them.
+    pub fn repositories(&self) -> BTreeMap<String, String> {
+        lock(&self.state).repositories.clone()
+    }
+
     /// The tenant that owns local-store repository `repo`, if any.
     pub fn repository_owner(&self, repo: &str) -> Option<String> {
         lock(&self.state).repositories.get(repo).cloned()

@@ -6,7 +6,8 @@
 //!   then a 503 with a clear body and `Retry-After`, never a hang.
 //! * Admin (JSON): `PUT/GET/DELETE /v1/functions/<name>`, `GET /v1/functions`,
 //!   `GET /v1/functions/<name>/logs`, `GET /v1/sandboxes`, `GET|PUT|DELETE
-//!   /v1/tenant-pools[/<tenant>]` (tenant-attested pools, operator only), `GET /v1/node` (capacity and
+//!   /v1/tenant-pools[/<tenant>]` (tenant-attested pools, operator only), `GET /v1/tenants` and
+//!   `DELETE /v1/tenants/<tenant>` ([`tenants`], operator only), `GET /v1/node` (capacity and
 //!   usage), `GET /healthz`.
 //! * Local image store: the OCI distribution API under `/v2/` for `local/<repo>` images.
 //!
@@ -20,6 +21,7 @@ mod functions;
 pub mod keepalive;
 pub mod metrics;
 mod registry;
+pub mod tenants;
 
 pub use functions::{
     validate as validate_deploy, DeployRequest, FunctionRecord, FunctionStatus, ValidDeploy,
@@ -173,6 +175,8 @@ impl Gateway {
                 "/v1/tenant-pools/{tenant}",
                 put(set_tenant_pool).delete(remove_tenant_pool),
             )
+            .route("/v1/tenants", get(tenants::list))
+            .route("/v1/tenants/{tenant}", delete(tenants::delete))
             .route("/v1/tokens", get(list_tokens).post(create_token))
             .route("/v1/tokens/{id}", delete(revoke_token))
             .route("/v2/", get(registry::base))
@@ -249,7 +253,7 @@ async fn render_metrics(State(gw): GwState) -> Response {
             "veil_sandboxes",
             "Sandboxes on the node (assigned and pooled), by backend and accelerator.",
             vec![(
-                format!("backend=\"{}\"", node.backend_label()),
+                format!("{{backend=\"{}\"}}", metrics::esc(&node.backend_label())),
                 sandboxes.len() as f64,
             )],
         ),
@@ -265,6 +269,7 @@ async fn render_metrics(State(gw): GwState) -> Response {
         ),
     ];
     gauges.extend(metrics::capacity_gauges(&node.capacity()));
+    gauges.extend(metrics::tenant_pool_gauges(&node.tenant_pools()));
     let mut r = gw.metrics.render(&gauges).into_response();
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,

@@ -46,7 +46,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Escape a label value.
-fn esc(s: &str) -> String {
+pub(crate) fn esc(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
@@ -219,6 +219,49 @@ pub fn capacity_gauges(c: &veil_node::capacity::CapacityStatus) -> Vec<Gauge<'st
             "veil_committed_sandboxes",
             "Sandboxes counted against the capacity (pooled, assigned, booting).",
             one(c.sandboxes),
+        ),
+    ]
+}
+
+/// The tenants' pools: their size, what is ready, whether they are backing off, and what was
+/// evicted from them.
+pub fn tenant_pool_gauges(pools: &[veil_node::TenantPoolStatus]) -> Vec<Gauge<'static>> {
+    let per = |f: &dyn Fn(&veil_node::TenantPoolStatus) -> f64| {
+        pools
+            .iter()
+            .map(|p| (format!("{{tenant=\"{}\"}}", esc(&p.config.tenant)), f(p)))
+            .collect::<Vec<_>>()
+    };
+    vec![
+        (
+            "veil_tenant_pool_size",
+            "Sandboxes a tenant's pool keeps attested ahead of demand.",
+            per(&|p| p.config.size as f64),
+        ),
+        (
+            "veil_tenant_pool_ready",
+            "Sandboxes of a tenant's pool attested and waiting.",
+            per(&|p| p.ready as f64),
+        ),
+        (
+            "veil_tenant_pool_preparing",
+            "Sandboxes of a tenant's pool being attested.",
+            per(&|p| p.preparing as f64),
+        ),
+        (
+            "veil_tenant_pool_failing",
+            "1 while a tenant's pool backs off after a failed preparation (the reason is in veil pool ls).",
+            per(&|p| f64::from(u8::from(p.last_error.is_some()))),
+        ),
+        (
+            "veil_tenant_pool_short_of_memory",
+            "Sandboxes a tenant's pool lacks because the pools' memory budget is taken.",
+            per(&|p| p.short_of_memory as f64),
+        ),
+        (
+            "veil_tenant_pool_evicted",
+            "Idle sandboxes of a tenant's pool destroyed to make room for other starts, since start.",
+            per(&|p| p.evicted as f64),
         ),
     ]
 }

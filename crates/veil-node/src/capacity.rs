@@ -125,6 +125,18 @@ pub enum CapacityError {
         /// One sandbox's limits.
         each: Resources,
     },
+    /// The pools' memory holds no sandbox, though pools were asked for.
+    #[error(
+        "a pool memory of {} holds no sandbox of {} memory: give at least that, or a pool size of 0",
+        human_bytes(*pool_memory),
+        human_bytes(*each_memory)
+    )]
+    PoolTooSmall {
+        /// The pools' memory.
+        pool_memory: u64,
+        /// One sandbox's memory limit.
+        each_memory: u64,
+    },
     /// A size that does not parse.
     #[error("{0:?} is not a size (bytes, or a number with K, M, G or T)")]
     BadSize(String),

@@ -205,6 +205,16 @@ impl Node {
                 timings.boot_ms = t.elapsed().as_secs_f64() * 1000.0;
                 sb
             }
+            Some(pool::Room::Evicted(victim, reservation)) => {
+                // Another tenant's idle sandbox made room: it is gone before this one boots,
+                // so the node never holds more than its capacity.
+                timings.pool = "none".into();
+                let t = Instant::now();
+                self.destroy_entry(&victim).await;
+                let sb = self.boot(reservation).await?;
+                timings.boot_ms = t.elapsed().as_secs_f64() * 1000.0;
+                sb
+            }
             None => {
                 return Err(NodeError::Channel {
                     id: "-".into(),

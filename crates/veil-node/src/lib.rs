@@ -213,6 +213,9 @@ pub struct NodeConfig {
     pub rootfs_bytes: u64,
     /// Generic sandboxes kept booted ahead of demand.
     pub pool_size: usize,
+    /// Memory the pools together (generic and tenant-attested sandboxes, booted, booting or
+    /// being attested, not yet assigned) may commit; `None`: the whole capacity.
+    pub pool_memory: Option<u64>,
     /// What all sandboxes together may commit (their memory and CPU limits, pooled sandboxes
     /// included); default [`capacity::Resources::of_this_machine`].
     pub capacity: capacity::Resources,
@@ -238,6 +241,7 @@ impl NodeConfig {
             pids_max: 256,
             rootfs_bytes: 256 << 20,
             pool_size: 2,
+            pool_memory: None,
             capacity: capacity::Resources::of_this_machine(),
             cache_max_bytes: 10 << 30,
             agent_log: "info".into(),
@@ -331,6 +335,8 @@ pub struct Node {
     shutting_down: AtomicBool,
     /// One pool refill at a time, so a burst of cold starts does not overfill the pool.
     filling: AtomicBool,
+    /// Generic sandboxes booting for the pool (they count against the pools' memory).
+    pool_booting: std::sync::atomic::AtomicUsize,
     /// Pool boots that failed in a row (the retry backs off with it).
     pool_failures: std::sync::atomic::AtomicU32,
     /// Endorses the INSECURE software TEE's sandbox keys (see [`Node::software_tee_host_key`]).
@@ -419,6 +425,15 @@ impl Node {
                 cpu_millis: u64::from(config.cpu_millis),
             },
         )?;
+        if let Some(m) = config.pool_memory {
+            if m < config.memory_bytes && config.pool_size > 0 {
+                return Err(capacity::CapacityError::PoolTooSmall {
+                    pool_memory: m,
+                    each_memory: config.memory_bytes,
+                }
+                .into());
+            }
+        }
         let store = Arc::new(BlobStore::open(&config.state_dir.join("store"))?);
         let client = veil_registry::RegistryClient::new(config.registry.clone())
             .map_err(|e| NodeError::upstream("registry client", e))?;
@@ -436,6 +451,7 @@ impl Node {
             logs: Arc::new(logs::LogBook::default()),
             shutting_down: AtomicBool::new(false),
             filling: AtomicBool::new(false),
+            pool_booting: std::sync::atomic::AtomicUsize::new(0),
             pool_failures: std::sync::atomic::AtomicU32::new(0),
             tenant_pools: tenant_pool::TenantPools::default(),
         });

@@ -38,6 +38,9 @@ pub(crate) enum Room {
     TenantAttested(String, crate::tenant_pool::Ready),
     /// The budget for booting a fresh sandbox.
     Fresh(Reservation),
+    /// The budget of an idle tenant-attested sandbox evicted to make room: it is destroyed
+    /// before a fresh sandbox is booted in its place.
+    Evicted(Arc<SandboxEntry>, Reservation),
 }
 
 impl Claim {
@@ -56,8 +59,26 @@ impl Drop for Claim {
             (Some(Room::TenantAttested(tenant, r)), Some(node)) => {
                 node.return_tenant_sandbox(&tenant, r)
             }
+            // Out of its pool already: destroyed, and only then is its room given back.
+            (Some(Room::Evicted(sb, reservation)), Some(node))
+                if tokio::runtime::Handle::try_current().is_ok() =>
+            {
+                tokio::spawn(async move {
+                    node.destroy_entry(&sb).await;
+                    drop(reservation);
+                });
+            }
             _ => {}
         }
+    }
+}
+
+/// Takes one off a counter when dropped.
+struct Uncount<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Uncount<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -80,10 +101,7 @@ pub(crate) fn refill_later(
 impl Node {
     /// Generic sandboxes booted, prepared and waiting in the pool.
     pub async fn pooled(&self) -> usize {
-        lock(&self.pool)
-            .iter()
-            .filter(|sb| !sb.dead.load(Ordering::SeqCst))
-            .count()
+        self.pooled_now()
     }
 
     /// Room for one instance of `tenant`'s function whose broker is `kbs_url` (and which allows
@@ -105,18 +123,46 @@ impl Node {
     }
 
     /// Room for one more instance: a pooled sandbox if one is ready, else a reservation of one
-    /// sandbox's limits in the node's budget. Fails at once when neither exists; wait on
-    /// [`Node::capacity_changes`] to try again.
+    /// sandbox's limits in the node's budget, else the room of the oldest idle sandbox of a
+    /// tenant's pool, evicted (demand comes before sandboxes prepared ahead of it; a claim that
+    /// could use a tenant's sandbox took it in [`Node::claim_for`]). Fails at once when none
+    /// exists; wait on [`Node::capacity_changes`] to try again.
     pub fn claim(self: &Arc<Self>) -> Result<Claim, CapacityError> {
-        let pooled = self.pop_pooled();
-        let room = match pooled {
+        let room = match self.pop_pooled() {
             Some(sb) => Room::Pooled(sb),
-            None => Room::Fresh(self.budget.reserve()?),
+            None => match self.budget.reserve() {
+                Ok(r) => Room::Fresh(r),
+                Err(e) => match self.evict_prepared() {
+                    Some((sb, r)) => Room::Evicted(sb, r),
+                    None => return Err(e),
+                },
+            },
         };
         Ok(Claim {
             room: Some(room),
             node: Arc::downgrade(self),
         })
+    }
+
+    /// Sandboxes the pools (generic and tenants') may hold together, by their memory budget.
+    pub(crate) fn pool_slots(&self) -> usize {
+        match self.config.pool_memory {
+            Some(m) => usize::try_from(m / self.config.memory_bytes.max(1)).unwrap_or(usize::MAX),
+            None => usize::MAX,
+        }
+    }
+
+    /// Generic sandboxes booted and waiting in the pool.
+    pub(crate) fn pooled_now(&self) -> usize {
+        lock(&self.pool)
+            .iter()
+            .filter(|sb| !sb.dead.load(Ordering::SeqCst))
+            .count()
+    }
+
+    /// Generic sandboxes pooled or booting for the pool.
+    pub(crate) fn generic_pooled(&self) -> usize {
+        self.pooled_now() + self.pool_booting.load(Ordering::SeqCst)
     }
 
     /// A live sandbox from the generic pool, if one is there.
@@ -137,10 +183,7 @@ impl Node {
 
     /// Capacity, usage and the pool, for `GET /v1/node`.
     pub fn status(&self) -> NodeStatus {
-        let pooled = lock(&self.pool)
-            .iter()
-            .filter(|sb| !sb.dead.load(Ordering::SeqCst))
-            .count();
+        let pooled = self.pooled_now();
         let assigned = lock(&self.sandboxes)
             .values()
             .filter(|e| lock(&e.owner).is_some())
@@ -183,6 +226,16 @@ impl Node {
             if have >= self.config.pool_size {
                 return;
             }
+            // Tenants' pools come first within the pools' memory: they were asked for by name.
+            let held = have + self.pool_booting.load(Ordering::SeqCst) + self.tenant_pooled();
+            if held >= self.pool_slots() {
+                tracing::debug!(
+                    pooled = have,
+                    held,
+                    "pool not refilled: the pools' memory is taken"
+                );
+                return;
+            }
             let reservation = match self.budget.reserve() {
                 Ok(r) => r,
                 Err(e) => {
@@ -191,7 +244,11 @@ impl Node {
                     return;
                 }
             };
-            match self.boot(reservation).await {
+            self.pool_booting.fetch_add(1, Ordering::SeqCst);
+            let booted = self.boot(reservation).await;
+            // Pushed to the pool (or dropped) before it stops counting as booting.
+            let _booting = Uncount(&self.pool_booting);
+            match booted {
                 Ok(sb) if self.shutting_down.load(Ordering::SeqCst) => {
                     // Booted while the node shut down: it must not outlive the node.
                     self.destroy_entry(&sb).await;

@@ -53,10 +53,18 @@ pub struct TenantPoolStatus {
     pub last_error: Option<String>,
     /// Seconds until the next attempt, while backing off.
     pub retry_in_s: Option<u64>,
+    /// Idle sandboxes of this pool destroyed to make room for another tenant's start.
+    #[serde(default)]
+    pub evicted: u64,
+    /// Sandboxes the pool is short of its size because the pools' memory is taken.
+    #[serde(default)]
+    pub short_of_memory: usize,
 }
 
 pub(crate) struct Ready {
     pub(crate) sb: Arc<SandboxEntry>,
+    /// When it was ready (the oldest idle one is evicted first).
+    since: Instant,
     expires: Instant,
     /// Handed out only while its token has at least this much left.
     margin: Duration,
@@ -74,6 +82,9 @@ struct Pool {
     failures: u32,
     retry_at: Option<Instant>,
     last_error: Option<String>,
+    evicted: u64,
+    /// Below its size for want of pool memory at the last fill.
+    short_of_memory: usize,
 }
 
 #[derive(Default)]
@@ -121,8 +132,11 @@ impl Node {
                 failures: 0,
                 retry_at: None,
                 last_error: None,
+                evicted: 0,
+                short_of_memory: 0,
             };
             if let Some(mut old) = old {
+                pool.evicted = old.evicted;
                 if keep_old {
                     pool.generation = old.generation;
                     pool.preparing = old.preparing;
@@ -181,6 +195,8 @@ impl Node {
                     .retry_at
                     .filter(|t| *t > now)
                     .map(|t| (t - now).as_secs() + 1),
+                evicted: p.evicted,
+                short_of_memory: p.short_of_memory,
             })
             .collect();
         v.sort_by(|a, b| a.config.tenant.cmp(&b.config.tenant));
@@ -252,25 +268,140 @@ impl Node {
         tokio::spawn(async move { node.destroy_entry(&r.sb).await });
     }
 
-    /// Start preparing sandboxes for every pool below its size (off the request path).
+    /// Sandboxes the tenants' pools hold: ready, or being prepared.
+    pub(crate) fn tenant_pooled(&self) -> usize {
+        lock(&self.tenant_pools.map)
+            .values()
+            .map(|p| p.ready.len() + p.preparing)
+            .sum()
+    }
+
+    /// Take the oldest idle sandbox out of the tenants' pools, with its share of the budget, to
+    /// make room for a start that found none (the caller destroys it before booting).
+    pub(crate) fn evict_prepared(
+        &self,
+    ) -> Option<(Arc<SandboxEntry>, crate::capacity::Reservation)> {
+        let mut map = lock(&self.tenant_pools.map);
+        let (tenant, at) = map
+            .iter()
+            .flat_map(|(t, p)| {
+                p.ready
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, r)| (t, i, r.since))
+            })
+            .min_by_key(|(_, _, since)| *since)
+            .map(|(t, i, _)| (t.clone(), i))?;
+        let pool = map.get_mut(&tenant)?;
+        let r = pool.ready.remove(at);
+        let reservation = lock(&r.sb.reservation).take();
+        let Some(reservation) = reservation else {
+            // Being destroyed already (its room is on its way back): nothing to take.
+            return None;
+        };
+        pool.evicted += 1;
+        tracing::info!(tenant = %tenant, sandbox = %r.sb.id, "evicted an idle tenant-attested sandbox to make room for a start");
+        Some((r.sb, reservation))
+    }
+
+    /// Start preparing sandboxes for every pool below its size (off the request path), within
+    /// the pools' memory: one per pool in turn, so that no tenant's pool takes it all.
     pub(crate) fn fill_tenant_pools(self: &Arc<Self>) {
         if self.shutting_down.load(Ordering::SeqCst) {
             return;
         }
         let now = Instant::now();
         let mut jobs = Vec::new();
+        let mut rebalanced = Vec::new();
+        // Preparations take pooled generic sandboxes first: those are held by the pools
+        // already (ones still booting are held too, but cannot be taken yet).
+        let pooled = self.pooled_now();
+        let generic = self.generic_pooled();
+        let slots = self.pool_slots();
         {
             let mut map = lock(&self.tenant_pools.map);
-            for pool in map.values_mut() {
-                if pool.retry_at.is_some_and(|t| t > now) {
-                    continue;
-                }
-                pool.ready.retain(|r| !r.sb.dead.load(Ordering::SeqCst));
-                while pool.ready.len() + pool.preparing < pool.config.size {
-                    pool.preparing += 1;
-                    jobs.push((pool.config.clone(), pool.generation));
+            let mut held: usize = generic
+                + map
+                    .values()
+                    .map(|p| p.ready.len() + p.preparing)
+                    .sum::<usize>();
+            let mut convertible = pooled;
+            let mut tenants: Vec<String> = map
+                .iter_mut()
+                .filter(|(_, p)| p.retry_at.is_none_or(|t| t <= now))
+                .map(|(t, p)| {
+                    p.ready.retain(|r| !r.sb.dead.load(Ordering::SeqCst));
+                    t.clone()
+                })
+                .collect();
+            let count = |p: &Pool| p.ready.len() + p.preparing;
+            // Fair shares of a full budget: a pool that holds two more than a pool short of
+            // its size gives up its oldest idle sandbox (one per fill, so it converges gently).
+            if held >= slots && convertible == 0 {
+                let needy = tenants
+                    .iter()
+                    .filter_map(|t| map.get(t))
+                    .filter(|p| count(p) < p.config.size)
+                    .map(count)
+                    .min();
+                let rich = map
+                    .iter()
+                    .filter(|(_, p)| !p.ready.is_empty())
+                    .max_by_key(|(_, p)| count(p))
+                    .map(|(t, p)| (t.clone(), count(p)));
+                if let (Some(n), Some((t, c))) = (needy, rich) {
+                    if c > n + 1 {
+                        if let Some(pool) = map.get_mut(&t) {
+                            let oldest = (0..pool.ready.len()).min_by_key(|&i| pool.ready[i].since);
+                            if let Some(i) = oldest {
+                                let r = pool.ready.remove(i);
+                                tracing::info!(tenant = %t, sandbox = %r.sb.id, "tenant pool gives up a sandbox to a pool short of its fair share of the pools' memory");
+                                rebalanced.push(r.sb);
+                                held -= 1;
+                            }
+                        }
+                    }
                 }
             }
+            tenants.sort_by_key(|t| (map.get(t).map_or(0, count), t.clone()));
+            loop {
+                let mut added = false;
+                for t in &tenants {
+                    let Some(pool) = map.get_mut(t) else { continue };
+                    if pool.ready.len() + pool.preparing >= pool.config.size {
+                        continue;
+                    }
+                    if convertible > 0 {
+                        convertible -= 1;
+                    } else if held < slots {
+                        held += 1;
+                    } else {
+                        continue;
+                    }
+                    pool.preparing += 1;
+                    jobs.push((pool.config.clone(), pool.generation));
+                    added = true;
+                }
+                if !added {
+                    break;
+                }
+            }
+            for t in &tenants {
+                if let Some(pool) = map.get_mut(t) {
+                    pool.short_of_memory = pool
+                        .config
+                        .size
+                        .saturating_sub(pool.ready.len() + pool.preparing);
+                }
+            }
+        }
+        if !rebalanced.is_empty() {
+            let node = self.clone();
+            tokio::spawn(async move {
+                for sb in rebalanced {
+                    node.destroy_entry(&sb).await;
+                }
+            });
         }
         for (cfg, generation) in jobs {
             let node = self.clone();
@@ -344,6 +475,8 @@ impl Node {
                 let node = self.clone();
                 tokio::spawn(async move { node.destroy_entry(&r.sb).await });
             }
+            // Counted as short of memory at the next fill (the sweeper's, within a second).
+            Err(PrepareError::PoolFull) => {}
             Err(PrepareError::NoRoom(e)) => {
                 // Not the broker's fault: try again when the sweeper next looks (every second),
                 // without backing off further.
@@ -375,6 +508,11 @@ impl Node {
                 sb
             }
             None => {
+                // Another preparation took the generic sandbox this one was counted on: boot
+                // one only if the pools' memory still has room (this preparation counts already).
+                if self.generic_pooled() + self.tenant_pooled() > self.pool_slots() {
+                    return Err(PrepareError::PoolFull);
+                }
                 let reservation = self
                     .budget
                     .reserve()
@@ -412,6 +550,7 @@ impl Node {
                 tracing::info!(tenant = %cfg.tenant, sandbox = %sb.id, attest_ms = reply.attest_ms, "tenant-attested sandbox ready");
                 Ok(Ready {
                     sb,
+                    since: Instant::now(),
                     expires: Instant::now() + lifetime - margin,
                     margin,
                     generation,
@@ -462,6 +601,8 @@ impl Node {
 enum PrepareError {
     /// The node has no room for another sandbox now.
     NoRoom(String),
+    /// The pools' memory budget has no room for another sandbox now.
+    PoolFull,
     /// Booting, or attesting to the broker, failed.
     Failed(String),
 }

@@ -1,0 +1,160 @@
+//! Tenants as a whole (operator only): `GET /v1/tenants` lists every tenant the gateway knows
+//! of — by its tokens, functions, pool or local-store repositories — and
+//! `DELETE /v1/tenants/<tenant>` takes one off the node:
+//! 1. its tokens are revoked, so it can deploy nothing more;
+//! 2. its pool is removed, destroying the sandboxes attested to it;
+//! 3. its functions are deleted, their instances draining (requests in flight finish, within
+//!    the drain timeout); a deploy that authenticated before step 1 and lands meanwhile is
+//!    swept too, once the first drains are over.
+//!
+//! Its local-store repositories stay recorded as its own, so that no other tenant takes over
+//! their names (and the images under them) by pushing to them; a token created later for the
+//! same name gets them back.
+
+use crate::{api_error, functions, operator_only, CallerExt, Gateway, GwState};
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use http::StatusCode;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// One tenant as `GET /v1/tenants` lists it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantInfo {
+    /// The tenant.
+    pub tenant: String,
+    /// Tokens that authenticate it.
+    pub tokens: usize,
+    /// Its functions.
+    pub functions: Vec<String>,
+    /// The size of its pool of tenant-attested sandboxes, if it has one.
+    pub pool_size: Option<usize>,
+    /// Local-store repositories it owns.
+    pub repositories: usize,
+}
+
+/// What `DELETE /v1/tenants/<tenant>` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantDeleted {
+    /// The tenant.
+    pub tenant: String,
+    /// Tokens revoked.
+    pub tokens_revoked: usize,
+    /// Whether it had a pool (now removed, its sandboxes destroyed).
+    pub pool_removed: bool,
+    /// Functions deleted (their instances drained and destroyed).
+    pub functions_deleted: Vec<String>,
+    /// Local-store repositories it still owns (kept so that no one else takes them over).
+    pub repositories_kept: usize,
+}
+
+fn entry<'a>(map: &'a mut BTreeMap<String, TenantInfo>, t: &str) -> &'a mut TenantInfo {
+    map.entry(t.to_string()).or_insert_with(|| TenantInfo {
+        tenant: t.to_string(),
+        ..TenantInfo::default()
+    })
+}
+
+/// Every tenant the gateway knows of.
+pub(crate) fn tenants(gw: &Gateway) -> Vec<TenantInfo> {
+    let mut map: BTreeMap<String, TenantInfo> = BTreeMap::new();
+    for t in gw.auth.tokens() {
+        entry(&mut map, &t.tenant).tokens += 1;
+    }
+    for f in gw.functions.list() {
+        entry(&mut map, &f.record.tenant)
+            .functions
+            .push(f.record.name);
+    }
+    for p in gw.node.tenant_pools() {
+        entry(&mut map, &p.config.tenant).pool_size = Some(p.config.size);
+    }
+    for owner in gw.auth.repositories().values() {
+        entry(&mut map, owner).repositories += 1;
+    }
+    map.into_values().collect()
+}
+
+pub(crate) async fn list(State(gw): GwState, caller: CallerExt) -> Response {
+    if let Some(r) = operator_only(&caller) {
+        return r;
+    }
+    Json(tenants(&gw)).into_response()
+}
+
+pub(crate) async fn delete(
+    State(gw): GwState,
+    caller: CallerExt,
+    Path(tenant): Path<String>,
+) -> Response {
+    if let Some(r) = operator_only(&caller) {
+        return r;
+    }
+    if !functions::valid_name(&tenant) {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "BAD_REQUEST",
+            format!("{tenant:?} is not a tenant name"),
+        );
+    }
+    if !tenants(&gw).iter().any(|t| t.tenant == tenant) {
+        return api_error(
+            StatusCode::NOT_FOUND,
+            "TENANT_NOT_FOUND",
+            format!("no tenant {tenant:?}: no token, function, pool or repository names it"),
+        );
+    }
+    match delete_tenant(&gw, &tenant).await {
+        Ok(d) => Json(d).into_response(),
+        Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, "STORAGE", e.to_string()),
+    }
+}
+
+async fn delete_tenant(
+    gw: &Arc<Gateway>,
+    tenant: &str,
+) -> Result<TenantDeleted, crate::auth::AuthError> {
+    let tokens_revoked = gw.auth.revoke_tenant(tenant)?;
+    let pool_removed = gw
+        .node
+        .tenant_pools()
+        .iter()
+        .any(|p| p.config.tenant == tenant);
+    gw.node.remove_tenant_pool(tenant).await;
+    let mut functions_deleted = Vec::new();
+    // Twice: a deploy authenticated before the revocation may land during the first drain.
+    for _ in 0..2 {
+        let names: Vec<String> = gw
+            .functions
+            .list()
+            .into_iter()
+            .filter(|f| f.record.tenant == tenant)
+            .map(|f| f.record.name)
+            .collect();
+        let deleted =
+            futures::future::join_all(names.iter().map(|n| gw.functions.delete(tenant, n))).await;
+        functions_deleted.extend(
+            names
+                .into_iter()
+                .zip(deleted)
+                .filter_map(|(n, d)| d.then_some(n)),
+        );
+    }
+    let repositories_kept = gw
+        .auth
+        .repositories()
+        .values()
+        .filter(|o| *o == tenant)
+        .count();
+    tracing::info!(tenant, tokens_revoked, pool_removed, functions = ?functions_deleted, repositories_kept, "tenant deleted");
+    Ok(TenantDeleted {
+        tenant: tenant.to_string(),
+        tokens_revoked,
+        pool_removed,
+        functions_deleted,
+        repositories_kept,
+    })
+}
