@@ -9,6 +9,7 @@
 //! sandbox) when its function exits.
 
 pub mod attest;
+mod conn;
 pub mod function;
 pub mod guest;
 pub mod logsink;

@@ -43,7 +43,9 @@ struct Agent {
     /// The tenant this sandbox is bound to, once prepared or assigned: it never changes.
     bound_tenant: Mutex<Option<String>>,
     reaper: Reaper,
-    client: Client<hyper_util::client::legacy::connect::HttpConnector, Incoming>,
+    client: Client<crate::conn::PrimedConnector, Incoming>,
+    /// The client's connector, primed with the readiness probe's connection.
+    connector: crate::conn::PrimedConnector,
     rootfs: PathBuf,
 }
 
@@ -72,6 +74,7 @@ where
     if let Err(e) = crate::logsink::install(&mux).await {
         tracing::warn!(error = %e, "cannot open the log substream; logging to stderr");
     }
+    let connector = crate::conn::PrimedConnector::new();
     let agent = Arc::new(Agent {
         mux,
         state: Mutex::new(State::Idle),
@@ -80,7 +83,8 @@ where
         reaper: Reaper::start()?,
         client: Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
-            .build_http(),
+            .build(connector.clone()),
+        connector,
         rootfs: rootfs.to_path_buf(),
     });
     tracing::info!("agent waiting for an assignment");
@@ -357,7 +361,10 @@ async fn assign(agent: &Arc<Agent>, a: &Assignment) -> Result<AssignReply, (&'st
     )
     .await;
     let ready = match ready {
-        Ok(d) => d,
+        Ok((d, conn)) => {
+            agent.connector.prime(conn);
+            d
+        }
         Err(e) => {
             // SAFETY: kill(2) on the function's pid; it is our child and not yet reaped unless
             // it already exited, in which case the pid is unused or a zombie we reap.

@@ -542,7 +542,13 @@ async fn a_burst_never_runs_more_sandboxes_than_the_capacity() {
 /// idling in between.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hybrid_keep_alive_unloads_and_prewarms_on_the_functions_rhythm() {
-    let env = up_with(|o| o.keep_alive_bin = Duration::from_millis(100)).await;
+    // Two pooled sandboxes: every pre-warm takes one, and the refill's boot (most of a second
+    // in a debug build on a busy machine) must not leave the next pre-warm without one.
+    let env = up_with(|o| {
+        o.keep_alive_bin = Duration::from_millis(100);
+        o.pool_size = 2;
+    })
+    .await;
     let image = push_hello(&env, "rhythm:v1").await;
     let mut req = DeployRequest::new(&image);
     req.keep_alive = Some(veil_gateway::keepalive::KeepAlive::Hybrid);
@@ -566,6 +572,15 @@ async fn hybrid_keep_alive_unloads_and_prewarms_on_the_functions_rhythm() {
         "{:?}",
         first.keep_alive_decision
     );
+    // The rhythm starts once the generic pool is full: a first request that has to boot a
+    // sandbox while the pool boots its own may take most of the first second, and its idle
+    // time would then be a stray near-zero sample.
+    for _ in 0..600 {
+        if env.platform.gateway.node().status().pooled >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (mut warm, mut unloaded, mut instances) = (0, 0, BTreeSet::new());
     let start = Instant::now();
     for i in 0..17u32 {

@@ -40,7 +40,34 @@ pub struct ProcessConfig {
 pub struct ProcessBackend {
     config: ProcessConfig,
     layout: Layout,
+    /// SHA-384 of the agent binary, with the size and modification time it was taken at.
+    measurement: Measured,
 }
+
+type Measured = std::sync::Mutex<Option<(u64, std::time::SystemTime, String)>>;
+
+/// SHA-384 (hex) of the file at `path`, from `cache` while its size and modification time stay
+/// the same.
+fn sha384_cached(path: &std::path::Path, cache: &Measured) -> Option<String> {
+    use sha2::Digest;
+    let meta = std::fs::metadata(path).ok()?;
+    let (len, mtime) = (meta.len(), meta.modified().ok()?);
+    let mut cached = cache.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((l, m, h)) = cached.as_ref() {
+        if *l == len && *m == mtime {
+            return Some(h.clone());
+        }
+    }
+    let bytes = std::fs::read(path).ok()?;
+    let h = hex::encode(sha2::Sha384::digest(&bytes));
+    *cached = Some((len, mtime, h.clone()));
+    Some(h)
+}
+
+/// The environment variable that gives a namespace agent the SHA-384 of its own binary (the
+/// software TEE's self-declared measurement), hashed once by the node rather than by every
+/// sandbox at boot. The software TEE trusts the host in any case: the host chose the binary.
+pub const AGENT_MEASUREMENT_ENV: &str = "VEIL_AGENT_MEASUREMENT";
 
 impl ProcessBackend {
     /// Check the agent binary and the cgroup layout.
@@ -70,7 +97,20 @@ impl ProcessBackend {
             tracing::info!(stale, "removed empty cgroups left by an earlier node");
         }
         tracing::info!(?layout, agent = %config.agent.display(), "namespace sandbox backend ready");
-        Ok(Self { config, layout })
+        let backend = Self {
+            config,
+            layout,
+            measurement: std::sync::Mutex::new(None),
+        };
+        // Hashed now, once: not on the first cold start's boot.
+        let _ = backend.agent_measurement();
+        Ok(backend)
+    }
+
+    /// SHA-384 (hex) of the agent binary, hashed again only if its size or modification time
+    /// changed (a rebuilt agent); `None` if it cannot be read (the agent then hashes itself).
+    fn agent_measurement(&self) -> Option<String> {
+        sha384_cached(&self.config.agent, &self.measurement)
     }
 
     /// The detected cgroup layout.
@@ -122,6 +162,7 @@ impl ProcessBackend {
             .arg(spec.rootfs_bytes.to_string())
             .env_clear()
             .env("VEIL_LOG", &self.config.agent_log)
+            .envs(self.agent_measurement().map(|h| (AGENT_MEASUREMENT_ENV, h)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -359,5 +400,31 @@ impl Backend for ProcessBackend {
 
     fn create(&self, spec: SandboxSpec) -> BoxFuture<'_, Result<Sandbox, Error>> {
         async move { self.spawn(spec) }.boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agents_measurement_is_hashed_once_and_again_when_it_changes() {
+        use sha2::Digest;
+        let dir = std::env::temp_dir().join(format!("veil-measure-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("agent");
+        std::fs::write(&f, b"one").unwrap();
+        let cache = Measured::default();
+        let one = sha384_cached(&f, &cache).unwrap();
+        assert_eq!(one, hex::encode(sha2::Sha384::digest(b"one")));
+        assert_eq!(sha384_cached(&f, &cache).unwrap(), one);
+        // A rebuilt agent (another size) is hashed again.
+        std::fs::write(&f, b"second").unwrap();
+        assert_eq!(
+            sha384_cached(&f, &cache).unwrap(),
+            hex::encode(sha2::Sha384::digest(b"second"))
+        );
+        assert_eq!(sha384_cached(&dir.join("missing"), &cache), None);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
