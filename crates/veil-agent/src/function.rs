@@ -313,8 +313,8 @@ pub enum NotReady {
 }
 
 /// Wait until something accepts TCP connections on 127.0.0.1:`port`: how long that took, and
-/// the accepted connection (the first request goes over it). Probes start 250 µs apart and
-/// back off to 50 ms, so a function that listens at once is seen at once.
+/// the accepted connection (the first request goes over it). Probes are 250 µs apart for the
+/// first 20 ms, then back off to 50 ms, so a function that listens at once is seen at once.
 pub async fn wait_ready(
     port: u16,
     timeout: Duration,
@@ -336,7 +336,11 @@ pub async fn wait_ready(
             _ = tokio::time::sleep(pause) => {}
             _ = exit.changed() => {}
         }
-        pause = (pause * 2).min(Duration::from_millis(50));
+        // Most functions listen within milliseconds of their start: probe finely for the
+        // first 20 ms (a refused connect on loopback costs microseconds), then back off.
+        if start.elapsed() >= Duration::from_millis(20) {
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
     }
 }
 

@@ -698,3 +698,104 @@ async fn deleting_a_tenant_leaves_nothing_of_it_running() {
     );
     p.stop().await.unwrap();
 }
+
+/// Host pids of `tenant`'s pooled sandboxes, by sandbox id.
+async fn tenant_pool_pids(p: &Platform, tenant: &str) -> BTreeMap<String, Vec<u32>> {
+    p.admin_client()
+        .unwrap()
+        .sandboxes()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|s| s["tenant"] == tenant && s["function"] == "(pool)")
+        .map(|s| {
+            (
+                s["id"].as_str().unwrap_or_default().to_string(),
+                s["pids"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|v| v.as_u64().map(|p| p as u32))
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+/// A tenant-attested sandbox whose agent is killed (-9) is never handed out: the pool notices,
+/// destroys it and attests a replacement, and the tenant's start still comes from the pool. A
+/// node stopped with its pools full and started again on the same state directory leaves
+/// nothing of the old sandboxes behind and fills its pools anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_sandbox_whose_agent_dies_is_replaced_and_a_restart_leaves_nothing() {
+    let state = tempfile::tempdir().unwrap();
+    let p = up(state.path(), |_| {}).await;
+    pools_for(&p, &[("acme", 2)]).await;
+    pool_ready(&p, "acme", 2).await;
+    let before = tenant_pool_pids(&p, "acme").await;
+    let (victim, pids) = before.iter().next().unwrap();
+    for pid in pids {
+        // SAFETY: kill(2) on a sandbox process of this test's own node.
+        unsafe {
+            libc::kill(*pid as i32, libc::SIGKILL);
+        }
+    }
+    let mut replaced = false;
+    for _ in 0..400 {
+        let now = tenant_pool_pids(&p, "acme").await;
+        let st = p.gateway.node().status();
+        let ready = st
+            .tenant_pools
+            .iter()
+            .find(|t| t.config.tenant == "acme")
+            .unwrap()
+            .ready;
+        if !now.contains_key(victim) && ready == 2 && now.len() == 2 {
+            replaced = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(replaced, "the killed sandbox {victim} was not replaced");
+    let acme = tenant(&p, "acme").await;
+    let image = push(&p, &acme).await;
+    let mut req = DeployRequest::new(&image);
+    req.allow_insecure_software_tee = true;
+    req.secrets
+        .insert("GREETING".into(), "kbs:///acme/app/greeting".into());
+    p.kbs
+        .clone()
+        .unwrap()
+        .set_resource("acme/app/greeting", b"hello-acme")
+        .unwrap();
+    acme.admin.deploy("acme-fn", &req).await.unwrap();
+    let r = invoke(&acme.admin, "acme-fn", "/env/GREETING").await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(header(&r, "x-veil-cold-start").contains("pool=tenant-attested"));
+    acme.admin.delete("acme-fn").await.unwrap();
+    pool_ready(&p, "acme", 2).await;
+
+    // Stopped with the pool full, started again on the same state directory.
+    let old: Vec<u32> = tenant_pool_pids(&p, "acme")
+        .await
+        .into_values()
+        .flatten()
+        .collect();
+    let old_ids: BTreeSet<String> = tenant_pool_pids(&p, "acme").await.into_keys().collect();
+    p.stop().await.unwrap();
+    for pid in &old {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "{pid} survived the stop"
+        );
+    }
+    let p = up(state.path(), |_| {}).await;
+    pools_for(&p, &[("acme", 2)]).await;
+    pool_ready(&p, "acme", 2).await;
+    let new_ids: BTreeSet<String> = tenant_pool_pids(&p, "acme").await.into_keys().collect();
+    assert!(new_ids.is_disjoint(&old_ids), "{new_ids:?} / {old_ids:?}");
+    let all = p.gateway.node().sandboxes();
+    assert!(all.iter().all(|s| !old_ids.contains(&s.id)), "{all:?}");
+    p.stop().await.unwrap();
+}
