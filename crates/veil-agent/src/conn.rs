@@ -26,9 +26,13 @@ pub(crate) struct PrimedConnector {
 
 impl PrimedConnector {
     pub(crate) fn new() -> Self {
+        let mut inner = HttpConnector::new();
+        // Requests and responses are small and interactive: no Nagle delay between a request's
+        // head and its body on a streamed request.
+        inner.set_nodelay(true);
         Self {
             primed: Arc::default(),
-            inner: HttpConnector::new(),
+            inner,
         }
     }
 

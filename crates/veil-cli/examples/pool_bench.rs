@@ -67,18 +67,7 @@ async fn settle(p: &Platform, tenant_pool: usize) -> Result<()> {
 }
 
 /// The phases of `x-veil-cold-start` printed for each pool kind (ms).
-const PHASES: [&str; 10] = [
-    "total",
-    "boot",
-    "cache",
-    "attest",
-    "release",
-    "manifest",
-    "signature",
-    "layers",
-    "spawn",
-    "ready",
-];
+const PHASES: [&str; 10] = veil_node::StartTimings::PHASES;
 
 struct Start {
     client_ms: f64,

@@ -951,27 +951,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 println!("  last error   {e}");
             }
             println!("  latest cold starts (ms):");
-            println!(
-                "    {:<16} {:>7} {:>6} {:>6} {:>7} {:>7} {:>8} {:>9} {:>7} {:>6} {:>6}",
-                "pool",
-                "total",
-                "boot",
-                "cache",
-                "attest",
-                "release",
-                "manifest",
-                "signature",
-                "layers",
-                "spawn",
-                "ready"
-            );
+            let mut head = format!("    {:<16}", "pool");
+            for ph in veil_node::StartTimings::PHASES {
+                head.push_str(&format!(" {ph:>9}"));
+            }
+            println!("{head}");
             for t in &f.recent_starts {
-                let a = &t.agent;
-                println!(
-                    "    {:<16} {:>7.1} {:>6.1} {:>6.1} {:>7.1} {:>7.1} {:>8.1} {:>9.1} {:>7.1} {:>6.1} {:>6.1}",
-                    t.pool, t.total_ms, t.boot_ms, t.cache_ms, a.attest_ms, a.release_ms,
-                    a.manifest_ms, a.signature_ms, a.layers_ms, a.spawn_ms, a.ready_ms
-                );
+                let mut row = format!("    {:<16}", t.pool);
+                for (_, ms) in t.phases() {
+                    row.push_str(&format!(" {ms:>9.1}"));
+                }
+                println!("{row}");
             }
         }
         Cmd::Logs { name, tail } => {

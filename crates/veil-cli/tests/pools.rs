@@ -177,6 +177,30 @@ async fn tenant_attested_starts_skip_attestation_and_never_cross_tenants() {
     assert_eq!(last.pool, "tenant-attested");
     assert_eq!(last.agent.attest_ms, 0.0);
     assert!(last.agent.attested_ahead);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_veil"))
+        .args([
+            "describe",
+            "acme-one",
+            "--server",
+            &p.url(),
+            "--token",
+            p.operator_token(),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let head = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("pool "))
+        .unwrap_or("");
+    for ph in veil_node::StartTimings::PHASES {
+        assert!(head.contains(ph), "{ph} missing in {text}");
+    }
+    assert!(
+        text.lines()
+            .any(|l| l.trim_start().starts_with("tenant-attested")),
+        "{text}"
+    );
     let metrics = reqwest::get(format!("{}/metrics", p.url()))
         .await
         .unwrap()

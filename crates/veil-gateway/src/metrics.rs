@@ -77,25 +77,13 @@ impl Metrics {
     /// Record the phases of one successful cold start (`veil_cold_start_phase_seconds`,
     /// labelled by backend, pool kind and phase).
     pub fn start_phases(&self, t: &veil_node::StartTimings) {
-        let a = &t.agent;
         let pool = if t.pool.is_empty() {
             "none"
         } else {
             t.pool.as_str()
         };
         let mut m = lock(&self.phases);
-        for (phase, ms) in [
-            ("total", t.total_ms),
-            ("boot", t.boot_ms),
-            ("cache", t.cache_ms),
-            ("attest", a.attest_ms),
-            ("release", a.release_ms),
-            ("manifest", a.manifest_ms),
-            ("signature", a.signature_ms),
-            ("layers", a.layers_ms),
-            ("spawn", a.spawn_ms),
-            ("ready", a.ready_ms),
-        ] {
+        for (phase, ms) in t.phases() {
             m.entry((t.backend.clone(), pool.to_string(), phase))
                 .or_default()
                 .observe(ms / 1000.0);

@@ -59,6 +59,41 @@ pub struct StartTimings {
     pub backend: String,
 }
 
+impl StartTimings {
+    /// The phase names, in the order [`StartTimings::phases`] gives them.
+    pub const PHASES: [&'static str; 10] = [
+        "total",
+        "boot",
+        "cache",
+        "attest",
+        "release",
+        "manifest",
+        "signature",
+        "layers",
+        "spawn",
+        "ready",
+    ];
+
+    /// Every phase with its duration in milliseconds, in the order of [`StartTimings::PHASES`]
+    /// (what `veil describe`, the phase histograms and the benchmarks show).
+    pub fn phases(&self) -> [(&'static str, f64); 10] {
+        let a = &self.agent;
+        let ms = [
+            self.total_ms,
+            self.boot_ms,
+            self.cache_ms,
+            a.attest_ms,
+            a.release_ms,
+            a.manifest_ms,
+            a.signature_ms,
+            a.layers_ms,
+            a.spawn_ms,
+            a.ready_ms,
+        ];
+        std::array::from_fn(|i| (Self::PHASES[i], ms[i]))
+    }
+}
+
 /// A running instance of a function: one assigned sandbox.
 pub struct Instance {
     sandbox: Arc<SandboxEntry>,

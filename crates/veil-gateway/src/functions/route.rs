@@ -246,10 +246,16 @@ async fn proxy(
     }
     if waited && !slot.first_served.swap(true, Ordering::SeqCst) {
         let t = &slot.inst.timings;
-        let v = format!(
-            "total={:.1};boot={:.1};pooled={};pool={};cache={:.1};attest={:.1};release={:.1};attested_ahead={};manifest={:.1};signature={:.1};layers={:.1};spawn={:.1};ready={:.1};backend={}",
-            t.total_ms, t.boot_ms, t.pooled, t.pool, t.cache_ms, t.agent.attest_ms, t.agent.release_ms, t.agent.attested_ahead, t.agent.manifest_ms, t.agent.signature_ms, t.agent.layers_ms, t.agent.spawn_ms, t.agent.ready_ms, t.backend
-        );
+        let mut v: Vec<String> = t
+            .phases()
+            .iter()
+            .map(|(ph, ms)| format!("{ph}={ms:.1}"))
+            .collect();
+        v.push(format!("pooled={}", t.pooled));
+        v.push(format!("pool={}", t.pool));
+        v.push(format!("attested_ahead={}", t.agent.attested_ahead));
+        v.push(format!("backend={}", t.backend));
+        let v = v.join(";");
         if let Ok(v) = HeaderValue::from_str(&v) {
             parts.headers.insert("x-veil-cold-start", v);
         }
