@@ -13,8 +13,11 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
-/// The probe's connection serves the first request only if it comes this soon after readiness.
-const MAX_PRIMED_AGE: Duration = Duration::from_secs(10);
+/// The probe's connection serves the first request only if it comes this soon after readiness
+/// (a request waiting on the start comes within milliseconds; servers that drop connections
+/// quiet before their first request do so after seconds, and a request sent as one does so
+/// would be lost: hyper retries only on connections it reused).
+const MAX_PRIMED_AGE: Duration = Duration::from_secs(1);
 
 /// Connects to the function: hands out the readiness probe's connection once, then connects as
 /// hyper's own connector does.

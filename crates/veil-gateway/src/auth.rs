@@ -358,6 +358,14 @@ impl Auth {
         Ok(revoked)
     }
 
+    /// Whether any token authenticates `tenant`.
+    pub fn tenant_has_tokens(&self, tenant: &str) -> bool {
+        lock(&self.state)
+            .tokens
+            .iter()
+            .any(|t| t.info.tenant == tenant)
+    }
+
     /// Local-store repositories and the tenants that own them.
     pub fn repositories(&self) -> BTreeMap<String, String> {
         lock(&self.state).repositories.clone()

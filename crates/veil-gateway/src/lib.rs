@@ -326,7 +326,7 @@ async fn deploy(
         }
     };
     match authorize_deploy(&gw, &caller, &name, &mut req) {
-        Ok(v) => functions::deploy(&gw, &name, req, v).await,
+        Ok(v) => functions::deploy(&gw, &caller, &name, req, v).await,
         Err(r) => *r,
     }
 }

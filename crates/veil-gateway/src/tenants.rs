@@ -4,8 +4,9 @@
 //! 1. its tokens are revoked, so it can deploy nothing more;
 //! 2. its pool is removed, destroying the sandboxes attested to it;
 //! 3. its functions are deleted, their instances draining (requests in flight finish, within
-//!    the drain timeout); a deploy that authenticated before step 1 and lands meanwhile is
-//!    swept too, once the first drains are over.
+//!    the drain timeout), and their logs and its pool's are forgotten; a deploy that
+//!    authenticated before step 1 re-checks the tenant's tokens under the deployments lock,
+//!    so it either lands before the sweep or is refused.
 //!
 //! Its local-store repositories stay recorded as its own, so that no other tenant takes over
 //! their names (and the images under them) by pushing to them; a token created later for the
@@ -21,7 +22,6 @@ use std::sync::Arc;
 
 /// One tenant as `GET /v1/tenants` lists it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TenantInfo {
     /// The tenant.
     pub tenant: String,
@@ -37,7 +37,6 @@ pub struct TenantInfo {
 
 /// What `DELETE /v1/tenants/<tenant>` did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TenantDeleted {
     /// The tenant.
     pub tenant: String,
@@ -124,25 +123,28 @@ async fn delete_tenant(
         .iter()
         .any(|p| p.config.tenant == tenant);
     gw.node.remove_tenant_pool(tenant).await;
-    let mut functions_deleted = Vec::new();
-    // Twice: a deploy authenticated before the revocation may land during the first drain.
-    for _ in 0..2 {
-        let names: Vec<String> = gw
-            .functions
-            .list()
-            .into_iter()
-            .filter(|f| f.record.tenant == tenant)
-            .map(|f| f.record.name)
-            .collect();
-        let deleted =
-            futures::future::join_all(names.iter().map(|n| gw.functions.delete(tenant, n))).await;
-        functions_deleted.extend(
-            names
-                .into_iter()
-                .zip(deleted)
-                .filter_map(|(n, d)| d.then_some(n)),
-        );
+    // One pass: a deploy by the tenant's token that resolved its image before the revocation
+    // re-checks the tenant's tokens under the deployments lock, so it lands before this list
+    // is taken or not at all.
+    let names: Vec<String> = gw
+        .functions
+        .list()
+        .into_iter()
+        .filter(|f| f.record.tenant == tenant)
+        .map(|f| f.record.name)
+        .collect();
+    let deleted =
+        futures::future::join_all(names.iter().map(|n| gw.functions.delete(tenant, n))).await;
+    let functions_deleted: Vec<String> = names
+        .into_iter()
+        .zip(deleted)
+        .filter_map(|(n, d)| d.then_some(n))
+        .collect();
+    // Nothing of it stays readable: its functions' logs and its pool's.
+    for n in &functions_deleted {
+        gw.node.logs().forget(tenant, n);
     }
+    gw.node.logs().forget(tenant, "(pool)");
     let repositories_kept = gw
         .auth
         .repositories()

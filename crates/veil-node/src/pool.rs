@@ -68,6 +68,10 @@ impl Drop for Claim {
                     drop(reservation);
                 });
             }
+            // No runtime to destroy it on: it keeps its room until the node destroys it.
+            (Some(Room::Evicted(sb, reservation)), _) => {
+                *lock(&sb.reservation) = Some(reservation);
+            }
             _ => {}
         }
     }
@@ -107,11 +111,15 @@ impl Node {
     /// Room for one instance of `tenant`'s function whose broker is `kbs_url` (and which allows
     /// the software TEE or not): a sandbox of the tenant's pool (attested to it already) if one
     /// is ready and fits, else as [`Node::claim`].
+    ///
+    /// Only a start for a request waiting on it (`evict`) may evict another tenant's prepared
+    /// sandbox; a pre-warm or a min-scale start waits for room like any refill.
     pub fn claim_for(
         self: &Arc<Self>,
         tenant: &str,
         kbs_url: Option<&str>,
         allow_software_tee: bool,
+        evict: bool,
     ) -> Result<Claim, CapacityError> {
         if let Some(r) = self.take_tenant_sandbox(tenant, kbs_url, allow_software_tee) {
             return Ok(Claim {
@@ -119,7 +127,7 @@ impl Node {
                 node: Arc::downgrade(self),
             });
         }
-        self.claim()
+        self.claim_room(evict)
     }
 
     /// Room for one more instance: a pooled sandbox if one is ready, else a reservation of one
@@ -128,10 +136,15 @@ impl Node {
     /// could use a tenant's sandbox took it in [`Node::claim_for`]). Fails at once when none
     /// exists; wait on [`Node::capacity_changes`] to try again.
     pub fn claim(self: &Arc<Self>) -> Result<Claim, CapacityError> {
+        self.claim_room(true)
+    }
+
+    fn claim_room(self: &Arc<Self>, evict: bool) -> Result<Claim, CapacityError> {
         let room = match self.pop_pooled() {
             Some(sb) => Room::Pooled(sb),
             None => match self.budget.reserve() {
                 Ok(r) => Room::Fresh(r),
+                Err(e) if !evict => return Err(e),
                 Err(e) => match self.evict_prepared() {
                     Some((sb, r)) => Room::Evicted(sb, r),
                     None => return Err(e),
@@ -146,9 +159,13 @@ impl Node {
 
     /// Sandboxes the pools (generic and tenants') may hold together, by their memory budget.
     pub(crate) fn pool_slots(&self) -> usize {
+        // Without a pools' memory, the whole capacity: fair shares apply within it too.
+        let all = usize::try_from(self.budget.status().max_sandboxes).unwrap_or(usize::MAX);
         match self.config.pool_memory {
-            Some(m) => usize::try_from(m / self.config.memory_bytes.max(1)).unwrap_or(usize::MAX),
-            None => usize::MAX,
+            Some(m) => usize::try_from(m / self.config.memory_bytes.max(1))
+                .unwrap_or(usize::MAX)
+                .min(all),
+            None => all,
         }
     }
 
@@ -227,27 +244,24 @@ impl Node {
                 return;
             }
             // Tenants' pools come first within the pools' memory: they were asked for by name.
-            let held = have + self.pool_booting.load(Ordering::SeqCst) + self.tenant_pooled();
-            if held >= self.pool_slots() {
-                tracing::debug!(
-                    pooled = have,
-                    held,
-                    "pool not refilled: the pools' memory is taken"
-                );
-                return;
-            }
-            let reservation = match self.budget.reserve() {
-                Ok(r) => r,
+            let reservation = match self.reserve_generic_slot(have) {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    tracing::debug!(
+                        pooled = have,
+                        "pool not refilled: the pools' memory is taken"
+                    );
+                    return;
+                }
                 Err(e) => {
                     // Assigned sandboxes use the capacity; the pool fills again when they go.
                     tracing::debug!(pooled = have, error = %e, "pool not refilled");
                     return;
                 }
             };
-            self.pool_booting.fetch_add(1, Ordering::SeqCst);
-            let booted = self.boot(reservation).await;
-            // Pushed to the pool (or dropped) before it stops counting as booting.
+            // Counted as booting until pushed to the pool (or dropped), however the boot ends.
             let _booting = Uncount(&self.pool_booting);
+            let booted = self.boot(reservation).await;
             match booted {
                 Ok(sb) if self.shutting_down.load(Ordering::SeqCst) => {
                     // Booted while the node shut down: it must not outlive the node.

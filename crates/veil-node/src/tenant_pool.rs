@@ -282,26 +282,52 @@ impl Node {
         &self,
     ) -> Option<(Arc<SandboxEntry>, crate::capacity::Reservation)> {
         let mut map = lock(&self.tenant_pools.map);
-        let (tenant, at) = map
+        let mut candidates: Vec<(Instant, String, String)> = map
             .iter()
             .flat_map(|(t, p)| {
                 p.ready
                     .iter()
-                    .enumerate()
-                    .map(move |(i, r)| (t, i, r.since))
+                    .filter(|r| !r.sb.dead.load(Ordering::SeqCst))
+                    .map(move |r| (r.since, t.clone(), r.sb.id.clone()))
             })
-            .min_by_key(|(_, _, since)| *since)
-            .map(|(t, i, _)| (t.clone(), i))?;
-        let pool = map.get_mut(&tenant)?;
-        let r = pool.ready.remove(at);
-        let reservation = lock(&r.sb.reservation).take();
-        let Some(reservation) = reservation else {
-            // Being destroyed already (its room is on its way back): nothing to take.
-            return None;
-        };
-        pool.evicted += 1;
-        tracing::info!(tenant = %tenant, sandbox = %r.sb.id, "evicted an idle tenant-attested sandbox to make room for a start");
-        Some((r.sb, reservation))
+            .collect();
+        candidates.sort();
+        for (_, tenant, id) in candidates {
+            let Some(pool) = map.get_mut(&tenant) else {
+                continue;
+            };
+            let Some(at) = pool.ready.iter().position(|r| r.sb.id == id) else {
+                continue;
+            };
+            // One being destroyed already has no reservation (its room is on its way back).
+            let Some(reservation) = lock(&pool.ready[at].sb.reservation).take() else {
+                continue;
+            };
+            let r = pool.ready.remove(at);
+            pool.evicted += 1;
+            tracing::info!(tenant = %tenant, sandbox = %r.sb.id, "evicted an idle tenant-attested sandbox to make room for a start");
+            return Some((r.sb, reservation));
+        }
+        None
+    }
+
+    /// For the generic pool's filler, with `have` generic sandboxes pooled: if the pools'
+    /// memory has room for one more, reserve it in the budget and count it as booting — under
+    /// the tenant pools' lock, as their filler counts, so the two never take the same slot.
+    /// `Ok(None)`: the pools' memory is taken.
+    pub(crate) fn reserve_generic_slot(
+        &self,
+        have: usize,
+    ) -> Result<Option<crate::capacity::Reservation>, crate::capacity::CapacityError> {
+        let map = lock(&self.tenant_pools.map);
+        let tenant_held: usize = map.values().map(|p| p.ready.len() + p.preparing).sum();
+        let held = have + self.pool_booting.load(Ordering::SeqCst) + tenant_held;
+        if held >= self.pool_slots() {
+            return Ok(None);
+        }
+        let r = self.budget.reserve()?;
+        self.pool_booting.fetch_add(1, Ordering::SeqCst);
+        Ok(Some(r))
     }
 
     /// Start preparing sandboxes for every pool below its size (off the request path), within
@@ -312,14 +338,16 @@ impl Node {
         }
         let now = Instant::now();
         let mut jobs = Vec::new();
-        let mut rebalanced = Vec::new();
+        let mut handovers = Vec::new();
         // Preparations take pooled generic sandboxes first: those are held by the pools
         // already (ones still booting are held too, but cannot be taken yet).
-        let pooled = self.pooled_now();
-        let generic = self.generic_pooled();
         let slots = self.pool_slots();
         {
+            // Counted under the map lock, which the generic pool's filler also holds while it
+            // counts and reserves (`reserve_generic_slot`).
             let mut map = lock(&self.tenant_pools.map);
+            let pooled = self.pooled_now();
+            let generic = self.generic_pooled();
             let mut held: usize = generic
                 + map
                     .values()
@@ -336,28 +364,38 @@ impl Node {
                 .collect();
             let count = |p: &Pool| p.ready.len() + p.preparing;
             // Fair shares of a full budget: a pool that holds two more than a pool short of
-            // its size gives up its oldest idle sandbox (one per fill, so it converges gently).
+            // its size gives up its oldest idle sandbox, whose room goes straight to the
+            // poorer pool's preparation (one per fill, so it converges gently).
             if held >= slots && convertible == 0 {
                 let needy = tenants
                     .iter()
-                    .filter_map(|t| map.get(t))
-                    .filter(|p| count(p) < p.config.size)
-                    .map(count)
-                    .min();
+                    .filter_map(|t| map.get(t).map(|p| (t, p)))
+                    .filter(|(_, p)| count(p) < p.config.size)
+                    .min_by_key(|(t, p)| (count(p), (*t).clone()))
+                    .map(|(t, p)| (t.clone(), count(p)));
                 let rich = map
                     .iter()
                     .filter(|(_, p)| !p.ready.is_empty())
-                    .max_by_key(|(_, p)| count(p))
+                    .max_by_key(|(t, p)| (count(p), (*t).clone()))
                     .map(|(t, p)| (t.clone(), count(p)));
-                if let (Some(n), Some((t, c))) = (needy, rich) {
+                if let (Some((n_t, n)), Some((r_t, c))) = (needy, rich) {
                     if c > n + 1 {
-                        if let Some(pool) = map.get_mut(&t) {
-                            let oldest = (0..pool.ready.len()).min_by_key(|&i| pool.ready[i].since);
-                            if let Some(i) = oldest {
-                                let r = pool.ready.remove(i);
-                                tracing::info!(tenant = %t, sandbox = %r.sb.id, "tenant pool gives up a sandbox to a pool short of its fair share of the pools' memory");
-                                rebalanced.push(r.sb);
-                                held -= 1;
+                        let taken = map.get_mut(&r_t).and_then(|pool| {
+                            let i = (0..pool.ready.len()).min_by_key(|&i| pool.ready[i].since)?;
+                            let reservation = lock(&pool.ready[i].sb.reservation).take()?;
+                            let r = pool.ready.remove(i);
+                            pool.evicted += 1;
+                            Some((r.sb, reservation))
+                        });
+                        if let Some((sb, reservation)) = taken {
+                            if let Some(pool) = map.get_mut(&n_t) {
+                                tracing::info!(from = %r_t, to = %n_t, sandbox = %sb.id, "a tenant pool gives up a sandbox to a pool short of its fair share of the pools' memory");
+                                pool.preparing += 1;
+                                handovers.push((
+                                    pool.config.clone(),
+                                    pool.generation,
+                                    Handover(sb, reservation),
+                                ));
                             }
                         }
                     }
@@ -395,17 +433,13 @@ impl Node {
                 }
             }
         }
-        if !rebalanced.is_empty() {
+        for (cfg, generation, handed) in handovers {
             let node = self.clone();
-            tokio::spawn(async move {
-                for sb in rebalanced {
-                    node.destroy_entry(&sb).await;
-                }
-            });
+            tokio::spawn(async move { node.prepare_one(cfg, generation, Some(handed)).await });
         }
         for (cfg, generation) in jobs {
             let node = self.clone();
-            tokio::spawn(async move { node.prepare_one(cfg, generation).await });
+            tokio::spawn(async move { node.prepare_one(cfg, generation, None).await });
         }
     }
 
@@ -443,8 +477,13 @@ impl Node {
         });
     }
 
-    async fn prepare_one(self: &Arc<Self>, cfg: TenantPoolConfig, generation: u64) {
-        let result = self.prepare_sandbox(&cfg, generation).await;
+    async fn prepare_one(
+        self: &Arc<Self>,
+        cfg: TenantPoolConfig,
+        generation: u64,
+        handed: Option<Handover>,
+    ) {
+        let result = self.prepare_sandbox(&cfg, generation, handed).await;
         let mut map = lock(&self.tenant_pools.map);
         let shutting_down = self.shutting_down.load(Ordering::SeqCst);
         let current = map
@@ -500,9 +539,23 @@ impl Node {
         self: &Arc<Self>,
         cfg: &TenantPoolConfig,
         generation: u64,
+        handed: Option<Handover>,
     ) -> Result<Ready, PrepareError> {
-        let sb = match self.pop_pooled() {
-            Some(sb) => {
+        let handed = match handed {
+            // Another pool's sandbox gave up its room for this one: gone first, then booted
+            // in its place, so neither the node's capacity nor the pools' memory is exceeded.
+            Some(Handover(victim, reservation)) => {
+                self.destroy_entry(&victim).await;
+                Some(reservation)
+            }
+            None => None,
+        };
+        let sb = match handed.map_or_else(|| self.pop_pooled().map(Ok), |r| Some(Err(r))) {
+            Some(Err(reservation)) => self
+                .boot(reservation)
+                .await
+                .map_err(|e| PrepareError::Failed(e.to_string()))?,
+            Some(Ok(sb)) => {
                 let node = self.clone();
                 tokio::spawn(async move { node.fill_pool().await });
                 sb
@@ -596,6 +649,10 @@ impl Node {
         }
     }
 }
+
+/// The room of a sandbox another pool gave up (fair shares): it is destroyed, then the
+/// preparation boots with its reservation.
+struct Handover(Arc<SandboxEntry>, crate::capacity::Reservation);
 
 /// Why a preparation did not happen.
 enum PrepareError {

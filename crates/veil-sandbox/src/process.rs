@@ -40,27 +40,39 @@ pub struct ProcessConfig {
 pub struct ProcessBackend {
     config: ProcessConfig,
     layout: Layout,
-    /// SHA-384 of the agent binary, with the size and modification time it was taken at.
+    /// SHA-384 of the agent binary, with the identity of the file it was taken of.
     measurement: Measured,
 }
 
-type Measured = std::sync::Mutex<Option<(u64, std::time::SystemTime, String)>>;
+/// The file's identity (device, inode, size, modification and change times) and its SHA-384.
+type Measured = std::sync::Mutex<Option<(FileId, String)>>;
+type FileId = (u64, u64, u64, std::time::SystemTime, i64, i64);
 
 /// SHA-384 (hex) of the file at `path`, from `cache` while its size and modification time stay
 /// the same.
 fn sha384_cached(path: &std::path::Path, cache: &Measured) -> Option<String> {
     use sha2::Digest;
+    use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).ok()?;
-    let (len, mtime) = (meta.len(), meta.modified().ok()?);
+    // The change time moves with every rewrite or rename onto the path, even one that keeps
+    // the size and the modification time (`cp -p`, reproducible builds).
+    let id: FileId = (
+        meta.dev(),
+        meta.ino(),
+        meta.len(),
+        meta.modified().ok()?,
+        meta.ctime(),
+        meta.ctime_nsec(),
+    );
     let mut cached = cache.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((l, m, h)) = cached.as_ref() {
-        if *l == len && *m == mtime {
+    if let Some((seen, h)) = cached.as_ref() {
+        if *seen == id {
             return Some(h.clone());
         }
     }
     let bytes = std::fs::read(path).ok()?;
     let h = hex::encode(sha2::Sha384::digest(&bytes));
-    *cached = Some((len, mtime, h.clone()));
+    *cached = Some((id, h.clone()));
     Some(h)
 }
 
@@ -423,6 +435,19 @@ mod tests {
         assert_eq!(
             sha384_cached(&f, &cache).unwrap(),
             hex::encode(sha2::Sha384::digest(b"second"))
+        );
+        // So is one of the same size and modification time (its change time moved).
+        let mtime = std::fs::metadata(&f).unwrap().modified().unwrap();
+        std::fs::write(&f, b"SECOND").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        assert_eq!(
+            sha384_cached(&f, &cache).unwrap(),
+            hex::encode(sha2::Sha384::digest(b"SECOND"))
         );
         assert_eq!(sha384_cached(&dir.join("missing"), &cache), None);
         std::fs::remove_dir_all(&dir).unwrap();

@@ -188,6 +188,7 @@ pub fn spawn_autoscaler(gw: Weak<Gateway>) {
                             &rt.record.tenant,
                             rt.record.kbs_url.as_deref(),
                             rt.record.allow_insecure_software_tee,
+                            false,
                         ) {
                             Ok(claim) => {
                                 rt.min_scale_blocked = false;

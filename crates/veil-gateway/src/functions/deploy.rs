@@ -292,7 +292,13 @@ pub fn validate(
 }
 
 /// Handle `PUT /v1/functions/<name>`.
-pub async fn deploy(gw: &Arc<Gateway>, name: &str, req: DeployRequest, v: ValidDeploy) -> Response {
+pub async fn deploy(
+    gw: &Arc<Gateway>,
+    caller: &crate::auth::Caller,
+    name: &str,
+    req: DeployRequest,
+    v: ValidDeploy,
+) -> Response {
     let ValidDeploy {
         tenant,
         concurrency,
@@ -317,6 +323,20 @@ pub async fn deploy(gw: &Arc<Gateway>, name: &str, req: DeployRequest, v: ValidD
     };
     let (status, created) = {
         let mut map = lock(&gw.functions.map);
+        // The image was resolved meanwhile (seconds, from a registry): a tenant whose tokens
+        // were all revoked since — deleted — deploys nothing. Checked under the lock that a
+        // tenant's deletion sweeps its functions under, after it revoked them.
+        if let crate::auth::Caller::Tenant(t) = caller {
+            if !gw.auth.tenant_has_tokens(t) {
+                return api_error(
+                    StatusCode::UNAUTHORIZED,
+                    "UNAUTHORIZED",
+                    format!(
+                        "tenant {t:?} has no token any more (it was revoked or the tenant deleted)"
+                    ),
+                );
+            }
+        }
         // A function keeps its tenant for life: checked under the lock, so two tenants racing
         // to create one name cannot replace each other's function.
         if let Some(existing) = map.get(name) {

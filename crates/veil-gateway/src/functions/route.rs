@@ -119,6 +119,7 @@ async fn route(
                         &rt.record.tenant,
                         rt.record.kbs_url.as_deref(),
                         rt.record.allow_insecure_software_tee,
+                        true,
                     ) {
                         Ok(claim) => {
                             at_capacity = None;
