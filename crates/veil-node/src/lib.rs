@@ -549,7 +549,12 @@ impl Node {
             e.dead.store(true, Ordering::SeqCst);
             if let Some(node) = me.upgrade() {
                 if !e.destroying.load(Ordering::SeqCst) {
-                    tracing::warn!(sandbox = %e.id, %exit, "sandbox ended");
+                    // One booted as the node shut down is ended by the backend: expected.
+                    if node.shutting_down.load(Ordering::SeqCst) {
+                        tracing::debug!(sandbox = %e.id, %exit, "sandbox ended at shutdown");
+                    } else {
+                        tracing::warn!(sandbox = %e.id, %exit, "sandbox ended");
+                    }
                     node.destroy_entry(&e).await;
                     // A pooled sandbox that died is replaced.
                     if !node.shutting_down.load(Ordering::SeqCst) {
