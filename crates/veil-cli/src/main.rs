@@ -345,7 +345,8 @@ struct UpArgs {
     tenant_pools: Vec<veil_cli::TenantPoolSpec>,
     /// Memory the pools together may commit (generic and tenant-attested sandboxes not yet
     /// assigned), e.g. 4GiB; tenants' pools fill first, in turn [default: all of the capacity].
-    /// A start that finds the node full evicts the oldest idle tenant-attested sandbox.
+    /// A start a request waits on that finds the node full evicts the oldest idle
+    /// tenant-attested sandbox.
     #[arg(long, value_parser = veil_node::capacity::parse_size)]
     pool_memory: Option<u64>,
     /// Registries (host:port) to reach over plain HTTP besides loopback.

@@ -48,6 +48,15 @@ async fn push(p: &Platform, t: &Tenant) -> String {
     reference.to_string()
 }
 
+/// Run the `veil` CLI against `p` with the operator token.
+fn veil(p: &Platform, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_veil"))
+        .args(args)
+        .args(["--server", &p.url(), "--token", p.operator_token()])
+        .output()
+        .unwrap()
+}
+
 fn pool(tenant: &str, size: usize) -> TenantPoolSpec {
     TenantPoolSpec {
         tenant: tenant.into(),
@@ -177,17 +186,7 @@ async fn tenant_attested_starts_skip_attestation_and_never_cross_tenants() {
     assert_eq!(last.pool, "tenant-attested");
     assert_eq!(last.agent.attest_ms, 0.0);
     assert!(last.agent.attested_ahead);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_veil"))
-        .args([
-            "describe",
-            "acme-one",
-            "--server",
-            &p.url(),
-            "--token",
-            p.operator_token(),
-        ])
-        .output()
-        .unwrap();
+    let out = veil(&p, &["describe", "acme-one"]);
     let text = String::from_utf8_lossy(&out.stdout);
     let head = text
         .lines()
@@ -551,17 +550,7 @@ async fn pool_memory_bounds_the_pools_and_a_full_node_evicts_idle_prepared_sandb
     let gone: Vec<&String> = before.iter().filter(|id| !live.contains(*id)).collect();
     assert_eq!(gone.len(), 1, "{before:?} / {live:?}");
     assert!(!before.contains(&b), "{b} was a pooled sandbox");
-    let e = std::process::Command::new(env!("CARGO_BIN_EXE_veil"))
-        .args([
-            "pool",
-            "ls",
-            "--server",
-            &p.url(),
-            "--token",
-            p.operator_token(),
-        ])
-        .output()
-        .unwrap();
+    let e = veil(&p, &["pool", "ls"]);
     let out = String::from_utf8_lossy(&e.stdout);
     assert!(out.contains("EVICTED") && out.contains("short"), "{out}");
 
@@ -698,34 +687,13 @@ async fn deleting_a_tenant_leaves_nothing_of_it_running() {
         .to_string();
     assert!(e.contains("404") || e.contains("not"), "{e}");
     // The CLI lists and deletes the same way.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_veil"))
-        .args([
-            "tenant",
-            "ls",
-            "--server",
-            &p.url(),
-            "--token",
-            p.operator_token(),
-        ])
-        .output()
-        .unwrap();
+    let out = veil(&p, &["tenant", "ls"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("globex") && text.contains("globex-fn"),
         "{text}"
     );
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_veil"))
-        .args([
-            "tenant",
-            "rm",
-            "globex",
-            "--server",
-            &p.url(),
-            "--token",
-            p.operator_token(),
-        ])
-        .output()
-        .unwrap();
+    let out = veil(&p, &["tenant", "rm", "globex"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && text.contains("1 function(s) deleted (globex-fn)"),

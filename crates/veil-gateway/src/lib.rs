@@ -425,6 +425,17 @@ async fn logs(
     Json(gw.node.logs().tail(&status.record.tenant, &name, tail)).into_response()
 }
 
+/// A 400 for a tenant named in a path that is not a tenant name.
+fn bad_tenant_name(tenant: &str) -> Option<Response> {
+    (!functions::valid_name(tenant)).then(|| {
+        api_error(
+            StatusCode::BAD_REQUEST,
+            "BAD_REQUEST",
+            format!("{tenant:?} is not a tenant name"),
+        )
+    })
+}
+
 fn operator_only(caller: &auth::Caller) -> Option<Response> {
     (*caller != auth::Caller::Operator).then(|| {
         api_error(
@@ -493,12 +504,8 @@ async fn set_tenant_pool(
             )
         }
     };
-    if !functions::valid_name(&tenant) {
-        return api_error(
-            StatusCode::BAD_REQUEST,
-            "BAD_REQUEST",
-            format!("{tenant:?} is not a tenant name"),
-        );
+    if let Some(r) = bad_tenant_name(&tenant) {
+        return r;
     }
     if req.size > MAX_TENANT_POOL {
         return api_error(

@@ -12,7 +12,7 @@
 //! their names (and the images under them) by pushing to them; a token created later for the
 //! same name gets them back.
 
-use crate::{api_error, functions, operator_only, CallerExt, Gateway, GwState};
+use crate::{api_error, bad_tenant_name, operator_only, CallerExt, Gateway, GwState};
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -92,12 +92,8 @@ pub(crate) async fn delete(
     if let Some(r) = operator_only(&caller) {
         return r;
     }
-    if !functions::valid_name(&tenant) {
-        return api_error(
-            StatusCode::BAD_REQUEST,
-            "BAD_REQUEST",
-            format!("{tenant:?} is not a tenant name"),
-        );
+    if let Some(r) = bad_tenant_name(&tenant) {
+        return r;
     }
     if !tenants(&gw).iter().any(|t| t.tenant == tenant) {
         return api_error(

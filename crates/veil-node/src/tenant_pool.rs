@@ -87,6 +87,38 @@ struct Pool {
     short_of_memory: usize,
 }
 
+impl Pool {
+    /// Sandboxes it holds: ready, or being prepared.
+    fn held(&self) -> usize {
+        self.ready.len() + self.preparing
+    }
+
+    /// Its oldest idle sandbox that still holds its room (one being destroyed has given it
+    /// back already): its place in `ready`, and since when it waits.
+    fn oldest_idle(&self) -> Option<(usize, Instant)> {
+        self.ready
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !r.sb.dead.load(Ordering::SeqCst) && lock(&r.sb.reservation).is_some())
+            .min_by_key(|(_, r)| r.since)
+            .map(|(i, r)| (i, r.since))
+    }
+
+    /// Give up the idle sandbox at `at` with its room, counted as evicted (the taker destroys
+    /// it before booting in its place).
+    fn give_up(&mut self, at: usize) -> Option<(Arc<SandboxEntry>, crate::capacity::Reservation)> {
+        let reservation = lock(&self.ready[at].sb.reservation).take()?;
+        let r = self.ready.remove(at);
+        self.evicted += 1;
+        Some((r.sb, reservation))
+    }
+}
+
+/// Sandboxes all the tenants' pools hold.
+fn held_by_all(map: &HashMap<String, Pool>) -> usize {
+    map.values().map(Pool::held).sum()
+}
+
 #[derive(Default)]
 pub(crate) struct TenantPools {
     map: std::sync::Mutex<HashMap<String, Pool>>,
@@ -270,10 +302,7 @@ impl Node {
 
     /// Sandboxes the tenants' pools hold: ready, or being prepared.
     pub(crate) fn tenant_pooled(&self) -> usize {
-        lock(&self.tenant_pools.map)
-            .values()
-            .map(|p| p.ready.len() + p.preparing)
-            .sum()
+        held_by_all(&lock(&self.tenant_pools.map))
     }
 
     /// Take the oldest idle sandbox out of the tenants' pools, with its share of the budget, to
@@ -282,33 +311,14 @@ impl Node {
         &self,
     ) -> Option<(Arc<SandboxEntry>, crate::capacity::Reservation)> {
         let mut map = lock(&self.tenant_pools.map);
-        let mut candidates: Vec<(Instant, String, String)> = map
+        let (tenant, at) = map
             .iter()
-            .flat_map(|(t, p)| {
-                p.ready
-                    .iter()
-                    .filter(|r| !r.sb.dead.load(Ordering::SeqCst))
-                    .map(move |r| (r.since, t.clone(), r.sb.id.clone()))
-            })
-            .collect();
-        candidates.sort();
-        for (_, tenant, id) in candidates {
-            let Some(pool) = map.get_mut(&tenant) else {
-                continue;
-            };
-            let Some(at) = pool.ready.iter().position(|r| r.sb.id == id) else {
-                continue;
-            };
-            // One being destroyed already has no reservation (its room is on its way back).
-            let Some(reservation) = lock(&pool.ready[at].sb.reservation).take() else {
-                continue;
-            };
-            let r = pool.ready.remove(at);
-            pool.evicted += 1;
-            tracing::info!(tenant = %tenant, sandbox = %r.sb.id, "evicted an idle tenant-attested sandbox to make room for a start");
-            return Some((r.sb, reservation));
-        }
-        None
+            .filter_map(|(t, p)| p.oldest_idle().map(|(i, since)| (since, t, i)))
+            .min()
+            .map(|(_, t, i)| (t.clone(), i))?;
+        let (sb, reservation) = map.get_mut(&tenant)?.give_up(at)?;
+        tracing::info!(tenant = %tenant, sandbox = %sb.id, "evicted an idle tenant-attested sandbox to make room for a start");
+        Some((sb, reservation))
     }
 
     /// For the generic pool's filler, with `have` generic sandboxes pooled: if the pools'
@@ -320,8 +330,7 @@ impl Node {
         have: usize,
     ) -> Result<Option<crate::capacity::Reservation>, crate::capacity::CapacityError> {
         let map = lock(&self.tenant_pools.map);
-        let tenant_held: usize = map.values().map(|p| p.ready.len() + p.preparing).sum();
-        let held = have + self.pool_booting.load(Ordering::SeqCst) + tenant_held;
+        let held = have + self.pool_booting.load(Ordering::SeqCst) + held_by_all(&map);
         if held >= self.pool_slots() {
             return Ok(None);
         }
@@ -347,12 +356,7 @@ impl Node {
             // counts and reserves (`reserve_generic_slot`).
             let mut map = lock(&self.tenant_pools.map);
             let pooled = self.pooled_now();
-            let generic = self.generic_pooled();
-            let mut held: usize = generic
-                + map
-                    .values()
-                    .map(|p| p.ready.len() + p.preparing)
-                    .sum::<usize>();
+            let mut held = pooled + self.pool_booting.load(Ordering::SeqCst) + held_by_all(&map);
             let mut convertible = pooled;
             let mut tenants: Vec<String> = map
                 .iter_mut()
@@ -362,7 +366,6 @@ impl Node {
                     t.clone()
                 })
                 .collect();
-            let count = |p: &Pool| p.ready.len() + p.preparing;
             // Fair shares of a full budget: a pool that holds two more than a pool short of
             // its size gives up its oldest idle sandbox, whose room goes straight to the
             // poorer pool's preparation (one per fill, so it converges gently).
@@ -370,22 +373,19 @@ impl Node {
                 let needy = tenants
                     .iter()
                     .filter_map(|t| map.get(t).map(|p| (t, p)))
-                    .filter(|(_, p)| count(p) < p.config.size)
-                    .min_by_key(|(t, p)| (count(p), (*t).clone()))
-                    .map(|(t, p)| (t.clone(), count(p)));
+                    .filter(|(_, p)| p.held() < p.config.size)
+                    .min_by_key(|(t, p)| (p.held(), (*t).clone()))
+                    .map(|(t, p)| (t.clone(), p.held()));
                 let rich = map
                     .iter()
                     .filter(|(_, p)| !p.ready.is_empty())
-                    .max_by_key(|(t, p)| (count(p), (*t).clone()))
-                    .map(|(t, p)| (t.clone(), count(p)));
+                    .max_by_key(|(t, p)| (p.held(), (*t).clone()))
+                    .map(|(t, p)| (t.clone(), p.held()));
                 if let (Some((n_t, n)), Some((r_t, c))) = (needy, rich) {
                     if c > n + 1 {
                         let taken = map.get_mut(&r_t).and_then(|pool| {
-                            let i = (0..pool.ready.len()).min_by_key(|&i| pool.ready[i].since)?;
-                            let reservation = lock(&pool.ready[i].sb.reservation).take()?;
-                            let r = pool.ready.remove(i);
-                            pool.evicted += 1;
-                            Some((r.sb, reservation))
+                            let (at, _) = pool.oldest_idle()?;
+                            pool.give_up(at)
                         });
                         if let Some((sb, reservation)) = taken {
                             if let Some(pool) = map.get_mut(&n_t) {
@@ -401,12 +401,12 @@ impl Node {
                     }
                 }
             }
-            tenants.sort_by_key(|t| (map.get(t).map_or(0, count), t.clone()));
+            tenants.sort_by_key(|t| (map.get(t).map_or(0, Pool::held), t.clone()));
             loop {
                 let mut added = false;
                 for t in &tenants {
                     let Some(pool) = map.get_mut(t) else { continue };
-                    if pool.ready.len() + pool.preparing >= pool.config.size {
+                    if pool.held() >= pool.config.size {
                         continue;
                     }
                     if convertible > 0 {
@@ -426,10 +426,7 @@ impl Node {
             }
             for t in &tenants {
                 if let Some(pool) = map.get_mut(t) {
-                    pool.short_of_memory = pool
-                        .config
-                        .size
-                        .saturating_sub(pool.ready.len() + pool.preparing);
+                    pool.short_of_memory = pool.config.size.saturating_sub(pool.held());
                 }
             }
         }
@@ -541,39 +538,30 @@ impl Node {
         generation: u64,
         handed: Option<Handover>,
     ) -> Result<Ready, PrepareError> {
-        let handed = match handed {
+        let sb = if let Some(Handover(victim, reservation)) = handed {
             // Another pool's sandbox gave up its room for this one: gone first, then booted
             // in its place, so neither the node's capacity nor the pools' memory is exceeded.
-            Some(Handover(victim, reservation)) => {
-                self.destroy_entry(&victim).await;
-                Some(reservation)
-            }
-            None => None,
-        };
-        let sb = match handed.map_or_else(|| self.pop_pooled().map(Ok), |r| Some(Err(r))) {
-            Some(Err(reservation)) => self
-                .boot(reservation)
+            self.destroy_entry(&victim).await;
+            self.boot(reservation)
                 .await
-                .map_err(|e| PrepareError::Failed(e.to_string()))?,
-            Some(Ok(sb)) => {
-                let node = self.clone();
-                tokio::spawn(async move { node.fill_pool().await });
-                sb
+                .map_err(|e| PrepareError::Failed(e.to_string()))?
+        } else if let Some(sb) = self.pop_pooled() {
+            let node = self.clone();
+            tokio::spawn(async move { node.fill_pool().await });
+            sb
+        } else {
+            // Another preparation took the generic sandbox this one was counted on: boot one
+            // only if the pools' memory still has room (this preparation counts already).
+            if self.generic_pooled() + self.tenant_pooled() > self.pool_slots() {
+                return Err(PrepareError::PoolFull);
             }
-            None => {
-                // Another preparation took the generic sandbox this one was counted on: boot
-                // one only if the pools' memory still has room (this preparation counts already).
-                if self.generic_pooled() + self.tenant_pooled() > self.pool_slots() {
-                    return Err(PrepareError::PoolFull);
-                }
-                let reservation = self
-                    .budget
-                    .reserve()
-                    .map_err(|e| PrepareError::NoRoom(format!("no room on the node: {e}")))?;
-                self.boot(reservation)
-                    .await
-                    .map_err(|e| PrepareError::Failed(e.to_string()))?
-            }
+            let reservation = self
+                .budget
+                .reserve()
+                .map_err(|e| PrepareError::NoRoom(format!("no room on the node: {e}")))?;
+            self.boot(reservation)
+                .await
+                .map_err(|e| PrepareError::Failed(e.to_string()))?
         };
         // Bound to the tenant from here on: whatever happens, it is never generic again.
         *lock(&sb.owner) = Some(crate::logs::Owner::new(&cfg.tenant, "(pool)"));
