@@ -178,6 +178,37 @@ impl AdminClient {
         Ok(check(r).await?.json().await?)
     }
 
+    /// One function, with its revisions and traffic.
+    pub async fn function(&self, name: &str) -> Result<FunctionStatus> {
+        let r = self
+            .admin(
+                reqwest::Method::GET,
+                &format!("/v1/functions/{}", path_segment(name)),
+            )
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Ok(check(r).await?.json().await?)
+    }
+
+    /// Set where a function's requests go.
+    pub async fn set_traffic(
+        &self,
+        name: &str,
+        traffic: Vec<veil_gateway::TrafficTarget>,
+    ) -> Result<FunctionStatus> {
+        let r = self
+            .admin(
+                reqwest::Method::PUT,
+                &format!("/v1/functions/{}/traffic", path_segment(name)),
+            )
+            .json(&veil_gateway::TrafficRequest { traffic })
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Ok(check(r).await?.json().await?)
+    }
+
     /// Delete a function.
     pub async fn delete(&self, name: &str) -> Result<()> {
         let r = self

@@ -7,6 +7,7 @@ pub mod client;
 pub mod demo;
 pub mod guest;
 pub mod images;
+pub mod serving;
 pub mod simulate;
 
 use anyhow::{bail, Context, Result};

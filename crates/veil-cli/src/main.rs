@@ -96,6 +96,34 @@ enum Cmd {
         /// Function name.
         name: String,
     },
+    /// List a function's revisions: traffic, tags, instances, image.
+    Revisions {
+        /// Function name.
+        name: String,
+    },
+    /// Split a function's traffic between revisions, e.g. `veil traffic hello 3=90 @latest=10
+    /// --tag canary=@latest`. `@latest` follows every new deploy; a pinned revision does not.
+    /// Revisions that lose their traffic drain.
+    Traffic {
+        /// Function name.
+        name: String,
+        /// `<revision>=<percent>` or `@latest=<percent>`; the percents sum to 100.
+        #[arg(required = true)]
+        splits: Vec<String>,
+        /// `<tag>=<revision>` or `<tag>=@latest`: the target gets its own address,
+        /// `/f/<fn>@<tag>/` (or `Host: <tag>.<fn><suffix>`).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
+    /// Send all of a function's traffic back to an older revision (by default the newest one
+    /// older than the revision taking most of it now). Tags stay.
+    Rollback {
+        /// Function name.
+        name: String,
+        /// The revision to roll back to.
+        #[arg(long)]
+        to: Option<u64>,
+    },
     /// Build, push and inspect images.
     #[command(subcommand)]
     Image(ImageCmd),
@@ -977,6 +1005,30 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Delete { name } => {
             admin()?.delete(&name).await?;
             println!("deleted {name}");
+        }
+        Cmd::Revisions { name } => veil_cli::serving::revisions(&admin()?, &name).await?,
+        Cmd::Traffic { name, splits, tags } => {
+            let mut traffic = splits
+                .iter()
+                .map(|s| veil_cli::serving::parse_split(s))
+                .collect::<Result<Vec<_>>>()?;
+            for t in &tags {
+                traffic.push(veil_cli::serving::parse_tag(t)?);
+            }
+            let f = admin()?.set_traffic(&name, traffic).await?;
+            println!("{name}: traffic set");
+            veil_cli::serving::print_traffic(&f);
+        }
+        Cmd::Rollback { name, to } => {
+            let admin = admin()?;
+            let f = admin.function(&name).await?;
+            let (target, traffic) = veil_cli::serving::rollback_traffic(&f, to)?;
+            let f = admin.set_traffic(&name, traffic).await?;
+            println!(
+                "{name}: all traffic to revision {target}, pinned (new deploys take none until \
+                 `veil traffic {name} @latest=100`)"
+            );
+            veil_cli::serving::print_traffic(&f);
         }
         Cmd::Image(ic) => image_cmd(ic, &cli.server, token.as_deref()).await?,
         Cmd::Token(tc) => match tc {

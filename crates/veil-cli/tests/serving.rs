@@ -4,159 +4,16 @@
 //! need root (`make test`).
 #![allow(clippy::unwrap_used)]
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::{timeout, Instant};
-use veil_cli::client::{AdminClient, Invocation};
-use veil_cli::{images, Platform, UpOptions};
-use veil_gateway::{DeployRequest, FunctionStatus};
-use veil_image::build::build_image;
-use veil_image::Reference;
+use veil_cli::client::AdminClient;
+use veil_gateway::DeployRequest;
 
-struct Env {
-    platform: Platform,
-    admin: AdminClient,
-    _state: tempfile::TempDir,
-}
-
-async fn up_with(f: impl FnOnce(&mut UpOptions)) -> Env {
-    let state = tempfile::tempdir().unwrap();
-    let mut opts = UpOptions::defaults(state.path().join("state"));
-    opts.listen = "127.0.0.1:0".parse().unwrap();
-    opts.pool_size = 1;
-    f(&mut opts);
-    let platform = Platform::start(opts).await.unwrap();
-    let admin = platform.admin_client().unwrap();
-    Env {
-        platform,
-        admin,
-        _state: state,
-    }
-}
-
-/// Push the example function to the platform's local store as `local/<repo_tag>`.
-async fn push_hello(env: &Env, repo_tag: &str) -> String {
-    let tmp = tempfile::tempdir().unwrap();
-    let ctx = tmp.path().join("ctx");
-    images::write_example(&ctx).unwrap();
-    let image = build_image(&images::example_spec(&ctx)).unwrap();
-    let reference: Reference = format!("local/{repo_tag}").parse().unwrap();
-    let client = env.platform.registry_client().unwrap();
-    let target = images::push_target(&reference, &env.platform.url()).unwrap();
-    images::push(&client, &image, &target).await.unwrap();
-    reference.to_string()
-}
-
-async fn get(admin: &AdminClient, name: &str, path: &str) -> Invocation {
-    admin
-        .invoke(name, "GET", path, Vec::new(), &BTreeMap::new())
-        .await
-        .unwrap()
-}
-
-fn text(r: &Invocation) -> String {
-    String::from_utf8_lossy(&r.body).into_owned()
-}
-
-fn instance(r: &Invocation) -> String {
-    r.headers
-        .get("x-veil-instance")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string()
-}
-
-async fn status(env: &Env, name: &str) -> FunctionStatus {
-    env.admin
-        .list()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|f| f.record.name == name)
-        .unwrap()
-}
-
-/// Wait (at most `within`) until `cond` holds of the function's status; panic with the last
-/// status otherwise.
-async fn wait_status(
-    env: &Env,
-    name: &str,
-    within: Duration,
-    what: &str,
-    cond: impl Fn(&FunctionStatus) -> bool,
-) -> FunctionStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        let st = status(env, name).await;
-        if cond(&st) {
-            return st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not within {within:?}: {st:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn sandboxes(env: &Env) -> Vec<serde_json::Value> {
-    env.admin.sandboxes().await.unwrap()
-}
-
-/// Wait until no sandbox with one of `ids` exists any more.
-async fn wait_destroyed(env: &Env, ids: &[String], within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let live = sandboxes(env).await;
-        let left: Vec<&serde_json::Value> = live
-            .iter()
-            .filter(|s| ids.iter().any(|id| s["id"] == id.as_str()))
-            .collect();
-        if left.is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "sandboxes {ids:?} not destroyed within {within:?}: {left:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// `GET /v1/node` with the operator token.
-async fn node_status(env: &Env) -> serde_json::Value {
-    reqwest::Client::new()
-        .get(format!("{}/v1/node", env.platform.url()))
-        .bearer_auth(env.platform.operator_token())
-        .send()
-        .await
-        .unwrap()
-        .error_for_status()
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
-/// Stop the platform and check that no sandbox process survived.
-async fn stop_clean(env: Env) {
-    let pids: Vec<u64> = sandboxes(&env)
-        .await
-        .iter()
-        .flat_map(|s| s["pids"].as_array().cloned().unwrap_or_default())
-        .filter_map(|p| p.as_u64())
-        .collect();
-    env.platform.stop().await.unwrap();
-    for p in pids {
-        assert!(
-            !Path::new(&format!("/proc/{p}")).exists(),
-            "sandbox process {p} survived shutdown"
-        );
-    }
-}
+mod common;
+use common::*;
 
 /// One response of the steady stream, and where it stood relative to the redeploy.
 struct Sample {

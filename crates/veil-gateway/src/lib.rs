@@ -21,12 +21,26 @@ mod functions;
 pub mod keepalive;
 pub mod metrics;
 mod registry;
+pub mod state;
 pub mod tenants;
 
+pub use functions::traffic::{MAX_REVISIONS, MAX_TARGETS};
 pub use functions::{
-    validate as validate_deploy, DeployRequest, FunctionRecord, FunctionStatus, ValidDeploy,
-    MAX_ENV_BYTES,
+    validate as validate_deploy, DeployRequest, FunctionRecord, FunctionStatus, RevisionStatus,
+    TrafficRequest, TrafficStatus, ValidDeploy, MAX_ENV_BYTES,
 };
+pub use state::TrafficTarget;
+
+/// Why a gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The token store.
+    #[error("the token store: {0}")]
+    Auth(#[from] auth::AuthError),
+    /// The state database.
+    #[error("{0}")]
+    Store(#[from] state::StoreError),
+}
 
 /// The parsers of untrusted admin-API and local-store input, for the `admin_request` fuzz
 /// target: each runs without a node or a network.
@@ -125,16 +139,18 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Create a gateway over `node`, restoring persisted deployments and opening the token
-    /// store (creating the operator token on first start).
-    pub fn new(node: Arc<Node>, config: GatewayConfig) -> Result<Arc<Self>, auth::AuthError> {
+    /// Create a gateway over `node`, opening the state database (refusing a corrupt one) and
+    /// restoring its deployments, and opening the token store (creating the operator token on
+    /// first start).
+    pub fn new(node: Arc<Node>, config: GatewayConfig) -> Result<Arc<Self>, GatewayError> {
         let auth = auth::Auth::open(&config.state_dir)?;
+        let store = Arc::new(state::sqlite::SqliteStore::open(&config.state_dir)?);
         let functions = functions::Functions::load(
-            &config.state_dir,
+            store,
             config.drain_timeout,
             node.backend_label(),
             keepalive::HybridConfig::with_bin(config.keep_alive_bin),
-        );
+        )?;
         let gw = Arc::new(Self {
             node,
             config,
@@ -168,6 +184,7 @@ impl Gateway {
                 get(get_function).put(deploy).delete(delete_function),
             )
             .route("/v1/functions/{name}/logs", get(logs))
+            .route("/v1/functions/{name}/traffic", put(set_traffic))
             .route("/v1/sandboxes", get(sandboxes))
             .route("/v1/node", get(node_status))
             .route("/v1/tenant-pools", get(list_tenant_pools))
@@ -398,13 +415,38 @@ async fn delete_function(
     let Some(status) = visible(&gw, &caller, &name) else {
         return not_deployed(&name);
     };
-    if gw.functions.delete(&status.record.tenant, &name).await {
-        // Only this tenant's logs: another tenant may already have deployed the name again.
-        gw.node.logs().forget(&status.record.tenant, &name);
-        Json(serde_json::json!({ "deleted": name })).into_response()
-    } else {
-        not_deployed(&name)
+    match gw.functions.delete(&status.record.tenant, &name).await {
+        Ok(true) => {
+            // Only this tenant's logs: another tenant may already have deployed the name again.
+            gw.node.logs().forget(&status.record.tenant, &name);
+            Json(serde_json::json!({ "deleted": name })).into_response()
+        }
+        Ok(false) => not_deployed(&name),
+        Err(e) => api_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "STATE_ERROR",
+            format!("the delete could not be stored, so nothing changed: {e}"),
+        ),
     }
+}
+
+async fn set_traffic(
+    State(gw): GwState,
+    caller: CallerExt,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let req: TrafficRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "BAD_REQUEST",
+                format!("malformed traffic: {e}"),
+            )
+        }
+    };
+    functions::set_traffic(&gw, &caller, &name, req).await
 }
 
 #[derive(serde::Deserialize)]
@@ -684,7 +726,16 @@ async fn invoke_root(State(gw): GwState, Path(name): Path<String>, req: Request<
         .query()
         .map(|q| format!("?{q}"))
         .unwrap_or_default();
-    functions::invoke(&gw, &name, format!("/{query}"), req).await
+    let (name, tag) = split_tag(&name);
+    functions::invoke(&gw, name, tag, format!("/{query}"), req).await
+}
+
+/// `<fn>@<tag>` (a tagged target's own address) → (fn, tag).
+fn split_tag(name: &str) -> (&str, Option<&str>) {
+    match name.split_once('@') {
+        Some((n, t)) => (n, Some(t)),
+        None => (name, None),
+    }
 }
 
 async fn invoke_path(
@@ -703,7 +754,8 @@ async fn invoke_path(
         .strip_prefix("/f/")
         .and_then(|r| r.find('/').map(|i| r[i..].to_string()))
         .unwrap_or_else(|| "/".into());
-    functions::invoke(&gw, &name, raw, req).await
+    let (name, tag) = split_tag(&name);
+    functions::invoke(&gw, name, tag, raw, req).await
 }
 
 /// Requests whose Host names a function go to that function whatever their path, so a
@@ -720,7 +772,12 @@ async fn host_first(
                 .path_and_query()
                 .map(|p| p.as_str().to_string())
                 .unwrap_or_else(|| "/".into());
-            functions::invoke(&gw, &name, pq, req).await
+            // `<tag>.<fn><suffix>` addresses a tagged target (names have no dots).
+            let (tag, name) = match name.split_once('.') {
+                Some((t, n)) => (Some(t), n),
+                None => (None, name.as_str()),
+            };
+            functions::invoke(&gw, name, tag, pq, req).await
         }
         None => next.run(req).await,
     }

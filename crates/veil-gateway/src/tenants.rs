@@ -134,7 +134,14 @@ async fn delete_tenant(
     let functions_deleted: Vec<String> = names
         .into_iter()
         .zip(deleted)
-        .filter_map(|(n, d)| d.then_some(n))
+        .filter_map(|(n, d)| match d {
+            Ok(true) => Some(n),
+            Ok(false) => None,
+            Err(e) => {
+                tracing::error!(tenant, function = %n, error = %e, "cannot delete the tenant's function");
+                None
+            }
+        })
         .collect();
     // Nothing of it stays readable: its functions' logs and its pool's.
     for n in &functions_deleted {

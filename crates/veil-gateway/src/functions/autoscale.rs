@@ -13,6 +13,7 @@ use veil_node::{Claim, InstanceSpec};
 pub(super) fn start_instance(gw: &Arc<Gateway>, rt: &mut Runtime, claim: Claim) {
     rt.starting += 1;
     let rec = rt.record.clone();
+    let runtime = rt.id;
     let gw = gw.clone();
     let cancel = rt.cancel.clone();
     tokio::spawn(async move {
@@ -46,8 +47,11 @@ pub(super) fn start_instance(gw: &Arc<Gateway>, rt: &mut Runtime, claim: Claim) 
         let mut stale = None;
         {
             let mut map = lock(&gw.functions.map);
-            match map.get_mut(&rec.name) {
-                Some(rt) if rt.record.revision == rec.revision => {
+            let rt = map
+                .get_mut(&rec.name)
+                .and_then(|f| f.live.get_mut(&rec.revision));
+            match rt {
+                Some(rt) if rt.id == runtime => {
                     rt.starting = rt.starting.saturating_sub(1);
                     match res {
                         Ok(inst) => {
@@ -70,7 +74,8 @@ pub(super) fn start_instance(gw: &Arc<Gateway>, rt: &mut Runtime, claim: Claim) 
                     }
                     rt.bump();
                 }
-                // Deleted or redeployed meanwhile: the instance belongs to nobody.
+                // Deleted, or the revision lost its traffic meanwhile: the instance belongs to
+                // nobody.
                 _ => stale = res.ok(),
             }
         }
@@ -144,7 +149,7 @@ pub fn spawn_autoscaler(gw: Weak<Gateway>) {
             let Some(gw) = gw.upgrade() else { return };
             {
                 let mut map = lock(&gw.functions.map);
-                for rt in map.values_mut() {
+                for rt in map.values_mut().flat_map(|f| f.live.values_mut()) {
                     let mut doomed = Vec::new();
                     rt.instances.retain(|s| s.inst.is_alive());
                     let fixed = Duration::from_secs(rt.record.idle_timeout_s);

@@ -1,6 +1,7 @@
 //! `PUT /v1/functions/<name>`: validation, capacity check, and the switch to a new revision.
 
-use super::{lock, FunctionRecord, Runtime};
+use super::{lock, traffic, FunctionRecord};
+use crate::state::TrafficTarget;
 use crate::{api_error, Gateway};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -340,7 +341,7 @@ pub async fn deploy(
         // A function keeps its tenant for life: checked under the lock, so two tenants racing
         // to create one name cannot replace each other's function.
         if let Some(existing) = map.get(name) {
-            if existing.record.tenant != tenant {
+            if existing.tenant != tenant {
                 return api_error(
                     StatusCode::FORBIDDEN,
                     "FORBIDDEN",
@@ -351,13 +352,9 @@ pub async fn deploy(
                 );
             }
         }
-        if let Some(refusal) = capacity_refusal(gw, &map, name, min_scale) {
-            return refusal;
-        }
-        let revision = map.get(name).map(|r| r.record.revision + 1).unwrap_or(1);
-        let record = FunctionRecord {
+        let mut record = FunctionRecord {
             name: name.to_string(),
-            tenant,
+            tenant: tenant.clone(),
             image,
             env: req.env,
             concurrency,
@@ -367,22 +364,61 @@ pub async fn deploy(
             ready_timeout_s,
             idle_timeout_s,
             keep_alive,
-            revision,
+            revision: 0,
             secrets,
             image_keys,
             signature_policy,
             kbs_url,
             allow_insecure_software_tee: req.allow_insecure_software_tee,
+            created_ms: super::now_ms(),
         };
-        let created = !map.contains_key(name);
-        if let Some(old) = map.insert(name.to_string(), Runtime::new(record)) {
-            // New requests go to the new revision from now on; the old instances finish
-            // theirs and are destroyed in the background.
-            drop(gw.functions.retire(old, "redeployed"));
+        // What the function would be with the new revision (numbered above all others, so
+        // that `@latest` resolves to it), for the capacity check and the pruning.
+        let (mut revisions, traffic) = match map.get(name) {
+            Some(f) => (f.revisions.clone(), f.traffic.clone()),
+            None => (BTreeMap::new(), TrafficTarget::latest()),
+        };
+        revisions.insert(u64::MAX, record.clone());
+        if let Some(refusal) = capacity_refusal(gw, &map, name, &revisions, &traffic) {
+            return refusal;
         }
-        let status = map.get(name).map(|rt| gw.functions.status_of(rt));
-        gw.functions.persist(&map);
-        (status, created)
+        let wanted = traffic::wanted(&revisions, &traffic);
+        let prune: Vec<u64> = revisions
+            .keys()
+            .filter(|r| !wanted.contains(r) && **r != u64::MAX)
+            .copied()
+            .take(revisions.len().saturating_sub(traffic::MAX_REVISIONS))
+            .collect();
+        // Durable first: only a deploy the store has is acknowledged (and applied).
+        if let Err(e) = gw
+            .functions
+            .store()
+            .add_revision(&mut record, &traffic, &prune)
+        {
+            tracing::error!(function = name, error = %e, "deploy not stored");
+            return api_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "STATE_ERROR",
+                format!("the deploy could not be stored, so nothing changed: {e}"),
+            );
+        }
+        let created = !map.contains_key(name);
+        let f = map
+            .entry(name.to_string())
+            .or_insert_with(|| super::Function {
+                tenant,
+                revisions: BTreeMap::new(),
+                traffic: traffic.clone(),
+                live: BTreeMap::new(),
+            });
+        for p in &prune {
+            f.revisions.remove(p);
+        }
+        f.revisions.insert(record.revision, record);
+        // New requests go to the new revision (where `@latest` has traffic) from now on; the
+        // revisions that lost their traffic finish their requests and go, in the background.
+        gw.functions.reconcile(f, "redeployed");
+        (gw.functions.status_of(f), created)
     };
     tracing::info!(function = name, "deployed");
     let code = if created {
@@ -393,39 +429,91 @@ pub async fn deploy(
     (code, Json(status)).into_response()
 }
 
-/// A deployment whose `min_scale` the node cannot keep up is refused: the `min_scale` of all
-/// functions together must fit the node's capacity (pooled sandboxes are not counted: an
-/// instance takes one from the pool). `max_scale` may exceed it; starts beyond it wait.
+/// Body of `PUT /v1/functions/<name>/traffic`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrafficRequest {
+    /// The targets: their percents sum to 100.
+    pub traffic: Vec<TrafficTarget>,
+}
+
+/// Handle `PUT /v1/functions/<name>/traffic` for a caller allowed to act for the function's
+/// tenant (checked by the caller, and again here under the lock).
+pub async fn set_traffic(
+    gw: &Arc<Gateway>,
+    caller: &crate::auth::Caller,
+    name: &str,
+    req: TrafficRequest,
+) -> Response {
+    let mut map = lock(&gw.functions.map);
+    let Some(f) = map.get(name).filter(|f| caller.may_act_for(&f.tenant)) else {
+        return crate::not_deployed(name);
+    };
+    if let Err(m) = traffic::validate(&f.revisions, &req.traffic) {
+        return api_error(StatusCode::BAD_REQUEST, "BAD_TRAFFIC", m);
+    }
+    let revisions = f.revisions.clone();
+    if let Some(refusal) = capacity_refusal(gw, &map, name, &revisions, &req.traffic) {
+        return refusal;
+    }
+    if let Err(e) = gw.functions.store().set_traffic(name, &req.traffic) {
+        tracing::error!(function = name, error = %e, "traffic change not stored");
+        return api_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "STATE_ERROR",
+            format!("the traffic change could not be stored, so nothing changed: {e}"),
+        );
+    }
+    let Some(f) = map.get_mut(name) else {
+        return crate::not_deployed(name);
+    };
+    f.traffic = req.traffic;
+    gw.functions.reconcile(f, "lost its traffic");
+    tracing::info!(function = name, traffic = ?f.traffic, "traffic changed");
+    Json(gw.functions.status_of(f)).into_response()
+}
+
+/// A deployment or traffic change whose `min_scale` the node cannot keep up is refused: the
+/// `min_scale` of every live revision of all functions together must fit the node's capacity
+/// (pooled sandboxes are not counted: an instance takes one from the pool). `max_scale` may
+/// exceed it; starts beyond it wait. `revisions` and `traffic` are what `name` would have.
 fn capacity_refusal(
     gw: &Gateway,
-    map: &HashMap<String, Runtime>,
+    map: &HashMap<String, super::Function>,
     name: &str,
-    min_scale: u32,
+    revisions: &BTreeMap<u64, FunctionRecord>,
+    traffic: &[TrafficTarget],
 ) -> Option<Response> {
-    if min_scale == 0 {
+    let mine: u64 = traffic::wanted(revisions, traffic)
+        .iter()
+        .filter_map(|r| revisions.get(r))
+        .map(|r| u64::from(r.min_scale))
+        .sum();
+    if mine == 0 {
         return None;
     }
     let cap = gw.node.capacity();
     let others: u64 = map
         .iter()
         .filter(|(n, _)| n.as_str() != name)
-        .map(|(_, rt)| u64::from(rt.record.min_scale))
+        .flat_map(|(_, f)| f.live.values())
+        .map(|rt| u64::from(rt.record.min_scale))
         .sum();
-    if others + u64::from(min_scale) <= cap.max_sandboxes {
+    if others + mine <= cap.max_sandboxes {
         return None;
     }
     tracing::warn!(
         function = name,
-        min_scale,
+        min_scale = mine,
         others,
         max_sandboxes = cap.max_sandboxes,
-        "deploy refused: min_scale exceeds the node's capacity"
+        "refused: min_scale exceeds the node's capacity"
     );
     Some(api_error(
         StatusCode::UNPROCESSABLE_ENTITY,
         "CAPACITY_EXCEEDED",
         format!(
-            "min_scale {min_scale} does not fit the node's capacity: {} holds {} sandboxes of \
+            "min_scale {mine} does not fit the node's capacity: {} holds {} sandboxes of \
              {} each, and other functions keep {others} of them up",
             cap.capacity, cap.max_sandboxes, cap.per_sandbox
         ),

@@ -4,6 +4,12 @@
 //! * [`route`]: picking an instance (or holding the request while one starts) and proxying.
 //! * [`autoscale`]: starting instances within the node's capacity, scaling down idle ones.
 //! * [`drain`]: instances that stop taking requests finish theirs before they are destroyed.
+//! * [`traffic`]: which revisions take a function's requests.
+//!
+//! Every deploy creates an immutable revision; a function's traffic names the revisions that
+//! take its requests (by percent, or by tag), and only those are *live* (have a [`Runtime`]).
+//! A revision that loses its traffic drains. Changes are written to the [`Store`] first and
+//! applied in memory only once it has them.
 //!
 //! Lock order: the deployments map, then the drain registry, then the node's pool and budget.
 
@@ -11,20 +17,24 @@ mod autoscale;
 mod deploy;
 mod drain;
 mod route;
+pub mod traffic;
 
 pub use autoscale::spawn_autoscaler;
 pub(crate) use deploy::valid_name;
-pub use deploy::{deploy, validate, DeployRequest, ValidDeploy, MAX_ENV_BYTES};
+pub use deploy::{
+    deploy, set_traffic, validate, DeployRequest, TrafficRequest, ValidDeploy, MAX_ENV_BYTES,
+};
 pub use route::invoke;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use veil_node::cache::ResolvedImage;
 use veil_node::{CancellationToken, Instance};
+
+use crate::state::{Store, StoreError, TrafficTarget};
 
 /// A deployed function.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -69,6 +79,9 @@ pub struct FunctionRecord {
     /// Whether the INSECURE software TEE may be used where no hardware TEE exists.
     #[serde(default)]
     pub allow_insecure_software_tee: bool,
+    /// When this revision was created (milliseconds since the Unix epoch; 0 if unknown).
+    #[serde(default)]
+    pub created_ms: u64,
 }
 
 /// What `GET /v1/functions[/<name>]` reports.
@@ -99,9 +112,53 @@ pub struct FunctionStatus {
     /// why), for `hybrid`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_alive_decision: Option<String>,
-    /// The phase breakdowns of its latest cold starts (this revision), oldest first.
+    /// The phase breakdowns of its latest cold starts (live revisions), oldest first.
     #[serde(default)]
     pub recent_starts: Vec<veil_node::StartTimings>,
+    /// Where its requests go, each target with the revision it resolves to.
+    #[serde(default)]
+    pub traffic: Vec<TrafficStatus>,
+    /// Its kept revisions, oldest first (`record` is the latest).
+    #[serde(default)]
+    pub revisions: Vec<RevisionStatus>,
+}
+
+/// One traffic target as `GET /v1/functions/<name>` reports it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrafficStatus {
+    /// The revision it resolves to.
+    pub revision: u64,
+    /// Whether it follows the latest revision.
+    pub latest: bool,
+    /// Percent of the untagged requests.
+    pub percent: u32,
+    /// Its tag, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+}
+
+/// One kept revision as `GET /v1/functions/<name>` reports it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RevisionStatus {
+    /// Its number.
+    pub revision: u64,
+    /// The image reference and the manifest digest it is pinned to.
+    pub image: String,
+    /// Pinned manifest digest.
+    pub digest: String,
+    /// When it was created (ms since the Unix epoch).
+    pub created_ms: u64,
+    /// Percent of the untagged requests it takes.
+    pub percent: u32,
+    /// Tags that address it.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Whether it is live (has traffic or a tag).
+    pub live: bool,
+    /// Ready instances.
+    pub instances: usize,
+    /// Instances starting.
+    pub starting: usize,
 }
 
 /// One ready instance and the requests it carries.
@@ -170,8 +227,13 @@ impl Drop for ActivityGuard {
 /// Cold starts kept per function for `veil describe`.
 const RECENT_STARTS: usize = 10;
 
-/// The live state of one function's current revision.
+/// Distinguishes runtimes of one revision that went live more than once.
+static RUNTIME_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// The live state of one revision that takes traffic.
 struct Runtime {
+    /// Unique to this runtime (a revision that loses its traffic and regains it gets a new one).
+    id: u64,
     record: FunctionRecord,
     /// The breakdowns of its latest cold starts, oldest first.
     recent_starts: std::collections::VecDeque<veil_node::StartTimings>,
@@ -196,6 +258,7 @@ struct Runtime {
 impl Runtime {
     fn new(record: FunctionRecord) -> Self {
         Self {
+            id: RUNTIME_IDS.fetch_add(1, Ordering::Relaxed),
             record,
             recent_starts: std::collections::VecDeque::new(),
             activity: Arc::default(),
@@ -216,10 +279,26 @@ impl Runtime {
     }
 }
 
+/// A function: its revisions, its traffic, and the live state of the revisions that serve.
+struct Function {
+    tenant: String,
+    /// Every kept revision, by number (immutable once created; the last is the latest).
+    revisions: BTreeMap<u64, FunctionRecord>,
+    traffic: Vec<TrafficTarget>,
+    /// The revisions that traffic or a tag names, by number.
+    live: BTreeMap<u64, Runtime>,
+}
+
+impl Function {
+    fn latest(&self) -> Option<&FunctionRecord> {
+        self.revisions.values().next_back()
+    }
+}
+
 /// All deployments of this gateway.
 pub struct Functions {
-    map: Mutex<HashMap<String, Runtime>>,
-    file: PathBuf,
+    map: Mutex<HashMap<String, Function>>,
+    store: Arc<dyn Store>,
     /// Instances that take no new requests and finish the ones they have.
     drains: drain::Drains,
     /// The node's backend label, for status.
@@ -232,101 +311,179 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 impl Functions {
-    /// Load persisted deployments from `state_dir/functions.json`; instances that stop taking
-    /// requests get `drain_timeout` to finish the ones they have; `keep_alive` parameterises
-    /// the hybrid keep-alive policy.
+    /// Load the deployments from `store`; instances that stop taking requests get
+    /// `drain_timeout` to finish the ones they have; `keep_alive` parameterises the hybrid
+    /// keep-alive policy.
     pub fn load(
-        state_dir: &Path,
+        store: Arc<dyn Store>,
         drain_timeout: Duration,
         backend: String,
         keep_alive: crate::keepalive::HybridConfig,
-    ) -> Self {
-        let file = state_dir.join("functions.json");
+    ) -> Result<Self, StoreError> {
         let mut map = HashMap::new();
-        match std::fs::read(&file) {
-            Ok(bytes) => match serde_json::from_slice::<Vec<FunctionRecord>>(&bytes) {
-                Ok(records) => {
-                    for r in records {
-                        map.insert(r.name.clone(), Runtime::new(r));
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(file = %file.display(), error = %e, "ignoring unreadable deployments file")
-                }
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::error!(file = %file.display(), error = %e, "cannot read deployments")
-            }
+        for (name, stored) in store.load()? {
+            let revisions: BTreeMap<u64, FunctionRecord> = stored
+                .revisions
+                .into_iter()
+                .map(|r| (r.revision, r))
+                .collect();
+            let Some(tenant) = revisions.values().next().map(|r| r.tenant.clone()) else {
+                continue;
+            };
+            let mut f = Function {
+                tenant,
+                revisions,
+                traffic: stored.traffic,
+                live: BTreeMap::new(),
+            };
+            Self::go_live(&mut f);
+            map.insert(name, f);
         }
-        Self {
+        Ok(Self {
             map: Mutex::new(map),
-            file,
+            store,
             drains: drain::Drains::new(drain_timeout),
             backend,
             keep_alive,
+        })
+    }
+
+    /// The store the functions are kept in.
+    pub(crate) fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Give every revision the traffic names a runtime (those that lack one).
+    fn go_live(f: &mut Function) {
+        for rev in traffic::wanted(&f.revisions, &f.traffic) {
+            if let (false, Some(rec)) = (f.live.contains_key(&rev), f.revisions.get(&rev)) {
+                f.live.insert(rev, Runtime::new(rec.clone()));
+            }
         }
     }
 
-    fn persist(&self, map: &HashMap<String, Runtime>) {
-        let mut records: Vec<&FunctionRecord> = map.values().map(|r| &r.record).collect();
-        records.sort_by(|a, b| a.name.cmp(&b.name));
-        let tmp = self.file.with_extension("json.tmp");
-        let res = serde_json::to_vec_pretty(&records)
-            .map_err(std::io::Error::other)
-            .and_then(|b| std::fs::write(&tmp, b))
-            .and_then(|()| std::fs::rename(&tmp, &self.file));
-        if let Err(e) = res {
-            tracing::error!(file = %self.file.display(), error = %e, "cannot persist deployments");
+    /// Bring `f`'s live revisions in line with its traffic: new ones go live, those that lost
+    /// their traffic drain (`why`).
+    fn reconcile(&self, f: &mut Function, why: &'static str) {
+        let wanted = traffic::wanted(&f.revisions, &f.traffic);
+        let gone: Vec<u64> = f
+            .live
+            .keys()
+            .filter(|r| !wanted.contains(r))
+            .copied()
+            .collect();
+        for rev in gone {
+            if let Some(rt) = f.live.remove(&rev) {
+                drop(self.retire(rt, why));
+            }
         }
+        Self::go_live(f);
     }
 
-    fn status_of(&self, rt: &Runtime) -> FunctionStatus {
-        FunctionStatus {
-            record: rt.record.clone(),
-            instances: rt
-                .instances
-                .iter()
+    fn status_of(&self, f: &Function) -> Option<FunctionStatus> {
+        let record = f.latest()?.clone();
+        let live = || f.live.values();
+        let mut recent_starts: Vec<veil_node::StartTimings> = live()
+            .flat_map(|rt| rt.recent_starts.iter().cloned())
+            .collect();
+        let skip = recent_starts.len().saturating_sub(RECENT_STARTS);
+        recent_starts.drain(..skip);
+        let traffic: Vec<TrafficStatus> = f
+            .traffic
+            .iter()
+            .map(|t| TrafficStatus {
+                revision: traffic::resolve(&f.revisions, t),
+                latest: t.revision.is_none(),
+                percent: t.percent,
+                tag: t.tag.clone(),
+            })
+            .collect();
+        let revisions = f
+            .revisions
+            .values()
+            .map(|r| {
+                let rt = f.live.get(&r.revision);
+                let of = |t: &&TrafficStatus| t.revision == r.revision;
+                RevisionStatus {
+                    revision: r.revision,
+                    image: r.image.reference.clone(),
+                    digest: r.image.manifest_digest.clone(),
+                    created_ms: r.created_ms,
+                    percent: traffic.iter().filter(of).map(|t| t.percent).sum(),
+                    tags: traffic
+                        .iter()
+                        .filter(of)
+                        .filter_map(|t| t.tag.clone())
+                        .collect(),
+                    live: rt.is_some(),
+                    instances: rt.map_or(0, |rt| {
+                        rt.instances.iter().filter(|s| s.inst.is_alive()).count()
+                    }),
+                    starting: rt.map_or(0, |rt| rt.starting),
+                }
+            })
+            .collect();
+        // The keep-alive decision of the newest live revision with the hybrid policy.
+        let keep_alive_decision = live()
+            .rev()
+            .find(|rt| rt.record.keep_alive == crate::keepalive::KeepAlive::Hybrid)
+            .map(|rt| {
+                let d = rt.activity.decide(
+                    &self.keep_alive,
+                    Duration::from_secs(rt.record.idle_timeout_s),
+                );
+                format!(
+                    "pre-warm after {:.1}s idle, keep {:.1}s: {}",
+                    d.prewarm.as_secs_f64(),
+                    d.keep_alive.as_secs_f64(),
+                    d.source
+                )
+            });
+        Some(FunctionStatus {
+            instances: live()
+                .flat_map(|rt| rt.instances.iter())
                 .filter(|s| s.inst.is_alive())
                 .map(|s| s.inst.id().to_string())
                 .collect(),
-            draining: self.drains.of(&rt.record.name),
-            inflight: rt
-                .instances
-                .iter()
+            draining: self.drains.of(&record.name),
+            inflight: live()
+                .flat_map(|rt| rt.instances.iter())
                 .map(|s| u64::from(s.inflight.load(Ordering::SeqCst)))
                 .sum(),
-            starting: rt.starting,
-            waiting: rt.waiting.load(Ordering::SeqCst),
-            last_error: rt.last_error.clone(),
+            starting: live().map(|rt| rt.starting).sum(),
+            waiting: live().map(|rt| rt.waiting.load(Ordering::SeqCst)).sum(),
+            last_error: live().rev().find_map(|rt| rt.last_error.clone()),
             backend: self.backend.clone(),
-            recent_starts: rt.recent_starts.iter().cloned().collect(),
-            keep_alive_decision: (rt.record.keep_alive == crate::keepalive::KeepAlive::Hybrid)
-                .then(|| {
-                    let d = rt.activity.decide(
-                        &self.keep_alive,
-                        Duration::from_secs(rt.record.idle_timeout_s),
-                    );
-                    format!(
-                        "pre-warm after {:.1}s idle, keep {:.1}s: {}",
-                        d.prewarm.as_secs_f64(),
-                        d.keep_alive.as_secs_f64(),
-                        d.source
-                    )
-                }),
-        }
+            recent_starts,
+            keep_alive_decision,
+            traffic,
+            revisions,
+            record,
+        })
     }
 
     /// Status of one function.
     pub fn status(&self, name: &str) -> Option<FunctionStatus> {
-        lock(&self.map).get(name).map(|rt| self.status_of(rt))
+        lock(&self.map).get(name).and_then(|f| self.status_of(f))
+    }
+
+    /// The owning tenant of a function.
+    pub fn tenant_of(&self, name: &str) -> Option<String> {
+        lock(&self.map).get(name).map(|f| f.tenant.clone())
     }
 
     /// Status of all functions.
     pub fn list(&self) -> Vec<FunctionStatus> {
         let map = lock(&self.map);
-        let mut v: Vec<FunctionStatus> = map.values().map(|rt| self.status_of(rt)).collect();
+        let mut v: Vec<FunctionStatus> = map.values().filter_map(|f| self.status_of(f)).collect();
         v.sort_by(|a, b| a.record.name.cmp(&b.record.name));
         v
     }
@@ -337,7 +494,7 @@ impl Functions {
     }
 
     /// Take a revision out of service: its cold starts stop, requests waiting for it re-route
-    /// (to the next revision, or to a 404), and its instances drain. The returned task ends when
+    /// (to another revision, or to a 404), and its instances drain. The returned task ends when
     /// they are all destroyed.
     fn retire(&self, rt: Runtime, why: &'static str) -> tokio::task::JoinHandle<()> {
         rt.cancel.cancel();
@@ -353,31 +510,38 @@ impl Functions {
 
     /// Delete a function: it takes no new requests at once, and returns when its instances
     /// have finished the requests they have (or the drain deadline destroyed them). False if
-    /// it was not deployed.
-    pub async fn delete(&self, tenant: &str, name: &str) -> bool {
+    /// it was not deployed (for `tenant`); an error if the store could not record it, in
+    /// which case nothing changed.
+    pub async fn delete(&self, tenant: &str, name: &str) -> Result<bool, StoreError> {
         let drained = {
             let mut map = lock(&self.map);
             // Checked under the lock: the name may have changed hands since the caller looked.
-            if map.get(name).is_none_or(|rt| rt.record.tenant != tenant) {
-                return false;
+            if map.get(name).is_none_or(|f| f.tenant != tenant) {
+                return Ok(false);
             }
-            let Some(rt) = map.remove(name) else {
-                return false;
+            self.store.delete_function(name)?;
+            let Some(f) = map.remove(name) else {
+                return Ok(false);
             };
-            self.persist(&map);
-            self.retire(rt, "deleted")
+            f.live
+                .into_values()
+                .map(|rt| self.retire(rt, "deleted"))
+                .collect::<Vec<_>>()
         };
-        if let Err(e) = drained.await {
-            tracing::error!(function = name, error = %e, "draining the deleted function failed");
+        for r in futures::future::join_all(drained).await {
+            if let Err(e) = r {
+                tracing::error!(function = name, error = %e, "draining the deleted function failed");
+            }
         }
-        true
+        Ok(true)
     }
 
-    /// Destroy every instance now, draining ones included (deployments stay persisted).
+    /// Destroy every instance now, draining ones included (deployments stay stored).
     pub async fn clear(&self) {
         let slots: Vec<Arc<Slot>> = {
             let mut map = lock(&self.map);
             map.values_mut()
+                .flat_map(|f| f.live.values_mut())
                 .flat_map(|rt| {
                     rt.cancel.cancel();
                     rt.cancel = CancellationToken::new();

@@ -1,6 +1,7 @@
-//! Routing one invocation: the least-loaded ready instance of the current revision, or a
-//! place in the function's bounded queue while an instance starts (within the node's
-//! capacity), then the proxy to the instance.
+//! Routing one invocation: a revision by the function's traffic (or the tag the request
+//! addresses), then the least-loaded ready instance of that revision, or a place in its
+//! bounded queue while an instance starts (within the node's capacity), then the proxy to the
+//! instance. A request waiting for a revision that loses its traffic is routed again.
 
 use super::autoscale::start_instance;
 use super::{lock, Slot};
@@ -19,10 +20,12 @@ enum Pick {
     Respond(Response),
 }
 
-/// Route one invocation of `name` with the function-relative `path_and_query`.
+/// Route one invocation of `name` (of its target tagged `tag`, if given) with the
+/// function-relative `path_and_query`.
 pub async fn invoke(
     gw: &Arc<Gateway>,
     name: &str,
+    tag: Option<&str>,
     path_and_query: String,
     mut req: Request<Body>,
 ) -> Response {
@@ -32,7 +35,7 @@ pub async fn invoke(
     if gw.auth.authenticate(req.headers()).is_ok() {
         req.headers_mut().remove(http::header::AUTHORIZATION);
     }
-    let resp = route(gw, name, path_and_query, req).await;
+    let resp = route(gw, name, tag, path_and_query, req).await;
     if resp.status() != StatusCode::NOT_FOUND || lock(&gw.functions.map).contains_key(name) {
         gw.metrics.request(name, resp.status().as_u16());
     }
@@ -42,6 +45,7 @@ pub async fn invoke(
 async fn route(
     gw: &Arc<Gateway>,
     name: &str,
+    tag: Option<&str>,
     path_and_query: String,
     req: Request<Body>,
 ) -> Response {
@@ -53,10 +57,34 @@ async fn route(
     let mut room = gw.node.capacity_changes();
     // Counted as the function's activity (the keep-alive policy's input) until it ends.
     let mut activity: Option<super::ActivityGuard> = None;
+    // The revision this request goes to, drawn once (and again if it loses its traffic).
+    let mut chosen: Option<(u64, u64)> = None;
     let slot = loop {
         let pick = {
             let mut map = lock(&gw.functions.map);
-            let Some(rt) = map.get_mut(name) else {
+            let Some(f) = map.get_mut(name) else {
+                return not_deployed(name);
+            };
+            let still_live =
+                chosen.filter(|(rev, id)| f.live.get(rev).is_some_and(|rt| rt.id == *id));
+            let rev = match still_live {
+                Some((rev, _)) => rev,
+                None => {
+                    let roll = rand::random_range(0..100);
+                    let Some(rev) = super::traffic::pick(&f.revisions, &f.traffic, tag, roll)
+                    else {
+                        return tag_not_found(name, tag.unwrap_or_default());
+                    };
+                    if chosen.is_some() {
+                        // A new revision: its failures, its activity.
+                        seen_failures = None;
+                        activity = None;
+                    }
+                    chosen = f.live.get(&rev).map(|rt| (rev, rt.id));
+                    rev
+                }
+            };
+            let Some(rt) = f.live.get_mut(&rev) else {
                 return not_deployed(name);
             };
             let before = rt.instances.len();
@@ -177,6 +205,14 @@ async fn route(
         }
     };
     proxy(slot, name, path_and_query, req, waited).await
+}
+
+fn tag_not_found(name: &str, tag: &str) -> Response {
+    api_error(
+        StatusCode::NOT_FOUND,
+        "TAG_NOT_FOUND",
+        format!("function {name:?} has no traffic target tagged {tag:?}"),
+    )
 }
 
 /// One unit of a counter, given back on drop — also when the client disconnects and axum drops

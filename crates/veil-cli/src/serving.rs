@@ -1,0 +1,129 @@
+//! `veil revisions`, `veil traffic` and `veil rollback`: a function's revisions and where its
+//! requests go.
+
+use crate::client::AdminClient;
+use anyhow::{bail, Context, Result};
+use veil_gateway::{FunctionStatus, TrafficTarget};
+
+/// `<rev>=<percent>` or `@latest=<percent>` → a target.
+pub fn parse_split(s: &str) -> Result<TrafficTarget> {
+    let (rev, pct) = s
+        .split_once('=')
+        .with_context(|| format!("{s:?}: expected <revision>=<percent> or @latest=<percent>"))?;
+    let percent: u32 = pct
+        .parse()
+        .with_context(|| format!("{s:?}: {pct:?} is not a percent"))?;
+    Ok(TrafficTarget {
+        revision: parse_revision(rev).with_context(|| format!("{s:?}"))?,
+        percent,
+        tag: None,
+    })
+}
+
+/// `<tag>=<rev>` or `<tag>=@latest` → a zero-percent target that the tag addresses.
+pub fn parse_tag(s: &str) -> Result<TrafficTarget> {
+    let (tag, rev) = s
+        .split_once('=')
+        .with_context(|| format!("--tag {s:?}: expected <tag>=<revision> or <tag>=@latest"))?;
+    Ok(TrafficTarget {
+        revision: parse_revision(rev).with_context(|| format!("--tag {s:?}"))?,
+        percent: 0,
+        tag: Some(tag.to_string()),
+    })
+}
+
+fn parse_revision(s: &str) -> Result<Option<u64>> {
+    if s == "@latest" {
+        return Ok(None);
+    }
+    let n = s.strip_prefix('r').unwrap_or(s);
+    match n.parse::<u64>() {
+        Ok(r) => Ok(Some(r)),
+        Err(_) => bail!("{s:?} is not a revision number or @latest"),
+    }
+}
+
+/// The traffic that rolls `f` back: everything to `to`, or to the newest revision older than
+/// the one taking most of the traffic now; tags stay where they are.
+pub fn rollback_traffic(f: &FunctionStatus, to: Option<u64>) -> Result<(u64, Vec<TrafficTarget>)> {
+    let current = f
+        .traffic
+        .iter()
+        .filter(|t| t.percent > 0)
+        .max_by_key(|t| (t.percent, t.revision))
+        .map(|t| t.revision)
+        .context("the function has no traffic")?;
+    let target = match to {
+        Some(r) => r,
+        None => f
+            .revisions
+            .iter()
+            .map(|r| r.revision)
+            .filter(|r| *r < current)
+            .max()
+            .with_context(|| {
+                format!(
+                    "{} has no revision older than {current} to roll back to",
+                    f.record.name
+                )
+            })?,
+    };
+    let mut traffic = vec![TrafficTarget {
+        revision: Some(target),
+        percent: 100,
+        tag: None,
+    }];
+    for t in f.traffic.iter().filter(|t| t.tag.is_some()) {
+        traffic.push(TrafficTarget {
+            revision: (!t.latest).then_some(t.revision),
+            percent: 0,
+            tag: t.tag.clone(),
+        });
+    }
+    Ok((target, traffic))
+}
+
+/// Print a function's traffic.
+pub fn print_traffic(f: &FunctionStatus) {
+    for t in &f.traffic {
+        let what = if t.latest {
+            format!("@latest (revision {})", t.revision)
+        } else {
+            format!("revision {}", t.revision)
+        };
+        match &t.tag {
+            Some(tag) => println!(
+                "  {:>3}%  {what}  tag {tag}: /f/{}@{tag}/",
+                t.percent, f.record.name
+            ),
+            None => println!("  {:>3}%  {what}", t.percent),
+        }
+    }
+}
+
+/// `veil revisions <fn>`.
+pub async fn revisions(admin: &AdminClient, name: &str) -> Result<()> {
+    let f = admin.function(name).await?;
+    println!(
+        "{:>4} {:>8} {:<6} {:>9} {:>8}  {:<20} IMAGE",
+        "REV", "TRAFFIC", "LIVE", "INSTANCES", "STARTING", "TAGS"
+    );
+    for r in &f.revisions {
+        println!(
+            "{:>4} {:>7}% {:<6} {:>9} {:>8}  {:<20} {} ({})",
+            r.revision,
+            r.percent,
+            if r.live { "yes" } else { "no" },
+            r.instances,
+            r.starting,
+            if r.tags.is_empty() {
+                "-".to_string()
+            } else {
+                r.tags.join(",")
+            },
+            r.image,
+            r.digest
+        );
+    }
+    Ok(())
+}
