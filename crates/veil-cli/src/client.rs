@@ -209,6 +209,19 @@ impl AdminClient {
         Ok(check(r).await?.json().await?)
     }
 
+    /// An asynchronous invocation.
+    pub async fn invocation(&self, id: &str) -> Result<veil_gateway::InvocationStatus> {
+        let r = self
+            .admin(
+                reqwest::Method::GET,
+                &format!("/v1/invocations/{}", path_segment(id)),
+            )
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Ok(check(r).await?.json().await?)
+    }
+
     /// Delete a function.
     pub async fn delete(&self, name: &str) -> Result<()> {
         let r = self

@@ -54,6 +54,8 @@ pub struct UpOptions {
     pub capacity_cpu_millis: Option<u64>,
     /// How long instances taken out of service get to finish their requests.
     pub drain_timeout: Duration,
+    /// Limits of asynchronous invocations.
+    pub invocations: veil_gateway::InvocationsConfig,
     /// Limits of the local image store's uploads.
     pub local_store: veil_gateway::LocalStoreConfig,
     /// Which sandboxes functions run in.
@@ -138,6 +140,7 @@ impl UpOptions {
             capacity_memory: None,
             capacity_cpu_millis: None,
             drain_timeout: Duration::from_secs(30),
+            invocations: Default::default(),
             local_store: veil_gateway::LocalStoreConfig::default(),
             backend: backend::BackendChoice::Process,
             keep_alive_bin: Duration::from_secs(60),
@@ -250,6 +253,7 @@ impl Platform {
                 state_dir: opts.state_dir.clone(),
                 default_kbs_url: kbs.as_ref().map(|_| format!("http://{addr}")),
                 drain_timeout: opts.drain_timeout,
+                invocations: opts.invocations.clone(),
                 local_store: opts.local_store.clone(),
                 keep_alive_bin: opts.keep_alive_bin,
             },

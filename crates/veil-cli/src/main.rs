@@ -74,7 +74,14 @@ enum Cmd {
         /// Print status and headers too.
         #[arg(short, long)]
         verbose: bool,
+        /// Answered at once with an invocation id (`Prefer: respond-async`): veil stores the
+        /// request, runs it with retries, and `veil invocation get <id>` shows the result.
+        #[arg(long = "async")]
+        run_async: bool,
     },
+    /// Results of asynchronous invocations.
+    #[command(subcommand)]
+    Invocation(InvocationCmd),
     /// List deployed functions.
     Ls,
     /// Show one function: its settings, instances, keep-alive decision and the phase
@@ -151,6 +158,22 @@ enum Cmd {
     /// List tenants, or delete one with everything it runs (needs the operator token).
     #[command(subcommand)]
     Tenant(TenantCmd),
+}
+
+#[derive(Subcommand)]
+enum InvocationCmd {
+    /// Show an asynchronous invocation: its state, and the function's response body once it
+    /// succeeded (exit status 1 if it failed, 2 if it has not finished).
+    Get {
+        /// The id `veil invoke --async` printed.
+        id: String,
+        /// Wait up to this many seconds for it to finish.
+        #[arg(long)]
+        wait: Option<u64>,
+        /// Print the whole record as JSON (the body base64-encoded).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -394,6 +417,19 @@ struct UpArgs {
     /// their requests before they are destroyed anyway.
     #[arg(long, default_value_t = 30)]
     drain_timeout: u64,
+    /// Asynchronous invocation attempts running at once (over all functions).
+    #[arg(long, default_value_t = 16)]
+    async_concurrency: usize,
+    /// Attempts an asynchronous invocation gets (the first included; retried on a 5xx, a
+    /// timeout, or no instance).
+    #[arg(long, default_value_t = 3)]
+    async_attempts: u32,
+    /// Seconds one attempt of an asynchronous invocation may take.
+    #[arg(long, default_value_t = 300)]
+    async_timeout: u64,
+    /// Seconds a finished asynchronous invocation's result is kept.
+    #[arg(long, default_value_t = 86400)]
+    async_retention: u64,
     /// Largest blob a push to the local store may upload, e.g. 512MiB (larger: 413).
     #[arg(long, value_parser = veil_node::capacity::parse_size, default_value = "2GiB")]
     max_blob_size: u64,
@@ -838,6 +874,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             opts.capacity_memory = a.capacity_memory;
             opts.capacity_cpu_millis = a.capacity_cpus.map(|c| (c * 1000.0).round() as u64);
             opts.drain_timeout = std::time::Duration::from_secs(a.drain_timeout);
+            opts.invocations.concurrency = a.async_concurrency.max(1);
+            opts.invocations.max_attempts = a.async_attempts.max(1);
+            opts.invocations.attempt_timeout =
+                std::time::Duration::from_secs(a.async_timeout.max(1));
+            opts.invocations.retention = std::time::Duration::from_secs(a.async_retention.max(1));
             opts.backend = a.backend.choice()?;
             opts.local_store.max_blob_bytes = a.max_blob_size;
             opts.local_store.max_store_bytes = a.max_store_size;
@@ -896,6 +937,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             path,
             method,
             verbose,
+            run_async,
         } => {
             let body = match &data {
                 Some(d) if d.starts_with('@') => {
@@ -911,9 +953,20 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     "GET".into()
                 }
             });
+            let mut headers = BTreeMap::new();
+            if run_async {
+                headers.insert("prefer".to_string(), "respond-async".to_string());
+            }
             let r = admin()?
-                .invoke(&name, &method, &path, body, &BTreeMap::new())
+                .invoke(&name, &method, &path, body, &headers)
                 .await?;
+            if run_async && r.status == 202 {
+                let s: veil_gateway::InvocationStatus =
+                    serde_json::from_slice(&r.body).context("the gateway's 202 answer")?;
+                println!("{}", s.id);
+                eprintln!("accepted; see `veil invocation get {}`", s.id);
+                return Ok(ExitCode::SUCCESS);
+            }
             if verbose {
                 eprintln!("HTTP {}", r.status);
                 for (k, v) in &r.headers {
@@ -1018,6 +1071,24 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let f = admin()?.set_traffic(&name, traffic).await?;
             println!("{name}: traffic set");
             veil_cli::serving::print_traffic(&f);
+        }
+        Cmd::Invocation(InvocationCmd::Get { id, wait, json }) => {
+            let admin = admin()?;
+            let deadline =
+                std::time::Instant::now() + std::time::Duration::from_secs(wait.unwrap_or(0));
+            let inv = loop {
+                let inv = admin.invocation(&id).await?;
+                let finished = matches!(
+                    inv.state,
+                    veil_gateway::InvocationState::Succeeded
+                        | veil_gateway::InvocationState::Failed
+                );
+                if finished || std::time::Instant::now() >= deadline {
+                    break inv;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            };
+            return veil_cli::serving::print_invocation(&inv, json);
         }
         Cmd::Rollback { name, to } => {
             let admin = admin()?;

@@ -127,3 +127,45 @@ pub async fn revisions(admin: &AdminClient, name: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// `veil invocation get`: the state on stderr, the function's body on stdout once it
+/// succeeded; `json`: the whole record on stdout. Exit status 0 if it succeeded, 1 if it
+/// failed, 2 if it has not finished.
+pub fn print_invocation(
+    inv: &veil_gateway::InvocationStatus,
+    json: bool,
+) -> Result<std::process::ExitCode> {
+    use std::io::Write;
+    use veil_gateway::InvocationState as S;
+    if json {
+        println!("{}", serde_json::to_string_pretty(inv)?);
+    } else {
+        let status = inv
+            .response
+            .as_ref()
+            .map(|r| format!(", HTTP {}", r.status))
+            .unwrap_or_default();
+        eprintln!(
+            "invocation {} of {}: {:?} after {} attempt(s){status}",
+            inv.id, inv.function, inv.state, inv.attempts
+        );
+        if let Some(e) = &inv.error {
+            eprintln!(
+                "  {}: {e}",
+                if inv.state == S::Failed {
+                    "failed"
+                } else {
+                    "last error"
+                }
+            );
+        }
+        if let (S::Succeeded, Some(r)) = (inv.state, &inv.response) {
+            std::io::stdout().write_all(&r.body)?;
+        }
+    }
+    Ok(match inv.state {
+        S::Succeeded => std::process::ExitCode::SUCCESS,
+        S::Failed => std::process::ExitCode::FAILURE,
+        S::Queued | S::Running => std::process::ExitCode::from(2),
+    })
+}

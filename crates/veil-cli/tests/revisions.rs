@@ -7,7 +7,6 @@ mod common;
 
 use common::*;
 use std::collections::BTreeMap;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 use tokio::time::Instant;
 use veil_cli::serving::{parse_split, parse_tag, rollback_traffic};
@@ -228,45 +227,6 @@ async fn revisions_split_traffic_tag_roll_back_and_survive_a_restart() {
     stop_clean(env).await;
 }
 
-struct Up(std::process::Child);
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_veil(state: &std::path::Path, port: u16) -> Up {
-    let child = Command::new(env!("CARGO_BIN_EXE_veil"))
-        .args([
-            "up",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--pool-size",
-            "0",
-        ])
-        .arg("--state-dir")
-        .arg(state)
-        .env("VEIL_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    Up(child)
-}
-
-async fn wait_up(url: &str) {
-    let start = Instant::now();
-    while reqwest::get(format!("{url}/healthz")).await.is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "veil up did not come up"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// `veil up` killed with SIGKILL at arbitrary moments during a stream of deploys and traffic
 /// changes: after each restart every acknowledged deploy is there, the traffic is the last
 /// acknowledged change (or the one in flight at the kill), and the database opens cleanly.
@@ -281,7 +241,7 @@ async fn no_acknowledged_change_is_lost_to_kill_9() {
     let mut acked_traffic: Option<Vec<TrafficTarget>> = None;
     let mut image = String::new();
     for round in 0..ROUNDS {
-        let mut up = start_veil(&state, port);
+        let mut up = start_veil(&state, port, &[]);
         wait_up(&url).await;
         let token = std::fs::read_to_string(state.join("auth/operator.token")).unwrap();
         let admin = veil_cli::client::AdminClient::new(&url)
@@ -370,7 +330,7 @@ async fn no_acknowledged_change_is_lost_to_kill_9() {
         );
     }
     // Last: it still opens, with everything.
-    let _up = start_veil(&state, port);
+    let _up = start_veil(&state, port, &[]);
     wait_up(&url).await;
     let token = std::fs::read_to_string(state.join("auth/operator.token")).unwrap();
     let admin = veil_cli::client::AdminClient::new(&url)

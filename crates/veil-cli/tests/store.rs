@@ -46,6 +46,7 @@ async fn up(local_store: LocalStoreConfig, cache_max_bytes: u64) -> Env {
             default_kbs_url: None,
             drain_timeout: Duration::from_secs(1),
             keep_alive_bin: Duration::from_secs(60),
+            invocations: Default::default(),
             local_store,
         },
     )

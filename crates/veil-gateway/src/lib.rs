@@ -3,9 +3,12 @@
 //! * Invocations: `/f/<name>/<path>` or any path with `Host: <name><host_suffix>`. A request
 //!   goes to the least-loaded ready instance of the function; if none has room, the gateway
 //!   starts one (up to `max_scale`) and holds the request — bounded in time and in queue length,
-//!   then a 503 with a clear body and `Retry-After`, never a hang.
+//!   then a 503 with a clear body and `Retry-After`, never a hang. With `Prefer:
+//!   respond-async` the answer is a 202 with the id of a stored, retried invocation
+//!   ([`invocations`]).
 //! * Admin (JSON): `PUT/GET/DELETE /v1/functions/<name>`, `GET /v1/functions`,
-//!   `GET /v1/functions/<name>/logs`, `GET /v1/sandboxes`, `GET|PUT|DELETE
+//!   `GET /v1/functions/<name>/logs`, `PUT /v1/functions/<name>/traffic`,
+//!   `GET /v1/invocations/<id>`, `GET /v1/sandboxes`, `GET|PUT|DELETE
 //!   /v1/tenant-pools[/<tenant>]` (tenant-attested pools, operator only), `GET /v1/tenants` and
 //!   `DELETE /v1/tenants/<tenant>` ([`tenants`], operator only), `GET /v1/node` (capacity and
 //!   usage), `GET /healthz`.
@@ -18,6 +21,7 @@
 
 pub mod auth;
 mod functions;
+pub mod invocations;
 pub mod keepalive;
 pub mod metrics;
 mod registry;
@@ -29,7 +33,8 @@ pub use functions::{
     validate as validate_deploy, DeployRequest, FunctionRecord, FunctionStatus, RevisionStatus,
     TrafficRequest, TrafficStatus, ValidDeploy, MAX_ENV_BYTES,
 };
-pub use state::TrafficTarget;
+pub use invocations::{InvocationStatus, InvocationsConfig};
+pub use state::{InvocationState, StoredResponse, TrafficTarget};
 
 /// Why a gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +110,8 @@ pub struct GatewayConfig {
     /// Bin width of the hybrid keep-alive policy's idle-time histogram (the paper's one
     /// minute; tests shorten it). The autoscaler ticks at most a quarter bin apart.
     pub keep_alive_bin: Duration,
+    /// Limits of asynchronous invocations.
+    pub invocations: InvocationsConfig,
 }
 
 /// JSON error body of every gateway error.
@@ -133,6 +140,7 @@ pub struct Gateway {
     pub(crate) node: Arc<Node>,
     pub(crate) config: GatewayConfig,
     pub(crate) functions: functions::Functions,
+    pub(crate) invocations: invocations::Invocations,
     pub(crate) uploads: registry::Uploads,
     pub(crate) metrics: metrics::Metrics,
     pub(crate) auth: auth::Auth,
@@ -153,6 +161,7 @@ impl Gateway {
         )?;
         let gw = Arc::new(Self {
             node,
+            invocations: invocations::Invocations::new(config.invocations.clone()),
             config,
             functions,
             uploads: registry::Uploads::default(),
@@ -160,6 +169,11 @@ impl Gateway {
             auth,
         });
         functions::spawn_autoscaler(Arc::downgrade(&gw));
+        let resumed = invocations::resume(&gw)?;
+        if resumed > 0 {
+            tracing::info!("{resumed} unfinished asynchronous invocation(s) queued again");
+        }
+        invocations::spawn_sweeper(Arc::downgrade(&gw));
         Ok(gw)
     }
 
@@ -185,6 +199,7 @@ impl Gateway {
             )
             .route("/v1/functions/{name}/logs", get(logs))
             .route("/v1/functions/{name}/traffic", put(set_traffic))
+            .route("/v1/invocations/{id}", get(get_invocation))
             .route("/v1/sandboxes", get(sandboxes))
             .route("/v1/node", get(node_status))
             .route("/v1/tenant-pools", get(list_tenant_pools))
@@ -280,6 +295,16 @@ async fn render_metrics(State(gw): GwState) -> Response {
             vec![(String::new(), node.cache().upstream_fetches() as f64)],
         ),
         (
+            "veil_async_invocations_unfinished",
+            "Asynchronous invocations accepted and not finished (queued or running).",
+            vec![(String::new(), gw.invocations.unfinished() as f64)],
+        ),
+        (
+            "veil_async_invocations_running",
+            "Asynchronous invocation attempts running now.",
+            vec![(String::new(), gw.invocations.running() as f64)],
+        ),
+        (
             "veil_instances_draining",
             "Instances finishing their requests before they are destroyed.",
             vec![(String::new(), gw.functions.draining() as f64)],
@@ -309,6 +334,10 @@ fn visible(gw: &Gateway, caller: &auth::Caller, name: &str) -> Option<FunctionSt
     gw.functions
         .status(name)
         .filter(|s| caller.may_act_for(&s.record.tenant))
+}
+
+async fn get_invocation(State(gw): GwState, caller: CallerExt, Path(id): Path<String>) -> Response {
+    invocations::get(&gw, &caller, id).await
 }
 
 async fn get_function(State(gw): GwState, caller: CallerExt, Path(name): Path<String>) -> Response {

@@ -167,6 +167,9 @@ pub enum StoreError {
     /// SQLite failed (disk full, I/O error, …).
     #[error("state database: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// The store's worker thread failed.
+    #[error("state database: {0}")]
+    Io(#[from] std::io::Error),
     /// A value could not be encoded.
     #[error("state database: cannot encode {what}: {source}")]
     Encode {

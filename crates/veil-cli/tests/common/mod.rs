@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 use tokio::time::Instant;
 use veil_cli::client::{AdminClient, Invocation};
@@ -150,5 +151,48 @@ pub async fn stop_clean(env: Env) {
             !Path::new(&format!("/proc/{p}")).exists(),
             "sandbox process {p} survived shutdown"
         );
+    }
+}
+
+/// A `veil up` child process, killed (SIGKILL) when dropped.
+pub struct Up(pub std::process::Child);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Start `veil up` on `port` with its state in `state`, no pool, and `extra` flags.
+pub fn start_veil(state: &Path, port: u16, extra: &[&str]) -> Up {
+    let child = Command::new(env!("CARGO_BIN_EXE_veil"))
+        .args([
+            "up",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--pool-size",
+            "0",
+        ])
+        .args(extra)
+        .arg("--state-dir")
+        .arg(state)
+        .env("VEIL_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Up(child)
+}
+
+/// Wait until the `veil up` at `url` answers its health check.
+pub async fn wait_up(url: &str) {
+    let start = Instant::now();
+    while reqwest::get(format!("{url}/healthz")).await.is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "veil up did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -24,6 +24,7 @@ pub(crate) use deploy::valid_name;
 pub use deploy::{
     deploy, set_traffic, validate, DeployRequest, TrafficRequest, ValidDeploy, MAX_ENV_BYTES,
 };
+pub(crate) use route::dispatch;
 pub use route::invoke;
 
 use std::collections::{BTreeMap, HashMap};
@@ -475,9 +476,23 @@ impl Functions {
         lock(&self.map).get(name).and_then(|f| self.status_of(f))
     }
 
-    /// The owning tenant of a function.
-    pub fn tenant_of(&self, name: &str) -> Option<String> {
-        lock(&self.map).get(name).map(|f| f.tenant.clone())
+    /// The tenant owning `name`, if it is deployed and has a target tagged `tag` (if given);
+    /// otherwise the 404 a request for it gets.
+    pub(crate) fn target_tenant(
+        &self,
+        name: &str,
+        tag: Option<&str>,
+    ) -> Result<String, Box<axum::response::Response>> {
+        let map = lock(&self.map);
+        let Some(f) = map.get(name) else {
+            return Err(Box::new(crate::not_deployed(name)));
+        };
+        if let Some(t) = tag {
+            if !f.traffic.iter().any(|x| x.tag.as_deref() == Some(t)) {
+                return Err(Box::new(route::tag_not_found(name, t)));
+            }
+        }
+        Ok(f.tenant.clone())
     }
 
     /// Status of all functions.

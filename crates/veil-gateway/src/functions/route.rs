@@ -35,7 +35,24 @@ pub async fn invoke(
     if gw.auth.authenticate(req.headers()).is_ok() {
         req.headers_mut().remove(http::header::AUTHORIZATION);
     }
-    let resp = route(gw, name, tag, path_and_query, req).await;
+    if crate::invocations::wants_async(req.headers()) {
+        return crate::invocations::accept(gw, name, tag, path_and_query, req).await;
+    }
+    dispatch(gw, name, None, tag, path_and_query, req).await
+}
+
+/// Route one request now (and count it): of `name`'s target tagged `tag`, provided the
+/// function (still) belongs to `owner`, if given — an asynchronous invocation must not reach a
+/// function of the same name that another tenant deployed after it was accepted.
+pub(crate) async fn dispatch(
+    gw: &Arc<Gateway>,
+    name: &str,
+    owner: Option<&str>,
+    tag: Option<&str>,
+    path_and_query: String,
+    req: Request<Body>,
+) -> Response {
+    let resp = route(gw, name, owner, tag, path_and_query, req).await;
     if resp.status() != StatusCode::NOT_FOUND || lock(&gw.functions.map).contains_key(name) {
         gw.metrics.request(name, resp.status().as_u16());
     }
@@ -45,6 +62,7 @@ pub async fn invoke(
 async fn route(
     gw: &Arc<Gateway>,
     name: &str,
+    owner: Option<&str>,
     tag: Option<&str>,
     path_and_query: String,
     req: Request<Body>,
@@ -62,7 +80,10 @@ async fn route(
     let slot = loop {
         let pick = {
             let mut map = lock(&gw.functions.map);
-            let Some(f) = map.get_mut(name) else {
+            let Some(f) = map
+                .get_mut(name)
+                .filter(|f| owner.is_none_or(|t| t == f.tenant))
+            else {
                 return not_deployed(name);
             };
             let still_live =
@@ -207,7 +228,7 @@ async fn route(
     proxy(slot, name, path_and_query, req, waited).await
 }
 
-fn tag_not_found(name: &str, tag: &str) -> Response {
+pub(crate) fn tag_not_found(name: &str, tag: &str) -> Response {
     api_error(
         StatusCode::NOT_FOUND,
         "TAG_NOT_FOUND",
