@@ -56,6 +56,8 @@ pub struct UpOptions {
     pub drain_timeout: Duration,
     /// Limits of asynchronous invocations.
     pub invocations: veil_gateway::InvocationsConfig,
+    /// The autoscaler's windows.
+    pub autoscale: veil_gateway::AutoscaleConfig,
     /// Limits of the local image store's uploads.
     pub local_store: veil_gateway::LocalStoreConfig,
     /// Which sandboxes functions run in.
@@ -141,6 +143,7 @@ impl UpOptions {
             capacity_cpu_millis: None,
             drain_timeout: Duration::from_secs(30),
             invocations: Default::default(),
+            autoscale: Default::default(),
             local_store: veil_gateway::LocalStoreConfig::default(),
             backend: backend::BackendChoice::Process,
             keep_alive_bin: Duration::from_secs(60),
@@ -254,6 +257,7 @@ impl Platform {
                 default_kbs_url: kbs.as_ref().map(|_| format!("http://{addr}")),
                 drain_timeout: opts.drain_timeout,
                 invocations: opts.invocations.clone(),
+                autoscale: opts.autoscale.clone(),
                 local_store: opts.local_store.clone(),
                 keep_alive_bin: opts.keep_alive_bin,
             },

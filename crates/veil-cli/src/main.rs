@@ -417,6 +417,14 @@ struct UpArgs {
     /// their requests before they are destroyed anyway.
     #[arg(long, default_value_t = 30)]
     drain_timeout: u64,
+    /// The autoscaler's stable window: concurrency is averaged over it to size functions,
+    /// e.g. 60s.
+    #[arg(long, value_parser = veil_cli::serving::parse_duration, default_value = "60s")]
+    stable_window: std::time::Duration,
+    /// The autoscaler's panic window (a burst wanting twice the ready instances over it
+    /// scales up at once, and nothing scales down for a stable window), e.g. 6s.
+    #[arg(long, value_parser = veil_cli::serving::parse_duration, default_value = "6s")]
+    panic_window: std::time::Duration,
     /// Asynchronous invocation attempts running at once (over all functions).
     #[arg(long, default_value_t = 16)]
     async_concurrency: usize,
@@ -490,9 +498,13 @@ struct DeployArgs {
     /// Environment variable KEY=VALUE (repeatable).
     #[arg(long = "env", short = 'e')]
     env: Vec<String>,
-    /// Concurrent requests per instance.
+    /// Concurrent requests per instance (a hard limit; more wait).
     #[arg(long)]
     concurrency: Option<u32>,
+    /// Concurrent requests per instance the autoscaler aims for (at most --concurrency)
+    /// [default: the concurrency].
+    #[arg(long)]
+    target: Option<f64>,
     /// Instances kept when idle.
     #[arg(long)]
     min_scale: Option<u32>,
@@ -502,9 +514,11 @@ struct DeployArgs {
     /// Port the function listens on.
     #[arg(long)]
     port: Option<u16>,
-    /// Seconds an idle instance is kept (the fixed keep-alive window).
-    #[arg(long)]
-    idle_timeout: Option<u64>,
+    /// How long an idle instance is kept before the function scales down (to zero, unless
+    /// --min-scale), e.g. 90s, 5m, 1h or plain seconds (the fixed keep-alive window)
+    /// [default: 60s].
+    #[arg(long, alias = "idle-timeout", value_parser = veil_cli::serving::parse_whole_seconds)]
+    scale_to_zero_after: Option<u64>,
     /// Keep-alive policy: fixed (the idle timeout) or hybrid (a histogram of the function's
     /// idle times decides when to unload an instance and when to pre-warm one).
     #[arg(long, value_parser = ["fixed", "hybrid"])]
@@ -879,6 +893,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             opts.invocations.attempt_timeout =
                 std::time::Duration::from_secs(a.async_timeout.max(1));
             opts.invocations.retention = std::time::Duration::from_secs(a.async_retention.max(1));
+            if a.panic_window.is_zero() || a.panic_window >= a.stable_window {
+                anyhow::bail!(
+                    "--panic-window ({:?}) must be positive and shorter than --stable-window ({:?})",
+                    a.panic_window,
+                    a.stable_window
+                );
+            }
+            opts.autoscale.stable_window = a.stable_window;
+            opts.autoscale.panic_window = a.panic_window;
             opts.backend = a.backend.choice()?;
             opts.local_store.max_blob_bytes = a.max_blob_size;
             opts.local_store.max_store_bytes = a.max_store_size;
@@ -909,11 +932,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         tenant: a.tenant,
                         env: parse_env(&a.env)?,
                         concurrency: a.concurrency,
+                        target: a.target,
                         min_scale: a.min_scale,
                         max_scale: a.max_scale,
                         port: a.port,
                         ready_timeout_s: None,
-                        idle_timeout_s: a.idle_timeout,
+                        idle_timeout_s: a.scale_to_zero_after,
                         keep_alive: a.keep_alive.as_deref().map(|k| match k {
                             "hybrid" => veil_gateway::keepalive::KeepAlive::Hybrid,
                             _ => veil_gateway::keepalive::KeepAlive::Fixed,
@@ -1015,11 +1039,29 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             );
             println!("  backend      {}", f.backend);
             println!(
-                "  scale        min {} max {}, concurrency {}, idle timeout {}s, keep-alive {:?}",
-                r.min_scale, r.max_scale, r.concurrency, r.idle_timeout_s, r.keep_alive
+                "  scale        min {} max {}, concurrency {} (target {}), scale to zero after {}s, keep-alive {:?}",
+                r.min_scale,
+                r.max_scale,
+                r.concurrency,
+                r.target_concurrency(),
+                r.idle_timeout_s,
+                r.keep_alive
             );
             if let Some(d) = &f.keep_alive_decision {
                 println!("  keep-alive   {d}");
+            }
+            for r in &f.revisions {
+                if let Some(a) = &r.autoscaler {
+                    println!(
+                        "  autoscaler   revision {}: {} wanted{}, concurrency {:.2} (stable) / {:.2} (panic), target {}",
+                        r.revision,
+                        a.desired,
+                        if a.panic { " (PANIC)" } else { "" },
+                        a.stable_concurrency,
+                        a.panic_concurrency,
+                        a.target
+                    );
+                }
             }
             println!(
                 "  instances    {} ready, {} starting, {} draining, {} in flight, {} waiting",

@@ -169,3 +169,54 @@ pub fn print_invocation(
         S::Queued | S::Running => std::process::ExitCode::from(2),
     })
 }
+
+/// A duration: `250ms`, `1.5s`, `90s`, `5m`, `1h`, `2d`, or plain (fractional) seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 500ms, 30s, 5m, 1h)"))?;
+    let scale = match unit.trim() {
+        "ms" => 0.001,
+        "" | "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86400.0,
+        u => return Err(format!("unknown unit {u:?} in {s:?} (ms, s, m, h or d)")),
+    };
+    std::time::Duration::try_from_secs_f64(n * scale).map_err(|_| format!("{s:?} is out of range"))
+}
+
+/// A duration of at least one second, in whole seconds (rounded up).
+pub fn parse_whole_seconds(s: &str) -> Result<u64, String> {
+    let d = parse_duration(s)?;
+    if d < std::time::Duration::from_secs(1) {
+        return Err(format!("{s:?} is shorter than one second"));
+    }
+    Ok(d.as_secs() + u64::from(d.subsec_nanos() > 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_parse_with_units_and_refuse_nonsense() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
+        for bad in ["", "s", "-1s", "5 years", "1e400", "1.2.3s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_whole_seconds("1.2s"), Ok(2));
+        assert_eq!(parse_whole_seconds("10m"), Ok(600));
+        assert!(parse_whole_seconds("500ms").is_err());
+    }
+}

@@ -468,3 +468,94 @@ async fn hybrid_keep_alive_unloads_and_prewarms_on_the_functions_rhythm() {
     env.admin.delete("rhythm").await.unwrap();
     env.platform.stop().await.unwrap();
 }
+
+/// The autoscaler on observed concurrency: a burst well past the target panics it, and the
+/// instances the burst needs start at once (bounded by max_scale); once the burst is over and
+/// a stable window has passed, a steady trickle keeps only what the stable window wants
+/// (the idle timeout, far off, plays no part). Impossible targets are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_panics_the_autoscaler_and_the_stable_window_scales_it_back() {
+    let env = up_with(|o| {
+        o.pool_size = 2;
+        o.autoscale.stable_window = Duration::from_secs(3);
+        o.autoscale.panic_window = Duration::from_millis(600);
+    })
+    .await;
+    let image = push_hello(&env, "burst:v1").await;
+    let mut req = DeployRequest::new(&image);
+    req.concurrency = Some(4);
+    for (target, why) in [
+        (0.0, "target 0"),
+        (5.0, "target 5"),
+        (1e9, "target 1000000000"),
+    ] {
+        req.target = Some(target);
+        let e = env
+            .admin
+            .deploy("burst", &req)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(why) && e.contains("BAD_REQUEST"), "{e}");
+    }
+    assert!(env.admin.list().await.unwrap().is_empty());
+    req.target = Some(1.0);
+    req.max_scale = Some(4);
+    req.idle_timeout_s = Some(600);
+    env.admin.deploy("burst", &req).await.unwrap();
+    let r = get(&env.admin, "burst", "/").await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(status(&env, "burst").await.instances.len(), 1);
+
+    // The burst: 8 requests of 1.5 s at a target of 1.
+    let burst: Vec<_> = (0..8)
+        .map(|_| {
+            let admin = env.admin.clone();
+            tokio::spawn(async move { get(&admin, "burst", "/sleep/1500").await })
+        })
+        .collect();
+    let st = wait_status(&env, "burst", Duration::from_secs(20), "panic", |st| {
+        st.revisions[0]
+            .autoscaler
+            .as_ref()
+            .is_some_and(|a| a.panic && a.desired == 4)
+            && st.instances.len() + st.starting == 4
+    })
+    .await;
+    assert!(st.instances.len() + st.starting <= 4, "{st:?}");
+    let metrics = reqwest::get(format!("{}/metrics", env.platform.url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for want in [
+        "veil_autoscaler_panic{function=\"burst\",revision=\"1\"} 1",
+        "veil_autoscaler_desired_instances{function=\"burst\",revision=\"1\"} 4",
+    ] {
+        assert!(metrics.contains(want), "missing {want} in:\n{metrics}");
+    }
+    for b in burst {
+        let r = b.await.unwrap();
+        assert_eq!(r.status, 200, "{}", text(&r));
+    }
+
+    // A trickle (one request at a time): panic ends a stable window after the burst, then the
+    // autoscaler scales down to one instance though none has been idle for the idle timeout.
+    let st = {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = get(&env.admin, "burst", "/sleep/50").await;
+            assert_eq!(r.status, 200, "{}", text(&r));
+            let st = status(&env, "burst").await;
+            let a = st.revisions[0].autoscaler.clone().unwrap();
+            if !a.panic && st.instances.len() == 1 {
+                break st;
+            }
+            assert!(Instant::now() < deadline, "not scaled back: {st:?}");
+        }
+    };
+    assert_eq!(st.revisions[0].autoscaler.as_ref().unwrap().desired, 1);
+    env.admin.delete("burst").await.unwrap();
+    stop_clean(env).await;
+}

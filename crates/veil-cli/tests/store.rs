@@ -47,6 +47,7 @@ async fn up(local_store: LocalStoreConfig, cache_max_bytes: u64) -> Env {
             drain_timeout: Duration::from_secs(1),
             keep_alive_bin: Duration::from_secs(60),
             invocations: Default::default(),
+            autoscale: Default::default(),
             local_store,
         },
     )

@@ -30,8 +30,8 @@ pub mod tenants;
 
 pub use functions::traffic::{MAX_REVISIONS, MAX_TARGETS};
 pub use functions::{
-    validate as validate_deploy, DeployRequest, FunctionRecord, FunctionStatus, RevisionStatus,
-    TrafficRequest, TrafficStatus, ValidDeploy, MAX_ENV_BYTES,
+    validate as validate_deploy, AutoscaleConfig, AutoscalerStatus, DeployRequest, FunctionRecord,
+    FunctionStatus, RevisionStatus, TrafficRequest, TrafficStatus, ValidDeploy, MAX_ENV_BYTES,
 };
 pub use invocations::{InvocationStatus, InvocationsConfig};
 pub use state::{InvocationState, StoredResponse, TrafficTarget};
@@ -112,6 +112,8 @@ pub struct GatewayConfig {
     pub keep_alive_bin: Duration,
     /// Limits of asynchronous invocations.
     pub invocations: InvocationsConfig,
+    /// The autoscaler's windows (Knative's 60 s and 6 s; tests shorten them).
+    pub autoscale: AutoscaleConfig,
 }
 
 /// JSON error body of every gateway error.
@@ -310,6 +312,47 @@ async fn render_metrics(State(gw): GwState) -> Response {
             vec![(String::new(), gw.functions.draining() as f64)],
         ),
     ];
+    let autoscaled: Vec<(String, &AutoscalerStatus)> = fns
+        .iter()
+        .flat_map(|f| {
+            f.revisions.iter().filter_map(|r| {
+                let label = format!(
+                    "{{function=\"{}\",revision=\"{}\"}}",
+                    metrics::esc(&f.record.name),
+                    r.revision
+                );
+                r.autoscaler.as_ref().map(|a| (label, a))
+            })
+        })
+        .collect();
+    let per_revision = |f: fn(&AutoscalerStatus) -> f64| {
+        autoscaled
+            .iter()
+            .map(|(l, a)| (l.clone(), f(a)))
+            .collect::<Vec<_>>()
+    };
+    gauges.extend([
+        (
+            "veil_autoscaler_desired_instances",
+            "Instances the autoscaler wants per live revision.",
+            per_revision(|a| a.desired as f64),
+        ),
+        (
+            "veil_autoscaler_panic",
+            "1 while a live revision's autoscaler is in panic mode.",
+            per_revision(|a| f64::from(u8::from(a.panic))),
+        ),
+        (
+            "veil_autoscaler_stable_concurrency",
+            "Average concurrency over the stable window per live revision.",
+            per_revision(|a| a.stable_concurrency),
+        ),
+        (
+            "veil_autoscaler_panic_concurrency",
+            "Average concurrency over the panic window per live revision.",
+            per_revision(|a| a.panic_concurrency),
+        ),
+    ]);
     gauges.extend(metrics::capacity_gauges(&node.capacity()));
     gauges.extend(metrics::tenant_pool_gauges(&node.tenant_pools()));
     let mut r = gw.metrics.render(&gauges).into_response();

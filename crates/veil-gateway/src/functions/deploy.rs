@@ -25,6 +25,10 @@ pub struct DeployRequest {
     /// Concurrent requests per instance (default 100).
     #[serde(default)]
     pub concurrency: Option<u32>,
+    /// Concurrent requests per instance the autoscaler aims for (default: `concurrency`; at
+    /// most `concurrency`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<f64>,
     /// Instances kept even when idle (default 0: scale to zero).
     #[serde(default)]
     pub min_scale: Option<u32>,
@@ -75,6 +79,7 @@ impl DeployRequest {
             tenant: None,
             env: BTreeMap::new(),
             concurrency: None,
+            target: None,
             min_scale: None,
             max_scale: None,
             port: None,
@@ -123,6 +128,8 @@ pub struct ValidDeploy {
     pub tenant: String,
     /// Concurrent requests per instance.
     pub concurrency: u32,
+    /// The autoscaler's target per instance, if not `concurrency`.
+    pub target: Option<f64>,
     /// Minimum instances.
     pub min_scale: u32,
     /// Maximum instances.
@@ -178,6 +185,11 @@ pub fn validate(
     let problems: Vec<String> = [
         (concurrency == 0 || concurrency > 10_000)
             .then(|| "concurrency must be 1..=10000".to_string()),
+        req.target
+            .filter(|t| !(t.is_finite() && *t >= 0.01 && *t <= f64::from(concurrency)))
+            .map(|t| {
+                format!("target {t} must be 0.01..={concurrency} (at most the concurrency limit)")
+            }),
         (max_scale == 0 || max_scale > 1000).then(|| "max_scale must be 1..=1000".to_string()),
         (min_scale > max_scale)
             .then(|| format!("min_scale {min_scale} exceeds max_scale {max_scale}")),
@@ -279,6 +291,7 @@ pub fn validate(
     Ok(ValidDeploy {
         tenant,
         concurrency,
+        target: req.target,
         min_scale,
         max_scale,
         port,
@@ -303,6 +316,7 @@ pub async fn deploy(
     let ValidDeploy {
         tenant,
         concurrency,
+        target,
         min_scale,
         max_scale,
         port,
@@ -358,6 +372,7 @@ pub async fn deploy(
             image,
             env: req.env,
             concurrency,
+            target,
             min_scale,
             max_scale,
             port,

@@ -19,7 +19,7 @@ mod drain;
 mod route;
 pub mod traffic;
 
-pub use autoscale::spawn_autoscaler;
+pub use autoscale::{spawn_autoscaler, AutoscaleConfig, AutoscalerStatus};
 pub(crate) use deploy::valid_name;
 pub use deploy::{
     deploy, set_traffic, validate, DeployRequest, TrafficRequest, ValidDeploy, MAX_ENV_BYTES,
@@ -48,8 +48,11 @@ pub struct FunctionRecord {
     pub image: ResolvedImage,
     /// Extra environment.
     pub env: BTreeMap<String, String>,
-    /// Concurrent requests per instance.
+    /// Concurrent requests per instance (a hard limit).
     pub concurrency: u32,
+    /// The autoscaler's target of concurrent requests per instance (absent: `concurrency`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<f64>,
     /// Minimum instances.
     pub min_scale: u32,
     /// Maximum instances.
@@ -58,7 +61,7 @@ pub struct FunctionRecord {
     pub port: u16,
     /// Readiness timeout in seconds.
     pub ready_timeout_s: u64,
-    /// Idle timeout in seconds.
+    /// Idle timeout in seconds: an idle instance is removed after it (scale to zero).
     pub idle_timeout_s: u64,
     /// Keep-alive policy.
     #[serde(default)]
@@ -83,6 +86,13 @@ pub struct FunctionRecord {
     /// When this revision was created (milliseconds since the Unix epoch; 0 if unknown).
     #[serde(default)]
     pub created_ms: u64,
+}
+
+impl FunctionRecord {
+    /// The concurrency per instance the autoscaler aims for.
+    pub fn target_concurrency(&self) -> f64 {
+        self.target.unwrap_or(f64::from(self.concurrency))
+    }
 }
 
 /// What `GET /v1/functions[/<name>]` reports.
@@ -160,6 +170,9 @@ pub struct RevisionStatus {
     pub instances: usize,
     /// Instances starting.
     pub starting: usize,
+    /// The autoscaler's last decision (live revisions, once it has ticked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaler: Option<autoscale::AutoscalerStatus>,
 }
 
 /// One ready instance and the requests it carries.
@@ -167,6 +180,8 @@ struct Slot {
     inst: Instance,
     inflight: AtomicU32,
     last_used: Mutex<Instant>,
+    /// When it became ready.
+    ready_at: Instant,
     first_served: AtomicBool,
 }
 
@@ -238,6 +253,8 @@ struct Runtime {
     record: FunctionRecord,
     /// The breakdowns of its latest cold starts, oldest first.
     recent_starts: std::collections::VecDeque<veil_node::StartTimings>,
+    /// Its concurrency samples and panic state (the autoscaler's input).
+    observed: autoscale::Observed,
     /// Requests and idle periods (the keep-alive policy's input).
     activity: Arc<Activity>,
     instances: Vec<Arc<Slot>>,
@@ -262,6 +279,7 @@ impl Runtime {
             id: RUNTIME_IDS.fetch_add(1, Ordering::Relaxed),
             record,
             recent_starts: std::collections::VecDeque::new(),
+            observed: autoscale::Observed::default(),
             activity: Arc::default(),
             instances: Vec::new(),
             starting: 0,
@@ -429,6 +447,7 @@ impl Functions {
                         rt.instances.iter().filter(|s| s.inst.is_alive()).count()
                     }),
                     starting: rt.map_or(0, |rt| rt.starting),
+                    autoscaler: rt.and_then(|rt| rt.observed.last.clone()),
                 }
             })
             .collect();

@@ -157,10 +157,12 @@ async fn route(
                     .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
                 Pick::Respond(r)
             } else {
+                // One instance starts per `target` requests waiting (a burst starts what it
+                // needs at once), within max_scale and the node's room.
+                let per_instance = rt.record.target_concurrency().ceil().max(1.0) as usize;
                 if rt.instances.len() + rt.starting < rt.record.max_scale as usize
                     && (rt.starting == 0
-                        || rt.waiting.load(Ordering::SeqCst)
-                            >= rt.starting * rt.record.concurrency as usize)
+                        || rt.waiting.load(Ordering::SeqCst) >= rt.starting * per_instance)
                 {
                     // Seen before claiming, so room that appears after a refusal wakes us.
                     room.borrow_and_update();
