@@ -249,6 +249,29 @@ impl AdminClient {
         Ok(check(r).await?.json().await?)
     }
 
+    /// At most `n` of a function's log lines after `after` (a line's `seq`), waiting up to
+    /// `wait_s` seconds for one if there is none yet.
+    pub async fn logs_after(
+        &self,
+        name: &str,
+        after: u64,
+        n: usize,
+        wait_s: u64,
+    ) -> Result<Vec<serde_json::Value>> {
+        let r = self
+            .admin(
+                reqwest::Method::GET,
+                &format!(
+                    "/v1/functions/{}/logs?after={after}&tail={n}&wait={wait_s}",
+                    path_segment(name)
+                ),
+            )
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Ok(check(r).await?.json().await?)
+    }
+
     /// Tenants' pools of attested sandboxes.
     pub async fn tenant_pools(&self) -> Result<Vec<veil_node::TenantPoolStatus>> {
         let r = self

@@ -97,6 +97,10 @@ enum Cmd {
         /// Number of lines.
         #[arg(long, default_value_t = 100)]
         tail: usize,
+        /// Keep printing new lines as the function writes them (until the function is
+        /// deleted, or Ctrl-C).
+        #[arg(short, long)]
+        follow: bool,
     },
     /// Delete a function and its instances.
     Delete {
@@ -1088,13 +1092,26 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{row}");
             }
         }
-        Cmd::Logs { name, tail } => {
-            for l in admin()?.logs(&name, tail).await? {
+        Cmd::Logs { name, tail, follow } => {
+            let admin = admin()?;
+            let print = |l: &serde_json::Value| {
                 println!(
                     "{} {}",
                     l["sandbox"].as_str().unwrap_or("-"),
                     l["text"].as_str().unwrap_or("")
                 );
+                l["seq"].as_u64().unwrap_or(0)
+            };
+            let mut cursor = 0;
+            for l in admin.logs(&name, tail).await? {
+                cursor = print(&l);
+            }
+            while follow {
+                for l in admin.logs_after(&name, cursor, 500, 25).await? {
+                    cursor = print(&l).max(cursor);
+                }
+                use std::io::Write;
+                std::io::stdout().flush()?;
             }
         }
         Cmd::Delete { name } => {

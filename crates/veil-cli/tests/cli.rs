@@ -137,6 +137,51 @@ fn readme_workflow_with_the_veil_command() {
     );
     let logs = ok(&server, &["logs", "hello"]);
     assert!(logs.contains("hello: listening on port 8080"), "{logs}");
+    // `veil logs --follow` prints new lines as they come, each once, until the function is
+    // deleted (further down).
+    let mut follow = Command::new(VEIL);
+    follow
+        .args(["logs", "hello", "--follow", "--tail", "1"])
+        .env("VEIL_SERVER", &server)
+        .env("VEIL_TOKEN", token_of(&server).unwrap())
+        .env("VEIL_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut follower = Up(follow.spawn().unwrap());
+    let (seen_tx, seen) = std::sync::mpsc::channel::<String>();
+    let stdout = follower.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(stdout).lines() {
+            let Ok(l) = l else { break };
+            if seen_tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    for i in 0..3 {
+        ok(
+            &server,
+            &["invoke", "hello", "--path", &format!("/followed-{i}")],
+        );
+    }
+    let mut followed = Vec::new();
+    while followed.len() < 3 {
+        let l = seen
+            .recv_timeout(Duration::from_secs(20))
+            .expect("veil logs --follow printed no new line");
+        if l.contains("/followed-") {
+            followed.push(l.split_once(' ').unwrap().1.to_string());
+        }
+    }
+    assert_eq!(
+        followed,
+        [
+            "hello: GET /followed-0",
+            "hello: GET /followed-1",
+            "hello: GET /followed-2"
+        ]
+    );
 
     // Secrets through the embedded key broker, administered with `veil kbs`.
     let admin_key = tmp.path().join("state/kbs/admin.key");
@@ -515,6 +560,25 @@ fn readme_workflow_with_the_veil_command() {
     ok(&server, &["delete", "hello"]);
     let gone = veil(&server, &["invoke", "hello"]);
     assert!(!gone.status.success());
+    // The follower ends with the function (its long poll looks every second), saying why.
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = follower.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "veil logs --follow outlived its function"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success());
+    let mut why = String::new();
+    std::io::Read::read_to_string(&mut follower.0.stderr.take().unwrap(), &mut why).unwrap();
+    assert!(
+        why.contains("NOT_FOUND") || why.contains("not deployed"),
+        "{why}"
+    );
 
     // SIGTERM stops veil cleanly and takes every sandbox with it.
     let pid = up.0.id().to_string();

@@ -214,6 +214,7 @@ async fn registry_image_pushed_by_skopeo_runs_cold_and_warm() {
         "veil_requests_total{function=\"hello\",code=\"200\"} 5",
         "veil_cold_starts_total{function=\"hello\",outcome=\"ok\"} 1",
         "veil_cold_start_seconds_count{function=\"hello\"} 1",
+        "veil_request_duration_seconds_count{function=\"hello\",revision=\"1\"} 5",
         "veil_instances{function=\"hello\"} 1",
         "veil_blob_upstream_fetches 2",
     ] {

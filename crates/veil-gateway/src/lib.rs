@@ -522,9 +522,18 @@ async fn set_traffic(
 }
 
 #[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct LogQuery {
+    /// The last this many lines (default 200); with `after`, at most this many.
     tail: Option<usize>,
+    /// Only lines after this `seq` (a follower's cursor).
+    after: Option<u64>,
+    /// With `after`: wait up to this many seconds (at most 30) for a line if there is none.
+    wait: Option<u64>,
 }
+
+/// Longest a log follower's request waits for a line.
+const LOG_WAIT_MAX: Duration = Duration::from_secs(30);
 
 async fn logs(
     State(gw): GwState,
@@ -535,8 +544,36 @@ async fn logs(
     let Some(status) = visible(&gw, &caller, &name) else {
         return not_deployed(&name);
     };
-    let tail = q.tail.unwrap_or(200);
-    Json(gw.node.logs().tail(&status.record.tenant, &name, tail)).into_response()
+    let tail = q.tail.unwrap_or(200).min(veil_node::logs::KEEP);
+    let tenant = status.record.tenant;
+    let book = gw.node.logs();
+    let Some(after) = q.after else {
+        return Json(book.tail(&tenant, &name, tail)).into_response();
+    };
+    let wait = Duration::from_secs(q.wait.unwrap_or(0)).min(LOG_WAIT_MAX);
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut newest = book.subscribe();
+    loop {
+        newest.borrow_and_update();
+        let lines = book.after(&tenant, &name, after, tail);
+        // A function deleted meanwhile ends the follow with its 404.
+        if !lines.is_empty()
+            || visible(&gw, &caller, &name).is_none_or(|s| s.record.tenant != tenant)
+        {
+            if lines.is_empty() {
+                return not_deployed(&name);
+            }
+            return Json(lines).into_response();
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Json(Vec::<veil_node::logs::Line>::new()).into_response();
+        }
+        // Woken by a new line, or each second to see whether the function is still there.
+        let wake = deadline.min(tokio::time::Instant::now() + Duration::from_secs(1));
+        if let Ok(Err(_)) = tokio::time::timeout_at(wake, newest.changed()).await {
+            return Json(Vec::<veil_node::logs::Line>::new()).into_response();
+        }
+    }
 }
 
 /// A 400 for a tenant named in a path that is not a tenant name.

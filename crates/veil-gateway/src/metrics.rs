@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Mutex;
+use std::time::Duration;
 
 /// A gauge computed at scrape time: name, help text, and (label set, value) samples.
 pub type Gauge<'a> = (&'a str, &'a str, Vec<(String, f64)>);
@@ -15,6 +16,8 @@ pub struct Metrics {
     cold_start_ms: Mutex<BTreeMap<String, (f64, u64)>>,
     /// Per (backend, pool kind, phase): a histogram of the phase's duration in cold starts.
     phases: Mutex<BTreeMap<(String, String, &'static str), Histogram>>,
+    /// Per (function, revision): a histogram of the time to the function's response headers.
+    latency: Mutex<BTreeMap<(String, u64), Histogram>>,
 }
 
 /// Upper bounds (seconds) of the phase histograms' buckets.
@@ -41,6 +44,18 @@ impl Histogram {
     }
 }
 
+impl Histogram {
+    /// Write the histogram `name` with labels `l` (without braces).
+    fn render(&self, out: &mut String, name: &str, l: &str) {
+        for (b, c) in BUCKETS.iter().zip(self.counts.iter()) {
+            let _ = writeln!(out, "{name}_bucket{{{l},le=\"{b}\"}} {c}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{{l},le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum{{{l}}} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{{{l}}} {}", self.count);
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -58,6 +73,16 @@ impl Metrics {
         *lock(&self.requests)
             .entry((function.to_string(), status))
             .or_default() += 1;
+    }
+
+    /// Count one request an instance of `revision` answered, and its latency (from routing to
+    /// the function's response headers; cold-start waits included).
+    pub fn request_served(&self, function: &str, revision: u64, status: u16, took: Duration) {
+        self.request(function, status);
+        lock(&self.latency)
+            .entry((function.to_string(), revision))
+            .or_default()
+            .observe(took.as_secs_f64());
     }
 
     /// Count one cold start and its duration.
@@ -133,23 +158,16 @@ impl Metrics {
                 esc(backend),
                 esc(pool)
             );
-            for (b, c) in BUCKETS.iter().zip(h.counts.iter()) {
-                let _ = writeln!(
-                    out,
-                    "veil_cold_start_phase_seconds_bucket{{{l},le=\"{b}\"}} {c}"
-                );
-            }
-            let _ = writeln!(
-                out,
-                "veil_cold_start_phase_seconds_bucket{{{l},le=\"+Inf\"}} {}",
-                h.count
-            );
-            let _ = writeln!(out, "veil_cold_start_phase_seconds_sum{{{l}}} {}", h.sum);
-            let _ = writeln!(
-                out,
-                "veil_cold_start_phase_seconds_count{{{l}}} {}",
-                h.count
-            );
+            h.render(&mut out, "veil_cold_start_phase_seconds", &l);
+        }
+        let _ = writeln!(
+            out,
+            "# HELP veil_request_duration_seconds Latency of requests answered by an instance (to the response headers, cold-start waits included), by function and revision."
+        );
+        let _ = writeln!(out, "# TYPE veil_request_duration_seconds histogram");
+        for ((f, rev), h) in lock(&self.latency).iter() {
+            let l = format!("function=\"{}\",revision=\"{rev}\"", esc(f));
+            h.render(&mut out, "veil_request_duration_seconds", &l);
         }
         for (f, (sum, count)) in lock(&self.cold_start_ms).iter() {
             let _ = writeln!(
@@ -290,5 +308,18 @@ mod tests {
             "veil_cold_start_phase_seconds_bucket{backend=\"process\",pool=\"tenant-attested\",phase=\"total\",le=\"0.01\"} 0"
         ));
         assert!(t.contains("veil_sandboxes 3"));
+        m.request_served("f", 2, 200, Duration::from_millis(3));
+        m.request_served("f", 2, 500, Duration::from_secs(20));
+        let t = m.render(&[]);
+        for want in [
+            "veil_request_duration_seconds_bucket{function=\"f\",revision=\"2\",le=\"0.0025\"} 0",
+            "veil_request_duration_seconds_bucket{function=\"f\",revision=\"2\",le=\"0.005\"} 1",
+            "veil_request_duration_seconds_bucket{function=\"f\",revision=\"2\",le=\"10\"} 1",
+            "veil_request_duration_seconds_bucket{function=\"f\",revision=\"2\",le=\"+Inf\"} 2",
+            "veil_request_duration_seconds_count{function=\"f\",revision=\"2\"} 2",
+            "veil_requests_total{function=\"f\",code=\"500\"} 1",
+        ] {
+            assert!(t.contains(want), "missing {want} in {t}");
+        }
     }
 }

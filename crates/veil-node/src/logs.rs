@@ -12,6 +12,9 @@ pub const KEEP: usize = 2000;
 /// One log line.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Line {
+    /// Its place among all lines the node kept (increasing; a follower asks for the lines
+    /// after the last one it has).
+    pub seq: u64,
     /// Sandbox that wrote it.
     pub sandbox: String,
     /// Unix time in milliseconds.
@@ -46,9 +49,25 @@ impl Owner {
 }
 
 /// Ring buffers of log lines, one per (tenant, function).
-#[derive(Default)]
 pub struct LogBook {
-    inner: Mutex<HashMap<Owner, VecDeque<Line>>>,
+    inner: Mutex<Book>,
+    /// The newest line's `seq`, for followers waiting for lines.
+    newest: tokio::sync::watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct Book {
+    lines: HashMap<Owner, VecDeque<Line>>,
+    seq: u64,
+}
+
+impl Default for LogBook {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::default(),
+            newest: tokio::sync::watch::channel(0).0,
+        }
+    }
 }
 
 impl LogBook {
@@ -67,24 +86,48 @@ impl LogBook {
             .map(|d| d.as_millis())
             .unwrap_or(0);
         let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let q = match m.get_mut(owner) {
+        m.seq += 1;
+        let seq = m.seq;
+        let q = match m.lines.get_mut(owner) {
             Some(q) => q,
-            None => m.entry(owner.clone()).or_default(),
+            None => m.lines.entry(owner.clone()).or_default(),
         };
         if q.len() >= KEEP {
             q.pop_front();
         }
         q.push_back(Line {
+            seq,
             sandbox: sandbox.to_string(),
             ts_ms,
             text,
         });
+        drop(m);
+        self.newest.send_replace(seq);
+    }
+
+    /// At most `n` of `tenant`'s function `function`'s lines after `after` (by `seq`), oldest
+    /// first.
+    pub fn after(&self, tenant: &str, function: &str, after: u64, n: usize) -> Vec<Line> {
+        let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        m.lines
+            .get(&Owner::new(tenant, function))
+            .map(|q| {
+                let start = q.partition_point(|l| l.seq <= after);
+                q.iter().skip(start).take(n).cloned().collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Wakes when any line is kept.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.newest.subscribe()
     }
 
     /// The last `n` lines of `tenant`'s function `function`.
     pub fn tail(&self, tenant: &str, function: &str, n: usize) -> Vec<Line> {
         let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        m.get(&Owner::new(tenant, function))
+        m.lines
+            .get(&Owner::new(tenant, function))
             .map(|q| q.iter().skip(q.len().saturating_sub(n)).cloned().collect())
             .unwrap_or_default()
     }
@@ -93,6 +136,7 @@ impl LogBook {
     pub fn tail_sandbox(&self, sandbox: &str, n: usize) -> Vec<String> {
         let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let mut v: Vec<String> = m
+            .lines
             .values()
             .flat_map(|q| {
                 q.iter()
@@ -111,6 +155,7 @@ impl LogBook {
         self.inner
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .lines
             .remove(&Owner::new(tenant, function));
     }
 }
@@ -172,6 +217,32 @@ impl RateLimit {
 mod tests {
     use super::*;
     use std::time::{Duration, Instant};
+
+    /// A follower reads each line once, in order, from where it left off; other functions'
+    /// lines do not show up, and a line kept wakes it.
+    #[test]
+    fn followers_continue_after_the_last_line_they_have() {
+        let book = LogBook::default();
+        let me = Owner::new("t", "f");
+        let mut rx = book.subscribe();
+        for i in 0..5 {
+            book.push(&me, "sb", &format!("line {i}"));
+            book.push(&Owner::new("t", "other"), "sb2", "noise");
+        }
+        assert!(rx.has_changed().unwrap());
+        let first = book.after("t", "f", 0, 3);
+        assert_eq!(
+            first.iter().map(|l| l.text.as_str()).collect::<Vec<_>>(),
+            ["line 0", "line 1", "line 2"]
+        );
+        let rest = book.after("t", "f", first[2].seq, 100);
+        assert_eq!(
+            rest.iter().map(|l| l.text.as_str()).collect::<Vec<_>>(),
+            ["line 3", "line 4"]
+        );
+        assert!(book.after("t", "f", rest[1].seq, 100).is_empty());
+        assert!(book.after("t", "nobody", 0, 100).is_empty());
+    }
 
     /// Two tenants' functions of one name have separate logs: neither reads the other's
     /// lines, and forgetting one leaves the other's alone.

@@ -52,8 +52,12 @@ pub(crate) async fn dispatch(
     path_and_query: String,
     req: Request<Body>,
 ) -> Response {
+    let started = Instant::now();
     let resp = route(gw, name, owner, tag, path_and_query, req).await;
-    if resp.status() != StatusCode::NOT_FOUND || lock(&gw.functions.map).contains_key(name) {
+    if let Some(ServedBy(rev)) = resp.extensions().get::<ServedBy>() {
+        gw.metrics
+            .request_served(name, *rev, resp.status().as_u16(), started.elapsed());
+    } else if resp.status() != StatusCode::NOT_FOUND || lock(&gw.functions.map).contains_key(name) {
         gw.metrics.request(name, resp.status().as_u16());
     }
     resp
@@ -132,6 +136,7 @@ async fn route(
                 s.inflight.fetch_add(1, Ordering::SeqCst);
                 Pick::Slot(Busy {
                     slot: s,
+                    revision: rev,
                     changes: rt.changes.clone(),
                     _activity: activity.take(),
                 })
@@ -252,6 +257,7 @@ impl Drop for Counted {
 /// the response body is finished or dropped, whichever way the request ends.
 struct Busy {
     slot: Arc<Slot>,
+    revision: u64,
     changes: Arc<watch::Sender<u64>>,
     /// Dropped after the slot is released (fields drop in order after `Drop::drop`).
     _activity: Option<super::ActivityGuard>,
@@ -320,6 +326,7 @@ async fn proxy(
             parts.headers.insert("x-veil-cold-start", v);
         }
     }
+    parts.extensions.insert(ServedBy(busy.revision));
     // The instance counts as busy until the response body is done (or the client is gone).
     let body = http_body_util::BodyExt::map_err(body, move |e| {
         let _held = &busy;
@@ -327,3 +334,7 @@ async fn proxy(
     });
     Response::from_parts(parts, Body::new(body))
 }
+
+/// The revision whose instance answered (a response extension, for the latency metrics).
+#[derive(Clone, Copy)]
+struct ServedBy(u64);
