@@ -224,7 +224,7 @@ mod tests {
     fn followers_continue_after_the_last_line_they_have() {
         let book = LogBook::default();
         let me = Owner::new("t", "f");
-        let mut rx = book.subscribe();
+        let rx = book.subscribe();
         for i in 0..5 {
             book.push(&me, "sb", &format!("line {i}"));
             book.push(&Owner::new("t", "other"), "sb2", "noise");
