@@ -1106,12 +1106,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             for l in admin.logs(&name, tail).await? {
                 cursor = print(&l);
             }
-            while follow {
-                for l in admin.logs_after(&name, cursor, 500, 25).await? {
-                    cursor = print(&l).max(cursor);
+            if follow {
+                loop {
+                    for l in admin.logs_after(&name, cursor, 500, 25).await? {
+                        cursor = print(&l).max(cursor);
+                    }
+                    use std::io::Write;
+                    std::io::stdout().flush()?;
                 }
-                use std::io::Write;
-                std::io::stdout().flush()?;
             }
         }
         Cmd::Delete { name } => {
