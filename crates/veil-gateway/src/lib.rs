@@ -11,7 +11,8 @@
 //!   `GET /v1/invocations/<id>`, `GET /v1/sandboxes`, `GET|PUT|DELETE
 //!   /v1/tenant-pools[/<tenant>]` (tenant-attested pools, operator only), `GET /v1/tenants` and
 //!   `DELETE /v1/tenants/<tenant>` ([`tenants`], operator only), `GET /v1/node` (capacity and
-//!   usage), `GET /healthz`.
+//!   usage), `GET /healthz`. The contract is `openapi.json` ([`OPENAPI`], served at
+//!   `GET /v1/openapi.json` without a token), which the tests check the server against.
 //! * Local image store: the OCI distribution API under `/v2/` for `local/<repo>` images.
 //!
 //! `/v1/` and `/v2/` need a token ([`auth`]): the operator's, or a tenant's, which reaches only
@@ -229,6 +230,7 @@ impl Gateway {
         Router::new()
             .merge(protected)
             .merge(local)
+            .route("/v1/openapi.json", get(openapi))
             .route("/f/{name}", any(invoke_root))
             .route("/f/{name}/", any(invoke_root))
             .route("/f/{name}/{*rest}", any(invoke_path))
@@ -263,6 +265,14 @@ pub async fn serve(
 }
 
 type GwState = State<Arc<Gateway>>;
+
+/// The API's contract (OpenAPI 3.1), which `crates/veil-cli/tests/openapi.rs` checks the
+/// server against.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+async fn openapi() -> Response {
+    ([(http::header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
 
 async fn render_metrics(State(gw): GwState) -> Response {
     let fns = gw.functions.list();
@@ -539,8 +549,21 @@ async fn logs(
     State(gw): GwState,
     caller: CallerExt,
     Path(name): Path<String>,
-    Query(q): Query<LogQuery>,
+    q: Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "BAD_REQUEST",
+                format!(
+                    "bad query (tail, after and wait are numbers): {}",
+                    e.body_text()
+                ),
+            )
+        }
+    };
     let Some(status) = visible(&gw, &caller, &name) else {
         return not_deployed(&name);
     };
