@@ -549,7 +549,7 @@ async fn the_server_keeps_the_openapi_contract() {
                         reqwest::Method::from_bytes(m.to_uppercase().as_bytes()).unwrap(),
                         format!("{}{concrete}", c.base),
                     )
-                    .bearer_auth(op.unwrap())
+                    .bearer_auth(&op_token)
                     .send()
                     .await
                     .unwrap();
