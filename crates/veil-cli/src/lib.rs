@@ -273,11 +273,7 @@ impl Platform {
         }
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move {
+            veil_gateway::serve_app(app, listener, async move {
                 let _ = rx.await;
             })
             .await

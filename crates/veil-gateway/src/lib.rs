@@ -249,13 +249,31 @@ impl Gateway {
     }
 }
 
-/// Bind and serve until `shutdown` resolves; returns the bound address through `bound`.
+/// Serve the gateway on `listener` until `shutdown` resolves.
 pub async fn serve(
     gw: Arc<Gateway>,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = gw.router();
+    serve_app(gw.router(), listener, shutdown).await
+}
+
+/// Serve `app` (the gateway's router, perhaps with more merged in) on `listener` until
+/// `shutdown` resolves, with the peer address as connect info and `TCP_NODELAY` on every
+/// connection.
+pub async fn serve_app(
+    app: Router,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    // Requests and answers are small and interactive: a response head and its body written
+    // apart must not wait for the client's delayed ACK (Nagle).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY: {e}");
+        }
+    });
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),

@@ -6,7 +6,6 @@ use crate::cache::ResolvedImage;
 use crate::{pool, Claim, Grant, Node, NodeError, SandboxEntry};
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::body::Incoming;
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -98,6 +97,8 @@ impl StartTimings {
 pub struct Instance {
     sandbox: Arc<SandboxEntry>,
     node: std::sync::Weak<Node>,
+    /// Keeps the agent's invocation substreams alive between requests.
+    client: mux::SubstreamPool,
     /// Function name.
     pub function: String,
     /// Cold start timings.
@@ -119,15 +120,15 @@ impl Instance {
     pub async fn invoke<B>(
         &self,
         req: hyper::Request<B>,
-    ) -> Result<hyper::Response<Incoming>, NodeError>
+    ) -> Result<hyper::Response<mux::PooledBody>, NodeError>
     where
-        B: hyper::body::Body + Send + 'static,
-        B::Data: Send,
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        self.sandbox
-            .mux
-            .request(StreamKind::Invoke, req)
+        use http_body_util::BodyExt;
+        let req = req.map(|b| b.map_err(Into::into).boxed_unsync());
+        self.client
+            .request(req)
             .await
             .map_err(|e| NodeError::Channel {
                 id: self.sandbox.id.clone(),
@@ -309,6 +310,7 @@ impl Node {
                 timings.total_ms = t0.elapsed().as_secs_f64() * 1000.0;
                 tracing::info!(function = %spec.function, sandbox = %sandbox.id, ?timings, "instance ready");
                 Ok(Instance {
+                    client: sandbox.mux.pool(StreamKind::Invoke),
                     sandbox,
                     node: Arc::downgrade(self),
                     function: spec.function.clone(),

@@ -190,6 +190,141 @@ impl MuxHandle {
     }
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body a [`SubstreamPool`] sends.
+pub type ClientBody = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, BoxError>;
+
+type Sender = hyper::client::conn::http1::SendRequest<ClientBody>;
+
+/// Idle substreams kept per pool; more, and the extra ones close when their response ends.
+const MAX_IDLE: usize = 256;
+
+/// HTTP/1.1 connections over substreams of one kind, kept alive between requests: a request
+/// takes an idle one (the peer's server keeps it open) and opens a substream only when none is
+/// idle. A connection goes back to the pool only once its response body has been read to the
+/// end; one whose body was dropped half-way is closed.
+#[derive(Clone)]
+pub struct SubstreamPool {
+    mux: MuxHandle,
+    kind: StreamKind,
+    idle: std::sync::Arc<std::sync::Mutex<Vec<Sender>>>,
+}
+
+impl SubstreamPool {
+    fn take_idle(&self) -> Option<Sender> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+
+    /// Send one request and return the response head with its streaming body.
+    pub async fn request(
+        &self,
+        req: hyper::Request<ClientBody>,
+    ) -> io::Result<hyper::Response<PooledBody>> {
+        let mut sender = None;
+        while let Some(mut s) = self.take_idle() {
+            if s.is_closed() {
+                continue;
+            }
+            if s.ready().await.is_ok() {
+                sender = Some(s);
+                break;
+            }
+        }
+        let mut sender = match sender {
+            Some(s) => s,
+            None => {
+                let s = self.mux.open(self.kind).await?;
+                let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+                    .await
+                    .map_err(io::Error::other)?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "substream connection ended with an error");
+                    }
+                });
+                sender
+            }
+        };
+        let resp = sender.send_request(req).await.map_err(io::Error::other)?;
+        let pool = std::sync::Arc::downgrade(&self.idle);
+        Ok(resp.map(|inner| PooledBody {
+            inner,
+            sender: Some(sender),
+            pool,
+            ended: false,
+        }))
+    }
+}
+
+/// A response body that gives its connection back to the pool once read to the end.
+pub struct PooledBody {
+    inner: Incoming,
+    sender: Option<Sender>,
+    pool: std::sync::Weak<std::sync::Mutex<Vec<Sender>>>,
+    ended: bool,
+}
+
+impl PooledBody {
+    fn give_back(&mut self) {
+        if let (Some(s), Some(pool)) = (self.sender.take(), self.pool.upgrade()) {
+            let mut idle = pool.lock().unwrap_or_else(|p| p.into_inner());
+            if idle.len() < MAX_IDLE && !s.is_closed() {
+                idle.push(s);
+            }
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(None) => {
+                self.ended = true;
+                self.give_back();
+            }
+            Poll::Ready(Some(Err(_))) => self.sender = None,
+            _ => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // Read to the end (a known length fully received counts): the connection is clean.
+        if self.ended || self.inner.is_end_stream() {
+            self.give_back();
+        }
+    }
+}
+
+impl MuxHandle {
+    /// A pool of kept-alive HTTP/1.1 connections over substreams of `kind`.
+    pub fn pool(&self, kind: StreamKind) -> SubstreamPool {
+        SubstreamPool {
+            mux: self.clone(),
+            kind,
+            idle: std::sync::Arc::default(),
+        }
+    }
+}
+
 /// Read the kind byte of a substream the peer opened.
 pub async fn accept_kind(s: &mut Substream) -> io::Result<StreamKind> {
     let b = s.read_u8().await?;
@@ -277,6 +412,80 @@ mod tests {
             let body = read_body_limited(resp.into_body(), 1024).await.unwrap();
             assert_eq!(body, format!("n{i}").as_bytes());
         }
+    }
+
+    /// The pool keeps one substream for sequential requests, opens more only for concurrent
+    /// ones, and never gives back a connection whose response was dropped half-way.
+    #[tokio::test]
+    async fn pooled_substreams_are_reused_only_when_clean() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let (node, _node_in) = start(a, Side::Node);
+        let (_agent, mut agent_in) = start(b, Side::Agent);
+        let opened = std::sync::Arc::new(AtomicUsize::new(0));
+        let seen = opened.clone();
+        tokio::spawn(async move {
+            while let Some(mut s) = agent_in.recv().await {
+                seen.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let _ = accept_kind(&mut s).await.unwrap();
+                    let svc =
+                        hyper::service::service_fn(|req: hyper::Request<Incoming>| async move {
+                            let chunks = if req.uri().path() == "/long" { 64 } else { 1 };
+                            let frames = futures::stream::iter((0..chunks).map(|i| {
+                                Ok::<_, io::Error>(hyper::body::Frame::data(bytes::Bytes::from(
+                                    format!("{i:04};").repeat(1024),
+                                )))
+                            }));
+                            Ok::<_, io::Error>(hyper::Response::new(
+                                http_body_util::StreamBody::new(frames),
+                            ))
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        let pool = node.pool(StreamKind::Invoke);
+        let get = |path: &str| {
+            hyper::Request::get(path)
+                .body(
+                    http_body_util::Empty::new()
+                        .map_err(|never| match never {})
+                        .boxed_unsync(),
+                )
+                .unwrap()
+        };
+        for _ in 0..5 {
+            let resp = pool.request(get("/x")).await.unwrap();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body.len(), 5 * 1024);
+        }
+        assert_eq!(
+            opened.load(Ordering::SeqCst),
+            1,
+            "sequential requests reuse one"
+        );
+        // Two at once: a second substream, and both kept.
+        let (r1, r2) = tokio::join!(pool.request(get("/x")), pool.request(get("/x")));
+        let (b1, b2) = (r1.unwrap().into_body(), r2.unwrap().into_body());
+        let _ = (b1.collect().await.unwrap(), b2.collect().await.unwrap());
+        assert_eq!(opened.load(Ordering::SeqCst), 2);
+        // A long answer dropped after its first frame: that connection is not reused.
+        let before = opened.load(Ordering::SeqCst);
+        let mut long = pool.request(get("/long")).await.unwrap().into_body();
+        let first = long.frame().await.unwrap().unwrap();
+        assert!(first.is_data());
+        drop(long);
+        for _ in 0..3 {
+            let (a, b) = tokio::join!(pool.request(get("/x")), pool.request(get("/x")));
+            let _ = a.unwrap().into_body().collect().await.unwrap();
+            let _ = b.unwrap().into_body().collect().await.unwrap();
+        }
+        // One of the two kept connections carried the long answer and was closed: the second
+        // of each concurrent pair needed one new substream, once.
+        assert_eq!(opened.load(Ordering::SeqCst), before + 1);
     }
 
     #[tokio::test]
