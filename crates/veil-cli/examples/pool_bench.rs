@@ -32,14 +32,9 @@ use veil_image::Reference;
 
 const DEADLINE: Duration = Duration::from_secs(300);
 
-fn stats(v: &[f64]) -> (f64, f64, f64) {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    if s.is_empty() {
-        return (0.0, 0.0, 0.0);
-    }
-    (s[0], s[s.len() / 2], s[s.len() - 1])
-}
+#[path = "support/mod.rs"]
+mod support;
+use support::stats;
 
 fn phase(header: &str, name: &str) -> Option<String> {
     header

@@ -27,14 +27,9 @@ use veil_gateway::DeployRequest;
 use veil_image::build::build_image;
 use veil_image::Reference;
 
-fn stats(v: &[f64]) -> (f64, f64, f64) {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    if s.is_empty() {
-        return (0.0, 0.0, 0.0);
-    }
-    (s[0], s[s.len() / 2], s[s.len() - 1])
-}
+#[path = "support/mod.rs"]
+mod support;
+use support::stats;
 
 /// A wrk duration (`123.45us`, `1.20ms`, `1.00s`) in milliseconds.
 fn wrk_ms(s: &str) -> Option<f64> {

@@ -79,6 +79,16 @@ impl AdminClient {
         }
     }
 
+    /// `GET path` on the admin API, its JSON answer parsed.
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let r = self
+            .admin(reqwest::Method::GET, path)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Ok(check(r).await?.json().await?)
+    }
+
     /// Create a token for `tenant` (operator only).
     pub async fn create_token(&self, tenant: &str) -> Result<veil_gateway::auth::NewToken> {
         let r = self
@@ -94,12 +104,7 @@ impl AdminClient {
 
     /// List tenant tokens (operator only; never their values).
     pub async fn tokens(&self) -> Result<Vec<veil_gateway::auth::TokenInfo>> {
-        let r = self
-            .admin(reqwest::Method::GET, "/v1/tokens")
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        Ok(check(r).await?.json().await?)
+        self.get_json("/v1/tokens").await
     }
 
     /// Revoke a tenant token by id (operator only).
@@ -118,12 +123,7 @@ impl AdminClient {
 
     /// Every tenant the gateway knows of (operator only).
     pub async fn tenants(&self) -> Result<Vec<veil_gateway::tenants::TenantInfo>> {
-        let r = self
-            .admin(reqwest::Method::GET, "/v1/tenants")
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        Ok(check(r).await?.json().await?)
+        self.get_json("/v1/tenants").await
     }
 
     /// Delete a tenant: revoke its tokens, remove its pool, delete its functions (draining
@@ -170,25 +170,13 @@ impl AdminClient {
 
     /// List functions.
     pub async fn list(&self) -> Result<Vec<FunctionStatus>> {
-        let r = self
-            .admin(reqwest::Method::GET, "/v1/functions")
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        Ok(check(r).await?.json().await?)
+        self.get_json("/v1/functions").await
     }
 
     /// One function, with its revisions and traffic.
     pub async fn function(&self, name: &str) -> Result<FunctionStatus> {
-        let r = self
-            .admin(
-                reqwest::Method::GET,
-                &format!("/v1/functions/{}", path_segment(name)),
-            )
-            .send()
+        self.get_json(&format!("/v1/functions/{}", path_segment(name)))
             .await
-            .map_err(|e| self.unreachable(e))?;
-        Ok(check(r).await?.json().await?)
     }
 
     /// Set where a function's requests go.
@@ -211,15 +199,8 @@ impl AdminClient {
 
     /// An asynchronous invocation.
     pub async fn invocation(&self, id: &str) -> Result<veil_gateway::InvocationStatus> {
-        let r = self
-            .admin(
-                reqwest::Method::GET,
-                &format!("/v1/invocations/{}", path_segment(id)),
-            )
-            .send()
+        self.get_json(&format!("/v1/invocations/{}", path_segment(id)))
             .await
-            .map_err(|e| self.unreachable(e))?;
-        Ok(check(r).await?.json().await?)
     }
 
     /// Delete a function.
@@ -238,15 +219,11 @@ impl AdminClient {
 
     /// Recent log lines of a function.
     pub async fn logs(&self, name: &str, tail: usize) -> Result<Vec<serde_json::Value>> {
-        let r = self
-            .admin(
-                reqwest::Method::GET,
-                &format!("/v1/functions/{}/logs?tail={tail}", path_segment(name)),
-            )
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        Ok(check(r).await?.json().await?)
+        self.get_json(&format!(
+            "/v1/functions/{}/logs?tail={tail}",
+            path_segment(name)
+        ))
+        .await
     }
 
     /// At most `n` of a function's log lines after `after` (a line's `seq`), waiting up to
@@ -258,28 +235,16 @@ impl AdminClient {
         n: usize,
         wait_s: u64,
     ) -> Result<Vec<serde_json::Value>> {
-        let r = self
-            .admin(
-                reqwest::Method::GET,
-                &format!(
-                    "/v1/functions/{}/logs?after={after}&tail={n}&wait={wait_s}",
-                    path_segment(name)
-                ),
-            )
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        Ok(check(r).await?.json().await?)
+        self.get_json(&format!(
+            "/v1/functions/{}/logs?after={after}&tail={n}&wait={wait_s}",
+            path_segment(name)
+        ))
+        .await
     }
 
     /// Tenants' pools of attested sandboxes.
     pub async fn tenant_pools(&self) -> Result<Vec<veil_node::TenantPoolStatus>> {
-        let r = self
-            .admin(reqwest::Method::GET, "/v1/tenant-pools")
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        Ok(check(r).await?.json().await?)
+        self.get_json("/v1/tenant-pools").await
     }
 
     /// Create, resize or reconfigure a tenant's pool.
@@ -316,12 +281,7 @@ impl AdminClient {
 
     /// Sandboxes on the node.
     pub async fn sandboxes(&self) -> Result<Vec<serde_json::Value>> {
-        let r = self
-            .admin(reqwest::Method::GET, "/v1/sandboxes")
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        Ok(check(r).await?.json().await?)
+        self.get_json("/v1/sandboxes").await
     }
 
     /// Invoke a function; any HTTP status is returned, not turned into an error.

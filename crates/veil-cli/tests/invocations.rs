@@ -183,18 +183,8 @@ async fn async_invocations_run_later_retry_bounded_and_expire() {
     assert!(e.contains("INVOCATION_NOT_FOUND"), "{e}");
 
     // A tenant's own invocation: readable with its token (and the operator's), not another's.
-    let tmp = tempfile::tempdir().unwrap();
-    let ctx = tmp.path().join("ctx");
-    veil_cli::images::write_example(&ctx).unwrap();
-    let built = veil_image::build::build_image(&veil_cli::images::example_spec(&ctx)).unwrap();
-    let a_reg =
-        veil_cli::images::registry_client_with_token(&[], &env.platform.url(), &a.token).unwrap();
-    let a_ref: veil_image::Reference = "local/a-job:v1".parse().unwrap();
-    let target = veil_cli::images::push_target(&a_ref, &env.platform.url()).unwrap();
-    veil_cli::images::push(&a_reg, &built, &target)
-        .await
-        .unwrap();
-    as_a.deploy("afn", &DeployRequest::new(&a_ref.to_string()))
+    let a_image = push_example(&env.platform.url(), &a.token, "a-job:v1", &["/hello"]).await;
+    as_a.deploy("afn", &DeployRequest::new(&a_image))
         .await
         .unwrap();
     let mine = accept(&as_a, "afn", "/mine", b"").await;
@@ -255,17 +245,9 @@ async fn an_accepted_invocation_survives_kill_9() {
     let token = std::fs::read_to_string(state.join("auth/operator.token")).unwrap();
     let token = token.trim().to_string();
     let admin = AdminClient::new(&url).unwrap().with_token(&token);
-    let ctx = tmp.path().join("ctx");
-    veil_cli::images::write_example(&ctx).unwrap();
-    let built = veil_image::build::build_image(&veil_cli::images::example_spec(&ctx)).unwrap();
-    let reference: veil_image::Reference = "local/durable:v1".parse().unwrap();
-    let client = veil_cli::images::registry_client_with_token(&[], &url, &token).unwrap();
-    let target = veil_cli::images::push_target(&reference, &url).unwrap();
-    veil_cli::images::push(&client, &built, &target)
-        .await
-        .unwrap();
+    let image = push_example(&url, &token, "durable:v1", &["/hello"]).await;
     admin
-        .deploy("durable", &DeployRequest::new(&reference.to_string()))
+        .deploy("durable", &DeployRequest::new(&image))
         .await
         .unwrap();
 

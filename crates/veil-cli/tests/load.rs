@@ -13,9 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-use veil_cli::images;
 use veil_gateway::{DeployRequest, TrafficTarget};
-use veil_image::build::build_image;
 
 /// One answer of a burst.
 #[derive(Debug)]
@@ -212,18 +210,14 @@ async fn a_crash_looping_function_under_a_burst_fails_fast_with_the_reason() {
         o.cold_start_timeout = Duration::from_secs(20);
     })
     .await;
-    let tmp = tempfile::tempdir().unwrap();
-    let ctx = tmp.path().join("ctx");
-    images::write_example(&ctx).unwrap();
-    let mut spec = images::example_spec(&ctx);
-    spec.entrypoint = vec!["/hello".into(), "--exit".into(), "3".into()];
-    let built = build_image(&spec).unwrap();
-    let reference: veil_image::Reference = "local/crashloop:v1".parse().unwrap();
-    let target = images::push_target(&reference, &env.platform.url()).unwrap();
-    images::push(&env.platform.registry_client().unwrap(), &built, &target)
-        .await
-        .unwrap();
-    let mut req = DeployRequest::new(&reference.to_string());
+    let image = push_example(
+        &env.platform.url(),
+        env.platform.operator_token(),
+        "crashloop:v1",
+        &["/hello", "--exit", "3"],
+    )
+    .await;
+    let mut req = DeployRequest::new(&image);
     req.max_scale = Some(4);
     env.admin.deploy("crashloop", &req).await.unwrap();
     let url = format!("{}/f/crashloop/", env.platform.url());

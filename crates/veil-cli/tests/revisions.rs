@@ -248,18 +248,7 @@ async fn no_acknowledged_change_is_lost_to_kill_9() {
             .unwrap()
             .with_token(token.trim());
         if round == 0 {
-            let ctx = tmp.path().join("ctx");
-            veil_cli::images::write_example(&ctx).unwrap();
-            let built =
-                veil_image::build::build_image(&veil_cli::images::example_spec(&ctx)).unwrap();
-            let reference: veil_image::Reference = "local/crash:v1".parse().unwrap();
-            let client =
-                veil_cli::images::registry_client_with_token(&[], &url, token.trim()).unwrap();
-            let target = veil_cli::images::push_target(&reference, &url).unwrap();
-            veil_cli::images::push(&client, &built, &target)
-                .await
-                .unwrap();
-            image = reference.to_string();
+            image = push_example(&url, token.trim(), "crash:v1", &["/hello"]).await;
         } else {
             // What the previous round had acknowledged is all there.
             let st = admin.function("crash").await.unwrap();

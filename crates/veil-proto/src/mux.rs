@@ -177,8 +177,23 @@ impl MuxHandle {
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        let mut sender = self.connect(kind).await?;
+        sender.send_request(req).await.map_err(io::Error::other)
+    }
+
+    /// Open a substream of `kind` and start an HTTP/1.1 client connection on it (driven on
+    /// its own task).
+    async fn connect<B>(
+        &self,
+        kind: StreamKind,
+    ) -> io::Result<hyper::client::conn::http1::SendRequest<B>>
+    where
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let s = self.open(kind).await?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
             .await
             .map_err(io::Error::other)?;
         tokio::spawn(async move {
@@ -186,7 +201,7 @@ impl MuxHandle {
                 tracing::debug!(error = %e, "substream connection ended with an error");
             }
         });
-        sender.send_request(req).await.map_err(io::Error::other)
+        Ok(sender)
     }
 }
 
@@ -233,18 +248,7 @@ impl SubstreamPool {
         }
         let mut sender = match sender {
             Some(s) => s,
-            None => {
-                let s = self.mux.open(self.kind).await?;
-                let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
-                    .await
-                    .map_err(io::Error::other)?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "substream connection ended with an error");
-                    }
-                });
-                sender
-            }
+            None => self.mux.connect(self.kind).await?,
         };
         let resp = sender.send_request(req).await.map_err(io::Error::other)?;
         let pool = std::sync::Arc::downgrade(&self.idle);

@@ -35,13 +35,27 @@ pub async fn up_with(f: impl FnOnce(&mut UpOptions)) -> Env {
 
 /// Push the example function to the platform's local store as `local/<repo_tag>`.
 pub async fn push_hello(env: &Env, repo_tag: &str) -> String {
+    push_example(
+        &env.platform.url(),
+        env.platform.operator_token(),
+        repo_tag,
+        &["/hello"],
+    )
+    .await
+}
+
+/// Build the example function, run as `entrypoint`, and push it as `local/<repo_tag>` to the
+/// local store of the veil at `url`, authenticated with `token`; the reference.
+pub async fn push_example(url: &str, token: &str, repo_tag: &str, entrypoint: &[&str]) -> String {
     let tmp = tempfile::tempdir().unwrap();
     let ctx = tmp.path().join("ctx");
     images::write_example(&ctx).unwrap();
-    let image = build_image(&images::example_spec(&ctx)).unwrap();
+    let mut spec = images::example_spec(&ctx);
+    spec.entrypoint = entrypoint.iter().map(|s| s.to_string()).collect();
+    let image = build_image(&spec).unwrap();
     let reference: Reference = format!("local/{repo_tag}").parse().unwrap();
-    let client = env.platform.registry_client().unwrap();
-    let target = images::push_target(&reference, &env.platform.url()).unwrap();
+    let client = images::registry_client_with_token(&[], url, token).unwrap();
+    let target = images::push_target(&reference, url).unwrap();
     images::push(&client, &image, &target).await.unwrap();
     reference.to_string()
 }
