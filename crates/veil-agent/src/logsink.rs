@@ -4,9 +4,11 @@
 //! stderr (a namespace sandbox's console, a VM's serial console).
 
 use std::io::Write;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
+use veil_proto::loglimit::{Admit, RateLimit};
 use veil_proto::mux::MuxHandle;
 use veil_proto::{LogSource, StreamKind};
 
@@ -27,13 +29,77 @@ pub async fn install(mux: &MuxHandle) -> std::io::Result<()> {
         return Ok(());
     }
     tokio::spawn(async move {
-        while let Some(rec) = rx.recv().await {
-            if s.write_all(&rec).await.is_err() {
+        // Whatever is queued goes in one write (one frame on the channel), not one per line.
+        let mut batch = Vec::new();
+        let mut tick = tokio::time::interval(veil_proto::loglimit::REPORT_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            batch.clear();
+            tokio::select! {
+                rec = rx.recv() => match rec {
+                    Some(rec) => batch.extend_from_slice(&rec),
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    // A flood that stopped: no later line reports its drops, so the clock does.
+                    let n = limiter().take_report(Instant::now());
+                    match n {
+                        Some(n) => batch.extend_from_slice(&dropped_note(n)),
+                        None => continue,
+                    }
+                }
+            }
+            while batch.len() < BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(rec) => batch.extend_from_slice(&rec),
+                    Err(_) => break,
+                }
+            }
+            if s.write_all(&batch).await.is_err() {
                 break;
             }
         }
     });
     Ok(())
+}
+
+/// Queued records written to the channel at once, at most (about).
+const BATCH_BYTES: usize = 64 << 10;
+
+static LIMIT: OnceLock<Mutex<RateLimit>> = OnceLock::new();
+
+fn limiter() -> std::sync::MutexGuard<'static, RateLimit> {
+    LIMIT
+        .get_or_init(|| Mutex::new(RateLimit::new(Instant::now())))
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+fn dropped_note(n: u64) -> Vec<u8> {
+    record(
+        LogSource::Agent,
+        format!("{n} log lines dropped in the sandbox (rate limit)").as_bytes(),
+    )
+}
+
+/// Send one record of `source` to the node, within the rate limit the node applies too: a
+/// line the node would drop is dropped here, before it costs a frame on the channel. `wait`
+/// makes a full queue block (the function's pipes: a slow node slows the function); without
+/// it a full queue drops the line (the agent's own log never blocks the agent).
+fn send(tx: &mpsc::Sender<Vec<u8>>, source: LogSource, line: &[u8], wait: bool) -> bool {
+    let admit = limiter().admit(Instant::now());
+    let mut rec = match admit {
+        Admit::Drop => return true,
+        Admit::Keep => Vec::new(),
+        Admit::KeepAfterDropping(n) => dropped_note(n),
+    };
+    rec.extend_from_slice(&record(source, line));
+    if wait {
+        tx.blocking_send(rec).is_ok()
+    } else {
+        let _ = tx.try_send(rec);
+        true
+    }
 }
 
 fn record(source: LogSource, line: &[u8]) -> Vec<u8> {
@@ -58,7 +124,7 @@ impl AgentLog {
             // Never block the agent on its own log: a full queue drops the line.
             Some(tx) => {
                 for line in text.split(|&b| b == b'\n') {
-                    let _ = tx.try_send(record(LogSource::Agent, line));
+                    send(tx, LogSource::Agent, line, false);
                 }
             }
             None => {
@@ -116,7 +182,7 @@ pub fn forward_pipe(pipe: std::io::PipeReader, source: LogSource) {
                 };
                 match SINK.get() {
                     Some(tx) => {
-                        if tx.blocking_send(record(source, text)).is_err() {
+                        if !send(tx, source, text, true) {
                             break;
                         }
                     }

@@ -118,6 +118,25 @@ async fn ten_thousand_requests_at_concurrency_200_from_zero() {
     );
     let st = status(&env, "zero").await;
     assert!(st.instances.len() <= 4, "{st:?}");
+    // The function logs a line per request, far over the log rate limit: the agent drops
+    // what the node would (so the flood never crosses the channel) and says how much.
+    let t = std::time::Instant::now();
+    loop {
+        let lines = env.admin.logs("zero", 10_000).await.unwrap();
+        let text = |l: &serde_json::Value| l["text"].as_str().unwrap_or_default().to_string();
+        let kept = lines
+            .iter()
+            .filter(|l| text(l).contains("hello: GET"))
+            .count();
+        if lines.iter().any(|l| text(l).contains("log lines dropped")) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{kept} request lines kept and no note of the dropped ones"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     env.admin.delete("zero").await.unwrap();
     stop_clean(env).await;
 }

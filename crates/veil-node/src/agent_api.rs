@@ -45,6 +45,7 @@ pub(crate) async fn read_lines<R: tokio::io::AsyncRead + Unpin>(
 /// and counts the rest).
 pub(crate) async fn read_log_stream(logs: Arc<logs::LogBook>, e: Arc<SandboxEntry>, s: Substream) {
     let mut limit = logs::RateLimit::new(Instant::now());
+    let mut warned = false;
     read_lines(s, move |line| {
         let (source, text) = match line
             .as_bytes()
@@ -61,7 +62,13 @@ pub(crate) async fn read_log_stream(logs: Arc<logs::LogBook>, e: Arc<SandboxEntr
         }
         let owner = e.log_owner();
         if let logs::Admit::KeepAfterDropping(n) = admit {
-            tracing::warn!(sandbox = %e.id, dropped = n, "sandbox log rate-limited");
+            // The operator hears of it once per sandbox; the function's own log keeps the
+            // counts (at most one note a second).
+            if !std::mem::replace(&mut warned, true) {
+                tracing::warn!(sandbox = %e.id, dropped = n, "sandbox log rate-limited");
+            } else {
+                tracing::debug!(sandbox = %e.id, dropped = n, "sandbox log rate-limited");
+            }
             logs.push(
                 &owner,
                 &e.id,

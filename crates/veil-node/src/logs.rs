@@ -160,63 +160,11 @@ impl LogBook {
     }
 }
 
-/// Lines a sandbox may log in a burst before the rate limit applies.
-pub const BURST_LINES: f64 = 500.0;
-/// Lines per second a sandbox may log in the long run; the rest is dropped and counted.
-pub const LINES_PER_SEC: f64 = 200.0;
-
-/// A token bucket over log lines: whatever a guest writes, the node keeps at most
-/// [`LINES_PER_SEC`] lines a second (after a burst of [`BURST_LINES`]) and says how many it
-/// dropped. Time is a parameter, so tests need no clock.
-#[derive(Debug)]
-pub struct RateLimit {
-    tokens: f64,
-    last: std::time::Instant,
-    dropped: u64,
-}
-
-/// What to do with one line.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Admit {
-    /// Keep it.
-    Keep,
-    /// Keep it, after a note that `n` lines were dropped before it.
-    KeepAfterDropping(u64),
-    /// Drop it.
-    Drop,
-}
-
-impl RateLimit {
-    /// A full bucket at `now`.
-    pub fn new(now: std::time::Instant) -> Self {
-        Self {
-            tokens: BURST_LINES,
-            last: now,
-            dropped: 0,
-        }
-    }
-
-    /// Decide about one line arriving at `now`.
-    pub fn admit(&mut self, now: std::time::Instant) -> Admit {
-        let dt = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + dt * LINES_PER_SEC).min(BURST_LINES);
-        if self.tokens < 1.0 {
-            self.dropped += 1;
-            return Admit::Drop;
-        }
-        self.tokens -= 1.0;
-        match std::mem::take(&mut self.dropped) {
-            0 => Admit::Keep,
-            n => Admit::KeepAfterDropping(n),
-        }
-    }
-}
+pub use veil_proto::loglimit::{Admit, RateLimit, BURST_LINES, LINES_PER_SEC};
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{Duration, Instant};
 
     /// A follower reads each line once, in order, from where it left off; other functions'
     /// lines do not show up, and a line kept wakes it.
@@ -269,26 +217,5 @@ mod tests {
             "alice's delete cleared bob's logs"
         );
         assert!(book.tail("carol", "shared", 10).is_empty());
-    }
-
-    #[test]
-    fn a_flood_is_cut_to_the_rate_and_counted() {
-        let t0 = Instant::now();
-        let mut r = RateLimit::new(t0);
-        let kept = (0..10_000).filter(|_| r.admit(t0) != Admit::Drop).count();
-        assert_eq!(kept, BURST_LINES as usize);
-        // One second later: the rate's worth again, and the first kept line reports the drops.
-        let t1 = t0 + Duration::from_secs(1);
-        assert_eq!(
-            r.admit(t1),
-            Admit::KeepAfterDropping(10_000 - BURST_LINES as u64)
-        );
-        let more = (0..10_000).filter(|_| r.admit(t1) != Admit::Drop).count();
-        assert_eq!(more + 1, LINES_PER_SEC as usize);
-        // A quiet sandbox is never limited.
-        let mut q = RateLimit::new(t0);
-        for i in 0..1000u64 {
-            assert_eq!(q.admit(t0 + Duration::from_millis(10 * i)), Admit::Keep);
-        }
     }
 }

@@ -6,6 +6,7 @@
 //! HTTP/1.1 exchange. This crate holds no server logic of either side.
 #![forbid(unsafe_code)]
 
+pub mod loglimit;
 pub mod mux;
 
 use serde::{Deserialize, Serialize};

@@ -37,6 +37,9 @@ pub struct MuxHandle {
     closed_rx: watch::Receiver<bool>,
 }
 
+/// Bytes buffered on each side of the channel's byte stream.
+const CHANNEL_BUFFER: usize = 64 << 10;
+
 /// Start multiplexing `io`. Returns the handle and the receiver of substreams the peer opens.
 /// The driver runs on a tokio task until the stream ends or fails.
 pub fn start<T>(io: T, side: Side) -> (MuxHandle, mpsc::UnboundedReceiver<Substream>)
@@ -49,6 +52,10 @@ where
     };
     let mut cfg = yamux::Config::default();
     cfg.set_max_num_streams(4096);
+    // Buffered both ways: yamux writes a frame's header and body separately and reads a
+    // header before its body; buffered, a frame is one write and one read takes whatever
+    // frames have arrived (a syscall is most of what a small frame costs).
+    let io = tokio::io::BufStream::with_capacity(CHANNEL_BUFFER, CHANNEL_BUFFER, io);
     let conn = yamux::Connection::new(io.compat(), cfg, mode);
     let (open_tx, open_rx) = mpsc::channel::<Cmd>(64);
     let (in_tx, in_rx) = mpsc::unbounded_channel();
