@@ -103,8 +103,10 @@ pub fn main() -> ExitCode {
         return ExitCode::from(1);
     }
     attest::precompute_software_measurement();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: the agent relays invocations and does its heavy work (unpacking,
+    // decryption) on the blocking pool, so a second worker only added cross-thread wake-ups
+    // to every request (measured: serving_bench in docs/benchmarks.md).
+    let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

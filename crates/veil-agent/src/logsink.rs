@@ -63,6 +63,9 @@ pub async fn install(mux: &MuxHandle) -> std::io::Result<()> {
     Ok(())
 }
 
+/// How long the function's output gathers in its pipe between two reads.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// Queued records written to the channel at once, at most (about).
 const BATCH_BYTES: usize = 64 << 10;
 
@@ -164,9 +167,16 @@ pub fn forward_pipe(pipe: std::io::PipeReader, source: LogSource) {
         .name("fn-log".into())
         .spawn(move || {
             use std::io::BufRead;
-            let mut r = std::io::BufReader::new(pipe);
+            let mut r = std::io::BufReader::with_capacity(64 << 10, pipe);
             let mut line = Vec::new();
             loop {
+                // Everything read is forwarded; before the next read, a pause lets lines
+                // gather, so that a function logging every request costs a read and a wake-up
+                // every few milliseconds, not per line (the pipe holds far more than the
+                // rate limit lets through meanwhile).
+                if r.buffer().is_empty() {
+                    std::thread::sleep(GATHER);
+                }
                 line.clear();
                 // Bounded: a line without a newline is cut into MAX_LINE pieces.
                 let n = match std::io::Read::take(&mut r, MAX_LINE as u64)

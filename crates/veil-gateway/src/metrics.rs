@@ -11,13 +11,13 @@ pub type Gauge<'a> = (&'a str, &'a str, Vec<(String, f64)>);
 /// Counters kept by the gateway; gauges are computed at scrape time.
 #[derive(Default)]
 pub struct Metrics {
-    requests: Mutex<BTreeMap<(String, u16), u64>>,
+    requests: Mutex<BTreeMap<String, BTreeMap<u16, u64>>>,
     cold_starts: Mutex<BTreeMap<(String, &'static str), u64>>,
     cold_start_ms: Mutex<BTreeMap<String, (f64, u64)>>,
     /// Per (backend, pool kind, phase): a histogram of the phase's duration in cold starts.
     phases: Mutex<BTreeMap<(String, String, &'static str), Histogram>>,
     /// Per (function, revision): a histogram of the time to the function's response headers.
-    latency: Mutex<BTreeMap<(String, u64), Histogram>>,
+    latency: Mutex<BTreeMap<String, BTreeMap<u64, Histogram>>>,
 }
 
 /// Upper bounds (seconds) of the phase histograms' buckets.
@@ -70,19 +70,14 @@ pub(crate) fn esc(s: &str) -> String {
 impl Metrics {
     /// Count one routed request by function and status.
     pub fn request(&self, function: &str, status: u16) {
-        *lock(&self.requests)
-            .entry((function.to_string(), status))
-            .or_default() += 1;
+        *entry(&mut lock(&self.requests), function, status) += 1;
     }
 
     /// Count one request an instance of `revision` answered, and its latency (from routing to
     /// the function's response headers; cold-start waits included).
     pub fn request_served(&self, function: &str, revision: u64, status: u16, took: Duration) {
         self.request(function, status);
-        lock(&self.latency)
-            .entry((function.to_string(), revision))
-            .or_default()
-            .observe(took.as_secs_f64());
+        entry(&mut lock(&self.latency), function, revision).observe(took.as_secs_f64());
     }
 
     /// Count one cold start and its duration.
@@ -123,7 +118,7 @@ impl Metrics {
             "# HELP veil_requests_total Invocations routed by the gateway."
         );
         let _ = writeln!(out, "# TYPE veil_requests_total counter");
-        for ((f, code), n) in lock(&self.requests).iter() {
+        for (f, code, n) in flat(&lock(&self.requests)) {
             let _ = writeln!(
                 out,
                 "veil_requests_total{{function=\"{}\",code=\"{code}\"}} {n}",
@@ -165,7 +160,7 @@ impl Metrics {
             "# HELP veil_request_duration_seconds Latency of requests answered by an instance (to the response headers, cold-start waits included), by function and revision."
         );
         let _ = writeln!(out, "# TYPE veil_request_duration_seconds histogram");
-        for ((f, rev), h) in lock(&self.latency).iter() {
+        for (f, rev, h) in flat(&lock(&self.latency)) {
             let l = format!("function=\"{}\",revision=\"{rev}\"", esc(f));
             h.render(&mut out, "veil_request_duration_seconds", &l);
         }
@@ -275,6 +270,30 @@ pub fn tenant_pool_gauges(pools: &[veil_node::TenantPoolStatus]) -> Vec<Gauge<'s
 /// `{function="<name>"}`.
 pub fn fn_label(name: &str) -> String {
     format!("{{function=\"{}\"}}", esc(name))
+}
+
+/// The counter of `function`'s `key`, created if new (the function's name is copied only
+/// then: this runs on every request).
+fn entry<'m, K: Ord, V: Default>(
+    m: &'m mut BTreeMap<String, BTreeMap<K, V>>,
+    function: &str,
+    key: K,
+) -> &'m mut V {
+    if !m.contains_key(function) {
+        m.insert(function.to_string(), BTreeMap::new());
+    }
+    m.get_mut(function)
+        .expect("inserted above")
+        .entry(key)
+        .or_default()
+}
+
+/// Every (function, key, value), in order.
+fn flat<K: Copy, V>(
+    m: &BTreeMap<String, BTreeMap<K, V>>,
+) -> impl Iterator<Item = (&String, K, &V)> {
+    m.iter()
+        .flat_map(|(f, per)| per.iter().map(move |(k, v)| (f, *k, v)))
 }
 
 #[cfg(test)]
