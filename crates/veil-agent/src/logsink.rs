@@ -4,10 +4,11 @@
 //! stderr (a namespace sandbox's console, a VM's serial console).
 
 use std::io::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use veil_proto::loglimit::{Admit, RateLimit};
 use veil_proto::mux::MuxHandle;
 use veil_proto::{LogSource, StreamKind};
@@ -19,48 +20,86 @@ const QUEUE: usize = 4096;
 /// Longest line forwarded; the rest of a longer line is cut.
 const MAX_LINE: usize = 8192;
 
-static SINK: OnceLock<mpsc::Sender<Vec<u8>>> = OnceLock::new();
+/// What the log writer is sent.
+enum Msg {
+    /// One or more records.
+    Rec(Vec<u8>),
+    /// Write out everything queued before this, then answer.
+    Flush(oneshot::Sender<()>),
+}
+
+static SINK: OnceLock<mpsc::Sender<Msg>> = OnceLock::new();
+
+/// Pipe forwarders still running (the function's stdout and stderr until it closes them).
+static FORWARDING: AtomicUsize = AtomicUsize::new(0);
 
 /// Open the log substream on `mux` and forward every record from now on.
 pub async fn install(mux: &MuxHandle) -> std::io::Result<()> {
     let mut s = mux.open(StreamKind::Log).await?;
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+    let (tx, mut rx) = mpsc::channel::<Msg>(QUEUE);
     if SINK.set(tx).is_err() {
         return Ok(());
     }
     tokio::spawn(async move {
         // Whatever is queued goes in one write (one frame on the channel), not one per line.
         let mut batch = Vec::new();
+        let mut acks = Vec::new();
         let mut tick = tokio::time::interval(veil_proto::loglimit::REPORT_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             batch.clear();
-            tokio::select! {
-                rec = rx.recv() => match rec {
-                    Some(rec) => batch.extend_from_slice(&rec),
+            let first = tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => m,
                     None => break,
                 },
                 _ = tick.tick() => {
                     // A flood that stopped: no later line reports its drops, so the clock does.
                     let n = limiter().take_report(Instant::now());
                     match n {
-                        Some(n) => batch.extend_from_slice(&dropped_note(n)),
+                        Some(n) => Msg::Rec(dropped_note(n)),
                         None => continue,
                     }
                 }
-            }
-            while batch.len() < BATCH_BYTES {
-                match rx.try_recv() {
-                    Ok(rec) => batch.extend_from_slice(&rec),
-                    Err(_) => break,
+            };
+            let mut next = Some(first);
+            while let Some(m) = next.take() {
+                match m {
+                    Msg::Rec(rec) => batch.extend_from_slice(&rec),
+                    Msg::Flush(ack) => acks.push(ack),
+                }
+                if batch.len() < BATCH_BYTES {
+                    next = rx.try_recv().ok();
                 }
             }
-            if s.write_all(&batch).await.is_err() {
+            if !batch.is_empty() && s.write_all(&batch).await.is_err() {
                 break;
+            }
+            if !acks.is_empty() {
+                let _ = s.flush().await;
+                for ack in acks.drain(..) {
+                    let _ = ack.send(());
+                }
             }
         }
     });
     Ok(())
+}
+
+/// Wait (at most `within`) until the function's output is all forwarded: its pipes closed and
+/// every record written to the channel. The last words of a function that exits are often
+/// the ones that say why.
+pub async fn drain(within: std::time::Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    while FORWARDING.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    if let Some(tx) = SINK.get() {
+        let (ack, done) = oneshot::channel();
+        if tx.send(Msg::Flush(ack)).await.is_ok() {
+            let _ = tokio::time::timeout_at(deadline, done).await;
+        }
+    }
 }
 
 /// How long the function's output gathers in its pipe between two reads.
@@ -89,7 +128,7 @@ fn dropped_note(n: u64) -> Vec<u8> {
 /// line the node would drop is dropped here, before it costs a frame on the channel. `wait`
 /// makes a full queue block (the function's pipes: a slow node slows the function); without
 /// it a full queue drops the line (the agent's own log never blocks the agent).
-fn send(tx: &mpsc::Sender<Vec<u8>>, source: LogSource, line: &[u8], wait: bool) -> bool {
+fn send(tx: &mpsc::Sender<Msg>, source: LogSource, line: &[u8], wait: bool) -> bool {
     let admit = limiter().admit(Instant::now());
     let mut rec = match admit {
         Admit::Drop => return true,
@@ -98,9 +137,9 @@ fn send(tx: &mpsc::Sender<Vec<u8>>, source: LogSource, line: &[u8], wait: bool) 
     };
     rec.extend_from_slice(&record(source, line));
     if wait {
-        tx.blocking_send(rec).is_ok()
+        tx.blocking_send(Msg::Rec(rec)).is_ok()
     } else {
-        let _ = tx.try_send(rec);
+        let _ = tx.try_send(Msg::Rec(rec));
         true
     }
 }
@@ -163,9 +202,18 @@ pub fn agent_writer() -> AgentLog {
 /// Forward what the function writes to `pipe` as `source` records, line by line, until the
 /// function closes it. Runs on its own thread; a slow node makes the function wait.
 pub fn forward_pipe(pipe: std::io::PipeReader, source: LogSource) {
+    struct Running;
+    impl Drop for Running {
+        fn drop(&mut self) {
+            FORWARDING.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    FORWARDING.fetch_add(1, Ordering::SeqCst);
+    let running = Running;
     let spawned = std::thread::Builder::new()
         .name("fn-log".into())
         .spawn(move || {
+            let _running = running;
             use std::io::BufRead;
             let mut r = std::io::BufReader::with_capacity(64 << 10, pipe);
             let mut line = Vec::new();

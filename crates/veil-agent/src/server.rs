@@ -417,7 +417,9 @@ fn watch_function(
             while running.permits.available_permits() < all && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            // Responses are written; flush the channel before PID 1 goes away.
+            // Responses are written; so is the function's output, once it is all read.
+            crate::logsink::drain(Duration::from_millis(500)).await;
+            // Flush the channel before PID 1 goes away.
             let _ = tokio::time::timeout(Duration::from_secs(1), agent.mux.close()).await;
             std::process::exit(3);
         }
