@@ -2,6 +2,8 @@
 # Install the system packages veil's tests use, if they are missing:
 #   docker-registry  the CNCF distribution server, as a real OCI registry on loopback
 #   skopeo           copies, encrypts and decrypts images (an image tool no one here wrote)
+#   umoci, runc      unpack and run an OCI image: the pipeline a user would script instead
+#                    of veil, which `veil bench` (and its test) times beside veil
 #   openssl          generates RSA key pairs for the encryption interop tests
 #   libssl-dev, pkg-config  the system OpenSSL that the sigstore crate's crypto backend links
 #   cosign           the reference cosign/sigstore signing tool, for signature interop tests.
@@ -111,6 +113,8 @@ dpkg -s libssl-dev >/dev/null 2>&1 || need+=(libssl-dev)
 if [ "${1:-}" != build ]; then
   command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
   command -v skopeo >/dev/null 2>&1 || need+=(skopeo)
+  command -v umoci >/dev/null 2>&1 || need+=(umoci)
+  command -v runc >/dev/null 2>&1 || need+=(runc)
   command -v openssl >/dev/null 2>&1 || need+=(openssl)
   [ -f /usr/share/OVMF/OVMF_CODE.fd ] || need+=(ovmf)
   command -v python3 >/dev/null 2>&1 || need+=(python3)

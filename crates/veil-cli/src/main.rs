@@ -56,6 +56,10 @@ enum Cmd {
         #[command(flatten)]
         backend: BackendArgs,
     },
+    /// Measure cold start, warm start and instantiation throughput up the ladder of what
+    /// confidentiality adds, beside the skopeo + umoci + runc pipeline; writes bench.json and
+    /// bench.md.
+    Bench(BenchArgs),
     /// Deploy (or update) a function.
     Deploy(DeployArgs),
     /// Invoke a function and print its response body.
@@ -274,6 +278,29 @@ enum TokenCmd {
         /// Token id (from `veil token ls`).
         id: String,
     },
+}
+
+/// `veil bench`.
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// A smoke run: one round, ten warm requests, N = 1 and 4.
+    #[arg(long)]
+    quick: bool,
+    /// Where bench.json and bench.md go.
+    #[arg(long, default_value = "veil-bench")]
+    out: PathBuf,
+    /// Cold starts per configuration and pipeline runs per image (default 5; 1 with --quick).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Warm requests per configuration (default 100; 10 with --quick).
+    #[arg(long)]
+    warm: Option<usize>,
+    /// Concurrent cold starts of distinct functions, each N measured (default 1,4,16,64).
+    #[arg(long, value_delimiter = ',')]
+    throughput_n: Vec<usize>,
+    /// Leave out the skopeo + umoci + runc pipeline.
+    #[arg(long)]
+    no_pipeline: bool,
 }
 
 #[derive(Args)]
@@ -926,6 +953,27 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Demo { state_dir, backend } => {
             veil_cli::demo::run(state_dir, backend.choice()?).await?
+        }
+        Cmd::Bench(a) => {
+            let mut o = veil_cli::bench::BenchOptions::new(a.quick, a.out);
+            if let Some(r) = a.rounds {
+                o.rounds = r;
+            }
+            if let Some(w) = a.warm {
+                o.warm = w;
+            }
+            if !a.throughput_n.is_empty() {
+                o.throughput_n = a.throughput_n;
+            }
+            o.no_pipeline = a.no_pipeline;
+            let out = o.out.clone();
+            let report = veil_cli::bench::run(o).await?;
+            print!("{}", report.markdown());
+            println!(
+                "\nwrote {} and {}",
+                out.join("bench.json").display(),
+                out.join("bench.md").display()
+            );
         }
         Cmd::Deploy(a) => {
             let st = admin()?
